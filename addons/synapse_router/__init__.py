@@ -1,0 +1,1 @@
+"""synapse-router: routes Matrix Synapse traffic to worker processes, as a mitmproxy addon."""

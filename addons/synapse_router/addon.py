@@ -1,0 +1,205 @@
+"""The mitmproxy-facing side: options, hooks, and nothing that could live in a pure module."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http import http1
+
+from . import tokens
+from .config import ConfigError, RouterConfig, load_config
+from .engine import Decision, Engine
+from .forwarding import ROUTER_HEADER_PREFIX, SPOOFABLE_HEADERS, TrustedProxies
+from .health import WorkerStates
+from .routes import Balance, Match, room_from_path
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "synapse_router"
+STREAM_THRESHOLD = 1024 * 1024  # bodies larger than this, or of unknown size, are streamed
+MIN_TCP_TIMEOUT = 360  # seconds: above Synapse's longest long-poll (5 min) plus margin
+
+# mitmproxy options a router cannot work without, and why.
+REQUIRED_OPTIONS: dict[str, tuple[Any, str]] = {
+    "connection_strategy": ("lazy", "an eager connection to the main process would fail every request when main is down"),
+    "block_global": (False, "clients on public addresses must be served"),
+    "keep_host_header": (True, "Synapse must see the client's Host"),
+    "anticache": (False, "it strips If-None-Match, which QR-login rendezvous needs"),
+    "anticomp": (False, "the router never changes content encoding"),
+    "http2": (False, "several long-polls multiplexed on one HTTP/2 connection would starve"),
+}
+
+
+class SynapseRouter:
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.trusted = TrustedProxies()
+        self.workers = WorkerStates()
+        self.in_flight: dict[str, int] = {}
+
+    # --- options ---
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "router_config",
+            str | None,
+            None,
+            "Path of the synapse-router YAML configuration (pools of workers, custom routes).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "router_config" in updated:
+            self.engine = self._build_engine(ctx.options.router_config)
+        self._enforce_options(updated)
+
+    def _build_engine(self, path: str | None) -> Engine:
+        if not path:
+            log.warning("synapse-router: no router_config set: every request goes to the main process")
+            return Engine(RouterConfig())
+        try:
+            config = load_config(path)
+        except ConfigError as e:
+            raise exceptions.OptionsError(f"router_config {path}: {e}") from e
+        pools = ", ".join(f"{name}={len(ws)}" for name, ws in config.pools.items()) or "none"
+        log.info(f"synapse-router: loaded {path}: pools {pools}, {len(config.routes)} custom route(s)")
+        self.trusted = TrustedProxies(config.trusted_proxies)
+        return Engine(config)
+
+    def _enforce_options(self, updated: set[str]) -> None:
+        changes: dict[str, Any] = {}
+        for name, (value, why) in REQUIRED_OPTIONS.items():
+            if name in updated and name in ctx.options and getattr(ctx.options, name) != value:
+                changes[name] = value
+                log.info(f"synapse-router: setting {name}={value}: {why}")
+        if "tcp_timeout" in updated and "tcp_timeout" in ctx.options and ctx.options.tcp_timeout < MIN_TCP_TIMEOUT:
+            changes["tcp_timeout"] = MIN_TCP_TIMEOUT
+            log.info(f"synapse-router: raising tcp_timeout to {MIN_TCP_TIMEOUT}s so 5-minute long-polls are never cut")
+        if changes:
+            ctx.options.update(**changes)
+
+    # --- hooks ---
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if self.engine is None or flow.response is not None or flow.error is not None or not flow.live:
+            return
+        request = flow.request
+        self._set_forwarding_headers(flow)
+        match = self.engine.match(request.method, request.path)
+        found = tokens.find_token(request.headers.get("authorization"), match.query)
+        if found is not None and found.from_query and not found.conflict:
+            self._move_query_token_to_header(request, found, match)
+        route = match.route
+        key, key_kind = self._balance_key(flow, match, found)
+        decision = self.engine.select(route, key, key_kind, self.workers.usable, self.in_flight)
+        self._apply(flow, decision)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        decision = self._decision(flow)
+        if decision is None or flow.response is None:
+            return
+        if decision.stream_bodies or _large_or_unknown(flow.request, flow.response):
+            flow.response.stream = True
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    # --- helpers ---
+
+    def _set_forwarding_headers(self, flow: http.HTTPFlow) -> None:
+        headers = flow.request.headers
+        fwd = self.trusted.resolve(
+            flow.client_conn.peername[0] if flow.client_conn.peername else "",
+            headers.get("x-forwarded-for"),
+            headers.get("x-forwarded-proto"),
+            flow.client_conn.tls_established,
+        )
+        for name in SPOOFABLE_HEADERS:
+            if name in headers:
+                del headers[name]
+        for name in [n for n in headers if n.lower().startswith(ROUTER_HEADER_PREFIX)]:
+            del headers[name]
+        headers["X-Forwarded-For"] = fwd.client_ip
+        headers["X-Forwarded-Proto"] = fwd.proto
+        flow.metadata[f"{METADATA_KEY}.client_ip"] = fwd.client_ip
+
+    @staticmethod
+    def _move_query_token_to_header(request: http.Request, found: tokens.FoundToken, match: Match) -> None:
+        # Synapse accepts either form; a header keeps the token out of every printed URL.
+        query = tokens.remove_query_token(match.query)
+        request.path = f"{match.path}?{query}" if query else match.path
+        request.headers["Authorization"] = f"Bearer {found.token}"
+
+    def _balance_key(self, flow: http.HTTPFlow, match: Match, found: tokens.FoundToken | None) -> tuple[str | None, str]:
+        route = match.route
+        if route is None:
+            return None, "none"
+        client_ip: str = flow.metadata[f"{METADATA_KEY}.client_ip"]
+        if route.balance is Balance.USER:
+            if found is not None:
+                return found.key.hex(), "token"
+            return client_ip, "ip"
+        if route.balance is Balance.ROOM:
+            room = room_from_path(match.path)
+            return (room, "room") if room else (client_ip, "ip")
+        if route.balance is Balance.IP:
+            return client_ip, "ip"
+        return None, "none"
+
+    def _apply(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        request = flow.request
+        upstream = decision.upstream
+        if upstream is not None:
+            host_header = request.host_header
+            request.scheme = upstream.scheme
+            request.host = upstream.host
+            request.port = upstream.port
+            request.host_header = host_header
+            self.in_flight[upstream.url] = self.in_flight.get(upstream.url, 0) + 1
+        if decision.strip_accept_encoding and "accept-encoding" in request.headers:
+            del request.headers["accept-encoding"]
+        if decision.stream_bodies or _large_or_unknown(request, None):
+            request.stream = True
+        flow.metadata[METADATA_KEY] = decision
+        flow.comment = decision.summary()
+
+    @staticmethod
+    def _decision(flow: http.HTTPFlow) -> Decision | None:
+        decision = flow.metadata.get(METADATA_KEY)
+        return decision if isinstance(decision, Decision) else None
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        decision = self._decision(flow)
+        if decision is None:
+            return
+        flow.metadata[METADATA_KEY] = decision.as_dict()  # plain data: saved flows serialise it
+        if decision.upstream is not None:
+            url = decision.upstream.url
+            self.in_flight[url] = max(0, self.in_flight.get(url, 0) - 1)
+        _redact_credentials(flow.request)
+
+
+def _large_or_unknown(request: http.Request, response: http.Response | None) -> bool:
+    try:
+        size = http1.expected_http_body_size(request, response)
+    except ValueError:
+        return False
+    return size is None or size == -1 or size > STREAM_THRESHOLD
+
+
+def _redact_credentials(request: http.Request) -> None:
+    """Once a request has been sent, keep its token out of what mitmproxy shows, saves or prints."""
+    auth = request.headers.get("authorization")
+    token = tokens.bearer_token(auth)
+    if token is not None:
+        request.headers["Authorization"] = f"Bearer <redacted:{tokens.short_hash(tokens.token_key(token))}>"
+    path, sep, query = request.path.partition("?")
+    if sep:
+        found = tokens.find_token(None, query)
+        if found is not None and found.from_query:
+            label = tokens.short_hash(tokens.token_key(found.token))
+            request.path = f"{path}?{tokens.redact_query_token(query, label)}"

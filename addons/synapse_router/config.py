@@ -1,0 +1,313 @@
+"""The router's YAML configuration, parsed into typed, validated, immutable objects.
+
+Every error names the offending key as a dotted path and, where YAML gives one, its line:
+`workers.sync[1].url (line 4): ...`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from .routes import MAIN, Balance, Route, RouteTable
+
+KeyPath = tuple[str | int, ...]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_POOL_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: KeyPath, message: str, line: int | None = None) -> None:
+        self.key = format_key(key)
+        self.line = line
+        where = self.key or "(top level)"
+        if line is not None:
+            where += f" (line {line})"
+        super().__init__(f"{where}: {message}")
+
+
+def format_key(key: KeyPath) -> str:
+    out = ""
+    for part in key:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """A Synapse process reachable over HTTP: a worker, or the main process."""
+
+    url: str  # as configured, normalised: scheme://host:port
+    scheme: str
+    host: str
+    port: int
+    weight: float = 1.0
+
+
+def parse_upstream_url(value: str) -> Upstream:
+    """Parse `http(s)://host[:port]`; raise ValueError on anything else."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a URL string, got {type(value).__name__}")
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError(f"{value!r} has no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{value!r} must be scheme://host[:port] with no path, query or credentials")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise ValueError(f"{value!r} has an invalid port") from e
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    return Upstream(f"{parts.scheme}://{shown}:{port}", parts.scheme, host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class WhoamiConfig:
+    url: Upstream | None = None  # None: the reverse-mode target (the main process)
+    cache_ttl: float = 3600.0
+    cache_size: int = 100_000
+    negative_ttl: float = 10.0
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    pools: Mapping[str, tuple[Upstream, ...]] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    whoami: WhoamiConfig = WhoamiConfig()
+
+    def table(self) -> RouteTable:
+        return RouteTable(self.routes)
+
+
+class _Doc:
+    """A parsed YAML document that remembers the line of every key."""
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[KeyPath, int] = {}
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise ConfigError((), f"invalid YAML: {e}", mark.line + 1 if mark else None) from e
+        self._constructor = yaml.constructor.SafeConstructor()
+        self.value: Any = {} if node is None else self._build(node, ())
+
+    def _build(self, node: yaml.Node, path: KeyPath) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                key = self._constructor.construct_object(key_node, deep=True)
+                if not isinstance(key, str):
+                    raise ConfigError(path, f"keys must be strings, got {key!r}", key_node.start_mark.line + 1)
+                if key in out:
+                    raise ConfigError((*path, key), "duplicate key", key_node.start_mark.line + 1)
+                out[key] = self._build(value_node, (*path, key))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self._build(v, (*path, i)) for i, v in enumerate(node.value)]
+        return self._constructor.construct_object(node, deep=True)
+
+    def error(self, path: KeyPath, message: str) -> ConfigError:
+        probe = path
+        while probe and probe not in self.lines:
+            probe = probe[:-1]
+        return ConfigError(path, message, self.lines.get(probe))
+
+
+def _mapping(doc: _Doc, value: Any, path: KeyPath, allowed: frozenset[str]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise doc.error(path, f"expected a mapping, got {type(value).__name__}")
+    for key in value:
+        if key not in allowed:
+            raise doc.error((*path, key), f"unknown key; expected one of {', '.join(sorted(allowed))}")
+    return value
+
+
+def _number(doc: _Doc, value: Any, path: KeyPath, *, minimum: float, integer: bool = False) -> Any:
+    ok_type = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type) or value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise doc.error(path, f"expected {kind} >= {minimum}, got {value!r}")
+    return value
+
+
+def _parse_pools(doc: _Doc, raw: Any) -> dict[str, tuple[Upstream, ...]]:
+    pools: dict[str, tuple[Upstream, ...]] = {}
+    if raw is None:
+        return pools
+    if not isinstance(raw, dict):
+        raise doc.error(("workers",), "expected a mapping of pool name to a list of worker URLs")
+    for name, members in raw.items():
+        path: KeyPath = ("workers", name)
+        if not _POOL_NAME.match(name) or name == MAIN:
+            raise doc.error(path, "pool names are lower-case identifiers; 'main' is the reverse-mode target")
+        if not isinstance(members, list) or not members:
+            raise doc.error(path, "expected a non-empty list of worker URLs")
+        workers: list[Upstream] = []
+        for i, member in enumerate(members):
+            weight: Any = 1.0
+            url: Any = member
+            if isinstance(member, dict):
+                entry = _mapping(doc, member, (*path, i), frozenset({"url", "weight"}))
+                if "url" not in entry:
+                    raise doc.error((*path, i), "missing key 'url'")
+                url = entry["url"]
+                weight = _number(doc, entry.get("weight", 1.0), (*path, i, "weight"), minimum=0.001)
+            url_path = (*path, i, "url") if isinstance(member, dict) else (*path, i)
+            try:
+                upstream = parse_upstream_url(url)
+            except ValueError as e:
+                raise doc.error(url_path, str(e)) from None
+            if any(w.url == upstream.url for w in workers):
+                raise doc.error(url_path, f"{upstream.url} is listed twice in this pool")
+            workers.append(Upstream(upstream.url, upstream.scheme, upstream.host, upstream.port, float(weight)))
+        pools[name] = tuple(workers)
+    return pools
+
+
+_ROUTE_KEYS = frozenset({"name", "paths", "pool", "balance", "methods"})
+
+
+def _parse_routes(doc: _Doc, raw: Any, pools: Mapping[str, tuple[Upstream, ...]]) -> tuple[Route, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise doc.error(("routes",), "expected a list of routes")
+    routes: list[Route] = []
+    for i, item in enumerate(raw):
+        path: KeyPath = ("routes", i)
+        entry = _mapping(doc, item, path, _ROUTE_KEYS)
+        for required in ("name", "paths", "pool"):
+            if required not in entry:
+                raise doc.error(path, f"missing key '{required}'")
+        name = entry["name"]
+        if not isinstance(name, str) or not name:
+            raise doc.error((*path, "name"), "expected a non-empty string")
+        paths = entry["paths"]
+        if isinstance(paths, str):
+            paths = [paths]
+        if not isinstance(paths, list) or not paths:
+            raise doc.error((*path, "paths"), "expected a list of regular expressions")
+        for j, pattern in enumerate(paths):
+            try:
+                compiled = re.compile(pattern) if isinstance(pattern, str) else None
+            except re.error as e:
+                raise doc.error((*path, "paths", j), f"invalid regular expression {pattern!r}: {e}") from None
+            if compiled is None:
+                raise doc.error((*path, "paths", j), "expected a regular expression string")
+            if compiled.groupindex or re.search(r"\\[1-9]|\(\?P=", pattern):
+                raise doc.error((*path, "paths", j), "named groups and backreferences are not supported")
+        chain = entry["pool"]
+        if isinstance(chain, str):
+            chain = [chain]
+        if not isinstance(chain, list) or not chain or not all(isinstance(p, str) for p in chain):
+            raise doc.error((*path, "pool"), "expected a pool name or a list of pool names")
+        for p in chain:
+            if p != MAIN and p not in pools:
+                known = ", ".join(sorted([*pools, MAIN]))
+                raise doc.error((*path, "pool"), f"unknown pool {p!r}; configured pools: {known}")
+        try:
+            balance = Balance(entry.get("balance", Balance.ROUND_ROBIN.value))
+        except ValueError:
+            choices = ", ".join(b.value for b in Balance)
+            raise doc.error((*path, "balance"), f"expected one of {choices}") from None
+        methods = entry.get("methods")
+        if methods is not None:
+            if not isinstance(methods, list) or not all(isinstance(m, str) and m for m in methods):
+                raise doc.error((*path, "methods"), "expected a list of HTTP methods")
+            methods = frozenset(m.upper() for m in methods)
+        routes.append(
+            Route(
+                name=name,
+                patterns=tuple(paths),
+                pools=tuple(p for p in chain if p != MAIN),
+                balance=balance,
+                methods=methods,
+                builtin=False,
+            )
+        )
+    return tuple(routes)
+
+
+def _parse_trusted(doc: _Doc, raw: Any) -> tuple[IPNetwork, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise doc.error(("trusted_proxies",), "expected a list of addresses or CIDR networks")
+    nets: list[IPNetwork] = []
+    for i, item in enumerate(raw):
+        try:
+            nets.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError as e:
+            raise doc.error(("trusted_proxies", i), str(e)) from None
+    return tuple(nets)
+
+
+_WHOAMI_KEYS = frozenset({"url", "cache_ttl", "cache_size", "negative_ttl", "timeout"})
+
+
+def _parse_whoami(doc: _Doc, raw: Any) -> WhoamiConfig:
+    entry = _mapping(doc, raw, ("whoami",), _WHOAMI_KEYS)
+    defaults = WhoamiConfig()
+    url = None
+    if entry.get("url") is not None:
+        try:
+            url = parse_upstream_url(entry["url"])
+        except ValueError as e:
+            raise doc.error(("whoami", "url"), str(e)) from None
+    return WhoamiConfig(
+        url=url,
+        cache_ttl=float(_number(doc, entry.get("cache_ttl", defaults.cache_ttl), ("whoami", "cache_ttl"), minimum=1)),
+        cache_size=_number(
+            doc, entry.get("cache_size", defaults.cache_size), ("whoami", "cache_size"), minimum=1, integer=True
+        ),
+        negative_ttl=float(
+            _number(doc, entry.get("negative_ttl", defaults.negative_ttl), ("whoami", "negative_ttl"), minimum=0)
+        ),
+        timeout=float(_number(doc, entry.get("timeout", defaults.timeout), ("whoami", "timeout"), minimum=0.01)),
+    )
+
+
+_TOP_KEYS = frozenset({"workers", "routes", "trusted_proxies", "whoami"})
+
+
+def parse_config(text: str) -> RouterConfig:
+    """Parse and validate a YAML configuration; raise ConfigError naming the bad key."""
+    doc = _Doc(text)
+    top = _mapping(doc, doc.value, (), _TOP_KEYS)
+    pools = _parse_pools(doc, top.get("workers"))
+    config = RouterConfig(
+        pools=pools,
+        routes=_parse_routes(doc, top.get("routes"), pools),
+        trusted_proxies=_parse_trusted(doc, top.get("trusted_proxies")),
+        whoami=_parse_whoami(doc, top.get("whoami")),
+    )
+    try:
+        config.table()
+    except re.error as e:  # a pattern that compiles alone but not beside the others
+        raise doc.error(("routes",), f"the route patterns cannot be combined: {e}") from None
+    return config
+
+
+def load_config(path: str | Path) -> RouterConfig:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError((), f"cannot read {path}: {e.strerror or e}") from None
+    return parse_config(text)

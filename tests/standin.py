@@ -1,0 +1,175 @@
+"""A stand-in Synapse process for integration tests and the demo: a real HTTP server on
+loopback that answers every request with what it received.
+
+    python tests/standin.py --name generic1 --port 18081 [--whoami tokens.json]
+
+Response: JSON {"server", "method", "path", "headers", "body_bytes", "body_sha256"}, with a
+strong ETag and `Cache-Control: no-store, no-transform` as Synapse's rendezvous sends.
+Query parameters steer it (they pass through the router untouched):
+  standin_delay=S      answer after S seconds (a long-poll)
+  standin_bytes=N      answer with N bytes of body, streamed in chunks (a media download)
+  standin_status=C     answer with status C
+  standin_hang=1       accept, read the request, never answer (a wedged worker)
+With --whoami FILE (JSON {token: user_id}) it answers /_matrix/client/v3/account/whoami
+like Synapse: 200 {"user_id", "device_id", "is_guest"} or 401 M_UNKNOWN_TOKEN; `/health`
+answers 200 OK; `/__standin/stats` answers {"whoami_calls": N}. Request bodies are read in chunks and hashed, never held whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+CHUNK = 256 * 1024
+
+
+class StandinServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], name: str, whoami: dict[str, str] | None) -> None:
+        super().__init__(address, Handler)
+        self.name = name
+        self.whoami = whoami
+        self.whoami_calls = 0
+        self.lock = threading.Lock()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: StandinServer
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+    def _read_body(self) -> tuple[int, str]:
+        digest = hashlib.sha256()
+        size = 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                line = self.rfile.readline(1024)
+                length = int(line.split(b";")[0].strip() or b"0", 16)
+                if length == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                remaining = length
+                while remaining:
+                    data = self.rfile.read(min(CHUNK, remaining))
+                    if not data:
+                        raise ConnectionError("client went away mid-chunk")
+                    digest.update(data)
+                    size += len(data)
+                    remaining -= len(data)
+                self.rfile.readline(16)
+        else:
+            remaining = int(self.headers.get("Content-Length") or 0)
+            while remaining:
+                data = self.rfile.read(min(CHUNK, remaining))
+                if not data:
+                    raise ConnectionError("client went away mid-body")
+                digest.update(data)
+                size += len(data)
+                remaining -= len(data)
+        return size, digest.hexdigest()
+
+    def _send_json(self, status: int, payload: object, extra: dict[str, str] | None = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _handle(self) -> None:
+        size, sha = self._read_body()
+        url = urlsplit(self.path)
+        params = parse_qs(url.query)
+        if url.path == "/health":
+            body = b"OK"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if url.path == "/__standin/stats":
+            self._send_json(200, {"server": self.server.name, "whoami_calls": self.server.whoami_calls})
+            return
+        if self.server.whoami is not None and url.path.endswith("/account/whoami"):
+            self._whoami()
+            return
+        if params.get("standin_hang"):
+            time.sleep(3600)
+            return
+        if delay := params.get("standin_delay"):
+            time.sleep(float(delay[0]))
+        status = int(params.get("standin_status", ["200"])[0])
+        if n := params.get("standin_bytes"):
+            self._send_bytes(int(n[0]))
+            return
+        self._send_json(
+            status,
+            {
+                "server": self.server.name,
+                "method": self.command,
+                "path": self.path,
+                "headers": [[k, v] for k, v in self.headers.items()],
+                "body_bytes": size,
+                "body_sha256": sha,
+            },
+            {"ETag": '"standin-etag-1"', "Cache-Control": "no-store, no-transform", "X-Standin": self.server.name},
+        )
+
+    def _whoami(self) -> None:
+        with self.server.lock:
+            self.server.whoami_calls += 1
+        auth = self.headers.get("Authorization", "")
+        token = auth[7:] if auth.startswith("Bearer ") else None
+        assert self.server.whoami is not None
+        user = self.server.whoami.get(token or "")
+        if user is None:
+            self._send_json(
+                401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token passed.", "soft_logout": False}
+            )
+            return
+        as_user = parse_qs(urlsplit(self.path).query).get("user_id")
+        self._send_json(200, {"user_id": as_user[0] if as_user else user, "device_id": "DEV", "is_guest": False})
+
+    def _send_bytes(self, n: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+        block = bytes(range(256)) * (CHUNK // 256)
+        while n > 0:
+            self.wfile.write(block[: min(n, len(block))])
+            n -= len(block)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _handle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--whoami", help="JSON file mapping access tokens to user ids")
+    args = parser.parse_args()
+    whoami = json.loads(Path(args.whoami).read_text()) if args.whoami else None
+    server = StandinServer((args.host, args.port), args.name, whoami)
+    print(f"standin {args.name} listening on {args.host}:{args.port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
