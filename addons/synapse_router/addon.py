@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Awaitable
 from typing import Any
 
+import httpx
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import http1
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from . import tokens
-from .config import ConfigError, RouterConfig, load_config
+from .config import ConfigError, RouterConfig, WhoamiConfig, load_config
 from .engine import Decision, Engine
 from .forwarding import ROUTER_HEADER_PREFIX, SPOOFABLE_HEADERS, TrustedProxies
 from .health import WorkerStates
+from .identity import IdentityResolver, Resolution, whoami_over_http
 from .routes import Balance, Match, room_from_path
 
 log = logging.getLogger(__name__)
@@ -20,6 +25,7 @@ log = logging.getLogger(__name__)
 METADATA_KEY = "synapse_router"
 STREAM_THRESHOLD = 1024 * 1024  # bodies larger than this, or of unknown size, are streamed
 MIN_TCP_TIMEOUT = 360  # seconds: above Synapse's longest long-poll (5 min) plus margin
+LOGOUT_PATH = re.compile(r"^/_matrix/client/(?:api/v1|r0|v3|unstable)/logout(/all)?$")
 
 # mitmproxy options a router cannot work without, and why.
 REQUIRED_OPTIONS: dict[str, tuple[Any, str]] = {
@@ -38,6 +44,9 @@ class SynapseRouter:
         self.trusted = TrustedProxies()
         self.workers = WorkerStates()
         self.in_flight: dict[str, int] = {}
+        self.identity: IdentityResolver | None = None
+        self.main_url = "http://127.0.0.1:8008"
+        self._http: httpx.AsyncClient | None = None
 
     # --- options ---
 
@@ -52,7 +61,34 @@ class SynapseRouter:
     def configure(self, updated: set[str]) -> None:
         if "router_config" in updated:
             self.engine = self._build_engine(ctx.options.router_config)
+            whoami = self.engine.config.whoami
+            if self.identity is None or self.identity.config != whoami:
+                self.identity = self._build_identity(whoami)
+        if "mode" in updated:
+            self.main_url = _reverse_target(ctx.options.mode) or self.main_url
         self._enforce_options(updated)
+
+    def running(self) -> None:
+        self._client()
+
+    async def done(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+                trust_env=False,
+            )
+        return self._http
+
+    def _build_identity(self, config: WhoamiConfig) -> IdentityResolver:
+        def base_url() -> str:
+            return config.url.url if config.url else self.main_url
+
+        return IdentityResolver(config, whoami_over_http(self._client, base_url, config.timeout))
 
     def _build_engine(self, path: str | None) -> Engine:
         if not path:
@@ -81,18 +117,50 @@ class SynapseRouter:
 
     # --- hooks ---
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        # Not `async def`: a cache hit routes synchronously; only a miss returns a coroutine,
+        # which mitmproxy awaits, so the common case pays no task switch.
         if self.engine is None or flow.response is not None or flow.error is not None or not flow.live:
-            return
+            return None
         request = flow.request
-        self._set_forwarding_headers(flow)
+        client_ip = self._set_forwarding_headers(flow)
         match = self.engine.match(request.method, request.path)
         found = tokens.find_token(request.headers.get("authorization"), match.query)
         if found is not None and found.from_query and not found.conflict:
             self._move_query_token_to_header(request, found, match)
-        route = match.route
-        key, key_kind = self._balance_key(flow, match, found)
-        decision = self.engine.select(route, key, key_kind, self.workers.usable, self.in_flight)
+        logout = LOGOUT_PATH.match(match.path) if found is not None else None
+        if logout is not None and found is not None:
+            flow.metadata[f"{METADATA_KEY}.logout"] = (logout.group(1) is not None, found.key)
+        resolution = None
+        if match.route is not None and match.route.balance is Balance.USER and found is not None and self.identity:
+            resolution = self.identity.cached(found.key)
+            if resolution is None:
+                return self._route_after_whoami(flow, match, found, client_ip)
+        self._route(flow, match, found, client_ip, resolution)
+        return None
+
+    async def _route_after_whoami(
+        self, flow: http.HTTPFlow, match: Match, found: tokens.FoundToken, client_ip: str
+    ) -> None:
+        assert self.identity is not None
+        resolution = await self.identity.resolve(
+            found.key, found.token, found.as_user, flow.request.headers.get("user-agent"), client_ip
+        )
+        self._route(flow, match, found, client_ip, resolution)
+
+    def _route(
+        self,
+        flow: http.HTTPFlow,
+        match: Match,
+        found: tokens.FoundToken | None,
+        client_ip: str,
+        resolution: Resolution | None,
+    ) -> None:
+        assert self.engine is not None
+        key, key_kind = _balance_key(match, found, client_ip, resolution)
+        decision = self.engine.select(match.route, key, key_kind, self.workers.usable, self.in_flight)
+        if resolution is not None:
+            decision.identity = resolution.source.value
         self._apply(flow, decision)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -103,6 +171,13 @@ class SynapseRouter:
             flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
+        logout = flow.metadata.pop(f"{METADATA_KEY}.logout", None)
+        if logout is not None and self.identity is not None and flow.response and flow.response.status_code == 200:
+            everywhere, key = logout
+            user = self.identity.users.get(key)
+            self.identity.forget(key)
+            if everywhere and user is not None:
+                self.identity.forget_user(user)
         self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -110,7 +185,7 @@ class SynapseRouter:
 
     # --- helpers ---
 
-    def _set_forwarding_headers(self, flow: http.HTTPFlow) -> None:
+    def _set_forwarding_headers(self, flow: http.HTTPFlow) -> str:
         headers = flow.request.headers
         fwd = self.trusted.resolve(
             flow.client_conn.peername[0] if flow.client_conn.peername else "",
@@ -125,7 +200,7 @@ class SynapseRouter:
             del headers[name]
         headers["X-Forwarded-For"] = fwd.client_ip
         headers["X-Forwarded-Proto"] = fwd.proto
-        flow.metadata[f"{METADATA_KEY}.client_ip"] = fwd.client_ip
+        return fwd.client_ip
 
     @staticmethod
     def _move_query_token_to_header(request: http.Request, found: tokens.FoundToken, match: Match) -> None:
@@ -133,22 +208,6 @@ class SynapseRouter:
         query = tokens.remove_query_token(match.query)
         request.path = f"{match.path}?{query}" if query else match.path
         request.headers["Authorization"] = f"Bearer {found.token}"
-
-    def _balance_key(self, flow: http.HTTPFlow, match: Match, found: tokens.FoundToken | None) -> tuple[str | None, str]:
-        route = match.route
-        if route is None:
-            return None, "none"
-        client_ip: str = flow.metadata[f"{METADATA_KEY}.client_ip"]
-        if route.balance is Balance.USER:
-            if found is not None:
-                return found.key.hex(), "token"
-            return client_ip, "ip"
-        if route.balance is Balance.ROOM:
-            room = room_from_path(match.path)
-            return (room, "room") if room else (client_ip, "ip")
-        if route.balance is Balance.IP:
-            return client_ip, "ip"
-        return None, "none"
 
     def _apply(self, flow: http.HTTPFlow, decision: Decision) -> None:
         request = flow.request
@@ -181,6 +240,37 @@ class SynapseRouter:
             url = decision.upstream.url
             self.in_flight[url] = max(0, self.in_flight.get(url, 0) - 1)
         _redact_credentials(flow.request)
+
+
+def _balance_key(
+    match: Match, found: tokens.FoundToken | None, client_ip: str, resolution: Resolution | None
+) -> tuple[str | None, str]:
+    """The key the route balances on, and what kind of key it is (for logs and metrics)."""
+    route = match.route
+    if route is None:
+        return None, "none"
+    if route.balance is Balance.USER:
+        if resolution is not None and resolution.user_id is not None:
+            return resolution.user_id, "user"
+        if found is not None:
+            return found.key.hex(), "token"  # device-sticky until the user is known
+        return client_ip, "ip"
+    if route.balance is Balance.ROOM:
+        room = room_from_path(match.path)
+        return (room, "room") if room else (client_ip, "ip")
+    if route.balance is Balance.IP:
+        return client_ip, "ip"
+    return None, "none"
+
+
+def _reverse_target(modes: list[str]) -> str | None:
+    for spec in modes:
+        mode = ProxyMode.parse(spec)
+        if isinstance(mode, ReverseMode):
+            host, port = mode.address
+            shown = f"[{host}]" if ":" in host else host
+            return f"{mode.scheme if mode.scheme in ('http', 'https') else 'http'}://{shown}:{port}"
+    return None
 
 
 def _large_or_unknown(request: http.Request, response: http.Response | None) -> bool:

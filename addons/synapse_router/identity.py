@@ -1,0 +1,174 @@
+"""Access token -> Matrix user, through Synapse's `/account/whoami`, cached and coalesced.
+
+Keys are SHA-256 digests of the token (plus an appservice's `user_id`), never tokens.
+- A resolved user is cached for `cache_ttl`, at most `cache_size` tokens (LRU beyond).
+- A token Synapse rejects (401 M_UNKNOWN_TOKEN / M_MISSING_TOKEN) is cached for `negative_ttl`.
+- 5xx, 429, timeouts and connection errors are never cached; after a timeout or connection
+  error whoami is not asked again for UNAVAILABLE_BACKOFF seconds, so a hung main process
+  costs each request at most nothing instead of `timeout` (the request is routed by token hash).
+- Concurrent first requests of one token share one whoami call.
+Nothing here blocks a request: every outcome yields a routing key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import httpx
+from cachetools import TTLCache
+
+from .config import WhoamiConfig
+
+WHOAMI_PATH = "/_matrix/client/v3/account/whoami"
+UNAVAILABLE_BACKOFF = 5.0
+NEGATIVE_ERRCODES = frozenset({"M_UNKNOWN_TOKEN", "M_MISSING_TOKEN"})
+
+
+class Source(StrEnum):
+    CACHE = "cache"  # a cached user
+    WHOAMI = "whoami"  # this request made the whoami call
+    COALESCED = "coalesced"  # waited for another request's whoami call
+    NEGATIVE = "negative"  # Synapse rejected the token (now or recently, cached)
+    UNRESOLVED = "unresolved"  # whoami failed: routed by token hash
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    user_id: str | None
+    source: Source
+
+
+class WhoamiError(Exception):
+    """whoami gave no usable answer (not cacheable)."""
+
+
+class TokenRejected(Exception):
+    """Synapse rejected the token (cacheable as negative)."""
+
+
+# A whoami call: (token, as_user, user_agent, client_ip) -> user id;
+# raises TokenRejected or WhoamiError (or an httpx error).
+WhoamiCall = Callable[[str, str | None, str | None, str], Awaitable[str]]
+
+
+class IdentityResolver:
+    def __init__(self, config: WhoamiConfig, call: WhoamiCall, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._call = call
+        self._clock = clock
+        self.users: TTLCache[bytes, str] = TTLCache(config.cache_size, config.cache_ttl, timer=clock)
+        self.rejected: TTLCache[bytes, bool] = TTLCache(
+            max(1, min(config.cache_size, 10_000)), max(config.negative_ttl, 1e-9), timer=clock
+        )
+        self._in_flight: dict[bytes, asyncio.Future[Resolution]] = {}
+        self._unavailable_until = 0.0
+        self.stats: dict[str, int] = {s.value: 0 for s in Source} | {"calls": 0, "errors": 0}
+
+    def cached(self, key: bytes) -> Resolution | None:
+        """The answer without waiting, if one is known."""
+        user = self.users.get(key)
+        if user is not None:
+            self.stats["cache"] += 1
+            return Resolution(user, Source.CACHE)
+        if self.config.negative_ttl > 0 and key in self.rejected:
+            self.stats["negative"] += 1
+            return Resolution(None, Source.NEGATIVE)
+        return None
+
+    async def resolve(
+        self, key: bytes, token: str, as_user: str | None, user_agent: str | None, client_ip: str
+    ) -> Resolution:
+        known = self.cached(key)
+        if known is not None:
+            return known
+        pending = self._in_flight.get(key)
+        if pending is not None:
+            self.stats["coalesced"] += 1
+            result = await asyncio.shield(pending)
+            return Resolution(result.user_id, Source.COALESCED if result.user_id else result.source)
+        if self._clock() < self._unavailable_until:
+            self.stats["unresolved"] += 1
+            return Resolution(None, Source.UNRESOLVED)
+        future: asyncio.Future[Resolution] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            result = await self._ask(key, token, as_user, user_agent, client_ip)
+            future.set_result(result)
+            return result
+        finally:
+            if not future.done():  # cancelled mid-call: waiters get a fallback answer
+                future.set_result(Resolution(None, Source.UNRESOLVED))
+            del self._in_flight[key]
+
+    async def _ask(
+        self, key: bytes, token: str, as_user: str | None, user_agent: str | None, client_ip: str
+    ) -> Resolution:
+        self.stats["calls"] += 1
+        try:
+            user = await self._call(token, as_user, user_agent, client_ip)
+        except TokenRejected:
+            if self.config.negative_ttl > 0:
+                self.rejected[key] = True
+            self.stats["negative"] += 1
+            return Resolution(None, Source.NEGATIVE)
+        except (WhoamiError, httpx.HTTPError) as e:
+            self.stats["errors"] += 1
+            self.stats["unresolved"] += 1
+            if isinstance(e, (httpx.TimeoutException, httpx.TransportError)):
+                self._unavailable_until = self._clock() + UNAVAILABLE_BACKOFF
+            return Resolution(None, Source.UNRESOLVED)
+        self.users[key] = sys.intern(user)
+        self.stats["whoami"] += 1
+        return Resolution(user, Source.WHOAMI)
+
+    def forget(self, key: bytes) -> None:
+        self.users.pop(key, None)
+        self.rejected.pop(key, None)
+
+    def forget_user(self, user_id: str) -> int:
+        """Evict every cached token of a user (after /logout/all). O(cache size), rare."""
+        keys = [k for k, u in list(self.users.items()) if u == user_id]
+        for k in keys:
+            self.users.pop(k, None)
+        return len(keys)
+
+    def clear(self) -> None:
+        self.users.clear()
+        self.rejected.clear()
+
+
+def whoami_over_http(
+    client: Callable[[], httpx.AsyncClient], base_url: Callable[[], str], timeout: float
+) -> WhoamiCall:
+    """A WhoamiCall that asks Synapse, forwarding the client's address and User-Agent so the
+    device's "last seen" stays true."""
+
+    async def call(token: str, as_user: str | None, user_agent: str | None, client_ip: str) -> str:
+        headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": client_ip}
+        if user_agent:
+            headers["User-Agent"] = user_agent
+        params = {"user_id": as_user} if as_user else None
+        response = await client().get(base_url() + WHOAMI_PATH, headers=headers, params=params, timeout=timeout)
+        if response.status_code == 200:
+            try:
+                user_id = response.json()["user_id"]
+            except (ValueError, KeyError, TypeError):
+                raise WhoamiError("whoami answered 200 without a user_id") from None
+            if not isinstance(user_id, str) or not user_id.startswith("@"):
+                raise WhoamiError("whoami answered an invalid user_id")
+            return user_id
+        if response.status_code == 401:
+            try:
+                errcode = response.json().get("errcode")
+            except (ValueError, AttributeError):
+                errcode = None
+            if errcode in NEGATIVE_ERRCODES:
+                raise TokenRejected()
+        raise WhoamiError(f"whoami answered {response.status_code}")
+
+    return call
