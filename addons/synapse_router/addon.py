@@ -51,6 +51,8 @@ class SynapseRouter:
     # --- options ---
 
     def load(self, loader: Any) -> None:
+        # httpx logs every whoami call at INFO, which mitmproxy shows by default.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         loader.add_option(
             "router_config",
             str | None,

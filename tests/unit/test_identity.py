@@ -1,0 +1,204 @@
+"""The token -> user resolver: cache, negative cache, coalescing, failure handling."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from synapse_router.config import WhoamiConfig
+from synapse_router.identity import (
+    UNAVAILABLE_BACKOFF,
+    IdentityResolver,
+    Source,
+    TokenRejected,
+    WhoamiError,
+    whoami_over_http,
+)
+from synapse_router.tokens import token_key
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeWhoami:
+    """Answers like Synapse from a table; counts calls; optionally slow or failing."""
+
+    def __init__(self, users: dict[str, str], delay: float = 0.0) -> None:
+        self.users = users
+        self.delay = delay
+        self.calls = 0
+        self.fail: Exception | None = None
+        self.seen: list[tuple[str | None, str]] = []
+
+    async def __call__(self, token: str, as_user: str | None, user_agent: str | None, client_ip: str) -> str:
+        self.calls += 1
+        self.seen.append((user_agent, client_ip))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        if token not in self.users:
+            raise TokenRejected()
+        return as_user or self.users[token]
+
+
+def make(users: dict[str, str], **config: float) -> tuple[IdentityResolver, FakeWhoami, Clock]:
+    fake = FakeWhoami(users)
+    clock = Clock()
+    return IdentityResolver(WhoamiConfig(**config), fake, clock), fake, clock  # type: ignore[arg-type]
+
+
+async def resolve(resolver: IdentityResolver, token: str, as_user: str | None = None):
+    return await resolver.resolve(token_key(token, as_user), token, as_user, "Element/1.0", "198.51.100.7")
+
+
+async def test_resolves_then_caches() -> None:
+    resolver, fake, _ = make({"t1": "@alice:x"})
+    first = await resolve(resolver, "t1")
+    assert (first.user_id, first.source) == ("@alice:x", Source.WHOAMI)
+    second = await resolve(resolver, "t1")
+    assert (second.user_id, second.source) == ("@alice:x", Source.CACHE)
+    assert fake.calls == 1
+    assert fake.seen == [("Element/1.0", "198.51.100.7")]
+
+
+async def test_ttl_expiry() -> None:
+    resolver, fake, clock = make({"t1": "@alice:x"}, cache_ttl=60)
+    await resolve(resolver, "t1")
+    clock.now += 59
+    assert (await resolve(resolver, "t1")).source is Source.CACHE
+    clock.now += 2
+    assert (await resolve(resolver, "t1")).source is Source.WHOAMI
+    assert fake.calls == 2
+
+
+async def test_lru_bound() -> None:
+    resolver, fake, _ = make({f"t{i}": f"@u{i}:x" for i in range(10)}, cache_size=3)
+    for i in range(3):
+        await resolve(resolver, f"t{i}")
+    await resolve(resolver, "t0")  # t0 is now most recently used
+    await resolve(resolver, "t3")  # evicts t1, the least recently used
+    assert len(resolver.users) == 3
+    assert resolver.cached(token_key("t0")) is not None
+    assert resolver.cached(token_key("t1")) is None
+    assert resolver.cached(token_key("t3")) is not None
+
+
+async def test_negative_cache_expires() -> None:
+    resolver, fake, clock = make({}, negative_ttl=10)
+    assert (await resolve(resolver, "bad")).source is Source.NEGATIVE
+    assert (await resolve(resolver, "bad")).source is Source.NEGATIVE
+    assert fake.calls == 1
+    clock.now += 11
+    await resolve(resolver, "bad")
+    assert fake.calls == 2
+
+
+async def test_negative_ttl_zero_disables_negative_cache() -> None:
+    resolver, fake, _ = make({}, negative_ttl=0)
+    await resolve(resolver, "bad")
+    await resolve(resolver, "bad")
+    assert fake.calls == 2
+
+
+@pytest.mark.parametrize("error", [WhoamiError("whoami answered 503"), WhoamiError("whoami answered 429")])
+async def test_server_errors_not_cached(error: Exception) -> None:
+    resolver, fake, _ = make({"t1": "@alice:x"})
+    fake.fail = error
+    assert (await resolve(resolver, "t1")).source is Source.UNRESOLVED
+    fake.fail = None
+    assert (await resolve(resolver, "t1")).source is Source.WHOAMI
+    assert fake.calls == 2
+
+
+@pytest.mark.parametrize("error", [httpx.ConnectError("refused"), httpx.ReadTimeout("slow")])
+async def test_transport_failure_backs_off(error: Exception) -> None:
+    resolver, fake, clock = make({"t1": "@alice:x", "t2": "@bob:x"})
+    fake.fail = error
+    assert (await resolve(resolver, "t1")).source is Source.UNRESOLVED
+    fake.fail = None
+    # within the backoff no call is made: a hung main costs requests nothing
+    assert (await resolve(resolver, "t2")).source is Source.UNRESOLVED
+    assert fake.calls == 1
+    clock.now += UNAVAILABLE_BACKOFF + 0.1
+    assert (await resolve(resolver, "t2")).user_id == "@bob:x"
+    assert fake.calls == 2
+
+
+async def test_coalescing_500_concurrent_misses_make_one_call() -> None:
+    resolver, fake, _ = make({"t1": "@alice:x"})
+    fake.delay = 0.05
+    results = await asyncio.gather(*(resolve(resolver, "t1") for _ in range(500)))
+    assert fake.calls == 1
+    assert {r.user_id for r in results} == {"@alice:x"}
+    assert sum(r.source is Source.WHOAMI for r in results) == 1
+    assert sum(r.source is Source.COALESCED for r in results) == 499
+
+
+async def test_coalesced_failure_shared() -> None:
+    resolver, fake, _ = make({})
+    fake.delay = 0.02
+    results = await asyncio.gather(*(resolve(resolver, "bad") for _ in range(50)))
+    assert fake.calls == 1
+    assert {r.source for r in results} == {Source.NEGATIVE}
+
+
+async def test_appservice_user_id_is_its_own_entry() -> None:
+    resolver, fake, _ = make({"as": "@bridge:x"})
+    assert (await resolve(resolver, "as")).user_id == "@bridge:x"
+    assert (await resolve(resolver, "as", "@bridge_alice:x")).user_id == "@bridge_alice:x"
+    assert fake.calls == 2
+
+
+async def test_logout_eviction() -> None:
+    resolver, fake, _ = make({"a1": "@alice:x", "a2": "@alice:x", "b1": "@bob:x"})
+    for t in ("a1", "a2", "b1"):
+        await resolve(resolver, t)
+    resolver.forget(token_key("a1"))
+    assert resolver.cached(token_key("a1")) is None
+    assert resolver.cached(token_key("a2")) is not None
+    assert resolver.forget_user("@alice:x") == 1
+    assert resolver.cached(token_key("a2")) is None
+    assert resolver.cached(token_key("b1")) is not None
+
+
+def _transport(status: int, body: object) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/_matrix/client/v3/account/whoami"
+        assert request.headers["authorization"] == "Bearer tok"
+        assert request.headers["x-forwarded-for"] == "198.51.100.7"
+        assert request.headers["user-agent"] == "Element/1.0"
+        return httpx.Response(status, json=body)
+
+    return httpx.MockTransport(handler)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome"),
+    [
+        (200, {"user_id": "@alice:x", "device_id": "D", "is_guest": False}, "@alice:x"),
+        (401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token passed.", "soft_logout": False}, TokenRejected),
+        (401, {"errcode": "M_MISSING_TOKEN", "error": "Missing access token."}, TokenRejected),
+        (401, {"errcode": "M_USER_LOCKED"}, WhoamiError),
+        (403, {"errcode": "M_USER_DEACTIVATED"}, WhoamiError),
+        (503, {"errcode": "M_UNKNOWN"}, WhoamiError),
+        (429, {"errcode": "M_LIMIT_EXCEEDED"}, WhoamiError),
+        (200, {"nope": 1}, WhoamiError),
+        (200, {"user_id": 5}, WhoamiError),
+    ],
+)
+async def test_whoami_over_http(status: int, body: object, outcome: object) -> None:
+    async with httpx.AsyncClient(transport=_transport(status, body)) as client:
+        call = whoami_over_http(lambda: client, lambda: "http://main:8008", 1.0)
+        if isinstance(outcome, str):
+            assert await call("tok", None, "Element/1.0", "198.51.100.7") == outcome
+        else:
+            with pytest.raises(outcome):  # type: ignore[call-overload]
+                await call("tok", None, "Element/1.0", "198.51.100.7")
