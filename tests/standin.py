@@ -12,7 +12,8 @@ Query parameters steer it (they pass through the router untouched):
   standin_hang=1       accept, read the request, never answer (a wedged worker)
 With --whoami FILE (JSON {token: user_id}) it answers /_matrix/client/v3/account/whoami
 like Synapse: 200 {"user_id", "device_id", "is_guest"} or 401 M_UNKNOWN_TOKEN; `/health`
-answers 200 OK; `/__standin/stats` answers {"whoami_calls": N}. Request bodies are read in chunks and hashed, never held whole.
+answers 200 OK; `/__standin/stats` answers {"whoami_calls": N}. Request bodies are read in
+chunks and hashed, never held whole.
 """
 
 from __future__ import annotations

@@ -29,7 +29,10 @@ LOGOUT_PATH = re.compile(r"^/_matrix/client/(?:api/v1|r0|v3|unstable)/logout(/al
 
 # mitmproxy options a router cannot work without, and why.
 REQUIRED_OPTIONS: dict[str, tuple[Any, str]] = {
-    "connection_strategy": ("lazy", "an eager connection to the main process would fail every request when main is down"),
+    "connection_strategy": (
+        "lazy",
+        "an eager connection to the main process would fail every request when main is down",
+    ),
     "block_global": (False, "clients on public addresses must be served"),
     "keep_host_header": (True, "Synapse must see the client's Host"),
     "anticache": (False, "it strips If-None-Match, which QR-login rendezvous needs"),
@@ -99,7 +102,7 @@ class SynapseRouter:
         try:
             config = load_config(path)
         except ConfigError as e:
-            raise exceptions.OptionsError(f"router_config {path}: {e}") from e
+            raise exceptions.OptionsError(f"router_config {path}: {e}") from e  # type: ignore[no-untyped-call]
         pools = ", ".join(f"{name}={len(ws)}" for name, ws in config.pools.items()) or "none"
         log.info(f"synapse-router: loaded {path}: pools {pools}, {len(config.routes)} custom route(s)")
         self.trusted = TrustedProxies(config.trusted_proxies)
@@ -115,7 +118,7 @@ class SynapseRouter:
             changes["tcp_timeout"] = MIN_TCP_TIMEOUT
             log.info(f"synapse-router: raising tcp_timeout to {MIN_TCP_TIMEOUT}s so 5-minute long-polls are never cut")
         if changes:
-            ctx.options.update(**changes)
+            ctx.options.update(**changes)  # type: ignore[no-untyped-call]
 
     # --- hooks ---
 

@@ -30,10 +30,10 @@ class Pool:
         in_flight: Mapping[str, int],
     ) -> Upstream | None:
         """A usable worker for a request, or None when the pool has none."""
-        if balance is Balance.ROUND_ROBIN or key is None and balance is not Balance.LEAST_CONN:
-            return self._smooth_round_robin(usable)
         if balance is Balance.LEAST_CONN:
             return self._least_conn(usable, in_flight)
+        if balance is Balance.ROUND_ROBIN or key is None:
+            return self._smooth_round_robin(usable)
         node = self.ring.pick(key, lambda n: usable(n.name))
         return None if node is None else self.by_url[node.name]
 

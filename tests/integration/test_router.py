@@ -224,7 +224,10 @@ def test_main_down_worker_routes_still_answer(fleet: Fleet, start_router) -> Non
     ("config", "words"),
     [
         ("workers:\n  sync:\n    - http://127.0.0.1:1\n    - htp://x:1\n", "workers.sync[1] (line 4)"),
-        ("workers: {sync: [http://127.0.0.1:1]}\nroutes:\n  - {name: a, paths: ['^/x'], pool: nope}\n", "routes[0].pool (line 3): unknown pool 'nope'"),
+        (
+            "workers: {sync: [http://127.0.0.1:1]}\nroutes:\n  - {name: a, paths: ['^/x'], pool: nope}\n",
+            "routes[0].pool (line 3): unknown pool 'nope'",
+        ),
         ("wrokers: {}\n", "wrokers (line 1): unknown key"),
         ("workers: [\n", "invalid YAML"),
     ],

@@ -6,7 +6,6 @@ import ipaddress
 from pathlib import Path
 
 import pytest
-
 from synapse_router.config import ConfigError, load_config, parse_config
 from synapse_router.routes import Balance
 
@@ -68,9 +67,19 @@ def test_empty_config_is_valid() -> None:
         ("workers:\n  Sync: [http://a:1]\n", "workers.Sync", 2, "lower-case"),
         ("workers:\n  main: [http://a:1]\n", "workers.main", 2, "reverse-mode target"),
         ("workers:\n  sync: [http://a:1, http://a:1]\n", "workers.sync[1]", 2, "twice"),
-        ("routes:\n  - {name: x, paths: ['^/a('], pool: main}\n", "routes[0].paths[0]", 2, "invalid regular expression"),
+        (
+            "routes:\n  - {name: x, paths: ['^/a('], pool: main}\n",
+            "routes[0].paths[0]",
+            2,
+            "invalid regular expression",
+        ),
         ("routes:\n  - {name: x, paths: ['^/a'], pool: nope}\n", "routes[0].pool", 2, "unknown pool 'nope'"),
-        ("routes:\n  - {name: x, paths: ['^/a'], pool: main, balance: sticky}\n", "routes[0].balance", 2, "round_robin"),
+        (
+            "routes:\n  - {name: x, paths: ['^/a'], pool: main, balance: sticky}\n",
+            "routes[0].balance",
+            2,
+            "round_robin",
+        ),
         ("routes:\n  - {name: x, pool: main}\n", "routes[0]", 2, "missing key 'paths'"),
         ("routes:\n  - {name: x, paths: ['^/(?P<a>x)'], pool: main}\n", "routes[0].paths[0]", 2, "named groups"),
         ("routes:\n  - {name: x, paths: ['^/a'], pool: main, method: [GET]}\n", "routes[0].method", 2, "unknown key"),

@@ -6,10 +6,11 @@ from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from synapse_router.hrw import Node, Rendezvous
 
-names = st.lists(st.from_regex(r"http://10\.0\.0\.[0-9]{1,3}:80[0-9]{2}", fullmatch=True), min_size=2, max_size=16, unique=True)
+names = st.lists(
+    st.from_regex(r"http://10\.0\.0\.[0-9]{1,3}:80[0-9]{2}", fullmatch=True), min_size=2, max_size=16, unique=True
+)
 keys = st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=200)
 
 
@@ -47,7 +48,9 @@ def test_addition_moves_keys_only_to_the_new_worker(workers: list[str], ks: list
 
 
 @given(names, keys, st.data())
-def test_pick_with_eligibility_is_first_eligible_in_rank(workers: list[str], ks: list[str], data: st.DataObject) -> None:
+def test_pick_with_eligibility_is_first_eligible_in_rank(
+    workers: list[str], ks: list[str], data: st.DataObject
+) -> None:
     ring = Rendezvous([Node(w, weight=data.draw(st.floats(0.1, 10))) for w in workers])
     down = set(data.draw(st.lists(st.sampled_from(workers), max_size=len(workers) - 1)))
     for k in ks:

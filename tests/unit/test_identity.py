@@ -6,7 +6,6 @@ import asyncio
 
 import httpx
 import pytest
-
 from synapse_router.config import WhoamiConfig
 from synapse_router.identity import (
     UNAVAILABLE_BACKOFF,
@@ -184,7 +183,11 @@ def _transport(status: int, body: object) -> httpx.MockTransport:
     ("status", "body", "outcome"),
     [
         (200, {"user_id": "@alice:x", "device_id": "D", "is_guest": False}, "@alice:x"),
-        (401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token passed.", "soft_logout": False}, TokenRejected),
+        (
+            401,
+            {"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token passed.", "soft_logout": False},
+            TokenRejected,
+        ),
         (401, {"errcode": "M_MISSING_TOKEN", "error": "Missing access token."}, TokenRejected),
         (401, {"errcode": "M_USER_LOCKED"}, WhoamiError),
         (403, {"errcode": "M_USER_DEACTIVATED"}, WhoamiError),

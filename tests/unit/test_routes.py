@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from synapse_router.config import parse_config
 from synapse_router.engine import Engine
 from synapse_router.routes import room_from_path
@@ -186,26 +185,26 @@ def test_every_pool_deployed(method: str, path: str, pool: str) -> None:
 # Only a generic pool: everything a generic worker serves goes there, writers stay on main.
 GENERIC_ONLY = engine_with(["generic"])
 GENERIC_CASES = [
-        ("GET", "/_matrix/client/v3/sync?since=s1", "generic"),
-        ("GET", "/_matrix/client/v3/sync", "generic"),
-        ("GET", "/_matrix/client/v3/rooms/!r:x/initialSync", "generic"),
-        ("PUT", "/_matrix/client/v3/rooms/!r:x/send/m.room.message/1", "generic"),
-        ("GET", "/_matrix/client/v3/rooms/!r:x/messages", "generic"),
-        ("GET", "/_matrix/client/versions", "generic"),
-        ("PUT", "/_matrix/federation/v1/send/1", "generic"),
-        ("POST", "/_matrix/client/v3/keys/upload", "generic"),
-        ("POST", "/_matrix/client/v3/rooms/!r:x/receipt/m.read/$e", "generic"),
-        ("GET", "/_matrix/client/v3/pushrules/", "generic"),
-        ("GET", "/_matrix/client/v3/user/@a:x/account_data/m.direct", "generic"),
-        ("GET", "/_matrix/client/unstable/org.matrix.msc4140/delayed_events", "generic"),
-        # writes of single-writer streams: the writer is main when no writer pool exists
-        ("PUT", "/_matrix/client/v3/pushrules/global/override/r", "main"),
-        ("PUT", "/_matrix/client/v3/user/@a:x/account_data/m.direct", "main"),
-        ("PUT", "/_matrix/client/v3/rooms/!r:x/typing/@a:x", "main"),
-        ("PUT", "/_matrix/client/v3/sendToDevice/t/1", "main"),
-        ("PUT", "/_matrix/client/v3/presence/@a:x/status", "main"),
-        ("GET", "/_matrix/media/v3/download/x/y", "main"),
-        ("POST", "/_matrix/client/unstable/org.matrix.msc4108/rendezvous", "main"),
+    ("GET", "/_matrix/client/v3/sync?since=s1", "generic"),
+    ("GET", "/_matrix/client/v3/sync", "generic"),
+    ("GET", "/_matrix/client/v3/rooms/!r:x/initialSync", "generic"),
+    ("PUT", "/_matrix/client/v3/rooms/!r:x/send/m.room.message/1", "generic"),
+    ("GET", "/_matrix/client/v3/rooms/!r:x/messages", "generic"),
+    ("GET", "/_matrix/client/versions", "generic"),
+    ("PUT", "/_matrix/federation/v1/send/1", "generic"),
+    ("POST", "/_matrix/client/v3/keys/upload", "generic"),
+    ("POST", "/_matrix/client/v3/rooms/!r:x/receipt/m.read/$e", "generic"),
+    ("GET", "/_matrix/client/v3/pushrules/", "generic"),
+    ("GET", "/_matrix/client/v3/user/@a:x/account_data/m.direct", "generic"),
+    ("GET", "/_matrix/client/unstable/org.matrix.msc4140/delayed_events", "generic"),
+    # writes of single-writer streams: the writer is main when no writer pool exists
+    ("PUT", "/_matrix/client/v3/pushrules/global/override/r", "main"),
+    ("PUT", "/_matrix/client/v3/user/@a:x/account_data/m.direct", "main"),
+    ("PUT", "/_matrix/client/v3/rooms/!r:x/typing/@a:x", "main"),
+    ("PUT", "/_matrix/client/v3/sendToDevice/t/1", "main"),
+    ("PUT", "/_matrix/client/v3/presence/@a:x/status", "main"),
+    ("GET", "/_matrix/media/v3/download/x/y", "main"),
+    ("POST", "/_matrix/client/unstable/org.matrix.msc4108/rendezvous", "main"),
 ]
 
 
@@ -234,11 +233,7 @@ def test_no_workers_everything_main() -> None:
 def test_custom_route_precedes_builtin_even_unanchored() -> None:
     engine = engine_with(
         ["room", "generic"],
-        "routes:\n"
-        "  - name: bots\n"
-        "    paths: ['/rooms/[^/]+/send/m\\.bridge']\n"
-        "    pool: generic\n"
-        "    balance: room\n",
+        "routes:\n  - name: bots\n    paths: ['/rooms/[^/]+/send/m\\.bridge']\n    pool: generic\n    balance: room\n",
     )
     match = engine.match("PUT", "/_matrix/client/v3/rooms/!r:x/send/m.bridge.event/1")
     assert match.route is not None and match.route.name == "bots"
@@ -265,7 +260,5 @@ def test_room_balance_same_room_same_worker() -> None:
     engine = Engine(parse_config("workers:\n  room: [http://127.0.0.1:1, http://127.0.0.1:2, http://127.0.0.1:3]\n"))
     match = engine.match("PUT", "/_matrix/client/v3/rooms/!r:x/send/m.room.message/1")
     assert match.route is not None
-    picks = {
-        engine.select(match.route, "!r:x", "room", lambda u: True, {}).worker for _ in range(20)
-    }
+    picks = {engine.select(match.route, "!r:x", "room", lambda u: True, {}).worker for _ in range(20)}
     assert len(picks) == 1

@@ -7,7 +7,6 @@ from urllib.parse import quote
 
 from hypothesis import given
 from hypothesis import strategies as st
-
 from synapse_router import tokens
 
 

@@ -1,0 +1,136 @@
+"""Real processes on loopback for tests and the demo: stand-in Synapse servers and a real
+mitmdump with the addon."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDIN = ROOT / "tests" / "standin.py"
+BIN = Path(sys.executable).parent
+MITMDUMP = BIN / "mitmdump"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
+
+
+@dataclass
+class Standin:
+    name: str
+    port: int
+    whoami_file: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        cmd = [sys.executable, str(STANDIN), "--name", self.name, "--port", str(self.port)]
+        if self.whoami_file is not None:
+            cmd += ["--whoami", str(self.whoami_file)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def stats(self) -> dict[str, int]:
+        return httpx.get(f"{self.url}/__standin/stats", timeout=5).json()
+
+
+@dataclass
+class Fleet:
+    """Named stand-in servers; `main` is the reverse-mode target."""
+
+    tmp: Path
+    servers: dict[str, Standin] = field(default_factory=dict)
+
+    def add(self, name: str, whoami: dict[str, str] | None = None, start: bool = True) -> Standin:
+        whoami_file = None
+        if whoami is not None:
+            whoami_file = self.tmp / f"whoami-{name}.json"
+            whoami_file.write_text(json.dumps(whoami))
+        server = Standin(name, free_port(), whoami_file)
+        self.servers[name] = server
+        if start:
+            server.start()
+        return server
+
+    def __getitem__(self, name: str) -> Standin:
+        return self.servers[name]
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.kill()
+
+
+@dataclass
+class Router:
+    proc: subprocess.Popen[bytes]
+    port: int
+    output: Path
+    config_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def rss_peak_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmHWM")
+
+
+def router_command(main_url: str, port: int, config_path: Path, extra: list[str]) -> list[str]:
+    return [
+        str(MITMDUMP),
+        "--mode",
+        f"reverse:{main_url}@127.0.0.1:{port}",
+        "-s",
+        str(ROOT / "addons" / "router.py"),
+        "--set",
+        f"router_config={config_path}",
+        *extra,
+    ]
