@@ -34,10 +34,13 @@ class StandinServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], name: str, whoami: dict[str, str] | None) -> None:
+    def __init__(
+        self, address: tuple[str, int], name: str, whoami: dict[str, str] | None, whoami_delay: float = 0.0
+    ) -> None:
         super().__init__(address, Handler)
         self.name = name
         self.whoami = whoami
+        self.whoami_delay = whoami_delay
         self.whoami_calls = 0
         self.lock = threading.Lock()
 
@@ -134,6 +137,8 @@ class Handler(BaseHTTPRequestHandler):
     def _whoami(self) -> None:
         with self.server.lock:
             self.server.whoami_calls += 1
+        if self.server.whoami_delay:
+            time.sleep(self.server.whoami_delay)
         auth = self.headers.get("Authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else None
         assert self.server.whoami is not None
@@ -165,9 +170,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--whoami", help="JSON file mapping access tokens to user ids")
+    parser.add_argument("--whoami-delay", type=float, default=0.0, help="seconds each whoami answer takes")
     args = parser.parse_args()
     whoami = json.loads(Path(args.whoami).read_text()) if args.whoami else None
-    server = StandinServer((args.host, args.port), args.name, whoami)
+    server = StandinServer((args.host, args.port), args.name, whoami, args.whoami_delay)
     print(f"standin {args.name} listening on {args.host}:{args.port}", flush=True)
     server.serve_forever()
 

@@ -163,7 +163,7 @@ class SynapseRouter:
     ) -> None:
         assert self.engine is not None
         key, key_kind = _balance_key(match, found, client_ip, resolution)
-        decision = self.engine.select(match.route, key, key_kind, self.workers.usable, self.in_flight)
+        decision = self.engine.select(match.route, key, key_kind, self.workers.unusable, self.in_flight)
         if resolution is not None:
             decision.identity = resolution.source.value
         self._apply(flow, decision)

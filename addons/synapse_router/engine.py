@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .config import RouterConfig, Upstream
-from .pools import Pool, Usable, build_pools
+from .pools import Pool, Unusable, build_pools
 from .routes import MAIN, Match, Route, RouteTable
 
 
@@ -68,7 +68,7 @@ class Engine:
         route: Route | None,
         key: str | None,
         key_kind: str,
-        usable: Usable,
+        unusable: Unusable,
         in_flight: Mapping[str, int],
     ) -> Decision:
         if route is None:
@@ -85,7 +85,7 @@ class Engine:
             pool = self.pools.get(name)
             if pool is None:
                 continue  # not deployed: routes list every pool that could serve them
-            upstream = pool.choose(route.balance, key, usable, in_flight)
+            upstream = pool.choose(route.balance, key, unusable, in_flight)
             if upstream is not None:
                 decision.pool, decision.upstream = name, upstream
                 return decision

@@ -7,6 +7,7 @@ class WorkerStates:
     def __init__(self) -> None:
         self.down: set[str] = set()
         self.drained: set[str] = set()
+        self.unusable: frozenset[str] = frozenset()  # down or drained: what routing skips
 
-    def usable(self, url: str) -> bool:
-        return url not in self.down and url not in self.drained
+    def _changed(self) -> None:
+        self.unusable = frozenset(self.down | self.drained)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 
 _MASK64 = (1 << 64) - 1
@@ -60,15 +60,21 @@ class Rendezvous:
             return float(u)
         return -node.weight / math.log((u + 0.5) / _TWO64)
 
-    def pick(self, key: str, eligible: Callable[[Node], bool] | None = None) -> Node | None:
-        """The highest-scoring node for key among eligible ones, or None if none is eligible."""
+    def pick(self, key: str, excluded: Container[str] = ()) -> Node | None:
+        """The highest-scoring node for key whose name is not excluded, or None."""
         h = key_hash(key)
         best: Node | None = None
         best_score = -1.0
+        uniform = self._uniform
         for node in self.nodes:
-            if eligible is not None and not eligible(node):
+            if node.name in excluded:
                 continue
-            s = self._score(node, h)
+            # _score inlined: this loop is the hot path of every sticky request
+            x = h ^ node.seed
+            x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+            x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+            u = x ^ (x >> 31)
+            s = float(u) if uniform else -node.weight / math.log((u + 0.5) / _TWO64)
             if s > best_score:
                 best, best_score = node, s
         return best

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 
 from .config import Upstream
 from .hrw import Node, Rendezvous
 from .routes import Balance
 
-Usable = Callable[[str], bool]  # worker URL -> may it take a request now?
+Unusable = Container[str]  # URLs of workers that may not take requests now (down or drained)
 
 
 class Pool:
@@ -26,28 +26,28 @@ class Pool:
         self,
         balance: Balance,
         key: str | None,
-        usable: Usable,
+        unusable: Unusable,
         in_flight: Mapping[str, int],
     ) -> Upstream | None:
         """A usable worker for a request, or None when the pool has none."""
         if balance is Balance.LEAST_CONN:
-            return self._least_conn(usable, in_flight)
+            return self._least_conn(unusable, in_flight)
         if balance is Balance.ROUND_ROBIN or key is None:
-            return self._smooth_round_robin(usable)
-        node = self.ring.pick(key, lambda n: usable(n.name))
+            return self._smooth_round_robin(unusable)
+        node = self.ring.pick(key, unusable)
         return None if node is None else self.by_url[node.name]
 
     def ranking(self, key: str) -> list[Upstream]:
         """The pool's workers in the order a key tries them (rendezvous order)."""
         return [self.by_url[n.name] for n in self.ring.rank(key)]
 
-    def _smooth_round_robin(self, usable: Usable) -> Upstream | None:
+    def _smooth_round_robin(self, unusable: Unusable) -> Upstream | None:
         # nginx's smooth weighted round robin: evenly interleaved, weights honoured.
         best: Upstream | None = None
         total = 0.0
         current = self._rr_current
         for w in self.workers:
-            if not usable(w.url):
+            if w.url in unusable:
                 continue
             current[w.url] += w.weight
             total += w.weight
@@ -57,11 +57,11 @@ class Pool:
             current[best.url] -= total
         return best
 
-    def _least_conn(self, usable: Usable, in_flight: Mapping[str, int]) -> Upstream | None:
+    def _least_conn(self, unusable: Unusable, in_flight: Mapping[str, int]) -> Upstream | None:
         best: Upstream | None = None
         best_load = 0.0
         for w in self.workers:
-            if not usable(w.url):
+            if w.url in unusable:
                 continue
             load = in_flight.get(w.url, 0) / w.weight
             if best is None or load < best_load:

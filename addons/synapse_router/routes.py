@@ -15,7 +15,9 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote
+
+from .query import query_param
 
 MAIN = "main"
 
@@ -53,18 +55,13 @@ class Route:
         return self.when is None or self.when(query)
 
 
-def _query_params(query: str) -> dict[str, str]:
-    return dict(parse_qsl(query, keep_blank_values=True))
-
-
 def is_initial_sync(query: str) -> bool:
     """`/sync` without `since`, or with `full_state=true`: the expensive kind."""
-    params = _query_params(query)
-    return not params.get("since") or params.get("full_state") == "true"
+    return not query_param(query, "since") or query_param(query, "full_state") == "true"
 
 
 def is_initial_sliding_sync(query: str) -> bool:
-    return not _query_params(query).get("pos")
+    return not query_param(query, "pos")
 
 
 _V_ALL = r"(?:api/v1|r0|v3|unstable)"
@@ -329,8 +326,13 @@ class RouteTable:
         m = self._combined.match(path)
         if m is None:
             return Match(None, path, query)
-        start = self._route_of_group[m.lastindex or 0]
-        for route in self.routes[start:]:
+        first = self._route_of_group[m.lastindex or 0]
+        routes = self.routes
+        if routes[first].applies(method, query):
+            return Match(routes[first], path, query)
+        # The first route whose path matches does not apply (method or query): keep looking.
+        for i in range(first + 1, len(routes)):
+            route = routes[i]
             if route.regex.search(path) and route.applies(method, query):
                 return Match(route, path, query)
         return Match(None, path, query)

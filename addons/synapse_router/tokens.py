@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import unquote_plus
+
+from .query import query_param
 
 TOKEN_PARAM = "access_token"
 AS_USER_PARAM = "user_id"
@@ -19,10 +21,7 @@ class FoundToken:
     from_query: bool
     conflict: bool  # both a header and a query token: Synapse rejects such a request
     as_user: str | None  # an appservice acting as this user (`?user_id=`)
-
-    @property
-    def key(self) -> bytes:
-        return token_key(self.token, self.as_user)
+    key: bytes  # token_key(token, as_user): what caches and logs refer to
 
 
 def token_key(token: str, as_user: str | None = None) -> bytes:
@@ -50,18 +49,12 @@ def bearer_token(authorization: str | None) -> str | None:
 def find_token(authorization: str | None, query: str) -> FoundToken | None:
     """The access token of a request, from `Authorization: Bearer` or `?access_token=`."""
     header_token = bearer_token(authorization)
-    query_token = None
-    as_user = None
-    if query:
-        for name, value in parse_qsl(query, keep_blank_values=True):
-            if name == TOKEN_PARAM and query_token is None:
-                query_token = value or None
-            elif name == AS_USER_PARAM and as_user is None:
-                as_user = value or None
+    query_token = query_param(query, TOKEN_PARAM) or None
+    as_user = query_param(query, AS_USER_PARAM) or None
     if header_token is not None:
-        return FoundToken(header_token, False, query_token is not None, as_user)
+        return FoundToken(header_token, False, query_token is not None, as_user, token_key(header_token, as_user))
     if query_token is not None:
-        return FoundToken(query_token, True, authorization is not None, as_user)
+        return FoundToken(query_token, True, authorization is not None, as_user, token_key(query_token, as_user))
     return None
 
 

@@ -37,7 +37,7 @@ FULL = engine_with(ALL_POOLS)
 
 def pool_for(engine: Engine, method: str, path: str) -> str:
     match = engine.match(method, path)
-    decision = engine.select(match.route, "key", "user", lambda url: True, {})
+    decision = engine.select(match.route, "key", "user", frozenset(), {})
     return decision.pool
 
 
@@ -260,5 +260,5 @@ def test_room_balance_same_room_same_worker() -> None:
     engine = Engine(parse_config("workers:\n  room: [http://127.0.0.1:1, http://127.0.0.1:2, http://127.0.0.1:3]\n"))
     match = engine.match("PUT", "/_matrix/client/v3/rooms/!r:x/send/m.room.message/1")
     assert match.route is not None
-    picks = {engine.select(match.route, "!r:x", "room", lambda u: True, {}).worker for _ in range(20)}
+    picks = {engine.select(match.route, "!r:x", "room", frozenset(), {}).worker for _ in range(20)}
     assert len(picks) == 1
