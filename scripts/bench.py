@@ -38,7 +38,9 @@ from synapse_router.addon import _balance_key  # noqa: E402
 from synapse_router.config import WhoamiConfig, parse_config  # noqa: E402
 from synapse_router.engine import Engine  # noqa: E402
 from synapse_router.identity import IdentityResolver  # noqa: E402
-from tests.harness import MITMDUMP, ROOT as _ROOT, Fleet, free_port, router_command, wait_for_port  # noqa: E402
+
+from tests.harness import MITMDUMP, Fleet, free_port, router_command, wait_for_port  # noqa: E402
+from tests.harness import ROOT as _ROOT
 
 TOKEN = "syt_YmVuY2g_benchmarktoken_000000"
 SYNC_PATH = "/_matrix/client/v3/sync?since=s1&timeout=0"
