@@ -40,7 +40,6 @@ from synapse_router.engine import Engine  # noqa: E402
 from synapse_router.identity import IdentityResolver  # noqa: E402
 
 from tests.harness import MITMDUMP, Fleet, free_port, router_command, wait_for_port  # noqa: E402
-from tests.harness import ROOT as _ROOT
 
 TOKEN = "syt_YmVuY2g_benchmarktoken_000000"
 SYNC_PATH = "/_matrix/client/v3/sync?since=s1&timeout=0"
@@ -88,7 +87,7 @@ def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
 
 def start_proxy(cmd: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=_ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     wait_for_port(port, proc)
     return proc
 
