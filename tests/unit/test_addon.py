@@ -1,0 +1,135 @@
+"""The mitmproxy-facing addon, driven through mitmproxy's own test context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.addons.block import Block
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons, tflow, tutils
+
+from synapse_router.addon import METADATA_KEY, SynapseRouter
+from synapse_router.identity import Source
+from synapse_router.tokens import token_key
+
+CONFIG = """
+workers:
+  sync: [http://10.0.0.1:8083, http://10.0.0.2:8083, http://10.0.0.3:8083]
+  client_reader: [http://10.0.0.9:8083]
+"""
+
+
+@pytest.fixture
+def router(tmp_path: Path):
+    path = tmp_path / "router.yaml"
+    path.write_text(CONFIG)
+    addon = SynapseRouter()
+    with taddons.context(addon, Proxyserver(), Block()) as tctx:
+        tctx.configure(addon, router_config=str(path), mode=["reverse:http://10.0.0.100:8008"])
+        yield addon, tctx
+
+
+def make_flow(path: str, headers: dict[str, str] | None = None, method: str = "GET"):
+    flow = tflow.tflow()
+    flow.request = tutils.treq(method=method.encode(), path=path.encode(), host="10.0.0.100", port=8008)
+    flow.request.headers["Host"] = "matrix.example.org"
+    for k, v in (headers or {}).items():
+        flow.request.headers[k] = v
+    return flow
+
+
+def test_enforces_router_options(router) -> None:
+    _, tctx = router
+    options = tctx.master.options
+    assert options.connection_strategy == "lazy"
+    assert options.block_global is False
+    assert options.keep_host_header is True
+    assert options.http2 is False
+    assert options.tcp_timeout >= 360
+
+
+def test_bad_config_is_options_error(router, tmp_path: Path) -> None:
+    addon, tctx = router
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workers:\n  sync: [nope]\n")
+    with pytest.raises(exceptions.OptionsError, match=r"workers.sync\[0\] \(line 2\)"):
+        tctx.configure(addon, router_config=str(bad))
+
+
+async def test_cached_user_routes_without_waiting(router) -> None:
+    addon, _ = router
+    assert addon.identity is not None
+    for device in ("tokA", "tokB", "tokC"):
+        addon.identity.users[token_key(device)] = "@alice:example.org"
+    workers = set()
+    for device in ("tokA", "tokB", "tokC"):
+        flow = make_flow("/_matrix/client/v3/sync?since=s1", {"Authorization": f"Bearer {device}"})
+        assert addon.requestheaders(flow) is None  # a cache hit needs no await
+        decision = flow.metadata[METADATA_KEY]
+        assert decision.identity == Source.CACHE and decision.key_kind == "user"
+        workers.add((flow.request.host, flow.request.port))
+        assert flow.request.host_header == "matrix.example.org"
+        assert "tok" not in (flow.comment or "")
+    assert len(workers) == 1
+
+
+async def test_query_token_moved_to_header(router) -> None:
+    addon, _ = router
+    assert addon.identity is not None
+    addon.identity.users[token_key("qtok")] = "@bob:example.org"
+    flow = make_flow("/_matrix/client/v3/sync?since=s1&access_token=qtok&timeout=30000")
+    addon.requestheaders(flow)
+    assert flow.request.path == "/_matrix/client/v3/sync?since=s1&timeout=30000"
+    assert flow.request.headers["Authorization"] == "Bearer qtok"
+
+
+async def test_credentials_redacted_once_answered(router) -> None:
+    addon, _ = router
+    flow = make_flow("/_matrix/client/versions", {"Authorization": "Bearer sekrit"})
+    addon.requestheaders(flow)
+    flow.response = tutils.tresp()
+    addon.response(flow)
+    assert "sekrit" not in flow.request.headers["Authorization"]
+    assert flow.request.headers["Authorization"].startswith("Bearer <redacted:")
+    assert flow.metadata[METADATA_KEY]["pool"] == "client_reader"  # plain data once finished
+
+
+async def test_logout_all_evicts_every_token_of_the_user(router) -> None:
+    addon, _ = router
+    assert addon.identity is not None
+    for t in ("a1", "a2", "a3"):
+        addon.identity.users[token_key(t)] = "@alice:example.org"
+    addon.identity.users[token_key("b1")] = "@bob:example.org"
+    flow = make_flow("/_matrix/client/v3/logout/all", {"Authorization": "Bearer a1"}, method="POST")
+    addon.requestheaders(flow)
+    flow.response = tutils.tresp(status_code=200)
+    addon.response(flow)
+    assert len(addon.identity.users) == 1 and token_key("b1") in addon.identity.users
+
+
+async def test_failed_logout_evicts_nothing(router) -> None:
+    addon, _ = router
+    assert addon.identity is not None
+    addon.identity.users[token_key("a1")] = "@alice:example.org"
+    flow = make_flow("/_matrix/client/v3/logout", {"Authorization": "Bearer a1"}, method="POST")
+    addon.requestheaders(flow)
+    flow.response = tutils.tresp(status_code=500)
+    addon.response(flow)
+    assert token_key("a1") in addon.identity.users
+
+
+async def test_no_token_keys_by_client_address(router) -> None:
+    addon, _ = router
+    flow = make_flow("/_matrix/client/v3/sync?since=1")
+    addon.requestheaders(flow)
+    assert flow.metadata[METADATA_KEY].key_kind == "ip"
+
+
+async def test_unrouted_request_keeps_main_target(router) -> None:
+    addon, _ = router
+    flow = make_flow("/_matrix/client/v3/rooms/!r:x/upgrade", method="POST")
+    addon.requestheaders(flow)
+    assert (flow.request.host, flow.request.port) == ("10.0.0.100", 8008)
+    assert flow.metadata[METADATA_KEY].pool == "main"
