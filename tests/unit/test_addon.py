@@ -41,8 +41,18 @@ def make_flow(path: str, headers: dict[str, str] | None = None, method: str = "G
 
 
 def test_enforces_router_options(router) -> None:
-    _, tctx = router
+    addon, tctx = router
+    tctx.configure(
+        addon,
+        connection_strategy="eager",
+        block_global=True,
+        keep_host_header=False,
+        http2=True,
+        anticache=True,
+        tcp_timeout=60,
+    )
     options = tctx.master.options
+    assert options.anticache is False
     assert options.connection_strategy == "lazy"
     assert options.block_global is False
     assert options.keep_host_header is True
