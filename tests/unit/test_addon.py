@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from mitmproxy import exceptions
+from mitmproxy.addons.anticache import AntiCache
 from mitmproxy.addons.block import Block
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
@@ -26,7 +27,7 @@ def router(tmp_path: Path):
     path = tmp_path / "router.yaml"
     path.write_text(CONFIG)
     addon = SynapseRouter()
-    with taddons.context(addon, Proxyserver(), Block()) as tctx:
+    with taddons.context(addon, Proxyserver(), Block(), AntiCache()) as tctx:
         tctx.configure(addon, router_config=str(path), mode=["reverse:http://10.0.0.100:8008"])
         yield addon, tctx
 
