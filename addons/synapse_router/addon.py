@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import httpx
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from . import tokens
-from .config import ConfigError, RouterConfig, WhoamiConfig, load_config
+from . import forward, tokens
+from .config import ConfigError, RouterConfig, Upstream, WhoamiConfig, load_config, parse_upstream_url
 from .engine import Decision, Engine
 from .forwarding import ROUTER_HEADER_PREFIX, SPOOFABLE_HEADERS, TrustedProxies
-from .health import WorkerStates
+from .health import HealthConfig, WorkerStates, check_worker
 from .identity import IdentityResolver, Resolution, whoami_over_http
 from .routes import Balance, Match, room_from_path
 
@@ -44,12 +46,17 @@ REQUIRED_OPTIONS: dict[str, tuple[Any, str]] = {
 class SynapseRouter:
     def __init__(self) -> None:
         self.engine: Engine | None = None
+        self.config_path: str | None = None
         self.trusted = TrustedProxies()
         self.workers = WorkerStates()
         self.in_flight: dict[str, int] = {}
         self.identity: IdentityResolver | None = None
-        self.main_url = "http://127.0.0.1:8008"
-        self._http: httpx.AsyncClient | None = None
+        self.main: Upstream | None = None  # the reverse-mode target, when in reverse mode
+        self._http: httpx.AsyncClient | None = None  # whoami and health checks
+        self._forward_http: httpx.AsyncClient | None = None  # requests the router retries itself
+        self._health_task: asyncio.Task[None] | None = None
+        # client connection id -> the flow waiting for its upstream connection (mitmproxy path)
+        self._connecting: dict[str, http.HTTPFlow] = {}
 
     # --- options ---
 
@@ -65,21 +72,30 @@ class SynapseRouter:
 
     def configure(self, updated: set[str]) -> None:
         if "router_config" in updated:
-            self.engine = self._build_engine(ctx.options.router_config)
-            whoami = self.engine.config.whoami
-            if self.identity is None or self.identity.config != whoami:
-                self.identity = self._build_identity(whoami)
+            try:
+                config = self._load(ctx.options.router_config)
+            except ConfigError as e:
+                raise exceptions.OptionsError(f"router_config {ctx.options.router_config}: {e}") from e  # type: ignore[no-untyped-call]
+            self._use(config, ctx.options.router_config)
         if "mode" in updated:
-            self.main_url = _reverse_target(ctx.options.mode) or self.main_url
+            target = _reverse_target(ctx.options.mode)
+            if target is not None:
+                self.main = target
         self._enforce_options(updated)
 
     def running(self) -> None:
         self._client()
+        if self._health_task is None:
+            self._health_task = asyncio.create_task(self._check_health_forever())
 
     async def done(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        if self._health_task is not None:
+            self._health_task.cancel()
+            self._health_task = None
+        for client in (self._http, self._forward_http):
+            if client is not None:
+                await client.aclose()
+        self._http = self._forward_http = None
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
@@ -89,24 +105,61 @@ class SynapseRouter:
             )
         return self._http
 
+    def _forward_client(self) -> httpx.AsyncClient:
+        if self._forward_http is None:
+            health = self.workers.config
+            self._forward_http = forward.make_client(health.connect_timeout, read_timeout=None)
+        return self._forward_http
+
     def _build_identity(self, config: WhoamiConfig) -> IdentityResolver:
         def base_url() -> str:
-            return config.url.url if config.url else self.main_url
+            if config.url is not None:
+                return config.url.url
+            return self.main.url if self.main is not None else "http://127.0.0.1:8008"
 
         return IdentityResolver(config, whoami_over_http(self._client, base_url, config.timeout))
 
-    def _build_engine(self, path: str | None) -> Engine:
+    @staticmethod
+    def _load(path: str | None) -> RouterConfig:
         if not path:
             log.warning("synapse-router: no router_config set: every request goes to the main process")
-            return Engine(RouterConfig())
-        try:
-            config = load_config(path)
-        except ConfigError as e:
-            raise exceptions.OptionsError(f"router_config {path}: {e}") from e  # type: ignore[no-untyped-call]
+            return RouterConfig()
+        return load_config(path)
+
+    def _use(self, config: RouterConfig, path: str | None) -> None:
+        """Switch to a configuration. In-flight flows keep the decision they were given."""
+        self.engine = Engine(config)
+        self.config_path = path
+        self.trusted = TrustedProxies(config.trusted_proxies)
+        if self.identity is None or self.identity.config != config.whoami:
+            self.identity = self._build_identity(config.whoami)
+        if self.workers.config != config.health:
+            self.workers.config = config.health
+            if self._forward_http is not None:  # new connect timeout: a new client from now on
+                asyncio.get_running_loop().create_task(self._forward_http.aclose())
+                self._forward_http = None
+        self.workers.track(config.worker_urls())
         pools = ", ".join(f"{name}={len(ws)}" for name, ws in config.pools.items()) or "none"
         log.info(f"synapse-router: loaded {path}: pools {pools}, {len(config.routes)} custom route(s)")
-        self.trusted = TrustedProxies(config.trusted_proxies)
-        return Engine(config)
+
+    async def _check_health_forever(self) -> None:
+        while True:
+            config: HealthConfig = self.workers.config
+            urls = list(self.workers.workers)
+            results = await asyncio.gather(*(check_worker(self._client(), url, config) for url in urls))
+            for url, (ok, reason) in zip(urls, results, strict=True):
+                if self.workers.record_check(url, ok, reason):
+                    self._log_state(url)
+            await asyncio.sleep(config.interval)
+
+    def _log_state(self, url: str) -> None:
+        health = self.workers.workers.get(url)
+        if health is None:
+            return
+        if health.up:
+            log.info(f"synapse-router: worker {url} is UP")
+        else:
+            log.warning(f"synapse-router: worker {url} is DOWN: {health.reason}")
 
     def _enforce_options(self, updated: set[str]) -> None:
         changes: dict[str, Any] = {}
@@ -168,6 +221,84 @@ class SynapseRouter:
             decision.identity = resolution.source.value
         self._apply(flow, decision)
 
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        if not flow.metadata.get(f"{METADATA_KEY}.forward") or flow.response is not None:
+            return None
+        decision = self._decision(flow)
+        return None if decision is None else self._forward_with_retry(flow, decision)
+
+    async def _forward_with_retry(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        assert self.engine is not None
+        request = flow.request
+        headers = forward.request_headers(request.headers.fields)
+        for attempt in (1, 2):
+            upstream = decision.upstream
+            if upstream is None:  # failed over to main: mitmproxy forwards it there
+                return
+            try:
+                answer = await forward.send(self._forward_client(), upstream, request.method, request.path, headers)
+            except forward.NoResponse as e:
+                connect_failed = isinstance(e.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
+                if connect_failed and self.workers.mark_down(upstream.url, f"connect failed: {e}"):
+                    self._log_state(upstream.url)
+                if attempt == 2:
+                    flow.response = http.Response.make(502, f"synapse-router: {upstream.url} gave no response")
+                    return
+                decision = self._fail_over(flow, decision, "connect failed" if connect_failed else "no response")
+                continue
+            flow.response = http.Response(
+                http_version=b"HTTP/1.1",
+                status_code=answer.status,
+                reason=answer.reason,
+                headers=http.Headers(answer.headers),
+                content=None,
+                trailers=None,
+                timestamp_start=request.timestamp_start,
+                timestamp_end=None,
+            )
+            flow.response.raw_content = answer.body
+            return
+
+    def _fail_over(self, flow: http.HTTPFlow, failed: Decision, reason: str) -> Decision:
+        assert self.engine is not None and failed.upstream is not None
+        self.in_flight[failed.upstream.url] = max(0, self.in_flight.get(failed.upstream.url, 0) - 1)
+        decision = self.engine.failover(failed, self.workers.unusable, self.in_flight, reason)
+        log.info(f"synapse-router: {failed.route}: failover {decision.failover}")
+        self._apply(flow, decision)
+        return decision
+
+    async def server_connect(self, data: ServerConnectionHookData) -> None:
+        """Connect failover for requests mitmproxy forwards: probe the chosen worker within the
+        connect timeout, and move the connection to the next worker if it does not answer."""
+        flow = self._connecting.pop(data.client.id, None)
+        decision = self._decision(flow) if flow is not None else None
+        if flow is None or decision is None or decision.upstream is None:
+            return
+        if data.server.address != (decision.upstream.host, decision.upstream.port):
+            return
+        for attempt in (1, 2):
+            upstream = decision.upstream
+            if upstream is None:
+                break
+            error = await _probe(upstream, self.workers.config.connect_timeout)
+            if error is None:
+                return
+            if self.workers.mark_down(upstream.url, f"connect failed: {error}"):
+                self._log_state(upstream.url)
+            if attempt == 2:
+                return  # mitmproxy's own attempt fails and answers 502
+            decision = self._fail_over(flow, decision, "connect failed")
+        target = decision.upstream or self.main
+        if target is not None:
+            data.server.address = (target.host, target.port)
+
+    def server_connect_error(self, data: ServerConnectionHookData) -> None:
+        if data.server.address is None:
+            return
+        url = _url_of(self.workers.workers, data.server.address)
+        if url is not None and self.workers.mark_down(url, f"connect failed: {data.server.error}"):
+            self._log_state(url)
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         decision = self._decision(flow)
         if decision is None or flow.response is None:
@@ -217,13 +348,21 @@ class SynapseRouter:
     def _apply(self, flow: http.HTTPFlow, decision: Decision) -> None:
         request = flow.request
         upstream = decision.upstream
-        if upstream is not None:
+        target = upstream or self.main
+        if target is not None:
             host_header = request.host_header
-            request.scheme = upstream.scheme
-            request.host = upstream.host
-            request.port = upstream.port
+            request.scheme = target.scheme
+            request.host = target.host
+            request.port = target.port
             request.host_header = host_header
+        if upstream is not None:
             self.in_flight[upstream.url] = self.in_flight.get(upstream.url, 0) + 1
+            if _router_may_retry(request, decision):
+                flow.metadata[f"{METADATA_KEY}.forward"] = True
+            else:
+                self._connecting[flow.client_conn.id] = flow
+        else:
+            flow.metadata.pop(f"{METADATA_KEY}.forward", None)
         if decision.strip_accept_encoding and "accept-encoding" in request.headers:
             del request.headers["accept-encoding"]
         if decision.stream_bodies or _large_or_unknown(request, None):
@@ -241,6 +380,8 @@ class SynapseRouter:
         if decision is None:
             return
         flow.metadata[METADATA_KEY] = decision.as_dict()  # plain data: saved flows serialise it
+        if self._connecting.get(flow.client_conn.id) is flow:
+            del self._connecting[flow.client_conn.id]
         if decision.upstream is not None:
             url = decision.upstream.url
             self.in_flight[url] = max(0, self.in_flight.get(url, 0) - 1)
@@ -268,13 +409,50 @@ def _balance_key(
     return None, "none"
 
 
-def _reverse_target(modes: list[str]) -> str | None:
+def _reverse_target(modes: Sequence[str]) -> Upstream | None:
     for spec in modes:
         mode = ProxyMode.parse(spec)
         if isinstance(mode, ReverseMode):
             host, port = mode.address
             shown = f"[{host}]" if ":" in host else host
-            return f"{mode.scheme if mode.scheme in ('http', 'https') else 'http'}://{shown}:{port}"
+            scheme = mode.scheme if mode.scheme in ("http", "https") else "http"
+            return parse_upstream_url(f"{scheme}://{shown}:{port}")
+    return None
+
+
+def _router_may_retry(request: http.Request, decision: Decision) -> bool:
+    """Sync-family requests (the long-polls in flight when a worker dies) that are safe to
+    resend: idempotent and bodiless. The router sends these itself so it can retry them."""
+    return (
+        decision.matched is not None
+        and decision.matched.balance is Balance.USER
+        and request.method in forward.RETRYABLE_METHODS
+        and "transfer-encoding" not in request.headers
+        and request.headers.get("content-length", "0") == "0"
+    )
+
+
+async def _probe(upstream: Upstream, timeout: float) -> str | None:
+    """None if a TCP connection to the worker opens within the timeout, else why not."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(upstream.host, upstream.port), timeout)
+    except TimeoutError:
+        return f"no connection within {timeout:g}s"
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+    return None
+
+
+def _url_of(workers: dict[str, Any], address: tuple[str, int]) -> str | None:
+    for url in workers:
+        upstream = parse_upstream_url(url)
+        if (upstream.host, upstream.port) == (address[0], address[1]):
+            return url
     return None
 
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .health import HealthConfig
 from .routes import MAIN, Balance, Route, RouteTable
 
 KeyPath = tuple[str | int, ...]
@@ -87,6 +88,10 @@ class RouterConfig:
     routes: tuple[Route, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = ()
     whoami: WhoamiConfig = WhoamiConfig()
+    health: HealthConfig = HealthConfig()
+
+    def worker_urls(self) -> set[str]:
+        return {w.url for workers in self.pools.values() for w in workers}
 
     def table(self) -> RouteTable:
         return RouteTable(self.routes)
@@ -284,7 +289,33 @@ def _parse_whoami(doc: _Doc, raw: Any) -> WhoamiConfig:
     )
 
 
-_TOP_KEYS = frozenset({"workers", "routes", "trusted_proxies", "whoami"})
+_HEALTH_KEYS = frozenset({"path", "interval", "timeout", "fall", "rise", "connect_timeout"})
+
+
+def _parse_health(doc: _Doc, raw: Any) -> HealthConfig:
+    entry = _mapping(doc, raw, ("health",), _HEALTH_KEYS)
+    d = HealthConfig()
+    path = entry.get("path", d.path)
+    if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in " ?#"):
+        raise doc.error(("health", "path"), f"expected an absolute path like /health, got {path!r}")
+
+    def seconds(key: str, default: float) -> float:
+        return float(_number(doc, entry.get(key, default), ("health", key), minimum=0.01))
+
+    def count(key: str, default: int) -> int:
+        return int(_number(doc, entry.get(key, default), ("health", key), minimum=1, integer=True))
+
+    return HealthConfig(
+        path=path,
+        interval=seconds("interval", d.interval),
+        timeout=seconds("timeout", d.timeout),
+        fall=count("fall", d.fall),
+        rise=count("rise", d.rise),
+        connect_timeout=seconds("connect_timeout", d.connect_timeout),
+    )
+
+
+_TOP_KEYS = frozenset({"workers", "routes", "trusted_proxies", "whoami", "health"})
 
 
 def parse_config(text: str) -> RouterConfig:
@@ -297,6 +328,7 @@ def parse_config(text: str) -> RouterConfig:
         routes=_parse_routes(doc, top.get("routes"), pools),
         trusted_proxies=_parse_trusted(doc, top.get("trusted_proxies")),
         whoami=_parse_whoami(doc, top.get("whoami")),
+        health=_parse_health(doc, top.get("health")),
     )
     try:
         config.table()

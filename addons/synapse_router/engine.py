@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
 from .config import RouterConfig, Upstream
@@ -18,8 +18,12 @@ class Decision:
     key_kind: str  # what the balance key was: user, token, room, ip, none
     fallbacks: list[str] = field(default_factory=list)  # pools passed over, with why
     identity: str = ""  # how the user was known: cache, whoami, negative, unresolved
+    failover: str = ""  # "<worker> -> <worker>: <why>" when the first choice failed
     strip_accept_encoding: bool = False
     stream_bodies: bool = False
+    # To choose again after a failure: the route and key (in memory only, never shown).
+    matched: Route | None = field(default=None, repr=False)
+    key: str | None = field(default=None, repr=False)
 
     @property
     def worker(self) -> str:
@@ -33,6 +37,8 @@ class Decision:
         text += "]"
         if self.fallbacks:
             text += " fallback: " + ", ".join(self.fallbacks)
+        if self.failover:
+            text += f" FAILOVER {self.failover}"
         return text
 
     def as_dict(self) -> dict[str, object]:
@@ -43,6 +49,7 @@ class Decision:
             "key_kind": self.key_kind,
             "identity": self.identity,
             "fallbacks": list(self.fallbacks),
+            "failover": self.failover,
         }
 
 
@@ -80,6 +87,8 @@ class Engine:
             key_kind,
             strip_accept_encoding=route.strip_accept_encoding,
             stream_bodies=route.stream_bodies,
+            matched=route,
+            key=key,
         )
         for name in route.pools:
             pool = self.pools.get(name)
@@ -91,3 +100,14 @@ class Engine:
                 return decision
             decision.fallbacks.append(f"{name}:no usable worker")
         return decision
+
+    def failover(
+        self, failed: Decision, unusable: Set[str], in_flight: Mapping[str, int], reason: str
+    ) -> Decision:
+        """Choose again for a request whose worker failed: the same route and key, without it.
+        With rendezvous balancing this is the key's next-highest-scoring worker."""
+        assert failed.upstream is not None
+        again = self.select(failed.matched, failed.key, failed.key_kind, unusable | {failed.upstream.url}, in_flight)
+        again.identity = failed.identity
+        again.failover = f"{failed.upstream.url} -> {again.worker}: {reason}"
+        return again

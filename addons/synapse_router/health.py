@@ -1,13 +1,107 @@
-"""Which workers may take requests: health (up/down) and operator drain, keyed by worker URL."""
+"""Which workers may take requests: health (up/down) and operator drain, keyed by worker URL.
+
+Active checks count consecutive results: `fall` failures take a worker down, `rise` successes
+bring it back. A passive failure (a refused, reset or timed-out connection) takes it down at
+once; only active checks bring it back, so a flapping worker is not retried blindly.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import httpx
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    path: str = "/health"
+    interval: float = 5.0  # seconds between active checks of a worker
+    timeout: float = 2.0  # seconds an active check may take
+    fall: int = 2  # consecutive failed checks that take a worker down
+    rise: int = 2  # consecutive good checks that bring it back
+    connect_timeout: float = 2.0  # seconds to connect to a worker before failing over
+
+
+@dataclass(slots=True)
+class WorkerHealth:
+    up: bool = True  # optimistic at start: checks begin at once
+    drained: bool = False
+    failures: int = 0
+    successes: int = 0
+    reason: str = ""  # why it is down
+    changed_at: float = 0.0
+
 
 class WorkerStates:
-    def __init__(self) -> None:
-        self.down: set[str] = set()
-        self.drained: set[str] = set()
+    def __init__(self, config: HealthConfig = HealthConfig(), clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock
+        self.workers: dict[str, WorkerHealth] = {}
         self.unusable: frozenset[str] = frozenset()  # down or drained: what routing skips
 
-    def _changed(self) -> None:
-        self.unusable = frozenset(self.down | self.drained)
+    def track(self, urls: Iterable[str]) -> None:
+        """Follow exactly these workers, keeping the state of those already known."""
+        wanted = set(urls)
+        self.workers = {u: self.workers.get(u) or WorkerHealth(changed_at=self._clock()) for u in sorted(wanted)}
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.unusable = frozenset(u for u, h in self.workers.items() if not h.up or h.drained)
+
+    def record_check(self, url: str, ok: bool, reason: str = "") -> bool:
+        """An active check's result; True when the worker changed state."""
+        health = self.workers.get(url)
+        if health is None:
+            return False
+        if ok:
+            health.failures = 0
+            health.successes += 1
+            if not health.up and health.successes >= self.config.rise:
+                return self._set(health, up=True, reason="")
+        else:
+            health.successes = 0
+            health.failures += 1
+            if health.up and health.failures >= self.config.fall:
+                return self._set(health, up=False, reason=reason)
+        return False
+
+    def mark_down(self, url: str, reason: str) -> bool:
+        """A passive failure: down at once. True when the worker changed state."""
+        health = self.workers.get(url)
+        if health is None:
+            return False
+        health.successes = 0
+        return health.up and self._set(health, up=False, reason=reason)
+
+    def set_drained(self, url: str, drained: bool) -> bool:
+        health = self.workers.get(url)
+        if health is None:
+            raise KeyError(url)
+        if health.drained == drained:
+            return False
+        health.drained = drained
+        health.changed_at = self._clock()
+        self._refresh()
+        return True
+
+    def _set(self, health: WorkerHealth, up: bool, reason: str) -> bool:
+        health.up = up
+        health.reason = reason
+        health.changed_at = self._clock()
+        self._refresh()
+        return True
+
+
+async def check_worker(client: httpx.AsyncClient, url: str, config: HealthConfig) -> tuple[bool, str]:
+    """One active check: GET <url><path> must answer 200 within the timeout."""
+    try:
+        response = await client.get(url + config.path, timeout=config.timeout)
+    except httpx.TimeoutException:
+        return False, "health check timed out"
+    except httpx.HTTPError as e:
+        return False, f"health check failed: {type(e).__name__}"
+    if response.status_code != 200:
+        return False, f"health check answered {response.status_code}"
+    return True, ""

@@ -1,0 +1,1065 @@
+#!/usr/bin/env python3.12
+"""A real Synapse deployment on loopback (main + 3 generic workers, PostgreSQL, Redis).
+
+For the end-to-end tests, the demo and the benchmarks. Standard library only.
+
+    python3.12 scripts/synapse_deploy.py up            [--state-dir DIR] [--timeout S]
+    python3.12 scripts/synapse_deploy.py status        [--state-dir DIR]
+    python3.12 scripts/synapse_deploy.py down          [--state-dir DIR]
+    python3.12 scripts/synapse_deploy.py stop-worker  generic2 [--state-dir DIR]
+    python3.12 scripts/synapse_deploy.py start-worker generic2 [--state-dir DIR] [--timeout S]
+
+`up` installs what is missing (Debian's postgresql and redis-server through apt-get, without
+letting the packages start their default instances; a virtualenv STATE/venv with Synapse and
+psycopg2-binary from PyPI), creates a private PostgreSQL cluster and a private Redis, writes the
+Synapse configuration, starts everything that is not already running, waits until every listener
+answers `GET /health` with 200, and prints ONE line of JSON on stdout (progress goes to stderr):
+
+    {"server_name": "test.local", "main": "http://127.0.0.1:18008",
+     "replication": "http://127.0.0.1:18093",
+     "workers": {"generic1": "http://127.0.0.1:18081", "generic2": ..., "generic3": ...},
+     "registration_shared_secret": "...",
+     "postgres": {"host", "port", "database", "user", "password", "dsn", "data_dir", "log"},
+     "redis": {"host", "port", "log"},
+     "logs": {"main": ".../logs/main.log", "generic1": ..., ...},   # Synapse processes only
+     "pids": {"main": 123, "generic1": ..., "postgres": ..., "redis": ...},
+     "synapse_version": "1.163.2", "python": ".../venv/bin/python", "state_dir": "..."}
+
+`up` is idempotent (a second `up` only re-checks and re-prints the JSON). `status` prints the
+same JSON and exits 0 when every process is running and healthy, else exits 1 and says on
+stderr what is down. `down` stops exactly the processes whose pid files are in STATE/pids
+(SIGTERM, wait, SIGKILL; PostgreSQL with `pg_ctl stop -m fast`), never anything by name.
+`stop-worker NAME` stops one worker; `start-worker NAME` starts it again, waits for its
+/health and prints the JSON.
+
+Ports (loopback only) derive from SYNAPSE_DEPLOY_BASE_PORT (default 18000):
+
+    main client+federation  base + 8     18008
+    main replication        base + 93    18093
+    generic1..3             base + 81..83  18081..18083
+    PostgreSQL              base - 2568  15432
+    Redis                   base - 1621  16379
+
+The ports of a running deployment are kept in STATE/ports.json, so `status`, `down` and the
+worker commands work whatever the environment says; a change of base takes effect at the next
+`up` after `down`.
+
+State directory (default `.synapse-deploy/` at the repository root):
+
+    secrets.json ports.json homeserver.yaml workers/<name>.yaml log_config/<name>.yaml
+    keys/ media_store/ venv/ pg/data (owned by the `postgres` user when run as root)
+    pgsock/ redis/ pids/<name>.pid logs/<name>.log (Synapse's own log, incl. access lines)
+    logs/<name>.stdout (stdout/stderr) logs/postgres.log logs/redis.log
+
+Synapse's access log lines (logger `synapse.access.http.<port>`, INFO) name the user:
+`... - {@alice:test.local} Processed request: ... 200 "GET /_matrix/client/v3/sync?... HTTP/1.1" ...`
+
+Environment: SYNAPSE_DEPLOY_BASE_PORT, SYNAPSE_DEPLOY_SYNAPSE_SPEC (pip requirement for Synapse,
+default `matrix-synapse[redis]>=1.163`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import glob
+import json
+import os
+import pwd
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_NAME = "test.local"
+HOST = "127.0.0.1"
+WORKER_NAMES = ("generic1", "generic2", "generic3")
+SYNAPSE_NAMES = ("main", *WORKER_NAMES)
+DEFAULT_BASE_PORT = 18000
+DEFAULT_TIMEOUT = 120.0
+DEFAULT_SYNAPSE_SPEC = "matrix-synapse[redis]>=1.163"
+# psycopg2-binary instead of Synapse's `postgres` extra: that extra pulls the source package
+# psycopg2, which compiles against libpq-dev. Synapse only imports the `psycopg2` module.
+EXTRA_PACKAGES = ("psycopg2-binary",)
+PG_DB = "synapse"
+PG_USER = "synapse"
+PG_OS_USER = "postgres"
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+SOCKET_PATH_MAX = 107
+
+
+class DeployError(Exception):
+    """A failure with a message meant for the person running the script."""
+
+
+def say(message: str) -> None:
+    print(f"[synapse-deploy] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- layout and ports
+
+
+@dataclass(frozen=True)
+class Ports:
+    main: int
+    replication: int
+    workers: tuple[tuple[str, int], ...]
+    postgres: int
+    redis: int
+
+    @classmethod
+    def from_base(cls, base: int) -> Ports:
+        ports = cls(
+            main=base + 8,
+            replication=base + 93,
+            workers=tuple((name, base + 81 + i) for i, name in enumerate(WORKER_NAMES)),
+            postgres=base - 2568,
+            redis=base - 1621,
+        )
+        for port in ports.all():
+            if not 1024 <= port <= 65535:
+                raise DeployError(f"SYNAPSE_DEPLOY_BASE_PORT={base} gives port {port}, outside 1024..65535")
+        return ports
+
+    def worker(self, name: str) -> int:
+        return dict(self.workers)[name]
+
+    def all(self) -> list[int]:
+        return [self.main, self.replication, *(p for _, p in self.workers), self.postgres, self.redis]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "main": self.main,
+            "replication": self.replication,
+            "workers": dict(self.workers),
+            "postgres": self.postgres,
+            "redis": self.redis,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Ports:
+        return cls(
+            main=int(data["main"]),
+            replication=int(data["replication"]),
+            workers=tuple((name, int(data["workers"][name])) for name in WORKER_NAMES),
+            postgres=int(data["postgres"]),
+            redis=int(data["redis"]),
+        )
+
+
+@dataclass(frozen=True)
+class Layout:
+    state: Path
+
+    @property
+    def venv(self) -> Path:
+        return self.state / "venv"
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+    @property
+    def homeserver_yaml(self) -> Path:
+        return self.state / "homeserver.yaml"
+
+    def worker_yaml(self, name: str) -> Path:
+        return self.state / "workers" / f"{name}.yaml"
+
+    def log_config(self, name: str) -> Path:
+        return self.state / "log_config" / f"{name}.yaml"
+
+    def log(self, name: str) -> Path:
+        return self.state / "logs" / f"{name}.log"
+
+    def stdout(self, name: str) -> Path:
+        return self.state / "logs" / f"{name}.stdout"
+
+    def pid_file(self, name: str) -> Path:
+        return self.state / "pids" / f"{name}.pid"
+
+    @property
+    def pg_root(self) -> Path:
+        return self.state / "pg"
+
+    @property
+    def pg_data(self) -> Path:
+        return self.pg_root / "data"
+
+    @property
+    def pg_sock(self) -> Path:
+        return self.state / "pgsock"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.state / "redis"
+
+    @property
+    def media(self) -> Path:
+        return self.state / "media_store"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.state / "keys" / f"{SERVER_NAME}.signing.key"
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.state / "secrets.json"
+
+    @property
+    def ports_file(self) -> Path:
+        return self.state / "ports.json"
+
+    @property
+    def version_file(self) -> Path:
+        return self.state / "synapse_version"
+
+
+@dataclass(frozen=True)
+class Secrets:
+    registration_shared_secret: str
+    macaroon_secret_key: str
+    form_secret: str
+    pg_password: str
+    pg_superuser_password: str
+
+
+def load_secrets(layout: Layout) -> Secrets:
+    path = layout.secrets_file
+    fields = list(Secrets.__dataclass_fields__)
+    data: dict[str, str] = {}
+    if path.exists():
+        data = json.loads(path.read_text())
+    if not all(isinstance(data.get(k), str) and data[k] for k in fields):
+        data = {k: data.get(k) or secrets.token_urlsafe(32) for k in fields}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+    return Secrets(**{k: data[k] for k in fields})
+
+
+def base_port_from_env() -> int:
+    raw = os.environ.get("SYNAPSE_DEPLOY_BASE_PORT", "").strip()
+    if not raw:
+        return DEFAULT_BASE_PORT
+    try:
+        return int(raw)
+    except ValueError:
+        raise DeployError(f"SYNAPSE_DEPLOY_BASE_PORT={raw!r} is not an integer") from None
+
+
+def saved_ports(layout: Layout) -> Ports | None:
+    try:
+        return Ports.from_json(json.loads(layout.ports_file.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_ports(layout: Layout, ports: Ports) -> None:
+    layout.ports_file.write_text(json.dumps(ports.to_json(), indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def state_lock(layout: Layout) -> Iterator[None]:
+    """Serialise concurrent invocations on one state directory (e.g. parallel test sessions)."""
+    layout.state.mkdir(parents=True, exist_ok=True)
+    with open(layout.state / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie (PID 1 here may not reap orphans)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state not in ("Z", "X")
+
+
+def pid_is_ours(pid: int, layout: Layout) -> bool:
+    """Every process we start runs with its working directory inside the state directory
+    (Synapse: STATE, PostgreSQL: its data dir, Redis: STATE/redis). A pid reused by any other
+    process fails this test, so we never signal a stranger."""
+    try:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return False
+    state = layout.state.resolve()
+    return cwd == state or state in cwd.parents
+
+
+def read_pid(layout: Layout, name: str) -> int | None:
+    try:
+        return int(layout.pid_file(name).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def running_pid(layout: Layout, name: str) -> int | None:
+    pid = read_pid(layout, name)
+    if pid is not None and pid_alive(pid) and pid_is_ours(pid, layout):
+        return pid
+    return None
+
+
+def write_pid(layout: Layout, name: str, pid: int) -> None:
+    layout.pid_file(name).write_text(f"{pid}\n")
+
+
+def signal_and_wait(targets: Sequence[tuple[str, int]], timeout: float = 30.0) -> None:
+    """SIGTERM every target, wait up to `timeout` for all, then SIGKILL the rest."""
+    for name, pid in targets:
+        say(f"stopping {name} (pid {pid})")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    remaining = list(targets)
+    while remaining and time.monotonic() < deadline:
+        time.sleep(0.1)
+        remaining = [(n, p) for n, p in remaining if pid_alive(p)]
+    for name, pid in remaining:
+        say(f"{name} (pid {pid}) ignored SIGTERM for {timeout:.0f}s: SIGKILL")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for _, p in remaining) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def spawn(layout: Layout, name: str, argv: Sequence[str], cwd: Path) -> int:
+    """Start a detached process (own session), stdout+stderr to logs/<name>.stdout."""
+    with open(layout.stdout(name), "ab") as out:
+        out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {shlex.join(argv)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    write_pid(layout, name, proc.pid)
+    return proc.pid
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"({path} not readable)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def failure_report(layout: Layout, name: str, extra: Sequence[Path] = ()) -> str:
+    parts = []
+    for path in (layout.log(name), layout.stdout(name), *extra):
+        if path.exists():
+            parts.append(f"---- last lines of {path}:\n{tail(path)}")
+    return "\n".join(parts)
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
+def wait_healthy(layout: Layout, targets: Mapping[str, Sequence[str]], deadline: float) -> None:
+    """Wait until every URL of every process answers 200; fail fast if a process dies."""
+    pending = {name: list(urls) for name, urls in targets.items()}
+    while pending:
+        for name in list(pending):
+            pid = read_pid(layout, name)
+            if pid is None or not pid_alive(pid):
+                raise DeployError(f"{name} exited during start-up\n{failure_report(layout, name)}")
+            pending[name] = [u for u in pending[name] if not http_ok(u, timeout=1.0)]
+            if not pending[name]:
+                del pending[name]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            name = next(iter(pending))
+            raise DeployError(
+                f"{name} did not answer {pending[name][0]} with 200 in time\n{failure_report(layout, name)}"
+            )
+        time.sleep(0.25)
+
+
+# --------------------------------------------------------------------------- system packages
+
+
+def pg_bindir() -> Path | None:
+    candidates = sorted(
+        (Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
+    if candidates:
+        return candidates[-1]
+    found = shutil.which("pg_ctl")
+    return Path(found).resolve().parent if found else None
+
+
+def redis_server_bin() -> Path | None:
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+    return Path(found) if found else None
+
+
+def ensure_system_packages() -> tuple[Path, Path]:
+    missing = []
+    bindir = pg_bindir()
+    if bindir is None or not (bindir / "initdb").exists():
+        missing.append("postgresql")
+    if redis_server_bin() is None:
+        missing.append("redis-server")
+    if missing:
+        if not is_root():
+            raise DeployError(f"missing Debian packages {missing}; install them (as root) and retry")
+        say(f"apt-get install {' '.join(missing)} (their default services are kept from starting)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        created_policy = False
+        if not POLICY_RC_D.exists():
+            POLICY_RC_D.write_text("#!/bin/sh\n# written by synapse_deploy.py during apt-get install\nexit 101\n")
+            POLICY_RC_D.chmod(0o755)
+            created_policy = True
+        try:
+            subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=sys.stderr)
+            subprocess.run(
+                ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+                check=True,
+                env=env,
+                stdout=sys.stderr,
+            )
+        except subprocess.CalledProcessError as e:
+            raise DeployError(f"apt-get failed: {e}") from None
+        finally:
+            if created_policy:
+                POLICY_RC_D.unlink(missing_ok=True)
+    bindir, redis = pg_bindir(), redis_server_bin()
+    if bindir is None or redis is None:
+        raise DeployError("postgresql or redis-server still missing after apt-get install")
+    return bindir, redis
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def pg_os_user() -> pwd.struct_passwd | None:
+    """initdb refuses root: as root, the cluster belongs to the `postgres` OS user."""
+    if not is_root():
+        return None
+    try:
+        return pwd.getpwnam(PG_OS_USER)
+    except KeyError:
+        raise DeployError(
+            f"running as root needs the OS user {PG_OS_USER!r} (created by Debian's postgresql)"
+        ) from None
+
+
+def run_as_pg(argv: Sequence[str], check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    user = pg_os_user()
+    extra: dict[str, Any] = {}
+    if user is not None:
+        extra = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        kwargs.setdefault("env", {**os.environ, "HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name})
+    kwargs.setdefault("cwd", "/")
+    result = subprocess.run(list(argv), text=True, capture_output=True, **extra, **kwargs)
+    if check and result.returncode != 0:
+        raise DeployError(f"{shlex.join(argv)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+    return result
+
+
+def chown_to_pg(path: Path) -> None:
+    user = pg_os_user()
+    if user is not None:
+        os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def ensure_pg_cluster(layout: Layout, bindir: Path, sec: Secrets) -> None:
+    if (layout.pg_data / "PG_VERSION").exists():
+        return
+    say(f"initdb {layout.pg_data}")
+    layout.pg_root.mkdir(mode=0o700, exist_ok=True)
+    chown_to_pg(layout.pg_root)
+    if layout.pg_data.exists():  # a half-made cluster from an interrupted run
+        shutil.rmtree(layout.pg_data)
+    pwfile = layout.pg_root / "pwfile"
+    pwfile.write_text(sec.pg_superuser_password + "\n")
+    pwfile.chmod(0o600)
+    chown_to_pg(pwfile)
+    try:
+        run_as_pg(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(layout.pg_data),
+                "-U",
+                "postgres",
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "--locale=C",
+                "--encoding=UTF8",
+            ]
+        )
+    finally:
+        pwfile.unlink(missing_ok=True)
+
+
+def pg_socket_dir(layout: Layout, port: int) -> str:
+    """The unix socket lives in STATE/pgsock unless that path is too long for a socket."""
+    if len(f"{layout.pg_sock}/.s.PGSQL.{port}") > SOCKET_PATH_MAX:
+        return ""
+    return str(layout.pg_sock)
+
+
+def start_postgres(layout: Layout, bindir: Path, ports: Ports) -> None:
+    if running_pid(layout, "postgres"):
+        return
+    if port_in_use(ports.postgres):
+        raise DeployError(f"port {ports.postgres} (PostgreSQL) is already taken by a process we did not start")
+    layout.pg_sock.mkdir(exist_ok=True)
+    chown_to_pg(layout.pg_sock)
+    log = layout.state / "logs" / "postgres.log"
+    log.touch()
+    chown_to_pg(log)
+    stale = layout.pg_data / "postmaster.pid"
+    if stale.exists():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            old = int(stale.read_text().split()[0])
+            if not (pid_alive(old) and pid_is_ours(old, layout)):
+                stale.unlink()
+    settings = {
+        "port": str(ports.postgres),
+        "listen_addresses": HOST,
+        "unix_socket_directories": pg_socket_dir(layout, ports.postgres),
+        "max_connections": "200",
+        # A throwaway test database: durability buys nothing here.
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "full_page_writes": "off",
+    }
+    options = " ".join(f"-c {shlex.quote(f'{k}={v}')}" for k, v in settings.items())
+    say(f"starting PostgreSQL on {HOST}:{ports.postgres}")
+    run_as_pg(
+        [str(bindir / "pg_ctl"), "-D", str(layout.pg_data), "-l", str(log), "-w", "-t", "60", "-o", options, "start"],
+        cwd=str(layout.pg_root),
+    )
+    try:
+        pid = int((layout.pg_data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        raise DeployError(f"PostgreSQL started but wrote no postmaster.pid\n{tail(log)}") from None
+    write_pid(layout, "postgres", pid)
+
+
+def psql(bindir: Path, ports: Ports, sec: Secrets, sql: str) -> str:
+    env = {**os.environ, "PGPASSWORD": sec.pg_superuser_password, "PGCONNECT_TIMEOUT": "5"}
+    argv = [str(bindir / "psql"), "-h", HOST, "-p", str(ports.postgres), "-U", "postgres", "-d", "postgres"]
+    argv += ["-v", "ON_ERROR_STOP=1", "-tAc", sql]
+    result = subprocess.run(argv, env=env, text=True, capture_output=True, cwd="/")
+    if result.returncode != 0:
+        raise DeployError(f"psql failed on {sql!r}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def ensure_pg_database(bindir: Path, ports: Ports, sec: Secrets) -> None:
+    if psql(bindir, ports, sec, f"SELECT 1 FROM pg_roles WHERE rolname = {sql_literal(PG_USER)}") != "1":
+        say(f"creating PostgreSQL role {PG_USER}")
+        psql(bindir, ports, sec, f"CREATE ROLE {PG_USER} LOGIN PASSWORD {sql_literal(sec.pg_password)}")
+    if psql(bindir, ports, sec, f"SELECT 1 FROM pg_database WHERE datname = {sql_literal(PG_DB)}") != "1":
+        say(f"creating database {PG_DB} (UTF8, C collation)")
+        psql(
+            bindir,
+            ports,
+            sec,
+            f"CREATE DATABASE {PG_DB} OWNER {PG_USER} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        )
+
+
+def stop_postgres(layout: Layout, bindir: Path | None) -> None:
+    pid = running_pid(layout, "postgres")
+    if pid is not None and bindir is not None:
+        say(f"stopping PostgreSQL (pid {pid}): pg_ctl stop -m fast")
+        result = run_as_pg(
+            [str(bindir / "pg_ctl"), "-D", str(layout.pg_data), "-m", "fast", "-w", "-t", "60", "stop"],
+            check=False,
+            cwd=str(layout.pg_root),
+        )
+        if result.returncode != 0:
+            say(f"pg_ctl stop failed: {result.stderr.strip()}")
+    if pid is not None and pid_alive(pid):
+        signal_and_wait([("postgres", pid)])
+    layout.pid_file("postgres").unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+def redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1.0) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(layout: Layout, redis: Path, ports: Ports, deadline: float) -> None:
+    if running_pid(layout, "redis"):
+        return
+    if port_in_use(ports.redis):
+        raise DeployError(f"port {ports.redis} (Redis) is already taken by a process we did not start")
+    layout.redis_dir.mkdir(exist_ok=True)
+    say(f"starting Redis on {HOST}:{ports.redis}")
+    argv = [str(redis), "--bind", HOST, "--port", str(ports.redis), "--protected-mode", "yes"]
+    argv += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(layout.redis_dir)]
+    argv += ["--logfile", str(layout.state / "logs" / "redis.log")]
+    spawn(layout, "redis", argv, cwd=layout.redis_dir)
+    while not redis_ping(ports.redis):
+        pid = read_pid(layout, "redis")
+        if pid is None or not pid_alive(pid) or time.monotonic() > deadline:
+            raise DeployError(
+                "Redis did not start\n" + failure_report(layout, "redis", [layout.state / "logs" / "redis.log"])
+            )
+        time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- Synapse
+
+
+def find_python312() -> str:
+    """The interpreter for STATE/venv: this one if it is >= 3.12, else the first python3.12 found."""
+    candidates = [sys.executable, shutil.which("python3.12"), shutil.which("python3.13")]
+    candidates += sorted(glob.glob("/root/.pyenv/versions/3.1[2-9]*/bin/python3.1[2-9]"))
+    probe = "import sys; sys.exit(sys.version_info < (3, 12))"
+    for candidate in candidates:
+        if candidate and subprocess.run([candidate, "-c", probe], capture_output=True).returncode == 0:
+            return candidate
+    raise DeployError("Python >= 3.12 not found for the Synapse virtualenv")
+
+
+def venv_has_synapse(layout: Layout) -> bool:
+    if not layout.python.exists():
+        return False
+    probe = "import synapse.app.homeserver, psycopg2, txredisapi, hiredis"
+    return subprocess.run([str(layout.python), "-c", probe], capture_output=True).returncode == 0
+
+
+def ensure_venv(layout: Layout) -> str:
+    if not venv_has_synapse(layout):
+        if not layout.python.exists():
+            say(f"creating virtualenv {layout.venv}")
+            subprocess.run([find_python312(), "-m", "venv", str(layout.venv)], check=True, stdout=sys.stderr)
+        spec = os.environ.get("SYNAPSE_DEPLOY_SYNAPSE_SPEC", DEFAULT_SYNAPSE_SPEC)
+        say(f"pip install {spec} {' '.join(EXTRA_PACKAGES)} (about a minute)")
+        try:
+            subprocess.run(
+                [str(layout.python), "-m", "pip", "install", "-q", spec, *EXTRA_PACKAGES],
+                check=True,
+                stdout=sys.stderr,
+            )
+        except subprocess.CalledProcessError as e:
+            raise DeployError(f"pip install failed: {e}") from None
+        layout.version_file.unlink(missing_ok=True)
+        if not venv_has_synapse(layout):
+            raise DeployError(f"{layout.venv} still cannot import Synapse after pip install")
+    if not layout.version_file.exists():
+        version = subprocess.run(
+            [str(layout.python), "-c", "import importlib.metadata as m; print(m.version('matrix-synapse'))"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        layout.version_file.write_text(version + "\n")
+    return layout.version_file.read_text().strip()
+
+
+def ratelimit(per_second: float = 10000, burst_count: int = 100000) -> dict[str, float]:
+    return {"per_second": per_second, "burst_count": burst_count}
+
+
+def http_listener(port: int, resources: list[str]) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "port": port,
+        "bind_addresses": [HOST],
+        "tls": False,
+        "x_forwarded": True,
+        "resources": [{"names": resources, "compress": False}],
+    }
+
+
+def homeserver_config(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, Any]:
+    return {
+        "server_name": SERVER_NAME,
+        "public_baseurl": f"http://{HOST}:{ports.main}/",
+        "report_stats": False,
+        "signing_key_path": str(layout.signing_key),
+        "suppress_key_server_warning": True,
+        "trusted_key_servers": [],
+        "media_store_path": str(layout.media),
+        "max_upload_size": "300M",
+        "enable_registration": False,
+        "registration_shared_secret": sec.registration_shared_secret,
+        "macaroon_secret_key": sec.macaroon_secret_key,
+        "form_secret": sec.form_secret,
+        "log_config": str(layout.log_config("main")),
+        "enable_metrics": False,
+        "url_preview_enabled": False,
+        "listeners": [
+            http_listener(ports.main, ["client", "federation"]),
+            http_listener(ports.replication, ["replication"]),
+        ],
+        "database": {
+            "name": "psycopg2",
+            "args": {
+                "user": PG_USER,
+                "password": sec.pg_password,
+                "dbname": PG_DB,
+                "host": HOST,
+                "port": ports.postgres,
+                "cp_min": 1,
+                "cp_max": 10,
+            },
+        },
+        "redis": {"enabled": True, "host": HOST, "port": ports.redis},
+        "instance_map": {"main": {"host": HOST, "port": ports.replication}},
+        # Tests make dozens of users and hundreds of requests: no 429s.
+        "rc_message": ratelimit(),
+        "rc_registration": ratelimit(),
+        "rc_registration_token_validity": ratelimit(),
+        "rc_login": {"address": ratelimit(), "account": ratelimit(), "failed_attempts": ratelimit()},
+        "rc_joins": {"local": ratelimit(), "remote": ratelimit()},
+        "rc_joins_per_room": ratelimit(),
+        "rc_invites": {"per_room": ratelimit(), "per_user": ratelimit(), "per_issuer": ratelimit()},
+        "rc_third_party_invite": ratelimit(),
+        "rc_3pid_validation": ratelimit(),
+        "rc_admin_redaction": ratelimit(),
+        "rc_room_creation": ratelimit(),
+        "rc_presence": {"per_user": ratelimit()},
+        "rc_delayed_event_mgmt": ratelimit(),
+        "rc_media_create": ratelimit(),
+        "rc_key_requests": ratelimit(),
+        "rc_reports": ratelimit(),
+        "rc_user_directory": ratelimit(),
+        "rc_profile": ratelimit(),
+        "rc_federation": {
+            "window_size": 1000,
+            "sleep_limit": 10000,
+            "sleep_delay": 0,
+            "reject_limit": 100000,
+            "concurrent": 1000,
+        },
+    }
+
+
+def worker_config(layout: Layout, ports: Ports, name: str) -> dict[str, Any]:
+    return {
+        "worker_app": "synapse.app.generic_worker",
+        "worker_name": name,
+        "worker_listeners": [http_listener(ports.worker(name), ["client", "federation"])],
+        "worker_log_config": str(layout.log_config(name)),
+    }
+
+
+def log_config(layout: Layout, name: str) -> dict[str, Any]:
+    # A plain FileHandler (no buffering), so an access line is on disk when the response is.
+    return {
+        "version": 1,
+        "formatters": {
+            "precise": {"format": "%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - %(request)s - %(message)s"}
+        },
+        "handlers": {
+            "file": {
+                "class": "logging.FileHandler",
+                "formatter": "precise",
+                "filename": str(layout.log(name)),
+                "encoding": "utf8",
+            }
+        },
+        "loggers": {
+            "synapse": {"level": "INFO"},
+            "synapse.access.http": {"level": "INFO"},
+            "synapse.storage.SQL": {"level": "WARNING"},
+            "twisted": {"level": "WARNING"},
+        },
+        "root": {"level": "INFO", "handlers": ["file"]},
+        "disable_existing_loggers": False,
+    }
+
+
+def write_json_yaml(path: Path, data: Mapping[str, Any], mode: int = 0o644) -> None:
+    """YAML is a superset of JSON: the configuration files are written as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write("# Written by scripts/synapse_deploy.py on every `up`; edits are overwritten.\n")
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.chmod(path, mode)
+
+
+def write_synapse_configs(layout: Layout, ports: Ports, sec: Secrets) -> None:
+    write_json_yaml(layout.homeserver_yaml, homeserver_config(layout, ports, sec), mode=0o600)
+    for name in WORKER_NAMES:
+        write_json_yaml(layout.worker_yaml(name), worker_config(layout, ports, name))
+    for name in SYNAPSE_NAMES:
+        write_json_yaml(layout.log_config(name), log_config(layout, name))
+
+
+def ensure_signing_key(layout: Layout) -> None:
+    if layout.signing_key.exists():
+        return
+    say("generating the signing key")
+    layout.signing_key.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [str(layout.python), "-m", "synapse.app.homeserver", "-c", str(layout.homeserver_yaml), "--generate-keys"],
+        cwd=layout.state,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0 or not layout.signing_key.exists():
+        raise DeployError(f"generating the signing key failed:\n{result.stdout}{result.stderr}")
+
+
+def synapse_argv(layout: Layout, name: str) -> list[str]:
+    if name == "main":
+        return [str(layout.python), "-m", "synapse.app.homeserver", "-c", str(layout.homeserver_yaml)]
+    return [
+        str(layout.python),
+        "-m",
+        "synapse.app.generic_worker",
+        "-c",
+        str(layout.homeserver_yaml),
+        "-c",
+        str(layout.worker_yaml(name)),
+    ]
+
+
+def health_urls(ports: Ports, name: str) -> list[str]:
+    if name == "main":
+        return [f"http://{HOST}:{ports.main}/health", f"http://{HOST}:{ports.replication}/health"]
+    return [f"http://{HOST}:{ports.worker(name)}/health"]
+
+
+def start_synapse(layout: Layout, ports: Ports, names: Sequence[str], deadline: float) -> None:
+    started = []
+    for name in names:
+        if running_pid(layout, name):
+            continue
+        listener_ports = [ports.main, ports.replication] if name == "main" else [ports.worker(name)]
+        for port in listener_ports:
+            if port_in_use(port):
+                raise DeployError(f"port {port} ({name}) is already taken by a process we did not start")
+        pid = spawn(layout, name, synapse_argv(layout, name), cwd=layout.state)
+        say(f"started {name} (pid {pid})")
+        started.append(name)
+    wait_healthy(layout, {name: health_urls(ports, name) for name in names}, deadline)
+    if started:
+        say(f"healthy: {', '.join(started)}")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def deployment_json(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, Any]:
+    version = layout.version_file.read_text().strip() if layout.version_file.exists() else None
+    return {
+        "server_name": SERVER_NAME,
+        "main": f"http://{HOST}:{ports.main}",
+        "replication": f"http://{HOST}:{ports.replication}",
+        "workers": {name: f"http://{HOST}:{port}" for name, port in ports.workers},
+        "registration_shared_secret": sec.registration_shared_secret,
+        "postgres": {
+            "host": HOST,
+            "port": ports.postgres,
+            "database": PG_DB,
+            "user": PG_USER,
+            "password": sec.pg_password,
+            "dsn": f"postgresql://{PG_USER}:{sec.pg_password}@{HOST}:{ports.postgres}/{PG_DB}",
+            "data_dir": str(layout.pg_data),
+            "log": str(layout.state / "logs" / "postgres.log"),
+        },
+        "redis": {"host": HOST, "port": ports.redis, "log": str(layout.state / "logs" / "redis.log")},
+        "logs": {name: str(layout.log(name)) for name in SYNAPSE_NAMES},
+        "pids": {name: running_pid(layout, name) for name in (*SYNAPSE_NAMES, "postgres", "redis")},
+        "synapse_version": version,
+        "python": str(layout.python),
+        "state_dir": str(layout.state),
+    }
+
+
+def emit(data: Mapping[str, Any]) -> None:
+    print(json.dumps(data, separators=(",", ":")), flush=True)
+
+
+def problems(layout: Layout, ports: Ports) -> list[str]:
+    found = []
+    for name in ("postgres", "redis", *SYNAPSE_NAMES):
+        if running_pid(layout, name) is None:
+            found.append(f"{name} is not running")
+    if running_pid(layout, "redis") and not redis_ping(ports.redis):
+        found.append(f"redis does not answer PING on {ports.redis}")
+    if running_pid(layout, "postgres") and not port_in_use(ports.postgres):
+        found.append(f"postgres does not accept connections on {ports.postgres}")
+    for name in SYNAPSE_NAMES:
+        if running_pid(layout, name):
+            found += [f"{name}: {url} is not 200" for url in health_urls(ports, name) if not http_ok(url)]
+    return found
+
+
+def anything_running(layout: Layout) -> bool:
+    return any(running_pid(layout, name) for name in ("postgres", "redis", *SYNAPSE_NAMES))
+
+
+def cmd_up(layout: Layout, timeout: float) -> int:
+    started_at = time.monotonic()
+    deadline = started_at + timeout
+    for sub in ("logs", "pids", "workers", "log_config", "keys"):
+        (layout.state / sub).mkdir(parents=True, exist_ok=True)
+    layout.media.mkdir(exist_ok=True)
+    previous = saved_ports(layout)
+    wanted = Ports.from_base(base_port_from_env())
+    if anything_running(layout) and previous is not None:
+        ports = previous
+        if ports != wanted:
+            say("a deployment with other ports is running: keeping its ports (run `down` first to change)")
+    else:
+        ports = wanted
+    save_ports(layout, ports)
+    sec = load_secrets(layout)
+    if not problems(layout, ports):
+        emit(deployment_json(layout, ports, sec))
+        return 0
+    bindir, redis = ensure_system_packages()
+    ensure_venv(layout)
+    write_synapse_configs(layout, ports, sec)
+    ensure_signing_key(layout)
+    ensure_pg_cluster(layout, bindir, sec)
+    start_postgres(layout, bindir, ports)
+    ensure_pg_database(bindir, ports, sec)
+    start_redis(layout, redis, ports, deadline)
+    start_synapse(layout, ports, ["main"], deadline)
+    start_synapse(layout, ports, WORKER_NAMES, deadline)
+    say(f"up in {time.monotonic() - started_at:.1f}s")
+    emit(deployment_json(layout, ports, sec))
+    return 0
+
+
+def cmd_status(layout: Layout) -> int:
+    ports = saved_ports(layout)
+    if ports is None or not layout.secrets_file.exists():
+        say(f"no deployment in {layout.state}")
+        return 1
+    found = problems(layout, ports)
+    if found:
+        for problem in found:
+            say(problem)
+        return 1
+    emit(deployment_json(layout, ports, load_secrets(layout)))
+    return 0
+
+
+def cmd_down(layout: Layout) -> int:
+    if not layout.state.exists():
+        say(f"nothing to stop: {layout.state} does not exist")
+        return 0
+    for group in (WORKER_NAMES, ("main",), ("redis",)):
+        targets = [(name, pid) for name in group if (pid := running_pid(layout, name)) is not None]
+        if targets:
+            signal_and_wait(targets)
+        for name in group:
+            layout.pid_file(name).unlink(missing_ok=True)
+    stop_postgres(layout, pg_bindir())
+    say("down")
+    return 0
+
+
+def cmd_stop_worker(layout: Layout, name: str) -> int:
+    pid = running_pid(layout, name)
+    if pid is None:
+        say(f"{name} is not running")
+    else:
+        signal_and_wait([(name, pid)])
+    layout.pid_file(name).unlink(missing_ok=True)
+    return 0
+
+
+def cmd_start_worker(layout: Layout, name: str, timeout: float) -> int:
+    ports = saved_ports(layout)
+    if ports is None or running_pid(layout, "main") is None or not http_ok(health_urls(ports, "main")[0]):
+        raise DeployError("the main process is not running: run `up` first")
+    start_synapse(layout, ports, [name], time.monotonic() + timeout)
+    emit(deployment_json(layout, ports, load_secrets(layout)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="Ports, layout and JSON: see the module docstring.",
+    )
+    parser.add_argument("command", choices=["up", "down", "status", "stop-worker", "start-worker"])
+    parser.add_argument("worker", nargs="?", choices=WORKER_NAMES, help="for stop-worker / start-worker")
+    parser.add_argument("--state-dir", type=Path, default=ROOT / ".synapse-deploy", help="default: %(default)s")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="start-up deadline in seconds")
+    args = parser.parse_args(argv)
+    if args.command in ("stop-worker", "start-worker") and not args.worker:
+        parser.error(f"{args.command} needs a worker name: {', '.join(WORKER_NAMES)}")
+    layout = Layout(args.state_dir.expanduser().resolve())
+    try:
+        with state_lock(layout):
+            if args.command == "up":
+                return cmd_up(layout, args.timeout)
+            if args.command == "status":
+                return cmd_status(layout)
+            if args.command == "down":
+                return cmd_down(layout)
+            if args.command == "stop-worker":
+                return cmd_stop_worker(layout, args.worker)
+            return cmd_start_worker(layout, args.worker, args.timeout)
+    except DeployError as e:
+        say(f"error: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
