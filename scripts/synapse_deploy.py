@@ -350,10 +350,20 @@ def signal_and_wait(targets: Sequence[tuple[str, int]], timeout: float = 30.0) -
         time.sleep(0.1)
 
 
-def spawn(layout: Layout, name: str, argv: Sequence[str], cwd: Path) -> int:
-    """Start a detached process (own session), stdout+stderr to logs/<name>.stdout."""
-    with open(layout.stdout(name), "ab") as out:
-        out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {shlex.join(argv)}\n".encode())
+START_MARKER = "==== synapse_deploy "
+
+
+def spawn(layout: Layout, name: str, argv: Sequence[str], cwd: Path, log: Path | None = None) -> int:
+    """Start a detached process (own session), stdout+stderr to logs/<name>.stdout.
+
+    A marker line goes into the stdout file and the process's own log first, so that a failure
+    report shows only what this start wrote."""
+    marker = f"{START_MARKER}{time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}: {shlex.join(argv)}\n"
+    log = log or layout.log(name)
+    with open(log, "a") as f:
+        f.write(marker)
+    with open(layout.stdout(name), "a") as out:
+        out.write(marker)
         out.flush()
         proc = subprocess.Popen(
             list(argv),
@@ -369,18 +379,22 @@ def spawn(layout: Layout, name: str, argv: Sequence[str], cwd: Path) -> int:
 
 
 def tail(path: Path, lines: int = 40) -> str:
+    """The last `lines` lines written since the last start marker."""
     try:
-        text = path.read_text(errors="replace")
+        text = path.read_text(errors="replace").splitlines()
     except OSError:
         return f"({path} not readable)"
-    return "\n".join(text.splitlines()[-lines:])
+    starts = [i for i, line in enumerate(text) if line.startswith(START_MARKER)]
+    if starts:
+        text = text[starts[-1] + 1 :]
+    return "\n".join(text[-lines:]) or "(nothing)"
 
 
-def failure_report(layout: Layout, name: str, extra: Sequence[Path] = ()) -> str:
+def failure_report(layout: Layout, name: str, log: Path | None = None) -> str:
     parts = []
-    for path in (layout.log(name), layout.stdout(name), *extra):
+    for path in (log or layout.log(name), layout.stdout(name)):
         if path.exists():
-            parts.append(f"---- last lines of {path}:\n{tail(path)}")
+            parts.append(f"---- {path} (this start, last lines):\n{tail(path)}")
     return "\n".join(parts)
 
 
@@ -651,14 +665,13 @@ def start_redis(layout: Layout, redis: Path, ports: Ports, deadline: float) -> N
     say(f"starting Redis on {HOST}:{ports.redis}")
     argv = [str(redis), "--bind", HOST, "--port", str(ports.redis), "--protected-mode", "yes"]
     argv += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(layout.redis_dir)]
-    argv += ["--logfile", str(layout.state / "logs" / "redis.log")]
-    spawn(layout, "redis", argv, cwd=layout.redis_dir)
+    redis_log = layout.state / "logs" / "redis.log"
+    argv += ["--logfile", str(redis_log)]
+    spawn(layout, "redis", argv, cwd=layout.redis_dir, log=redis_log)
     while not redis_ping(ports.redis):
         pid = read_pid(layout, "redis")
         if pid is None or not pid_alive(pid) or time.monotonic() > deadline:
-            raise DeployError(
-                "Redis did not start\n" + failure_report(layout, "redis", [layout.state / "logs" / "redis.log"])
-            )
+            raise DeployError(f"Redis did not start\n{failure_report(layout, 'redis', redis_log)}")
         time.sleep(0.1)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import httpx
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
@@ -57,6 +57,8 @@ class SynapseRouter:
         self._health_task: asyncio.Task[None] | None = None
         # client connection id -> the flow waiting for its upstream connection (mitmproxy path)
         self._connecting: dict[str, http.HTTPFlow] = {}
+        # worker URL -> set when it goes down: requests waiting on it move to another worker
+        self._down_events: dict[str, asyncio.Event] = {}
 
     # --- options ---
 
@@ -153,6 +155,7 @@ class SynapseRouter:
             await asyncio.sleep(config.interval)
 
     def _log_state(self, url: str) -> None:
+        """A worker changed state: say so, and release the requests waiting on a dead one."""
         health = self.workers.workers.get(url)
         if health is None:
             return
@@ -160,6 +163,15 @@ class SynapseRouter:
             log.info(f"synapse-router: worker {url} is UP")
         else:
             log.warning(f"synapse-router: worker {url} is DOWN: {health.reason}")
+            event = self._down_events.pop(url, None)
+            if event is not None:
+                event.set()
+
+    def _down_event(self, url: str) -> asyncio.Event:
+        event = self._down_events.get(url)
+        if event is None:
+            event = self._down_events[url] = asyncio.Event()
+        return event
 
     def _enforce_options(self, updated: set[str]) -> None:
         changes: dict[str, Any] = {}
@@ -228,23 +240,37 @@ class SynapseRouter:
         return None if decision is None else self._forward_with_retry(flow, decision)
 
     async def _forward_with_retry(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        """Send the request to its worker; on a failed connection move on to the next worker
+        (each failure marks one down, so this ends at main at the latest); after a worker that
+        gave no response, retry once."""
         assert self.engine is not None
         request = flow.request
         headers = forward.request_headers(request.headers.fields)
-        for attempt in (1, 2):
+        retried = False
+        while True:
             upstream = decision.upstream
             if upstream is None:  # failed over to main: mitmproxy forwards it there
                 return
             try:
-                answer = await forward.send(self._forward_client(), upstream, request.method, request.path, headers)
+                answer = await forward.send(
+                    self._forward_client(),
+                    upstream,
+                    request.method,
+                    request.path,
+                    headers,
+                    abandon=self._down_event(upstream.url),
+                )
             except forward.NoResponse as e:
                 connect_failed = isinstance(e.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
-                if connect_failed and self.workers.mark_down(upstream.url, f"connect failed: {e}"):
-                    self._log_state(upstream.url)
-                if attempt == 2:
+                if connect_failed:
+                    if self.workers.mark_down(upstream.url, f"connect failed: {e}"):
+                        self._log_state(upstream.url)
+                elif retried:
                     flow.response = http.Response.make(502, f"synapse-router: {upstream.url} gave no response")
                     return
-                decision = self._fail_over(flow, decision, "connect failed" if connect_failed else "no response")
+                else:
+                    retried = True
+                decision = self._fail_over(flow, decision, "connect failed" if connect_failed else str(e))
                 continue
             flow.response = http.Response(
                 http_version=b"HTTP/1.1",
@@ -276,17 +302,13 @@ class SynapseRouter:
             return
         if data.server.address != (decision.upstream.host, decision.upstream.port):
             return
-        for attempt in (1, 2):
-            upstream = decision.upstream
-            if upstream is None:
-                break
+        while (upstream := decision.upstream) is not None:
             error = await _probe(upstream, self.workers.config.connect_timeout)
             if error is None:
-                return
+                break
+            # Marked down, so the next choice differs: this ends at main at the latest.
             if self.workers.mark_down(upstream.url, f"connect failed: {error}"):
                 self._log_state(upstream.url)
-            if attempt == 2:
-                return  # mitmproxy's own attempt fails and answers 502
             decision = self._fail_over(flow, decision, "connect failed")
         target = decision.upstream or self.main
         if target is not None:

@@ -101,9 +101,7 @@ class Engine:
             decision.fallbacks.append(f"{name}:no usable worker")
         return decision
 
-    def failover(
-        self, failed: Decision, unusable: Set[str], in_flight: Mapping[str, int], reason: str
-    ) -> Decision:
+    def failover(self, failed: Decision, unusable: Set[str], in_flight: Mapping[str, int], reason: str) -> Decision:
         """Choose again for a request whose worker failed: the same route and key, without it.
         With rendezvous balancing this is the key's next-highest-scoring worker."""
         assert failed.upstream is not None

@@ -9,6 +9,7 @@ pass untouched both ways: no Accept-Encoding is added, nothing is decoded.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -60,13 +61,29 @@ def request_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes,
 
 
 async def send(
-    client: httpx.AsyncClient, upstream: Upstream, method: str, path: str, headers: list[tuple[bytes, bytes]]
+    client: httpx.AsyncClient,
+    upstream: Upstream,
+    method: str,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    abandon: asyncio.Event | None = None,
 ) -> UpstreamResponse:
-    """Send a bodiless request to a worker; raise NoResponse if it never answered."""
+    """Send a bodiless request to a worker; raise NoResponse if it never answered, or if
+    `abandon` is set (the worker was found dead) before its response headers arrived."""
     url = f"{upstream.url}{path}"
     request = client.build_request(method, url, headers=headers)
+    sending = asyncio.ensure_future(client.send(request, stream=True))
+    if abandon is not None:
+        waiting = asyncio.ensure_future(abandon.wait())
+        try:
+            await asyncio.wait({sending, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+        if not sending.done():
+            sending.cancel()
+            raise NoResponse("worker marked down while waiting for its response")
     try:
-        response = await client.send(request, stream=True)
+        response = await sending
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as e:
         raise NoResponse(f"{type(e).__name__}: {e}") from e
     try:

@@ -10,7 +10,6 @@ from mitmproxy.addons.anticache import AntiCache
 from mitmproxy.addons.block import Block
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
-
 from synapse_router.addon import METADATA_KEY, SynapseRouter
 from synapse_router.identity import Source
 from synapse_router.tokens import token_key

@@ -1,0 +1,184 @@
+"""Worker failure and recovery through a real mitmdump: no client sees a dead worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from .conftest import Fleet, served
+
+pytestmark = pytest.mark.integration
+
+WORKERS = ["sync1", "sync2", "sync3"]
+HEALTH = {"interval": 0.3, "timeout": 0.5, "fall": 2, "rise": 2, "connect_timeout": 0.5}
+USERS = 60
+
+
+def _tokens() -> dict[str, str]:
+    return {f"tok{i}": f"@user{i}:test.local" for i in range(USERS)}
+
+
+@pytest.fixture
+def pool(fleet: Fleet, start_router):
+    fleet.add("main", whoami=_tokens())
+    for name in WORKERS:
+        fleet.add(name)
+    router = start_router(fleet["main"].url, {"workers": {"sync": [fleet[n].url for n in WORKERS]}, "health": HEALTH})
+    return fleet, router
+
+
+async def _where(client: httpx.AsyncClient, path: str = "/_matrix/client/v3/sync?since=s1") -> dict[int, str]:
+    async def one(i: int) -> tuple[int, str]:
+        r = await client.get(path, headers={"Authorization": f"Bearer tok{i}"})
+        return i, served(r)["server"]
+
+    return dict(await asyncio.gather(*(one(i) for i in range(USERS))))
+
+
+def _client(router) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=router.url, timeout=30, limits=httpx.Limits(max_connections=200))
+
+
+def test_kill_worker_under_load_no_failed_request_only_its_users_move(pool) -> None:
+    fleet, router = pool
+
+    async def run() -> tuple[dict[int, str], dict[int, str], Counter[str], int]:
+        async with _client(router) as client:
+            before = await _where(client)
+            outcomes: Counter[str] = Counter()
+            sent = 0
+            stop = time.monotonic() + 4.0
+
+            async def user_loop(i: int) -> None:
+                nonlocal sent
+                while time.monotonic() < stop:
+                    sent += 1
+                    try:
+                        r = await client.get(
+                            "/_matrix/client/v3/sync?since=s1&standin_delay=0.4",
+                            headers={"Authorization": f"Bearer tok{i}"},
+                        )
+                        outcomes["ok" if r.status_code == 200 else f"http {r.status_code}"] += 1
+                    except httpx.HTTPError as e:
+                        outcomes[type(e).__name__] += 1
+
+            async def killer() -> None:
+                await asyncio.sleep(1.5)  # long-polls are in flight on every worker now
+                fleet["sync2"].kill()
+
+            await asyncio.gather(killer(), *(user_loop(i) for i in range(USERS)))
+            after = await _where(client)
+            return before, after, outcomes, sent
+
+    before, after, outcomes, sent = asyncio.run(run())
+    print(f"requests sent {sent}, outcomes {dict(outcomes)}")
+    assert outcomes["ok"] == sent, outcomes  # zero failed requests
+    victims = [u for u, w in before.items() if w == "sync2"]
+    assert victims, "some users must have been on the killed worker"
+    for user, worker in before.items():
+        if worker == "sync2":
+            assert after[user] in ("sync1", "sync3")
+        else:
+            assert after[user] == worker, f"user{user} moved from {worker} to {after[user]}"
+    moved_to = Counter(after[u] for u in victims)
+    print(f"{len(victims)} users moved: {dict(moved_to)}")
+
+
+def test_recovery_moves_users_back(pool) -> None:
+    fleet, router = pool
+
+    async def run() -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
+        async with _client(router) as client:
+            before = await _where(client)
+            fleet["sync2"].kill()
+            during = await _where(client)
+            fleet["sync2"].start()
+            await asyncio.sleep(HEALTH["interval"] * (HEALTH["rise"] + 2) + HEALTH["timeout"])
+            after = await _where(client)
+            return before, during, after
+
+    before, during, after = asyncio.run(run())
+    assert "sync2" in before.values() and "sync2" not in during.values()
+    assert after == before
+    assert "is UP" in router.log() and "is DOWN" in router.log()
+
+
+def test_wedged_worker_requests_served_by_others(pool) -> None:
+    fleet, router = pool
+    proc = fleet["sync3"].proc
+    assert proc is not None
+
+    async def run() -> tuple[dict[int, str], dict[int, str], float]:
+        async with _client(router) as client:
+            before = await _where(client)
+            os.kill(proc.pid, signal.SIGSTOP)  # accepts connections (kernel backlog), never answers
+            try:
+                started = time.monotonic()
+                after = await _where(client)
+                return before, after, time.monotonic() - started
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+
+    before, after, elapsed = asyncio.run(run())
+    assert "sync3" in before.values()
+    assert "sync3" not in after.values()
+    # fall x interval + timeout: the health checks notice, waiting requests move on
+    assert elapsed < 5, f"took {elapsed:.1f}s"
+    for user, worker in before.items():
+        if worker != "sync3":
+            assert after[user] == worker
+
+
+def test_refused_worker_first_request_already_fails_over(fleet: Fleet, start_router) -> None:
+    # Health checks far apart: only the request itself discovers the dead worker.
+    fleet.add("main", whoami=_tokens())
+    for name in WORKERS:
+        fleet.add(name)
+    slow_checks = {**HEALTH, "interval": 3600}
+    router = start_router(
+        fleet["main"].url, {"workers": {"sync": [fleet[n].url for n in WORKERS]}, "health": slow_checks}
+    )
+
+    async def run() -> tuple[dict[int, str], dict[int, str]]:
+        async with _client(router) as client:
+            before = await _where(client)
+            fleet["sync1"].kill()
+            return before, await _where(client)
+
+    before, after = asyncio.run(run())
+    assert "sync1" in before.values() and "sync1" not in after.values()
+
+
+def test_whole_pool_down_main_answers(pool) -> None:
+    fleet, router = pool
+    for name in WORKERS:
+        fleet[name].kill()
+
+    async def run() -> dict[int, str]:
+        async with _client(router) as client:
+            return await _where(client)
+
+    assert set(asyncio.run(run()).values()) == {"main"}
+
+
+def test_mitmproxy_forwarded_requests_fail_over_on_connect(fleet: Fleet, start_router) -> None:
+    # Non-sync routes are forwarded by mitmproxy; a refused worker is replaced before connecting.
+    fleet.add("main")
+    fleet.add("reader1")
+    fleet.add("reader2")
+    slow_checks = {**HEALTH, "interval": 3600}
+    router = start_router(
+        fleet["main"].url,
+        {"workers": {"client_reader": [fleet["reader1"].url, fleet["reader2"].url]}, "health": slow_checks},
+    )
+    fleet["reader1"].kill()
+    with httpx.Client(base_url=router.url, timeout=10) as client:
+        for _ in range(6):
+            r = client.post("/_matrix/client/v3/keys/query", content=b"{}")
+            assert served(r)["server"] == "reader2"
