@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import httpx
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
@@ -19,7 +20,7 @@ from .config import ConfigError, RouterConfig, Upstream, WhoamiConfig, load_conf
 from .engine import Decision, Engine
 from .forwarding import ROUTER_HEADER_PREFIX, SPOOFABLE_HEADERS, TrustedProxies
 from .health import HealthConfig, WorkerStates, check_worker
-from .identity import IdentityResolver, Resolution, whoami_over_http
+from .identity import IdentityResolver, Resolution, Source, whoami_over_http
 from .routes import Balance, Match, room_from_path
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,11 @@ class SynapseRouter:
         self._client()
         if self._health_task is None:
             self._health_task = asyncio.create_task(self._check_health_forever())
+            # `kill -HUP` reloads the configuration, as nginx does: mitmdump has no console.
+            try:
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+            except (NotImplementedError, RuntimeError, ValueError):
+                log.info("synapse-router: SIGHUP reload unavailable here; use the router.reload command")
 
     async def done(self) -> None:
         if self._health_task is not None:
@@ -140,7 +146,7 @@ class SynapseRouter:
             if self._forward_http is not None:  # new connect timeout: a new client from now on
                 asyncio.get_running_loop().create_task(self._forward_http.aclose())
                 self._forward_http = None
-        self.workers.track(config.worker_urls())
+        self.workers.track(config.worker_urls(), config.drained_urls())
         pools = ", ".join(f"{name}={len(ws)}" for name, ws in config.pools.items()) or "none"
         log.info(f"synapse-router: loaded {path}: pools {pools}, {len(config.routes)} custom route(s)")
 
@@ -184,6 +190,88 @@ class SynapseRouter:
             log.info(f"synapse-router: raising tcp_timeout to {MIN_TCP_TIMEOUT}s so 5-minute long-polls are never cut")
         if changes:
             ctx.options.update(**changes)  # type: ignore[no-untyped-call]
+
+    # --- commands (mitmproxy console / mitmweb: `:router.explain ...`) ---
+
+    @command.command("router.reload")
+    def reload(self) -> None:
+        """Reload the router configuration file; in-flight requests are not affected. A bad
+        file is reported and the running configuration kept."""
+        path = self.config_path or ctx.options.router_config
+        try:
+            config = self._load(path)
+        except ConfigError as e:
+            log.error(f"synapse-router: reload of {path} failed, keeping the running configuration: {e}")
+            return
+        self._use(config, path)
+
+    @command.command("router.drain")
+    def drain(self, worker: str) -> None:
+        """Take a worker (URL as configured) out of rotation; its in-flight requests finish."""
+        self._set_drained(worker, True)
+
+    @command.command("router.undrain")
+    def undrain(self, worker: str) -> None:
+        """Put a drained worker back into rotation."""
+        self._set_drained(worker, False)
+
+    def _set_drained(self, worker: str, drained: bool) -> None:
+        try:
+            url = parse_upstream_url(worker).url
+            changed = self.workers.set_drained(url, drained)
+        except (ValueError, KeyError):
+            known = ", ".join(self.workers.workers) or "none"
+            raise exceptions.CommandError(f"unknown worker {worker!r}; workers: {known}") from None
+        if changed:
+            log.info(f"synapse-router: worker {url} {'drained' if drained else 'back in rotation'}")
+
+    @command.command("router.workers")
+    def list_workers(self) -> Sequence[str]:
+        """Every worker with its pools, health, drain state and requests in flight."""
+        if self.engine is None:
+            return []
+        pools_of: dict[str, list[str]] = {}
+        for name, pool in self.engine.pools.items():
+            for w in pool.workers:
+                pools_of.setdefault(w.url, []).append(name)
+        lines = []
+        for url, health in self.workers.workers.items():
+            state = "up" if health.up else f"DOWN ({health.reason})"
+            if health.drained:
+                state += ", drained"
+            lines.append(
+                f"{url} pools={','.join(pools_of.get(url, []))} {state} in_flight={self.in_flight.get(url, 0)}"
+            )
+        return lines
+
+    @command.command("router.explain")
+    def explain(self, path: str, method: str = "GET", who: str = "") -> Sequence[str]:
+        """Where a request would go and why: route, pool chain, rendezvous ranking of the
+        workers with their health. `who` is a user id (@alice:example.org), an access token
+        (resolved from the cache only; never shown) or empty (keyed by 127.0.0.1)."""
+        if self.engine is None:
+            return ["no configuration loaded"]
+        match = self.engine.match(method.upper(), path)
+        found = None
+        resolution = None
+        if who.startswith("@"):
+            resolution = Resolution(who, Source.CACHE)
+        elif who:
+            found = tokens.find_token(f"Bearer {who}", "")
+            if found is not None and self.identity is not None:
+                resolution = self.identity.cached(found.key)
+        key, key_kind = _balance_key(match, found, "127.0.0.1", resolution)
+        return self.engine.explain(method.upper(), path, key, key_kind, self.workers.unusable)
+
+    @command.command("router.flush")
+    def flush(self) -> int:
+        """Forget every cached token -> user answer; returns how many were dropped."""
+        if self.identity is None:
+            return 0
+        dropped = len(self.identity.users) + len(self.identity.rejected)
+        self.identity.clear()
+        log.info(f"synapse-router: identity cache flushed ({dropped} entries)")
+        return dropped
 
     # --- hooks ---
 

@@ -51,6 +51,7 @@ class Upstream:
     host: str
     port: int
     weight: float = 1.0
+    drained: bool = False  # out of rotation by configuration
 
 
 def parse_upstream_url(value: str) -> Upstream:
@@ -92,6 +93,9 @@ class RouterConfig:
 
     def worker_urls(self) -> set[str]:
         return {w.url for workers in self.pools.values() for w in workers}
+
+    def drained_urls(self) -> set[str]:
+        return {w.url for workers in self.pools.values() for w in workers if w.drained}
 
     def table(self) -> RouteTable:
         return RouteTable(self.routes)
@@ -167,13 +171,17 @@ def _parse_pools(doc: _Doc, raw: Any) -> dict[str, tuple[Upstream, ...]]:
         workers: list[Upstream] = []
         for i, member in enumerate(members):
             weight: Any = 1.0
+            drained: Any = False
             url: Any = member
             if isinstance(member, dict):
-                entry = _mapping(doc, member, (*path, i), frozenset({"url", "weight"}))
+                entry = _mapping(doc, member, (*path, i), frozenset({"url", "weight", "drained"}))
                 if "url" not in entry:
                     raise doc.error((*path, i), "missing key 'url'")
                 url = entry["url"]
                 weight = _number(doc, entry.get("weight", 1.0), (*path, i, "weight"), minimum=0.001)
+                drained = entry.get("drained", False)
+                if not isinstance(drained, bool):
+                    raise doc.error((*path, i, "drained"), f"expected true or false, got {drained!r}")
             url_path = (*path, i, "url") if isinstance(member, dict) else (*path, i)
             try:
                 upstream = parse_upstream_url(url)
@@ -181,7 +189,9 @@ def _parse_pools(doc: _Doc, raw: Any) -> dict[str, tuple[Upstream, ...]]:
                 raise doc.error(url_path, str(e)) from None
             if any(w.url == upstream.url for w in workers):
                 raise doc.error(url_path, f"{upstream.url} is listed twice in this pool")
-            workers.append(Upstream(upstream.url, upstream.scheme, upstream.host, upstream.port, float(weight)))
+            workers.append(
+                Upstream(upstream.url, upstream.scheme, upstream.host, upstream.port, float(weight), drained)
+            )
         pools[name] = tuple(workers)
     return pools
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from .config import RouterConfig, Upstream
 from .pools import Pool, Unusable, build_pools
-from .routes import MAIN, Match, Route, RouteTable
+from .routes import MAIN, Balance, Match, Route, RouteTable
 
 
 @dataclass(slots=True)
@@ -109,3 +109,39 @@ class Engine:
         again.identity = failed.identity
         again.failover = f"{failed.upstream.url} -> {again.worker}: {reason}"
         return again
+
+    def explain(
+        self, method: str, path_and_query: str, key: str | None, key_kind: str, unusable: Set[str]
+    ) -> list[str]:
+        """Why a request would go where it goes: route, pool chain, rendezvous ranking."""
+        match = self.match(method, path_and_query)
+        route = match.route
+        if route is None:
+            return [f"{method} {match.path}: no route claims it -> main"]
+        lines = [
+            f"{method} {match.path}: route {route.name} ({'custom' if not route.builtin else 'built-in'}), "
+            f"balance {route.balance.value}, key {key_kind}"
+        ]
+        chain = [p if p in self.pools else f"({p}: not configured)" for p in route.pools]
+        lines.append("pool chain: " + " -> ".join([*chain, MAIN]))
+        decision = self.select(route, key, key_kind, unusable, {})
+        for name in route.pools:
+            pool = self.pools.get(name)
+            if pool is None:
+                continue
+            hashed = key is not None and route.balance in (Balance.USER, Balance.ROOM, Balance.IP)
+            ordered = pool.ranking(key) if hashed and key is not None else list(pool.workers)
+            label = "rendezvous ranking" if hashed else f"workers ({route.balance.value})"
+            lines.append(f"{name} {label}:")
+            for i, worker in enumerate(ordered, 1):
+                state = "unusable (down or drained)" if worker.url in unusable else "usable"
+                mark = (
+                    "  <- chosen"
+                    if decision.upstream is not None and worker.url == decision.upstream.url and decision.pool == name
+                    else ""
+                )
+                lines.append(f"  {i}. {worker.url} weight {worker.weight:g} {state}{mark}")
+            if decision.pool == name:
+                break
+        lines.append(f"decision: {decision.summary()}")
+        return lines

@@ -41,10 +41,14 @@ class WorkerStates:
         self.workers: dict[str, WorkerHealth] = {}
         self.unusable: frozenset[str] = frozenset()  # down or drained: what routing skips
 
-    def track(self, urls: Iterable[str]) -> None:
-        """Follow exactly these workers, keeping the state of those already known."""
+    def track(self, urls: Iterable[str], drained: Iterable[str] = ()) -> None:
+        """Follow exactly these workers, keeping the state of those already known; the
+        configuration's drained workers are (again) drained."""
         wanted = set(urls)
         self.workers = {u: self.workers.get(u) or WorkerHealth(changed_at=self._clock()) for u in sorted(wanted)}
+        for url in drained:
+            if url in self.workers:
+                self.workers[url].drained = True
         self._refresh()
 
     def _refresh(self) -> None:

@@ -3,9 +3,10 @@
 Keys are SHA-256 digests of the token (plus an appservice's `user_id`), never tokens.
 - A resolved user is cached for `cache_ttl`, at most `cache_size` tokens (LRU beyond).
 - A token Synapse rejects (401 M_UNKNOWN_TOKEN / M_MISSING_TOKEN) is cached for `negative_ttl`.
-- 5xx, 429, timeouts and connection errors are never cached; after a timeout or connection
-  error whoami is not asked again for UNAVAILABLE_BACKOFF seconds, so a hung main process
-  costs each request at most nothing instead of `timeout` (the request is routed by token hash).
+- 5xx, 429, timeouts and connection errors are never cached. After UNAVAILABLE_AFTER
+  timeouts or connection errors in a row, whoami is not asked for UNAVAILABLE_BACKOFF
+  seconds, so a hung main process does not cost every new token `timeout` (meanwhile requests
+  are routed by token hash).
 - Concurrent first requests of one token share one whoami call.
 Nothing here blocks a request: every outcome yields a routing key.
 """
@@ -26,6 +27,7 @@ from .config import WhoamiConfig
 
 WHOAMI_PATH = "/_matrix/client/v3/account/whoami"
 UNAVAILABLE_BACKOFF = 5.0
+UNAVAILABLE_AFTER = 3
 NEGATIVE_ERRCODES = frozenset({"M_UNKNOWN_TOKEN", "M_MISSING_TOKEN"})
 
 
@@ -67,6 +69,7 @@ class IdentityResolver:
         )
         self._in_flight: dict[bytes, asyncio.Future[Resolution]] = {}
         self._unavailable_until = 0.0
+        self._transport_failures = 0  # in a row
         self.stats: dict[str, int] = {s.value: 0 for s in Source} | {"calls": 0, "errors": 0}
 
     def cached(self, key: bytes) -> Resolution | None:
@@ -122,9 +125,12 @@ class IdentityResolver:
         except (WhoamiError, httpx.HTTPError) as e:
             self.stats["errors"] += 1
             self.stats["unresolved"] += 1
-            if isinstance(e, (httpx.TimeoutException, httpx.TransportError)):
-                self._unavailable_until = self._clock() + UNAVAILABLE_BACKOFF
+            if isinstance(e, httpx.TransportError):  # timeouts included
+                self._transport_failures += 1
+                if self._transport_failures >= UNAVAILABLE_AFTER:
+                    self._unavailable_until = self._clock() + UNAVAILABLE_BACKOFF
             return Resolution(None, Source.UNRESOLVED)
+        self._transport_failures = 0
         self.users[key] = sys.intern(user)
         self.stats["whoami"] += 1
         return Resolution(user, Source.WHOAMI)
@@ -156,7 +162,9 @@ def whoami_over_http(
         if user_agent:
             headers["User-Agent"] = user_agent
         params = {"user_id": as_user} if as_user else None
-        response = await client().get(base_url() + WHOAMI_PATH, headers=headers, params=params, timeout=timeout)
+        # No pool timeout: a burst of new tokens queues for a connection instead of failing.
+        limits = httpx.Timeout(timeout, pool=None)
+        response = await client().get(base_url() + WHOAMI_PATH, headers=headers, params=params, timeout=limits)
         if response.status_code == 200:
             try:
                 user_id = response.json()["user_id"]

@@ -182,3 +182,32 @@ def test_mitmproxy_forwarded_requests_fail_over_on_connect(fleet: Fleet, start_r
         for _ in range(6):
             r = client.post("/_matrix/client/v3/keys/query", content=b"{}")
             assert served(r)["server"] == "reader2"
+
+
+def test_drain_by_config_reload_on_sighup(pool) -> None:
+    fleet, router = pool
+
+    async def where() -> dict[int, str]:
+        async with _client(router) as client:
+            return await _where(client)
+
+    before = asyncio.run(where())
+    config = {
+        "workers": {
+            "sync": [fleet["sync1"].url, {"url": fleet["sync2"].url, "drained": True}, fleet["sync3"].url]
+        },
+        "health": HEALTH,
+    }
+    import yaml
+
+    router.config_path.write_text(yaml.safe_dump(config))
+    router.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "loaded" not in router.log().split("is UP")[-1] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    during = asyncio.run(where())
+    assert "sync2" in before.values() and "sync2" not in during.values()
+    moved = {u: (w, during[u]) for u, w in before.items() if w != "sync2" and during[u] != w}
+    assert not moved, (moved, router.log()[-3000:])
+    assert router.proc.poll() is None  # reloaded, not restarted

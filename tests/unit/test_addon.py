@@ -143,3 +143,72 @@ async def test_unrouted_request_keeps_main_target(router) -> None:
     addon.requestheaders(flow)
     assert (flow.request.host, flow.request.port) == ("10.0.0.100", 8008)
     assert flow.metadata[METADATA_KEY].pool == "main"
+
+
+def _call(tctx, name: str, *args: str):
+    return tctx.master.commands.call_strings(name, list(args))
+
+
+async def test_explain_command_shows_ranking_and_choice(router) -> None:
+    addon, tctx = router
+    lines = _call(tctx, "router.explain", "/_matrix/client/v3/sync?since=s1", "GET", "@alice:example.org")
+    text = "\n".join(lines)
+    assert "route sync" in text and "balance user" in text
+    assert "pool chain: sync -> (generic: not configured) -> main" in text
+    assert text.count("<- chosen") == 1
+    flow = make_flow("/_matrix/client/v3/sync?since=s1", {"Authorization": "Bearer t"})
+    assert addon.identity is not None
+    addon.identity.users[token_key("t")] = "@alice:example.org"
+    addon.requestheaders(flow)
+    chosen = next(line for line in lines if "<- chosen" in line)
+    assert f"http://{flow.request.host}:{flow.request.port}" in chosen
+
+
+async def test_explain_with_token_never_echoes_it(router) -> None:
+    _, tctx = router
+    lines = _call(tctx, "router.explain", "/_matrix/client/v3/sync", "GET", "syt_secret_token_1")
+    assert "syt_secret_token_1" not in "\n".join(lines)
+    assert "key token" in lines[0]
+
+
+async def test_drain_moves_users_and_undrain_brings_them_back(router) -> None:
+    addon, tctx = router
+    assert addon.identity is not None
+    users = [f"@u{i}:example.org" for i in range(30)]
+    for i, user in enumerate(users):
+        addon.identity.users[token_key(f"t{i}")] = user
+
+    def where() -> dict[int, str]:
+        out = {}
+        for i in range(len(users)):
+            flow = make_flow("/_matrix/client/v3/sync?since=1", {"Authorization": f"Bearer t{i}"})
+            addon.requestheaders(flow)
+            out[i] = flow.metadata[METADATA_KEY].worker
+            addon.response(flow)
+        return out
+
+    before = where()
+    _call(tctx, "router.drain", "http://10.0.0.2:8083/")
+    during = where()
+    assert "http://10.0.0.2:8083" not in during.values()
+    assert all(during[i] == w for i, w in before.items() if w != "http://10.0.0.2:8083")
+    assert any("drained" in line for line in _call(tctx, "router.workers"))
+    _call(tctx, "router.undrain", "http://10.0.0.2:8083")
+    assert where() == before
+    with pytest.raises(exceptions.CommandError, match="unknown worker"):
+        _call(tctx, "router.drain", "http://10.9.9.9:1")
+
+
+async def test_flush_and_reload(router, tmp_path: Path) -> None:
+    addon, tctx = router
+    assert addon.identity is not None
+    addon.identity.users[token_key("t")] = "@a:x"
+    assert _call(tctx, "router.flush") == 1
+    assert len(addon.identity.users) == 0
+    path = Path(tctx.master.options.router_config)
+    path.write_text(CONFIG + "  room: [http://10.0.0.7:8083]\n")
+    _call(tctx, "router.reload")
+    assert addon.engine is not None and "room" in addon.engine.pools
+    path.write_text("workers: [broken\n")
+    _call(tctx, "router.reload")  # reported, and the running configuration kept
+    assert "room" in addon.engine.pools

@@ -8,6 +8,7 @@ import httpx
 import pytest
 from synapse_router.config import WhoamiConfig
 from synapse_router.identity import (
+    UNAVAILABLE_AFTER,
     UNAVAILABLE_BACKOFF,
     IdentityResolver,
     Source,
@@ -118,17 +119,26 @@ async def test_server_errors_not_cached(error: Exception) -> None:
 
 
 @pytest.mark.parametrize("error", [httpx.ConnectError("refused"), httpx.ReadTimeout("slow")])
-async def test_transport_failure_backs_off(error: Exception) -> None:
+async def test_repeated_transport_failures_back_off(error: Exception) -> None:
     resolver, fake, clock = make({"t1": "@alice:x", "t2": "@bob:x"})
     fake.fail = error
-    assert (await resolve(resolver, "t1")).source is Source.UNRESOLVED
+    for _ in range(UNAVAILABLE_AFTER):
+        assert (await resolve(resolver, "t1")).source is Source.UNRESOLVED
     fake.fail = None
     # within the backoff no call is made: a hung main costs requests nothing
     assert (await resolve(resolver, "t2")).source is Source.UNRESOLVED
-    assert fake.calls == 1
+    assert fake.calls == UNAVAILABLE_AFTER
     clock.now += UNAVAILABLE_BACKOFF + 0.1
     assert (await resolve(resolver, "t2")).user_id == "@bob:x"
-    assert fake.calls == 2
+    assert fake.calls == UNAVAILABLE_AFTER + 1
+
+
+async def test_one_timeout_does_not_back_off() -> None:
+    resolver, fake, _ = make({"t1": "@alice:x"})
+    fake.fail = httpx.ReadTimeout("slow")
+    await resolve(resolver, "t1")
+    fake.fail = None
+    assert (await resolve(resolver, "t1")).source is Source.WHOAMI
 
 
 async def test_coalescing_500_concurrent_misses_make_one_call() -> None:

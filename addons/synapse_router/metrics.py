@@ -1,0 +1,379 @@
+"""Prometheus metrics for the router, and a small asyncio HTTP server that exposes them.
+
+Every metric lives in the `CollectorRegistry` a `RouterMetrics` owns (nothing is registered in
+prometheus_client's global default registry), so tests and configuration reloads get fresh,
+independent instances.
+
+Label values come from bounded sets only: route and pool names and worker URLs (all from the
+configuration), a normalised HTTP method, a status class, and small fixed vocabularies. User ids,
+tokens, paths and client addresses are never label values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import re
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+log = logging.getLogger(__name__)
+
+MAIN = "main"  # the pool and worker label of the main process (same value as routes.MAIN)
+
+# Methods kept as a label value; any other method is counted as OTHER.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+OTHER_METHOD = "OTHER"
+NO_RESPONSE = "error"  # the status class of a request that got no response
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", NO_RESPONSE)
+
+WHOAMI_OUTCOMES = ("user", "rejected", "error")
+IDENTITY_SOURCES = ("cache", "whoami", "coalesced", "negative", "unresolved")  # identity.Source values
+OTHER = "other"  # an outcome or source outside the vocabularies above (a bug, but bounded)
+
+# From 1 ms API calls to 30 s long-polls (/sync, /events) and slow media uploads.
+UPSTREAM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# whoami is a cheap call on the main process; its timeout is a few seconds.
+WHOAMI_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def normalise_method(method: str) -> str:
+    """The method label: one of METHODS, else OTHER. HTTP methods are case-sensitive."""
+    return method if method in METHODS else OTHER_METHOD
+
+
+def status_class(status: int | None) -> str:
+    """The status label: "1xx".."5xx", or "error" for no response (or an impossible status)."""
+    if status is None or not 100 <= status <= 599:
+        return NO_RESPONSE
+    return f"{status // 100}xx"
+
+
+def _seconds(value: float) -> float:
+    return value if value > 0 else 0.0  # a clock step backwards must not observe a negative time
+
+
+class RouterMetrics:
+    """The router's metrics, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests_total = Counter(
+            "synapse_router_requests",
+            "Requests proxied, by route, serving pool and worker, method and status class.",
+            ["route", "pool", "worker", "method", "status_class"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "synapse_router_upstream_seconds",
+            "Seconds from sending a request upstream to its response (headers, or end when buffered).",
+            ["pool", "worker"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.whoami_calls_total = Counter(
+            "synapse_router_whoami_calls",
+            "Calls to Synapse's /account/whoami, by outcome: user, rejected (401), error.",
+            ["outcome"],
+            registry=r,
+        )
+        self.whoami_seconds = Histogram(
+            "synapse_router_whoami_seconds",
+            "Duration of calls to Synapse's /account/whoami.",
+            buckets=WHOAMI_BUCKETS,
+            registry=r,
+        )
+        self.identity_lookups_total = Counter(
+            "synapse_router_identity_lookups",
+            "Token -> user lookups, by how the answer was found: cache, whoami, coalesced, negative, unresolved.",
+            ["source"],
+            registry=r,
+        )
+        self.identity_cache_entries = Gauge(
+            "synapse_router_identity_cache_entries",
+            "Tokens in the token -> user cache.",
+            registry=r,
+        )
+        self.worker_up = Gauge(
+            "synapse_router_worker_up",
+            "1 when the health checker considers a worker up, else 0.",
+            ["pool", "worker"],
+            registry=r,
+        )
+        self.worker_drained = Gauge(
+            "synapse_router_worker_drained",
+            "1 when a worker is drained (takes no new requests), else 0.",
+            ["pool", "worker"],
+            registry=r,
+        )
+        self.failovers_total = Counter(
+            "synapse_router_failovers",
+            "Requests sent to another worker of a pool after their first choice failed, by reason.",
+            ["pool", "reason"],
+            registry=r,
+        )
+        self.retries_total = Counter(
+            "synapse_router_retries",
+            "Requests retried upstream, by pool.",
+            ["pool"],
+            registry=r,
+        )
+        self.fallbacks_total = Counter(
+            "synapse_router_fallbacks",
+            "Pools of a route's chain passed over because they had no usable worker.",
+            ["route", "from_pool"],
+            registry=r,
+        )
+        # The fixed vocabularies start at zero, so rate() and ratios work from the first scrape.
+        for outcome in WHOAMI_OUTCOMES:
+            self.whoami_calls_total.labels(outcome)
+        for source in IDENTITY_SOURCES:
+            self.identity_lookups_total.labels(source)
+
+    def observe_request(
+        self,
+        route: str,
+        pool: str,
+        worker: str,
+        method: str,
+        status: int | None,
+        upstream_seconds: float | None,
+    ) -> None:
+        self.requests_total.labels(route, pool, worker, normalise_method(method), status_class(status)).inc()
+        if upstream_seconds is not None and math.isfinite(upstream_seconds):
+            self.upstream_seconds.labels(pool, worker).observe(_seconds(upstream_seconds))
+
+    def observe_whoami(self, outcome: str, seconds: float) -> None:
+        self.whoami_calls_total.labels(outcome if outcome in WHOAMI_OUTCOMES else OTHER).inc()
+        if math.isfinite(seconds):
+            self.whoami_seconds.observe(_seconds(seconds))
+
+    def observe_identity(self, source: str) -> None:
+        """Count one lookup; "" (a request without a token, so no lookup) counts nothing."""
+        if source:
+            self.identity_lookups_total.labels(source if source in IDENTITY_SOURCES else OTHER).inc()
+
+    def bind_cache_size(self, fn: Callable[[], int]) -> None:
+        """Report `fn()` as the identity cache size at each scrape (replaces an earlier binding).
+        A failing `fn` reports NaN instead of failing the scrape."""
+
+        def size() -> float:
+            try:
+                return float(fn())
+            except Exception:
+                log.debug("identity cache size callback failed", exc_info=True)
+                return math.nan
+
+        self.identity_cache_entries.set_function(size)
+
+    def set_worker_state(self, pool: str, worker: str, up: bool, drained: bool) -> None:
+        self.worker_up.labels(pool, worker).set(1 if up else 0)
+        self.worker_drained.labels(pool, worker).set(1 if drained else 0)
+
+    def remove_worker(self, pool: str, worker: str) -> None:
+        """Drop a worker's state series (it left the configuration); its counters remain."""
+        for gauge in (self.worker_up, self.worker_drained):
+            try:
+                gauge.remove(pool, worker)
+            except KeyError:
+                pass
+
+    def observe_failover(self, pool: str, reason: str) -> None:
+        """`reason` must come from a small fixed set (e.g. "connect", "timeout", "5xx"), never an error text."""
+        self.failovers_total.labels(pool, reason).inc()
+
+    def observe_retry(self, pool: str) -> None:
+        self.retries_total.labels(pool).inc()
+
+    def observe_fallback(self, route: str, from_pool: str) -> None:
+        self.fallbacks_total.labels(route, from_pool).inc()
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text exposition format (version 0.0.4)."""
+        return generate_latest(self.registry)
+
+
+# --- the exposition server -------------------------------------------------------------------
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # "text/plain; version=0.0.4; charset=utf-8"
+METRICS_PATH = "/metrics"
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP method (RFC 9110 token)
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+}
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Parse a listen address: "host:port", "0.0.0.0:9105", "[::1]:9105", "[::]:0"."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a listen address 'host:port', got {type(value).__name__}")
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        raise ValueError(f"{value!r} is not 'host:port' (e.g. 127.0.0.1:9105 or [::1]:9105)")
+    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{value!r} has an invalid port {port_text!r}: expected 0-65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])), int(port_text)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host[1:-1]!r} is not an IPv6 address") from None
+    if not host:
+        raise ValueError(f"{value!r} has no host; to listen on every interface use 0.0.0.0:PORT or [::]:PORT")
+    if ":" in host:
+        raise ValueError(f"{value!r}: put an IPv6 address in brackets, e.g. [::1]:9105")
+    if host.replace(".", "").isdigit():
+        try:
+            return str(ipaddress.IPv4Address(host)), int(port_text)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an IPv4 address") from None
+    if not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"{value!r}: {host!r} is not a valid host name or IPv4 address")
+    return host, int(port_text)
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+class MetricsServer:
+    """Serves `GET /metrics` for a RouterMetrics on its own address, one request per connection.
+
+    Minimal HTTP/1.1: `GET` or `HEAD /metrics` (a query string is ignored) answers 200 with the
+    exposition; another method on /metrics 405; any other path 404; an unparseable request 400.
+    Every response closes its connection. A client has `read_timeout` seconds to send its
+    request head; at most `max_connections` are open at once (more are closed at once).
+    """
+
+    def __init__(
+        self,
+        metrics: RouterMetrics,
+        listen: str,
+        *,
+        read_timeout: float = 10.0,
+        max_connections: int = 64,
+        max_header_lines: int = 100,
+    ) -> None:
+        self.host, self._configured_port = parse_listen(listen)
+        self.metrics = metrics
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self.max_header_lines = max_header_lines
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def port(self) -> int:
+        """The bound port (the first socket's, if the host name resolved to several addresses)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the metrics server is not running")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        self._server = await asyncio.start_server(self._handle, self.host, self._configured_port, limit=16 * 1024)
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for writer in list(self._writers):
+            writer.close()  # the handler sees EOF and finishes
+        await server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._writers) >= self.max_connections:
+            writer.close()
+            return
+        self._writers.add(writer)
+        try:
+            try:
+                method, path = await asyncio.wait_for(self._read_head(reader), self.read_timeout)
+            except _BadRequest as e:
+                await self._send(writer, e.status, b"", head_only=False)
+                return
+            except (TimeoutError, EOFError):
+                return  # a silent or vanished client gets no answer
+            if path != METRICS_PATH:
+                await self._send(writer, 404, b"not found\n", head_only=method == "HEAD")
+            elif method not in ("GET", "HEAD"):
+                await self._send(writer, 405, b"method not allowed\n", head_only=False, extra=b"Allow: GET, HEAD\r\n")
+            else:
+                await self._send(writer, 200, self.metrics.render(), head_only=method == "HEAD", ctype=CONTENT_TYPE)
+        except (ConnectionError, OSError):
+            pass
+        except Exception:
+            log.warning("metrics server: unexpected error serving a request", exc_info=True)
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str]:
+        """Read the request line and headers; return (method, path without query)."""
+        line = await self._readline(reader)
+        if not line:
+            raise EOFError
+        parts = line.decode("latin-1").rstrip("\r\n").split(" ")
+        if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[2].startswith("HTTP/1."):
+            raise _BadRequest(400)
+        method, target = parts[0], parts[1]
+        if not target.startswith("/"):
+            raise _BadRequest(400)
+        for _ in range(self.max_header_lines):
+            header = await self._readline(reader)
+            if not header:
+                raise EOFError
+            if header in (b"\r\n", b"\n"):
+                return method, target.split("?", 1)[0]
+        raise _BadRequest(431)
+
+    @staticmethod
+    async def _readline(reader: asyncio.StreamReader) -> bytes:
+        try:
+            line = await reader.readline()
+        except ValueError:  # longer than the stream's limit
+            raise _BadRequest(431) from None
+        if line and not line.endswith(b"\n"):
+            raise EOFError  # the connection ended mid-line
+        return line
+
+    @staticmethod
+    async def _send(
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        *,
+        head_only: bool,
+        ctype: str = "text/plain; charset=utf-8",
+        extra: bytes = b"",
+    ) -> None:
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
+            f"Content-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n"
+        ).encode("ascii")
+        writer.write(head + extra + b"\r\n" + (b"" if head_only else body))
+        await writer.drain()
