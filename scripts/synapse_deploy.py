@@ -28,7 +28,10 @@ answers `GET /health` with 200, and prints ONE line of JSON on stdout (progress 
 `up` is idempotent (a second `up` only re-checks and re-prints the JSON). `status` prints the
 same JSON and exits 0 when every process is running and healthy, else exits 1 and says on
 stderr what is down. `down` stops exactly the processes whose pid files are in STATE/pids
-(SIGTERM, wait, SIGKILL; PostgreSQL with `pg_ctl stop -m fast`), never anything by name.
+(SIGTERM, wait, SIGKILL; PostgreSQL with `pg_ctl stop -m fast`), never anything by name. A pid
+counts as ours only while its process is alive and its working directory is inside STATE (Synapse
+runs in STATE, PostgreSQL in its data dir, Redis in STATE/redis), so a recycled pid is never
+signalled. Every process runs in its own session, detached from the caller.
 `stop-worker NAME` stops one worker; `start-worker NAME` starts it again, waits for its
 /health and prints the JSON.
 
@@ -53,6 +56,9 @@ State directory (default `.synapse-deploy/` at the repository root):
 
 Synapse's access log lines (logger `synapse.access.http.<port>`, INFO) name the user:
 `... - {@alice:test.local} Processed request: ... 200 "GET /_matrix/client/v3/sync?... HTTP/1.1" ...`
+
+Each start appends a `==== synapse_deploy ... starting NAME` line to the process's log and stdout
+file; a start-up failure report shows the tail of both since that line.
 
 Environment: SYNAPSE_DEPLOY_BASE_PORT, SYNAPSE_DEPLOY_SYNAPSE_SPEC (pip requirement for Synapse,
 default `matrix-synapse[redis]>=1.163`).
@@ -751,6 +757,8 @@ def homeserver_config(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, A
         "media_store_path": str(layout.media),
         "max_upload_size": "300M",
         "enable_registration": False,
+        # Test accounts only: cheap password hashing keeps register/login at a few ms, not ~0.3 s.
+        "bcrypt_rounds": 4,
         "registration_shared_secret": sec.registration_shared_secret,
         "macaroon_secret_key": sec.macaroon_secret_key,
         "form_secret": sec.form_secret,
