@@ -10,6 +10,7 @@ from collections import Counter
 
 import httpx
 import pytest
+import yaml
 
 from .conftest import Fleet, served
 
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.integration
 
 WORKERS = ["sync1", "sync2", "sync3"]
 HEALTH = {"interval": 0.3, "timeout": 0.5, "fall": 2, "rise": 2, "connect_timeout": 0.5}
+WHOAMI = {"timeout": 10}  # a loaded test machine must not turn users into token-keyed requests
 USERS = 60
 
 
@@ -29,7 +31,9 @@ def pool(fleet: Fleet, start_router):
     fleet.add("main", whoami=_tokens())
     for name in WORKERS:
         fleet.add(name)
-    router = start_router(fleet["main"].url, {"workers": {"sync": [fleet[n].url for n in WORKERS]}, "health": HEALTH})
+    router = start_router(
+        fleet["main"].url, {"workers": {"sync": [fleet[n].url for n in WORKERS]}, "health": HEALTH, "whoami": WHOAMI}
+    )
     return fleet, router
 
 
@@ -99,7 +103,9 @@ def test_recovery_moves_users_back(pool) -> None:
             fleet["sync2"].kill()
             during = await _where(client)
             fleet["sync2"].start()
-            await asyncio.sleep(HEALTH["interval"] * (HEALTH["rise"] + 2) + HEALTH["timeout"])
+            deadline = time.monotonic() + 15
+            while f"worker {fleet['sync2'].url} is UP" not in router.log() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
             after = await _where(client)
             return before, during, after
 
@@ -142,7 +148,8 @@ def test_refused_worker_first_request_already_fails_over(fleet: Fleet, start_rou
         fleet.add(name)
     slow_checks = {**HEALTH, "interval": 3600}
     router = start_router(
-        fleet["main"].url, {"workers": {"sync": [fleet[n].url for n in WORKERS]}, "health": slow_checks}
+        fleet["main"].url,
+        {"workers": {"sync": [fleet[n].url for n in WORKERS]}, "health": slow_checks, "whoami": WHOAMI},
     )
 
     async def run() -> tuple[dict[int, str], dict[int, str]]:
@@ -193,12 +200,10 @@ def test_drain_by_config_reload_on_sighup(pool) -> None:
 
     before = asyncio.run(where())
     config = {
-        "workers": {
-            "sync": [fleet["sync1"].url, {"url": fleet["sync2"].url, "drained": True}, fleet["sync3"].url]
-        },
+        "workers": {"sync": [fleet["sync1"].url, {"url": fleet["sync2"].url, "drained": True}, fleet["sync3"].url]},
         "health": HEALTH,
+        "whoami": WHOAMI,
     }
-    import yaml
 
     router.config_path.write_text(yaml.safe_dump(config))
     router.proc.send_signal(signal.SIGHUP)

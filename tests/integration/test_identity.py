@@ -38,7 +38,9 @@ def sticky(fleet: Fleet, start_router):
     fleet.add("main", whoami=users)
     for name in SYNC_WORKERS:
         fleet.add(name)
-    router = start_router(fleet["main"].url, {"workers": {"sync": [fleet[n].url for n in SYNC_WORKERS]}})
+    router = start_router(
+        fleet["main"].url, {"workers": {"sync": [fleet[n].url for n in SYNC_WORKERS]}, "whoami": {"timeout": 10}}
+    )
     return fleet, router, users
 
 
