@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import signal
+import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -16,14 +17,17 @@ from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from . import forward, tokens
+from .accesslog import AccessLogConfig, AccessLogFormatter, AccessRecord
 from .config import ConfigError, RouterConfig, Upstream, WhoamiConfig, load_config, parse_upstream_url
 from .engine import Decision, Engine
 from .forwarding import ROUTER_HEADER_PREFIX, SPOOFABLE_HEADERS, TrustedProxies
 from .health import HealthConfig, WorkerStates, check_worker
-from .identity import IdentityResolver, Resolution, Source, whoami_over_http
+from .identity import IdentityResolver, Resolution, Source, TokenRejected, WhoamiCall, whoami_over_http
+from .metrics import MetricsServer, RouterMetrics
 from .routes import Balance, Match, room_from_path
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("synapse_router.access")
 
 METADATA_KEY = "synapse_router"
 STREAM_THRESHOLD = 1024 * 1024  # bodies larger than this, or of unknown size, are streamed
@@ -60,6 +64,11 @@ class SynapseRouter:
         self._connecting: dict[str, http.HTTPFlow] = {}
         # worker URL -> set when it goes down: requests waiting on it move to another worker
         self._down_events: dict[str, asyncio.Event] = {}
+        self.metrics = RouterMetrics()
+        self.metrics.bind_cache_size(lambda: len(self.identity.users) if self.identity else 0)
+        self._metrics_server: MetricsServer | None = None
+        self._access: AccessLogFormatter | None = None
+        self._access_file: Any = None  # an open text file, or None: the mitmproxy event log
 
     # --- options ---
 
@@ -88,6 +97,7 @@ class SynapseRouter:
 
     def running(self) -> None:
         self._client()
+        self._serve_metrics()
         if self._health_task is None:
             self._health_task = asyncio.create_task(self._check_health_forever())
             # `kill -HUP` reloads the configuration, as nginx does: mitmdump has no console.
@@ -100,6 +110,10 @@ class SynapseRouter:
         if self._health_task is not None:
             self._health_task.cancel()
             self._health_task = None
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+            self._metrics_server = None
+        self._open_access_log(AccessLogConfig())
         for client in (self._http, self._forward_http):
             if client is not None:
                 await client.aclose()
@@ -125,7 +139,23 @@ class SynapseRouter:
                 return config.url.url
             return self.main.url if self.main is not None else "http://127.0.0.1:8008"
 
-        return IdentityResolver(config, whoami_over_http(self._client, base_url, config.timeout))
+        return IdentityResolver(config, self._observed(whoami_over_http(self._client, base_url, config.timeout)))
+
+    def _observed(self, call: WhoamiCall) -> WhoamiCall:
+        async def observed(token: str, as_user: str | None, user_agent: str | None, client_ip: str) -> str:
+            started = time.perf_counter()
+            outcome = "error"
+            try:
+                user = await call(token, as_user, user_agent, client_ip)
+                outcome = "user"
+                return user
+            except TokenRejected:
+                outcome = "rejected"
+                raise
+            finally:
+                self.metrics.observe_whoami(outcome, time.perf_counter() - started)
+
+        return observed
 
     @staticmethod
     def _load(path: str | None) -> RouterConfig:
@@ -147,8 +177,51 @@ class SynapseRouter:
                 asyncio.get_running_loop().create_task(self._forward_http.aclose())
                 self._forward_http = None
         self.workers.track(config.worker_urls(), config.drained_urls())
+        self._publish_worker_states()
+        self._open_access_log(config.access_log)
+        if self._metrics_server is not None and config.metrics_listen != self._metrics_server.listen:
+            asyncio.get_running_loop().create_task(self._metrics_server.stop())
+            self._metrics_server = None
+            self._serve_metrics()
         pools = ", ".join(f"{name}={len(ws)}" for name, ws in config.pools.items()) or "none"
         log.info(f"synapse-router: loaded {path}: pools {pools}, {len(config.routes)} custom route(s)")
+
+    def _serve_metrics(self) -> None:
+        listen = self.engine.config.metrics_listen if self.engine else None
+        if listen is None or self._metrics_server is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not running yet: running() starts it
+            return
+        server = self._metrics_server = MetricsServer(self.metrics, listen)
+
+        async def start() -> None:
+            try:
+                await server.start()
+            except OSError as e:
+                log.error(f"synapse-router: cannot serve metrics on {listen}: {e.strerror or e}")
+                return
+            log.info(f"synapse-router: metrics on http://{listen}/metrics")
+
+        loop.create_task(start())
+
+    def _open_access_log(self, config: AccessLogConfig) -> None:
+        if self._access_file is not None:
+            self._access_file.close()
+            self._access_file = None
+        self._access = AccessLogFormatter(config.format, config.include_user) if config.enabled else None
+        if config.enabled and config.path:
+            self._access_file = open(config.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+
+    def _publish_worker_states(self) -> None:
+        if self.engine is None:
+            return
+        for name, pool in self.engine.pools.items():
+            for worker in pool.workers:
+                health = self.workers.workers.get(worker.url)
+                if health is not None:
+                    self.metrics.set_worker_state(name, worker.url, health.up, health.drained)
 
     async def _check_health_forever(self) -> None:
         while True:
@@ -165,6 +238,7 @@ class SynapseRouter:
         health = self.workers.workers.get(url)
         if health is None:
             return
+        self._publish_worker_states()
         if health.up:
             log.info(f"synapse-router: worker {url} is UP")
         else:
@@ -223,6 +297,7 @@ class SynapseRouter:
             known = ", ".join(self.workers.workers) or "none"
             raise exceptions.CommandError(f"unknown worker {worker!r}; workers: {known}") from None
         if changed:
+            self._publish_worker_states()
             log.info(f"synapse-router: worker {url} {'drained' if drained else 'back in rotation'}")
 
     @command.command("router.workers")
@@ -319,6 +394,12 @@ class SynapseRouter:
         decision = self.engine.select(match.route, key, key_kind, self.workers.unusable, self.in_flight)
         if resolution is not None:
             decision.identity = resolution.source.value
+            self.metrics.observe_identity(decision.identity)
+        for skipped in decision.fallbacks:
+            self.metrics.observe_fallback(decision.route, skipped.split(":", 1)[0])
+        if found is not None:
+            flow.metadata[f"{METADATA_KEY}.token"] = tokens.short_hash(found.key)
+        flow.metadata[f"{METADATA_KEY}.client_ip"] = client_ip
         self._apply(flow, decision)
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -350,15 +431,20 @@ class SynapseRouter:
                 )
             except forward.NoResponse as e:
                 connect_failed = isinstance(e.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
-                if connect_failed:
-                    if self.workers.mark_down(upstream.url, f"connect failed: {e}"):
+                # A reset (not a clean close, which an idle keep-alive race also produces) or a
+                # failed connect takes the worker down at once.
+                if isinstance(e.__cause__, httpx.ConnectError | httpx.ConnectTimeout | httpx.ReadError):
+                    if self.workers.mark_down(upstream.url, str(e)):
                         self._log_state(upstream.url)
+                if connect_failed:
+                    pass  # never reached the worker: safe to try the next one, again and again
                 elif retried:
                     flow.response = http.Response.make(502, f"synapse-router: {upstream.url} gave no response")
                     return
                 else:
                     retried = True
-                decision = self._fail_over(flow, decision, "connect failed" if connect_failed else str(e))
+                    self.metrics.observe_retry(decision.pool)
+                decision = self._fail_over(flow, decision, "connect" if connect_failed else "no_response", str(e))
                 continue
             flow.response = http.Response(
                 http_version=b"HTTP/1.1",
@@ -367,16 +453,19 @@ class SynapseRouter:
                 headers=http.Headers(answer.headers),
                 content=None,
                 trailers=None,
-                timestamp_start=request.timestamp_start,
-                timestamp_end=None,
+                timestamp_start=answer.headers_at,
+                timestamp_end=time.time(),
             )
             flow.response.raw_content = answer.body
             return
 
-    def _fail_over(self, flow: http.HTTPFlow, failed: Decision, reason: str) -> Decision:
+    def _fail_over(self, flow: http.HTTPFlow, failed: Decision, reason: str, detail: str = "") -> Decision:
+        """Move a request off a failed worker. `reason` is a short fixed word (a metric label)."""
         assert self.engine is not None and failed.upstream is not None
         self.in_flight[failed.upstream.url] = max(0, self.in_flight.get(failed.upstream.url, 0) - 1)
-        decision = self.engine.failover(failed, self.workers.unusable, self.in_flight, reason)
+        self.metrics.observe_failover(failed.pool, reason)
+        why = f"{reason} ({detail})" if detail else reason
+        decision = self.engine.failover(failed, self.workers.unusable, self.in_flight, why)
         log.info(f"synapse-router: {failed.route}: failover {decision.failover}")
         self._apply(flow, decision)
         return decision
@@ -397,7 +486,7 @@ class SynapseRouter:
             # Marked down, so the next choice differs: this ends at main at the latest.
             if self.workers.mark_down(upstream.url, f"connect failed: {error}"):
                 self._log_state(upstream.url)
-            decision = self._fail_over(flow, decision, "connect failed")
+            decision = self._fail_over(flow, decision, "connect", error)
         target = decision.upstream or self.main
         if target is not None:
             data.server.address = (target.host, target.port)
@@ -417,6 +506,11 @@ class SynapseRouter:
             flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
+        decision = self._decision(flow)
+        if decision is not None and flow.response is not None and self.engine and self.engine.config.debug_headers:
+            flow.response.headers["X-Synapse-Router-Route"] = decision.route
+            flow.response.headers["X-Synapse-Router-Pool"] = decision.pool
+            flow.response.headers["X-Synapse-Router-Worker"] = decision.worker
         logout = flow.metadata.pop(f"{METADATA_KEY}.logout", None)
         if logout is not None and self.identity is not None and flow.response and flow.response.status_code == 200:
             everywhere, key = logout
@@ -496,6 +590,37 @@ class SynapseRouter:
             url = decision.upstream.url
             self.in_flight[url] = max(0, self.in_flight.get(url, 0) - 1)
         _redact_credentials(flow.request)
+        self._observe(flow, decision)
+
+    def _observe(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        request, response = flow.request, flow.response
+        upstream_seconds = None
+        if response is not None and response.timestamp_start and request.timestamp_end:
+            upstream_seconds = max(0.0, (response.timestamp_end or response.timestamp_start) - request.timestamp_end)
+        status = response.status_code if response is not None else None
+        self.metrics.observe_request(
+            decision.route, decision.pool, decision.worker, request.method, status, upstream_seconds
+        )
+        if self._access is None:
+            return
+        record = AccessRecord(
+            time=request.timestamp_start,
+            client_ip=flow.metadata.get(f"{METADATA_KEY}.client_ip", ""),
+            method=request.method,
+            path=request.path,
+            status=status,
+            bytes_sent=len(response.raw_content) if response is not None and response.raw_content is not None else None,
+            upstream_ms=upstream_seconds * 1000 if upstream_seconds is not None else None,
+            total_ms=(time.time() - request.timestamp_start) * 1000,
+            user_id=decision.key if decision.key_kind == "user" else None,
+            token_hash=flow.metadata.get(f"{METADATA_KEY}.token"),
+        )
+        record.set_decision(decision)
+        line = self._access.format(record)
+        if self._access_file is not None:
+            self._access_file.write(line + "\n")
+        else:
+            access_log.info(line)
 
 
 def _balance_key(

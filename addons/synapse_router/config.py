@@ -16,7 +16,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .accesslog import AccessLogConfig, AccessLogConfigError, parse_access_log_config
 from .health import HealthConfig
+from .metrics import parse_listen
 from .routes import MAIN, Balance, Route, RouteTable
 
 KeyPath = tuple[str | int, ...]
@@ -90,6 +92,9 @@ class RouterConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     whoami: WhoamiConfig = WhoamiConfig()
     health: HealthConfig = HealthConfig()
+    metrics_listen: str | None = None  # host:port of the Prometheus endpoint; None: off
+    access_log: AccessLogConfig = AccessLogConfig()
+    debug_headers: bool = False  # X-Synapse-Router-* response headers naming route and worker
 
     def worker_urls(self) -> set[str]:
         return {w.url for workers in self.pools.values() for w in workers}
@@ -153,6 +158,12 @@ def _number(doc: _Doc, value: Any, path: KeyPath, *, minimum: float, integer: bo
     if isinstance(value, bool) or not isinstance(value, ok_type) or value < minimum:
         kind = "an integer" if integer else "a number"
         raise doc.error(path, f"expected {kind} >= {minimum}, got {value!r}")
+    return value
+
+
+def _flag(doc: _Doc, value: Any, path: KeyPath) -> bool:
+    if not isinstance(value, bool):
+        raise doc.error(path, f"expected true or false, got {value!r}")
     return value
 
 
@@ -325,7 +336,29 @@ def _parse_health(doc: _Doc, raw: Any) -> HealthConfig:
     )
 
 
-_TOP_KEYS = frozenset({"workers", "routes", "trusted_proxies", "whoami", "health"})
+def _parse_metrics(doc: _Doc, raw: Any) -> str | None:
+    entry = _mapping(doc, raw, ("metrics",), frozenset({"listen"}))
+    listen = entry.get("listen")
+    if listen is None:
+        return None
+    try:
+        parse_listen(listen)
+    except ValueError as e:
+        raise doc.error(("metrics", "listen"), str(e)) from None
+    return str(listen)
+
+
+def _parse_access_log(doc: _Doc, raw: Any) -> AccessLogConfig:
+    try:
+        return parse_access_log_config(raw)
+    except AccessLogConfigError as e:
+        key: KeyPath = ("access_log", e.key) if e.key else ("access_log",)
+        raise doc.error(key, e.reason) from None
+
+
+_TOP_KEYS = frozenset(
+    {"workers", "routes", "trusted_proxies", "whoami", "health", "metrics", "access_log", "debug_headers"}
+)
 
 
 def parse_config(text: str) -> RouterConfig:
@@ -339,6 +372,9 @@ def parse_config(text: str) -> RouterConfig:
         trusted_proxies=_parse_trusted(doc, top.get("trusted_proxies")),
         whoami=_parse_whoami(doc, top.get("whoami")),
         health=_parse_health(doc, top.get("health")),
+        metrics_listen=_parse_metrics(doc, top.get("metrics")),
+        access_log=_parse_access_log(doc, top.get("access_log")),
+        debug_headers=_flag(doc, top.get("debug_headers", False), ("debug_headers",)),
     )
     try:
         config.table()

@@ -10,6 +10,7 @@ pass untouched both ways: no Accept-Encoding is added, nothing is decoded.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ class UpstreamResponse:
     reason: bytes
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    headers_at: float  # when the response headers arrived (epoch seconds)
 
 
 class NoResponse(Exception):
@@ -86,6 +88,7 @@ async def send(
         response = await sending
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as e:
         raise NoResponse(f"{type(e).__name__}: {e}") from e
+    headers_at = time.time()
     try:
         body = b"".join([chunk async for chunk in response.aiter_raw()])
     finally:
@@ -94,4 +97,4 @@ async def send(
     bodiless = method == "HEAD" or response.status_code in (204, 304) or response.status_code < 200
     if not bodiless and "content-length" not in response.headers:  # was chunked or close-delimited
         out_headers.append((b"content-length", str(len(body)).encode()))
-    return UpstreamResponse(response.status_code, response.reason_phrase.encode(), out_headers, body)
+    return UpstreamResponse(response.status_code, response.reason_phrase.encode(), out_headers, body, headers_at)

@@ -211,7 +211,9 @@ _REASONS = {
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
+    414: "URI Too Long",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
 }
 
 
@@ -252,9 +254,11 @@ class MetricsServer:
     """Serves `GET /metrics` for a RouterMetrics on its own address, one request per connection.
 
     Minimal HTTP/1.1: `GET` or `HEAD /metrics` (a query string is ignored) answers 200 with the
-    exposition; another method on /metrics 405; any other path 404; an unparseable request 400.
-    Every response closes its connection. A client has `read_timeout` seconds to send its
-    request head; at most `max_connections` are open at once (more are closed at once).
+    exposition; another method on /metrics 405; any other path 404; an unparseable request 400
+    (414 or 431 when too long). Every response closes its connection. A client has
+    `read_timeout` seconds to send its request head and as long again to take the response;
+    at most `max_connections` are open at once (more are closed at once). Rendering runs on
+    the event loop (about 10 ms per thousand series, once per scrape).
     """
 
     def __init__(
@@ -266,6 +270,7 @@ class MetricsServer:
         max_connections: int = 64,
         max_header_lines: int = 100,
     ) -> None:
+        self.listen = listen
         self.host, self._configured_port = parse_listen(listen)
         self.metrics = metrics
         self.read_timeout = read_timeout
@@ -306,19 +311,18 @@ class MetricsServer:
         self._writers.add(writer)
         try:
             try:
-                method, path = await asyncio.wait_for(self._read_head(reader), self.read_timeout)
+                async with asyncio.timeout(self.read_timeout):
+                    method, path = await self._read_head(reader)
             except _BadRequest as e:
-                await self._send(writer, e.status, b"", head_only=False)
-                return
+                status, body, head_only, extra = e.status, b"", False, b""
             except (TimeoutError, EOFError):
                 return  # a silent or vanished client gets no answer
-            if path != METRICS_PATH:
-                await self._send(writer, 404, b"not found\n", head_only=method == "HEAD")
-            elif method not in ("GET", "HEAD"):
-                await self._send(writer, 405, b"method not allowed\n", head_only=False, extra=b"Allow: GET, HEAD\r\n")
             else:
-                await self._send(writer, 200, self.metrics.render(), head_only=method == "HEAD", ctype=CONTENT_TYPE)
-        except (ConnectionError, OSError):
+                status, body, head_only, extra = self._respond(method, path)
+            ctype = CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8"
+            async with asyncio.timeout(self.read_timeout):  # a client that does not read is let go
+                await self._send(writer, status, body, head_only=head_only, ctype=ctype, extra=extra)
+        except OSError:  # includes ConnectionError and TimeoutError
             pass
         except Exception:
             log.warning("metrics server: unexpected error serving a request", exc_info=True)
@@ -327,12 +331,25 @@ class MetricsServer:
             writer.close()
             try:
                 await writer.wait_closed()
-            except (ConnectionError, OSError):
+            except OSError:
                 pass
+
+    def _respond(self, method: str, path: str) -> tuple[int, bytes, bool, bytes]:
+        """(status, body, head only, extra header lines) for a well-formed request."""
+        if path != METRICS_PATH:
+            return 404, b"not found\n", method == "HEAD", b""
+        if method not in ("GET", "HEAD"):
+            return 405, b"method not allowed\n", False, b"Allow: GET, HEAD\r\n"
+        try:
+            body = self.metrics.render()
+        except Exception:
+            log.warning("metrics server: rendering the metrics failed", exc_info=True)
+            return 500, b"internal server error\n", method == "HEAD", b""
+        return 200, body, method == "HEAD", b""
 
     async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str]:
         """Read the request line and headers; return (method, path without query)."""
-        line = await self._readline(reader)
+        line = await self._readline(reader, too_long=414)
         if not line:
             raise EOFError
         parts = line.decode("latin-1").rstrip("\r\n").split(" ")
@@ -342,7 +359,7 @@ class MetricsServer:
         if not target.startswith("/"):
             raise _BadRequest(400)
         for _ in range(self.max_header_lines):
-            header = await self._readline(reader)
+            header = await self._readline(reader, too_long=431)
             if not header:
                 raise EOFError
             if header in (b"\r\n", b"\n"):
@@ -350,11 +367,11 @@ class MetricsServer:
         raise _BadRequest(431)
 
     @staticmethod
-    async def _readline(reader: asyncio.StreamReader) -> bytes:
+    async def _readline(reader: asyncio.StreamReader, too_long: int) -> bytes:
         try:
             line = await reader.readline()
         except ValueError:  # longer than the stream's limit
-            raise _BadRequest(431) from None
+            raise _BadRequest(too_long) from None
         if line and not line.endswith(b"\n"):
             raise EOFError  # the connection ended mid-line
         return line
@@ -366,8 +383,8 @@ class MetricsServer:
         body: bytes,
         *,
         head_only: bool,
-        ctype: str = "text/plain; charset=utf-8",
-        extra: bytes = b"",
+        ctype: str,
+        extra: bytes,
     ) -> None:
         head = (
             f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"

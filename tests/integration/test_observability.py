@@ -1,0 +1,117 @@
+"""Metrics, access log and debug headers of a real mitmdump after known traffic."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import Fleet, free_port, served
+
+pytestmark = pytest.mark.integration
+
+TOKENS = {"syt_alice_device1_SECRET1": "@alice:test.local", "syt_alice_device2_SECRET2": "@alice:test.local"}
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def _value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_access_log_and_debug_headers_after_known_traffic(fleet: Fleet, start_router, tmp_path) -> None:
+    fleet.add("main", whoami=TOKENS)
+    fleet.add("sync1")
+    fleet.add("reader1")
+    metrics_port = free_port()
+    access_path = tmp_path / "access.log"
+    config = {
+        "workers": {"sync": [fleet["sync1"].url], "client_reader": [fleet["reader1"].url]},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "access_log": {"enabled": True, "format": "json", "path": str(access_path)},
+        "debug_headers": True,
+    }
+    router = start_router(fleet["main"].url, config)
+    sync1, reader1 = fleet["sync1"].url, fleet["reader1"].url
+    with httpx.Client(base_url=router.url, timeout=10) as client:
+        for i in range(5):
+            token = list(TOKENS)[i % 2]
+            r = client.get(f"/_matrix/client/v3/sync?since=s{i}&access_token={token}")
+            assert served(r)["server"] == "sync1"
+            assert r.headers["x-synapse-router-route"] == "sync"
+            assert r.headers["x-synapse-router-worker"] == sync1
+        for _ in range(3):
+            assert served(client.get("/_matrix/client/versions"))["server"] == "reader1"
+        for _ in range(2):
+            r = client.post("/_matrix/client/unstable/org.matrix.msc4108/rendezvous", content=b"{}")
+            assert r.headers["x-synapse-router-pool"] == "main"
+        assert client.get("/_matrix/client/versions?standin_status=503").status_code == 503
+
+    deadline = time.monotonic() + 10
+    while True:  # the server starts when mitmdump runs; give it a moment on a loaded machine
+        try:
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+            break
+        except httpx.ConnectError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    samples = _samples(text)
+    requests = "synapse_router_requests_total"
+    sync = {"route": "sync", "pool": "sync", "worker": sync1, "method": "GET"}
+    client_route = {"route": "client", "pool": "client_reader", "worker": reader1, "method": "GET"}
+    assert _value(samples, requests, **sync, status_class="2xx") == 5
+    assert _value(samples, requests, **client_route, status_class="2xx") == 3
+    assert _value(samples, requests, **client_route, status_class="5xx") == 1
+    rendezvous = {"route": "rendezvous", "pool": "main", "worker": "main", "method": "POST"}
+    assert _value(samples, requests, **rendezvous, status_class="2xx") == 2
+    # two tokens of one user: two whoami calls, then cache hits
+    assert _value(samples, "synapse_router_whoami_calls_total", outcome="user") == 2
+    assert _value(samples, "synapse_router_identity_lookups_total", source="whoami") == 2
+    assert _value(samples, "synapse_router_identity_lookups_total", source="cache") == 3
+    assert _value(samples, "synapse_router_identity_cache_entries") == 2
+    assert _value(samples, "synapse_router_worker_up", pool="sync", worker=sync1) == 1
+    assert _value(samples, "synapse_router_upstream_seconds_count", pool="sync", worker=sync1) == 5
+    # bounded labels: no user, token, path or client address anywhere
+    for secret in (*TOKENS, "@alice", "/_matrix"):
+        assert secret not in text
+    label_values = {value for (_, labels) in samples for _, value in labels}
+    assert "127.0.0.1" not in label_values  # the client's address is never a label
+
+    lines = [json.loads(line) for line in access_path.read_text().splitlines()]
+    assert len(lines) == 11
+    syncs = [entry for entry in lines if entry.get("route") == "sync"]
+    assert len(syncs) == 5
+    assert {e["worker"] for e in syncs} == {sync1}
+    assert [e["identity"] for e in syncs] == ["whoami", "whoami", "cache", "cache", "cache"]
+    assert all(e["status"] == 200 and e["client_ip"] == "127.0.0.1" and len(e["token_hash"]) == 8 for e in syncs)
+    assert all("user_id" not in e for e in lines)  # only when the operator enables it
+    assert {e["path"] for e in syncs} == {"/_matrix/client/v3/sync"}
+    everything = access_path.read_text() + router.log() + text
+    for token in TOKENS:
+        assert token not in everything
+
+
+def test_access_log_user_id_only_when_enabled(fleet: Fleet, start_router, tmp_path) -> None:
+    fleet.add("main", whoami=TOKENS)
+    fleet.add("sync1")
+    access_path = tmp_path / "access.log"
+    config = {
+        "workers": {"sync": [fleet["sync1"].url]},
+        "access_log": {"enabled": True, "format": "logfmt", "include_user": True, "path": str(access_path)},
+    }
+    router = start_router(fleet["main"].url, config)
+    token = list(TOKENS)[0]
+    httpx.get(f"{router.url}/_matrix/client/v3/sync?since=1", headers={"Authorization": f"Bearer {token}"})
+    line = access_path.read_text().strip()
+    assert "user_id=@alice:test.local" in line
+    assert "route=sync" in line and token not in line
