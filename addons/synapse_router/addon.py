@@ -573,6 +573,8 @@ class SynapseRouter:
             request.stream = True
         flow.metadata[METADATA_KEY] = decision
         flow.comment = decision.summary()
+        if decision.failover or decision.fallbacks:
+            flow.marked = ":warning:"  # stands out in mitmweb's flow list
 
     @staticmethod
     def _decision(flow: http.HTTPFlow) -> Decision | None:
