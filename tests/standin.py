@@ -33,6 +33,7 @@ CHUNK = 256 * 1024
 class StandinServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # a burst of new connections is queued, not dropped
 
     def __init__(
         self, address: tuple[str, int], name: str, whoami: dict[str, str] | None, whoami_delay: float = 0.0

@@ -430,18 +430,17 @@ class SynapseRouter:
                     abandon=self._down_event(upstream.url),
                 )
             except forward.NoResponse as e:
-                connect_failed = isinstance(e.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
-                # A reset (not a clean close, which an idle keep-alive race also produces) or a
-                # failed connect takes the worker down at once.
-                if isinstance(e.__cause__, httpx.ConnectError | httpx.ConnectTimeout | httpx.ReadError):
+                cause = e.__cause__
+                # A failed connect or a reset takes the worker down at once; a clean close
+                # before the response (which an idle keep-alive race also produces) does not.
+                if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout | httpx.ReadError):
                     if self.workers.mark_down(upstream.url, str(e)):
                         self._log_state(upstream.url)
-                if connect_failed:
-                    pass  # never reached the worker: safe to try the next one, again and again
-                elif retried:
-                    flow.response = http.Response.make(502, f"synapse-router: {upstream.url} gave no response")
-                    return
-                else:
+                connect_failed = isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout)
+                if not connect_failed:  # the worker may have seen the request: resend it once
+                    if retried:
+                        flow.response = http.Response.make(502, f"synapse-router: {upstream.url} gave no response")
+                        return
                     retried = True
                     self.metrics.observe_retry(decision.pool)
                 decision = self._fail_over(flow, decision, "connect" if connect_failed else "no_response", str(e))

@@ -17,7 +17,8 @@ from .conftest import Fleet, served
 pytestmark = pytest.mark.integration
 
 WORKERS = ["sync1", "sync2", "sync3"]
-HEALTH = {"interval": 0.3, "timeout": 0.5, "fall": 2, "rise": 2, "connect_timeout": 0.5}
+# Fast checks, but not so tight that a loaded 2-core test machine produces false DOWNs.
+HEALTH = {"interval": 0.3, "timeout": 1.0, "fall": 2, "rise": 2, "connect_timeout": 1.0}
 WHOAMI = {"timeout": 10}  # a loaded test machine must not turn users into token-keyed requests
 USERS = 60
 
@@ -111,7 +112,8 @@ def test_recovery_moves_users_back(pool) -> None:
 
     before, during, after = asyncio.run(run())
     assert "sync2" in before.values() and "sync2" not in during.values()
-    assert after == before
+    states = [line for line in router.log().splitlines() if " is UP" in line or " is DOWN" in line]
+    assert after == before, states
     assert "is UP" in router.log() and "is DOWN" in router.log()
 
 
@@ -135,7 +137,7 @@ def test_wedged_worker_requests_served_by_others(pool) -> None:
     assert "sync3" in before.values()
     assert "sync3" not in after.values()
     # fall x interval + timeout: the health checks notice, waiting requests move on
-    assert elapsed < 5, f"took {elapsed:.1f}s"
+    assert elapsed < 8, f"took {elapsed:.1f}s"
     for user, worker in before.items():
         if worker != "sync3":
             assert after[user] == worker
