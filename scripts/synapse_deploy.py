@@ -1058,13 +1058,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         epilog="Ports, layout and JSON: see the module docstring.",
     )
-    parser.add_argument("command", choices=["up", "down", "status", "stop-worker", "start-worker"])
+    parser.add_argument("command", choices=["install", "up", "down", "status", "stop-worker", "start-worker"])
     parser.add_argument("worker", nargs="?", choices=WORKER_NAMES, help="for stop-worker / start-worker")
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".synapse-deploy", help="default: %(default)s")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="start-up deadline in seconds")
     args = parser.parse_args(argv)
     if args.command in ("stop-worker", "start-worker") and not args.worker:
         parser.error(f"{args.command} needs a worker name: {', '.join(WORKER_NAMES)}")
+    if args.command == "install":  # only the Debian packages (PostgreSQL, Redis); starts nothing
+        try:
+            ensure_system_packages()
+        except DeployError as e:
+            say(f"error: {e}")
+            return 1
+        return 0
     layout = Layout(args.state_dir.expanduser().resolve())
     try:
         with state_lock(layout):

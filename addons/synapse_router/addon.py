@@ -25,6 +25,7 @@ from .health import HealthConfig, WorkerStates, check_worker
 from .identity import IdentityResolver, Resolution, Source, TokenRejected, WhoamiCall, whoami_over_http
 from .metrics import MetricsServer, RouterMetrics
 from .routes import Balance, Match, room_from_path
+from .sharedcache import SharedCache
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("synapse_router.access")
@@ -66,6 +67,9 @@ class SynapseRouter:
         self._down_events: dict[str, asyncio.Event] = {}
         self.metrics = RouterMetrics()
         self.metrics.bind_cache_size(lambda: len(self.identity.users) if self.identity else 0)
+        self.metrics.bind_shared_cache(
+            lambda: self.identity.shared.available if self.identity and self.identity.shared else None
+        )
         self._metrics_server: MetricsServer | None = None
         self._access: AccessLogFormatter | None = None
         self._access_file: Any = None  # an open text file, or None: the mitmproxy event log
@@ -114,6 +118,8 @@ class SynapseRouter:
             await self._metrics_server.stop()
             self._metrics_server = None
         self._open_access_log(AccessLogConfig())
+        if self.identity is not None and self.identity.shared is not None:
+            await self.identity.shared.close()
         for client in (self._http, self._forward_http):
             if client is not None:
                 await client.aclose()
@@ -139,7 +145,10 @@ class SynapseRouter:
                 return config.url.url
             return self.main.url if self.main is not None else "http://127.0.0.1:8008"
 
-        return IdentityResolver(config, self._observed(whoami_over_http(self._client, base_url, config.timeout)))
+        shared = SharedCache(config.redis) if config.redis else None
+        return IdentityResolver(
+            config, self._observed(whoami_over_http(self._client, base_url, config.timeout)), shared=shared
+        )
 
     def _observed(self, call: WhoamiCall) -> WhoamiCall:
         async def observed(token: str, as_user: str | None, user_agent: str | None, client_ip: str) -> str:
@@ -170,7 +179,10 @@ class SynapseRouter:
         self.config_path = path
         self.trusted = TrustedProxies(config.trusted_proxies)
         if self.identity is None or self.identity.config != config.whoami:
+            old = self.identity
             self.identity = self._build_identity(config.whoami)
+            if old is not None and old.shared is not None:
+                asyncio.get_running_loop().create_task(old.shared.close())
         if self.workers.config != config.health:
             self.workers.config = config.health
             if self._forward_http is not None:  # new connect timeout: a new client from now on

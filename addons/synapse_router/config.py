@@ -83,6 +83,7 @@ class WhoamiConfig:
     cache_size: int = 100_000
     negative_ttl: float = 10.0
     timeout: float = 2.0
+    redis: str | None = None  # redis:// URL of a cache shared by every router process; None: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +286,7 @@ def _parse_trusted(doc: _Doc, raw: Any) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
-_WHOAMI_KEYS = frozenset({"url", "cache_ttl", "cache_size", "negative_ttl", "timeout"})
+_WHOAMI_KEYS = frozenset({"url", "cache_ttl", "cache_size", "negative_ttl", "timeout", "redis"})
 
 
 def _parse_whoami(doc: _Doc, raw: Any) -> WhoamiConfig:
@@ -297,8 +298,14 @@ def _parse_whoami(doc: _Doc, raw: Any) -> WhoamiConfig:
             url = parse_upstream_url(entry["url"])
         except ValueError as e:
             raise doc.error(("whoami", "url"), str(e)) from None
+    redis_url = entry.get("redis")
+    if redis_url is not None and (
+        not isinstance(redis_url, str) or urlsplit(redis_url).scheme not in ("redis", "rediss", "unix")
+    ):
+        raise doc.error(("whoami", "redis"), f"expected a redis://host:port/db URL, got {redis_url!r}")
     return WhoamiConfig(
         url=url,
+        redis=redis_url,
         cache_ttl=float(_number(doc, entry.get("cache_ttl", defaults.cache_ttl), ("whoami", "cache_ttl"), minimum=1)),
         cache_size=_number(
             doc, entry.get("cache_size", defaults.cache_size), ("whoami", "cache_size"), minimum=1, integer=True

@@ -24,6 +24,7 @@ import httpx
 from cachetools import TTLCache
 
 from .config import WhoamiConfig
+from .sharedcache import REJECTED, SharedCache
 
 WHOAMI_PATH = "/_matrix/client/v3/account/whoami"
 UNAVAILABLE_BACKOFF = 5.0
@@ -33,6 +34,7 @@ NEGATIVE_ERRCODES = frozenset({"M_UNKNOWN_TOKEN", "M_MISSING_TOKEN"})
 
 class Source(StrEnum):
     CACHE = "cache"  # a cached user
+    SHARED = "shared"  # from the shared (Redis) cache of all router processes
     WHOAMI = "whoami"  # this request made the whoami call
     COALESCED = "coalesced"  # waited for another request's whoami call
     NEGATIVE = "negative"  # Synapse rejected the token (now or recently, cached)
@@ -59,9 +61,17 @@ WhoamiCall = Callable[[str, str | None, str | None, str], Awaitable[str]]
 
 
 class IdentityResolver:
-    def __init__(self, config: WhoamiConfig, call: WhoamiCall, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: WhoamiConfig,
+        call: WhoamiCall,
+        clock: Callable[[], float] = time.monotonic,
+        shared: SharedCache | None = None,
+    ) -> None:
         self.config = config
         self._call = call
+        self.shared = shared
+        self._background: set[asyncio.Task[None]] = set()  # shared-cache writes in flight
         self._clock = clock
         self.users: TTLCache[bytes, str] = TTLCache(config.cache_size, config.cache_ttl, timer=clock)
         self.rejected: TTLCache[bytes, bool] = TTLCache(
@@ -114,12 +124,23 @@ class IdentityResolver:
     async def _ask(
         self, key: bytes, token: str, as_user: str | None, user_agent: str | None, client_ip: str
     ) -> Resolution:
+        if self.shared is not None:
+            known = await self.shared.get(key)
+            if known == REJECTED:
+                self.rejected[key] = True
+                self.stats["negative"] += 1
+                return Resolution(None, Source.NEGATIVE)
+            if known is not None:
+                self.users[key] = sys.intern(known)
+                self.stats["shared"] += 1
+                return Resolution(known, Source.SHARED)
         self.stats["calls"] += 1
         try:
             user = await self._call(token, as_user, user_agent, client_ip)
         except TokenRejected:
             if self.config.negative_ttl > 0:
                 self.rejected[key] = True
+                self._share(key, REJECTED, self.config.negative_ttl)
             self.stats["negative"] += 1
             return Resolution(None, Source.NEGATIVE)
         except (WhoamiError, httpx.HTTPError) as e:
@@ -132,18 +153,37 @@ class IdentityResolver:
             return Resolution(None, Source.UNRESOLVED)
         self._transport_failures = 0
         self.users[key] = sys.intern(user)
+        self._share(key, user, self.config.cache_ttl)
         self.stats["whoami"] += 1
         return Resolution(user, Source.WHOAMI)
+
+    def _share(self, key: bytes, value: str, ttl: float) -> None:
+        """Tell the other router processes, without making this request wait for Redis."""
+        if self.shared is not None:
+            self._in_background(self.shared.put(key, value, ttl))
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def forget(self, key: bytes) -> None:
         self.users.pop(key, None)
         self.rejected.pop(key, None)
+        if self.shared is not None:
+            self._in_background(self.shared.delete(key))
 
     def forget_user(self, user_id: str) -> int:
-        """Evict every cached token of a user (after /logout/all). O(cache size), rare."""
+        """Evict every cached token of a user (after /logout/all). O(cache size), rare. In the
+        shared cache only the tokens this process knows are dropped; the others expire."""
         keys = [k for k, u in list(self.users.items()) if u == user_id]
         for k in keys:
             self.users.pop(k, None)
+        if self.shared is not None and keys:
+            self._in_background(self.shared.delete(*keys))
         return len(keys)
 
     def clear(self) -> None:

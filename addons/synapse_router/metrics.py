@@ -32,7 +32,7 @@ NO_RESPONSE = "error"  # the status class of a request that got no response
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", NO_RESPONSE)
 
 WHOAMI_OUTCOMES = ("user", "rejected", "error")
-IDENTITY_SOURCES = ("cache", "whoami", "coalesced", "negative", "unresolved")  # identity.Source values
+IDENTITY_SOURCES = ("cache", "shared", "whoami", "coalesced", "negative", "unresolved")  # identity.Source values
 OTHER = "other"  # an outcome or source outside the vocabularies above (a bug, but bounded)
 
 # From 1 ms API calls to 30 s long-polls (/sync, /events) and slow media uploads.
@@ -90,13 +90,20 @@ class RouterMetrics:
         )
         self.identity_lookups_total = Counter(
             "synapse_router_identity_lookups",
-            "Token -> user lookups, by how the answer was found: cache, whoami, coalesced, negative, unresolved.",
+            "Token -> user lookups, by how the answer was found: cache, shared, whoami, coalesced, negative, "
+            "unresolved.",
             ["source"],
             registry=r,
         )
         self.identity_cache_entries = Gauge(
             "synapse_router_identity_cache_entries",
             "Tokens in the token -> user cache.",
+            registry=r,
+        )
+        self.shared_cache_up = Gauge(
+            "synapse_router_shared_cache_up",
+            "1 when the shared (Redis) identity cache answers, 0 when the router runs on its "
+            "in-process cache alone; NaN when no shared cache is configured.",
             registry=r,
         )
         self.worker_up = Gauge(
@@ -170,6 +177,15 @@ class RouterMetrics:
                 return math.nan
 
         self.identity_cache_entries.set_function(size)
+
+    def bind_shared_cache(self, fn: Callable[[], bool | None]) -> None:
+        """Report fn() at each scrape: True (up), False (down), None (not configured)."""
+
+        def up() -> float:
+            state = fn()
+            return math.nan if state is None else float(state)
+
+        self.shared_cache_up.set_function(up)
 
     def set_worker_state(self, pool: str, worker: str, up: bool, drained: bool) -> None:
         self.worker_up.labels(pool, worker).set(1 if up else 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,3 +62,34 @@ def served(response: httpx.Response) -> dict:
     body = response.json()
     body["headers"] = {k.lower(): v for k, v in body["headers"]}
     return body
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A private redis-server on loopback (Debian's package; scripts/test installs it)."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is missing: scripts/test installs Debian's redis-server"
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc)
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        proc.kill()
+        proc.wait()

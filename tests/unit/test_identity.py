@@ -215,3 +215,86 @@ async def test_whoami_over_http(status: int, body: object, outcome: object) -> N
         else:
             with pytest.raises(outcome):  # type: ignore[call-overload]
                 await call("tok", None, "Element/1.0", "198.51.100.7")
+
+
+class FakeShared:
+    """The shared cache's interface, in memory: what several router processes would see."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, str] = {}
+        self.available = True
+
+    async def get(self, key: bytes) -> str | None:
+        return self.data.get(key) if self.available else None
+
+    async def put(self, key: bytes, value: str, ttl: float) -> None:
+        if self.available:
+            self.data[key] = value
+
+    async def delete(self, *keys: bytes) -> None:
+        for k in keys:
+            self.data.pop(k, None)
+
+
+async def test_shared_cache_saves_the_second_process_a_call() -> None:
+    shared = FakeShared()
+    fake = FakeWhoami({"t1": "@alice:x"})
+    first = IdentityResolver(WhoamiConfig(), fake, Clock(), shared=shared)  # type: ignore[arg-type]
+    second = IdentityResolver(WhoamiConfig(), fake, Clock(), shared=shared)  # type: ignore[arg-type]
+    assert (await resolve(first, "t1")).source is Source.WHOAMI
+    await asyncio.sleep(0)  # the write to the shared cache runs in the background
+    result = await resolve(second, "t1")
+    assert (result.user_id, result.source) == ("@alice:x", Source.SHARED)
+    assert (await resolve(second, "t1")).source is Source.CACHE
+    assert fake.calls == 1
+
+
+async def test_shared_negative_answer() -> None:
+    shared = FakeShared()
+    fake = FakeWhoami({})
+    first = IdentityResolver(WhoamiConfig(), fake, Clock(), shared=shared)  # type: ignore[arg-type]
+    second = IdentityResolver(WhoamiConfig(), fake, Clock(), shared=shared)  # type: ignore[arg-type]
+    await resolve(first, "bad")
+    await asyncio.sleep(0)
+    assert (await resolve(second, "bad")).source is Source.NEGATIVE
+    assert fake.calls == 1
+
+
+async def test_shared_cache_down_falls_back_to_whoami() -> None:
+    shared = FakeShared()
+    shared.available = False
+    fake = FakeWhoami({"t1": "@alice:x"})
+    resolver = IdentityResolver(WhoamiConfig(), fake, Clock(), shared=shared)  # type: ignore[arg-type]
+    assert (await resolve(resolver, "t1")).user_id == "@alice:x"
+    assert fake.calls == 1
+
+
+async def test_logout_evicts_from_the_shared_cache_too() -> None:
+    shared = FakeShared()
+    resolver = IdentityResolver(WhoamiConfig(), FakeWhoami({"t1": "@a:x"}), Clock(), shared=shared)  # type: ignore[arg-type]
+    await resolve(resolver, "t1")
+    await asyncio.sleep(0)
+    assert token_key("t1") in shared.data
+    resolver.forget(token_key("t1"))
+    await asyncio.sleep(0)
+    assert token_key("t1") not in shared.data
+
+
+async def test_redis_unreachable_is_quick_and_reported() -> None:
+    import socket
+    import time
+
+    from synapse_router.sharedcache import SharedCache
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = SharedCache(f"redis://:hunter2@127.0.0.1:{port}/0")
+    assert "hunter2" not in cache.url
+    started = time.monotonic()
+    assert await cache.get(token_key("t")) is None
+    assert time.monotonic() - started < 1.0
+    assert cache.available is False and cache.errors == 1
+    assert await cache.get(token_key("t")) is None  # backing off: not even tried
+    assert cache.errors == 1
+    await cache.close()
