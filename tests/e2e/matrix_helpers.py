@@ -3,6 +3,8 @@
     register_user(base_url, shared_secret, username, password, admin=False) -> dict
     login(base_url, username, password, device_id=None) -> (access_token, device_id)
     served_by(log_paths, user_id, path_fragment) -> {process_name: count}
+    served_by_uri(log_paths, user_id, path_fragment, uri_fragment) -> {process_name: count}
+    entries_of(log_paths, user_id, path_fragment, uri_fragment="") -> {process_name: [AccessLogEntry]}
     access_log_entries(path) -> list[AccessLogEntry]
 
 `register_user` uses the shared-secret admin API of the main process
@@ -142,3 +144,28 @@ def login(base_url: str, username: str, password: str, device_id: str | None = N
     with httpx.Client(timeout=TIMEOUT) as client:
         result = _check(client.post(base_url.rstrip("/") + "/_matrix/client/v3/login", json=body))
     return result["access_token"], result["device_id"]
+
+
+def entries_of(
+    log_paths: Mapping[str, str], user_id: str | None, path_fragment: str, uri_fragment: str = ""
+) -> dict[str, list[AccessLogEntry]]:
+    """Per process, the access-log entries whose path contains `path_fragment` and whose full
+    URI (query included) contains `uri_fragment`, made by `user_id` (None: by anyone, e.g.
+    requests Synapse rejected with 401, which it logs as `{None}`)."""
+    found: dict[str, list[AccessLogEntry]] = {}
+    for name, path in log_paths.items():
+        found[name] = [
+            entry
+            for entry in access_log_entries(path)
+            if (user_id is None or entry.user == user_id) and path_fragment in entry.path and uri_fragment in entry.uri
+        ]
+    return found
+
+
+def served_by_uri(
+    log_paths: Mapping[str, str], user_id: str | None, path_fragment: str, uri_fragment: str
+) -> dict[str, int]:
+    """Like `served_by`, restricted to requests whose URI (query included) has `uri_fragment`:
+    a marker a client put in its query (e.g. in a sync filter) tells its requests apart from
+    those of the user's other devices."""
+    return {name: len(found) for name, found in entries_of(log_paths, user_id, path_fragment, uri_fragment).items()}
