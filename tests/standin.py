@@ -48,6 +48,7 @@ class StandinServer(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go in separate writes: no delayed-ACK stall
     server: StandinServer
 
     def log_message(self, format: str, *args: object) -> None:  # quiet

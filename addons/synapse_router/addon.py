@@ -24,6 +24,7 @@ from .forwarding import ROUTER_HEADER_PREFIX, SPOOFABLE_HEADERS, TrustedProxies
 from .health import HealthConfig, WorkerStates, check_worker
 from .identity import IdentityResolver, Resolution, Source, TokenRejected, WhoamiCall, whoami_over_http
 from .metrics import MetricsServer, RouterMetrics
+from .query import query_param
 from .routes import Balance, Match, room_from_path
 from .sharedcache import SharedCache
 
@@ -428,6 +429,7 @@ class SynapseRouter:
         request = flow.request
         headers = forward.request_headers(request.headers.fields)
         retried = False
+        tried: set[str] = set()
         while True:
             upstream = decision.upstream
             if upstream is None:  # failed over to main: mitmproxy forwards it there
@@ -443,9 +445,10 @@ class SynapseRouter:
                 )
             except forward.NoResponse as e:
                 cause = e.__cause__
-                # A failed connect or a reset takes the worker down at once; a clean close
-                # before the response (which an idle keep-alive race also produces) does not.
-                if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout | httpx.ReadError):
+                # A refused connection or a reset takes the worker down at once. A connect
+                # timeout only moves this request: under a burst of new connections a full
+                # accept queue looks the same, and the health checks judge a black hole.
+                if isinstance(cause, httpx.ConnectError | httpx.ReadError):
                     if self.workers.mark_down(upstream.url, str(e)):
                         self._log_state(upstream.url)
                 connect_failed = isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout)
@@ -455,7 +458,8 @@ class SynapseRouter:
                         return
                     retried = True
                     self.metrics.observe_retry(decision.pool)
-                decision = self._fail_over(flow, decision, "connect" if connect_failed else "no_response", str(e))
+                reason = "connect" if connect_failed else "no_response"
+                decision = self._fail_over(flow, decision, tried, reason, str(e))
                 continue
             flow.response = http.Response(
                 http_version=b"HTTP/1.1",
@@ -470,13 +474,17 @@ class SynapseRouter:
             flow.response.raw_content = answer.body
             return
 
-    def _fail_over(self, flow: http.HTTPFlow, failed: Decision, reason: str, detail: str = "") -> Decision:
-        """Move a request off a failed worker. `reason` is a short fixed word (a metric label)."""
+    def _fail_over(
+        self, flow: http.HTTPFlow, failed: Decision, tried: set[str], reason: str, detail: str = ""
+    ) -> Decision:
+        """Move a request off a failed worker, never back to one it already tried. `reason` is
+        a short fixed word (a metric label)."""
         assert self.engine is not None and failed.upstream is not None
+        tried.add(failed.upstream.url)
         self.in_flight[failed.upstream.url] = max(0, self.in_flight.get(failed.upstream.url, 0) - 1)
         self.metrics.observe_failover(failed.pool, reason)
         why = f"{reason} ({detail})" if detail else reason
-        decision = self.engine.failover(failed, self.workers.unusable, self.in_flight, why)
+        decision = self.engine.failover(failed, self.workers.unusable | tried, self.in_flight, why)
         log.info(f"synapse-router: {failed.route}: failover {decision.failover}")
         self._apply(flow, decision)
         return decision
@@ -490,14 +498,17 @@ class SynapseRouter:
             return
         if data.server.address != (decision.upstream.host, decision.upstream.port):
             return
+        tried: set[str] = set()
         while (upstream := decision.upstream) is not None:
             error = await _probe(upstream, self.workers.config.connect_timeout)
             if error is None:
                 break
-            # Marked down, so the next choice differs: this ends at main at the latest.
-            if self.workers.mark_down(upstream.url, f"connect failed: {error}"):
+            # Each failover excludes the failed worker, so this ends at main at the latest.
+            if not error.startswith("no connection within") and self.workers.mark_down(
+                upstream.url, f"connect failed: {error}"
+            ):
                 self._log_state(upstream.url)
-            decision = self._fail_over(flow, decision, "connect", error)
+            decision = self._fail_over(flow, decision, tried, "connect", error)
         target = decision.upstream or self.main
         if target is not None:
             data.server.address = (target.host, target.port)
@@ -669,15 +680,20 @@ def _reverse_target(modes: Sequence[str]) -> Upstream | None:
 
 
 def _router_may_retry(request: http.Request, decision: Decision) -> bool:
-    """Sync-family requests (the long-polls in flight when a worker dies) that are safe to
-    resend: idempotent and bodiless. The router sends these itself so it can retry them."""
-    return (
+    """Sync-family long-polls (`timeout` > 0: what is in flight when a worker dies) that are
+    safe to resend: idempotent and bodiless. The router sends these itself so it can retry
+    them; that costs more CPU than mitmproxy's own path (docs/benchmarks.md), so short
+    requests stay on mitmproxy's path, covered by connect failover."""
+    if not (
         decision.matched is not None
         and decision.matched.balance is Balance.USER
         and request.method in forward.RETRYABLE_METHODS
         and "transfer-encoding" not in request.headers
         and request.headers.get("content-length", "0") == "0"
-    )
+    ):
+        return False
+    timeout = query_param(request.path.partition("?")[2], "timeout")
+    return timeout is not None and timeout.isdigit() and int(timeout) > 0
 
 
 async def _probe(upstream: Upstream, timeout: float) -> str | None:

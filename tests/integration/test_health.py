@@ -38,7 +38,9 @@ def pool(fleet: Fleet, start_router):
     return fleet, router
 
 
-async def _where(client: httpx.AsyncClient, path: str = "/_matrix/client/v3/sync?since=s1") -> dict[int, str]:
+async def _where(
+    client: httpx.AsyncClient, path: str = "/_matrix/client/v3/sync?since=s1&timeout=30000"
+) -> dict[int, str]:
     async def one(i: int) -> tuple[int, str]:
         r = await client.get(path, headers={"Authorization": f"Bearer tok{i}"})
         return i, served(r)["server"]
@@ -66,7 +68,7 @@ def test_kill_worker_under_load_no_failed_request_only_its_users_move(pool) -> N
                     sent += 1
                     try:
                         r = await client.get(
-                            "/_matrix/client/v3/sync?since=s1&standin_delay=0.4",
+                            "/_matrix/client/v3/sync?since=s1&timeout=30000&standin_delay=0.4",
                             headers={"Authorization": f"Bearer tok{i}"},
                         )
                         outcomes["ok" if r.status_code == 200 else f"http {r.status_code}"] += 1
