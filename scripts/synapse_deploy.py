@@ -78,6 +78,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -530,10 +531,24 @@ def chown_to_pg(path: Path) -> None:
         os.chown(path, user.pw_uid, user.pw_gid)
 
 
+def let_pg_traverse(path: Path) -> None:
+    """PostgreSQL runs as its own OS user, which must be able to reach the state directory: add
+    search (x, not read) permission for others on ancestors that lack it, e.g. a mode-700
+    temporary directory the checkout lives in."""
+    if pg_os_user() is None:
+        return
+    for ancestor in [path, *path.parents]:
+        mode = ancestor.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            say(f"chmod o+x {ancestor} (so the postgres user can reach {path})")
+            ancestor.chmod(mode | stat.S_IXOTH)
+
+
 def ensure_pg_cluster(layout: Layout, bindir: Path, sec: Secrets) -> None:
     if (layout.pg_data / "PG_VERSION").exists():
         return
     say(f"initdb {layout.pg_data}")
+    let_pg_traverse(layout.state)
     layout.pg_root.mkdir(mode=0o700, exist_ok=True)
     chown_to_pg(layout.pg_root)
     if layout.pg_data.exists():  # a half-made cluster from an interrupted run
