@@ -126,13 +126,17 @@ class Router:
         raise RuntimeError("no VmHWM")
 
 
-def router_command(main_url: str, port: int, config_path: Path, extra: list[str]) -> list[str]:
+def router_command(
+    main_url: str, port: int, config_path: Path, extra: list[str], launcher: str = "mitmdump"
+) -> list[str]:
+    """`launcher` "mitmdump": mitmdump with the addon script; "synapse-router": the lean
+    launcher (console script in the same bin directory), which has the router built in."""
+    script = ["-s", str(ROOT / "addons" / "router.py")] if launcher == "mitmdump" else []
     return [
-        str(MITMDUMP),
+        str(MITMDUMP if launcher == "mitmdump" else BIN / launcher),
         "--mode",
         f"reverse:{main_url}@127.0.0.1:{port}",
-        "-s",
-        str(ROOT / "addons" / "router.py"),
+        *script,
         "--set",
         f"router_config={config_path}",
         *extra,

@@ -445,10 +445,10 @@ class SynapseRouter:
                 )
             except forward.NoResponse as e:
                 cause = e.__cause__
-                # A refused connection or a reset takes the worker down at once. A connect
-                # timeout only moves this request: under a burst of new connections a full
-                # accept queue looks the same, and the health checks judge a black hole.
-                if isinstance(cause, httpx.ConnectError | httpx.ReadError):
+                # A refused connection takes the worker down at once. A connect timeout or a
+                # reset only moves this request: a burst filling the accept queue, or a client
+                # abandoning its long-poll, look the same; the health checks judge the worker.
+                if isinstance(cause, httpx.ConnectError):
                     if self.workers.mark_down(upstream.url, str(e)):
                         self._log_state(upstream.url)
                 connect_failed = isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout)

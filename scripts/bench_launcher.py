@@ -1,0 +1,350 @@
+"""CPU per request and throughput of the lean launcher against mitmdump, side by side in one run.
+
+    .venv/bin/python scripts/bench_launcher.py [--duration 10] [--connections 16] [--rounds 1]
+
+Same loopback workload for every proxy, load from `wrk -t1 -cN -dDs --latency` with a bearer
+token (Debian's wrk package):
+  versions  GET /_matrix/client/versions  -> the client_reader stand-in (mitmproxy forwards it)
+  sync      GET /_matrix/client/v3/sync?since=s1&timeout=0 -> the sync stand-in, by user
+            (a short sync: mitmproxy forwards it)
+  longpoll  GET /_matrix/client/v3/sync?since=s1&timeout=30000 -> the sync stand-in, by user,
+            which answers at once: the router sends long-polls itself (so that it can retry
+            them on another worker), a costlier path
+Proxies, all with the options the router enforces, no per-flow output (`flow_detail=0`) and
+the log at `warn` (what `-q` does, except that a worker marked DOWN or a failover during the
+run still shows, and is reported under "notes": such a run measured a different path):
+  mitmdump bare         reverse mode straight to the stand-in the router would choose
+  mitmdump + addon      mitmdump -s addons/router.py
+  lean launcher         synapse-router
+  lean --processes 2    synapse-router --processes 2 (parent + 2 children)
+The variants run one after another, interleaved per round, each from a fresh start with a warm
+identity cache. CPU per request is the proxy processes' own utime+stime (/proc/PID/stat, every
+process of the variant) over the wrk run divided by the requests wrk completed: the figure to
+trust on a shared 2-core machine. Throughput is not the proxy's capacity: wrk, the Python
+stand-in upstream and the proxy share the same two cores (the stand-in's CPU per request is
+printed too), and other work on the machine takes its share; `--processes 2` cannot show its
+second core here. The stand-ins run with TCP_NODELAY (see NoDelayStandin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.harness import MITMDUMP, STANDIN, Fleet, Standin, free_port, router_command, wait_for_port  # noqa: E402
+
+TOKEN = "syt_YmVuY2g_launcher_bench_token_0000"
+WORKLOADS = {
+    "versions": ("/_matrix/client/versions", "client_reader"),
+    "sync": ("/_matrix/client/v3/sync?since=s1&timeout=0", "sync"),
+    "longpoll": ("/_matrix/client/v3/sync?since=s1&timeout=30000", "sync"),
+}
+# What the router enforces, given to every variant so that all run with the same options.
+COMMON = [
+    "--set", "flow_detail=0",
+    "--set", "termlog_verbosity=warn",
+    "--set", "connection_strategy=lazy",
+    "--set", "keep_host_header=true",
+    "--set", "http2=false",
+    "--set", "block_global=false",
+]  # fmt: skip
+VARIANTS = ["mitmdump bare", "mitmdump + addon", "lean launcher", "lean --processes 2"]
+
+
+# The stand-in (http.server) writes a response in several segments without TCP_NODELAY: with the
+# client's delayed ACK each keep-alive response then waits ~40 ms (Nagle), which caps 16
+# connections at ~300-370 req/s whatever the proxy. Here the stand-ins run with TCP_NODELAY.
+_NODELAY = (
+    "import http.server, runpy, sys; "
+    "http.server.BaseHTTPRequestHandler.disable_nagle_algorithm = True; "
+    "runpy.run_path(sys.argv.pop(1), run_name='__main__')"
+)
+
+
+class NoDelayStandin(Standin):
+    def start(self) -> None:
+        args = ["--name", self.name, "--port", str(self.port)]
+        if self.whoami_file is not None:
+            args += ["--whoami", str(self.whoami_file)]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _NODELAY, str(STANDIN), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(self.port, self.proc)
+
+
+def add_standin(fleet: Fleet, name: str, whoami: dict[str, str] | None = None) -> Standin:
+    whoami_file = None
+    if whoami is not None:
+        whoami_file = fleet.tmp / f"whoami-{name}.json"
+        whoami_file.write_text(json.dumps(whoami))
+    server = fleet.servers[name] = NoDelayStandin(name, free_port(), whoami_file)
+    server.start()
+    return server
+
+
+@dataclass
+class Result:
+    workload: str
+    variant: str
+    round: int
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu_ms_per_req: float
+    upstream_cpu_ms_per_req: float
+    processes: int
+    notes: str
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        pids += process_tree(int(child))
+    return pids
+
+
+def _ms(value: str) -> float:
+    match = re.match(r"([\d.]+)(\w+)", value)
+    assert match is not None, value
+    return float(match.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+
+
+def _search(pattern: str, text: str) -> str:
+    match = re.search(pattern, text)
+    assert match is not None, f"{pattern!r} not in wrk output:\n{text}"
+    return match.group(1)
+
+
+def wrk_command(url: str, duration: int, connections: int) -> list[str]:
+    return [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        "-H",
+        f"Authorization: Bearer {TOKEN}",
+        url,
+    ]
+
+
+def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(wrk_command(url, duration, connections), capture_output=True, text=True, check=True).stdout
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = int(non_2xx.group(1)) if non_2xx else 0
+    if socket_errors:
+        errors += sum(int(n) for n in socket_errors.groups())
+    return {
+        "requests": int(_search(r"(\d+) requests in", out)),
+        "rps": float(_search(r"Requests/sec:\s+([\d.]+)", out)),
+        "p50": _ms(_search(r"(?m)^\s+50%\s+(\S+)", out)),  # the Latency Distribution lines
+        "p99": _ms(_search(r"(?m)^\s+99%\s+(\S+)", out)),
+        "errors": errors,
+    }
+
+
+def command_for(variant: str, main: Standin, upstream: Standin, config: Path, port: int) -> list[str]:
+    if variant == "mitmdump bare":
+        return [str(MITMDUMP), "--mode", f"reverse:{upstream.url}@127.0.0.1:{port}", *COMMON]
+    if variant == "mitmdump + addon":
+        return router_command(main.url, port, config, COMMON)
+    if variant == "lean launcher":
+        return router_command(main.url, port, config, COMMON, launcher="synapse-router")
+    if variant == "lean --processes 2":
+        return router_command(main.url, port, config, ["--processes", "2", *COMMON], launcher="synapse-router")
+    raise ValueError(variant)
+
+
+def measure(
+    work: Path,
+    workload: str,
+    variant: str,
+    rnd: int,
+    fleet: Fleet,
+    config: Path,
+    duration: int,
+    connections: int,
+) -> Result:
+    path, pool = WORKLOADS[workload]
+    upstream = fleet[pool]
+    port = free_port()
+    cmd = command_for(variant, fleet["main"], upstream, config, port)
+    log = work / f"{workload}-{variant.replace(' ', '_')}-{rnd}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_for_port(port, proc, timeout=60)
+        expected = 3 if "processes" in variant else 1
+        deadline = time.monotonic() + 60
+        while len(pids := process_tree(proc.pid)) < expected:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{variant}: {len(pids)} processes")
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}{path}"
+        for _ in range(16):  # warm every process: identity cache, upstream connections, imports
+            with httpx.Client(timeout=30) as client:
+                client.get(url, headers={"Authorization": f"Bearer {TOKEN}"}).raise_for_status()
+        time.sleep(1.0)  # the second child of --processes 2 past its start-up
+        pids = process_tree(proc.pid)
+        assert upstream.proc is not None
+        cpu0 = sum(cpu_seconds(pid) for pid in pids)
+        up0 = cpu_seconds(upstream.proc.pid)
+        wrk = run_wrk(url, duration, connections)
+        wrk_end = time.time()
+        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
+        up = cpu_seconds(upstream.proc.pid) - up0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    n = max(int(wrk["requests"]), 1)
+    notes = _events(log.read_text(errors="replace"), wrk_end)
+    return Result(
+        workload,
+        variant,
+        rnd,
+        int(wrk["requests"]),
+        wrk["rps"],
+        wrk["p50"],
+        wrk["p99"],
+        int(wrk["errors"]),
+        cpu * 1000 / n,
+        up * 1000 / n,
+        len(pids),
+        notes,
+    )
+
+
+def _events(log: str, wrk_end: float) -> str:
+    """Worker DOWN, failover and addon-error lines of a run, split into those logged while wrk
+    ran and those at its end (wrk drops its connections with requests in flight: a
+    sync request cancelled then is no measurement)."""
+    during, at_end, first = 0, 0, ""
+    day = time.strftime("%Y-%m-%d ", time.localtime(wrk_end))
+    for line in log.splitlines():
+        match = re.match(r"\[(\d\d:\d\d:\d\d)\.\d+\]", line)  # a log line of the proxy's
+        if match is None or not any(word in line for word in (" is DOWN", "failover", "Addon error")):
+            continue
+        first = first or line.split("synapse-router: ", 1)[-1][:48]
+        logged = time.mktime(time.strptime(day + match.group(1), "%Y-%m-%d %H:%M:%S"))
+        if logged >= int(wrk_end) - 1:
+            at_end += 1
+        else:
+            during += 1
+    if not first:
+        return ""
+    return f"events during run {during}, at wrk's end {at_end} ({first})"
+
+
+def table(results: list[Result]) -> str:
+    head = (
+        f"{'workload':<9} {'proxy':<19} {'rnd':>3} {'procs':>5} {'requests':>8} {'req/s':>7} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'CPU ms/req':>10} {'vs +addon':>9} {'upstream ms/req':>15}  notes"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        base = [
+            x.cpu_ms_per_req for x in results if (x.workload, x.round, x.variant) == (r.workload, r.round, VARIANTS[1])
+        ]
+        ratio = f"{r.cpu_ms_per_req / base[0]:.2f}x" if base and base[0] else "-"
+        lines.append(
+            f"{r.workload:<9} {r.variant:<19} {r.round:>3} {r.processes:>5} {r.requests:>8} {r.rps:>7.0f} "
+            f"{r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.errors:>6} {r.cpu_ms_per_req:>10.3f} {ratio:>9} "
+            f"{r.upstream_cpu_ms_per_req:>15.3f}  {r.notes}"
+        )
+    return "\n".join(lines)
+
+
+def summary(results: list[Result]) -> str:
+    lines = ["median CPU per request, lean / mitmdump + addon (target <= 0.6x):"]
+    for workload in dict.fromkeys(r.workload for r in results):
+
+        def med(variant: str, workload: str = workload) -> float:
+            values = [r.cpu_ms_per_req for r in results if (r.workload, r.variant) == (workload, variant)]
+            return statistics.median(values) if values else float("nan")
+
+        addon = med(VARIANTS[1])
+        parts = [f"{v} {med(v):.3f} ms ({med(v) / addon:.2f}x)" for v in VARIANTS]
+        lines.append(f"  {workload}: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds of wrk per measurement")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every variant")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--keep-logs", metavar="DIR", help="write the proxies' logs to DIR and keep them")
+    args = parser.parse_args()
+    if not (Path(sys.executable).parent / "synapse-router").exists():
+        sys.exit("synapse-router is not installed: .venv/bin/pip install -e '.[test]'")
+
+    print("$ " + shlex.join([Path(sys.executable).name, *sys.argv]))
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="bench-launcher-") as tmp:
+        work = Path(args.keep_logs or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        fleet = Fleet(work)
+        try:
+            add_standin(fleet, "main", whoami={TOKEN: "@bench:example.org"})
+            add_standin(fleet, "client_reader")
+            add_standin(fleet, "sync")
+            config = work / "router.yaml"
+            workers = {"client_reader": [fleet["client_reader"].url], "sync": [fleet["sync"].url]}
+            config.write_text(yaml.safe_dump({"workers": workers}))
+            example = {v: command_for(v, fleet["main"], fleet["client_reader"], config, 8080) for v in VARIANTS}
+            print("proxies (port and paths of this run):")
+            for variant, cmd in example.items():
+                print(f"  {variant:<19} $ {shlex.join(cmd)}")
+            load = wrk_command("http://127.0.0.1:PORT/PATH", args.duration, args.connections)
+            print(f"load: $ {shlex.join(load)}")
+            for workload in args.workloads:
+                for rnd in range(1, args.rounds + 1):
+                    for variant in VARIANTS:
+                        result = measure(work, workload, variant, rnd, fleet, config, args.duration, args.connections)
+                        results.append(result)
+                        print(
+                            f"  {workload} {variant} round {rnd}: {result.rps:.0f} req/s, "
+                            f"{result.cpu_ms_per_req:.3f} CPU ms/req",
+                            flush=True,
+                        )
+        finally:
+            fleet.stop()
+    print()
+    print(table(results))
+    print()
+    print(summary(results))
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
+
+
+if __name__ == "__main__":
+    main()

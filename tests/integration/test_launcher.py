@@ -1,0 +1,276 @@
+"""The lean launcher (`synapse-router`, synapse_router/launcher.py) as real processes on loopback:
+it routes like mitmdump with the addon, keeps tokens out of its output, refuses a bad
+configuration, routes deterministically across separate instances, and `--processes 2` serves
+one port from two processes and stops them all on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import ROOT, Fleet, Router, free_port, router_command, wait_for_port
+
+from .conftest import served
+
+pytestmark = pytest.mark.integration
+
+LAUNCHER = "synapse-router"
+POOLS = ["sync", "client_reader", "room", "media", "federation_reader", "typing"]
+ROUTES = [
+    ("GET", "/_matrix/client/v3/sync?since=s1&timeout=0", "sync"),
+    ("GET", "/_matrix/client/versions", "client_reader"),
+    ("PUT", "/_matrix/client/v3/rooms/!r:x/send/m.room.message/t1", "room"),
+    ("GET", "/_matrix/media/v3/download/x/y", "media"),
+    ("PUT", "/_matrix/federation/v1/send/1", "federation_reader"),
+    ("PUT", "/_matrix/client/v3/rooms/!r:x/typing/@a:x", "typing"),
+    ("POST", "/_matrix/client/v3/logout", "main"),
+]
+WHOAMI = {"timeout": 10}  # a loaded test machine must not turn users into token-keyed requests
+
+
+StartFn = Callable[..., Router]
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[StartFn]:
+    """Start a router with `launcher` ("synapse-router" or "mitmdump"); stopped at the end."""
+    started: list[Router] = []
+
+    def run(
+        main_url: str,
+        config: dict | str,
+        extra: list[str] | None = None,
+        launcher: str = LAUNCHER,
+        wait: bool = True,
+    ) -> Router:
+        n = len(started)
+        config_path = tmp_path / f"router-{n}.yaml"
+        config_path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+        port = free_port()
+        output = tmp_path / f"router-{n}.log"
+        with output.open("wb") as out:
+            proc = subprocess.Popen(
+                router_command(main_url, port, config_path, extra or [], launcher=launcher),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        router = Router(proc, port, output, config_path)
+        started.append(router)
+        if wait:
+            wait_for_port(port, proc, timeout=60)
+        return router
+
+    try:
+        yield run
+    finally:
+        for r in started:
+            r.stop()
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _both_serving(router: Router) -> list[int]:
+    """Wait for the parent's "2 processes serving" line; the children's pids."""
+    _wait_for(lambda: "2 processes serving" in router.log() or router.proc.poll() is not None, 60, "start-up")
+    assert router.proc.poll() is None, router.log()
+    children = _children(router.proc.pid)
+    assert len(children) == 2
+    return children
+
+
+def _port_pair_below_ephemeral_range() -> int:
+    """P with P and P+1 free and outside the kernel's ephemeral range, which the loopback
+    clients and upstream connections of these tests keep drawing from (process 2 of
+    `--processes 2` serves its metrics on P + 1)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in range(max(1024, low - 12000), low - 2, 7):
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+def _requests_total(metrics_url: str) -> float:
+    text = httpx.get(metrics_url, timeout=5).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "synapse_router_requests_total"
+    )
+
+
+def test_lean_launcher_routes_per_pool_like_mitmdump(fleet: Fleet, start: StartFn) -> None:
+    fleet.add("main")
+    for pool in POOLS:
+        fleet.add(pool)
+    config = {"workers": {pool: [fleet[pool].url] for pool in POOLS}}
+    lean = start(fleet["main"].url, config)
+    mitmdump = start(fleet["main"].url, config, launcher="mitmdump")
+    for router in (lean, mitmdump):
+        with httpx.Client(base_url=router.url, timeout=30) as client:
+            for method, path, server in ROUTES:
+                body = served(client.request(method, path, content=b"{}" if method != "GET" else None))
+                assert (body["server"], body["method"], body["path"]) == (server, method, path), router.log()
+                assert body["headers"]["x-forwarded-for"] == "127.0.0.1"
+    log = lean.log()
+    # the router's own start-up lines, and a flow line per request as mitmdump prints them
+    assert "synapse-router: loaded" in log
+    assert "synapse-router: setting connection_strategy=lazy" in log
+    assert "GET http://" in log and "/_matrix/client/versions" in log and "<< 200 OK" in log
+
+
+def test_lean_launcher_keeps_tokens_out_of_its_output(fleet: Fleet, start: StartFn) -> None:
+    header_token, query_token = "syt_header_SECRET_1", "syt_query_SECRET_2"
+    fleet.add("main", whoami={header_token: "@a:test.local", query_token: "@b:test.local"})
+    fleet.add("sync")
+    # -v: flow_detail 2 prints every header of every flow
+    router = start(fleet["main"].url, {"workers": {"sync": [fleet["sync"].url]}, "whoami": WHOAMI}, ["-v"])
+    with httpx.Client(base_url=router.url, timeout=30) as client:
+        r = client.get("/_matrix/client/v3/sync?since=s1", headers={"Authorization": f"Bearer {header_token}"})
+        assert served(r)["server"] == "sync"
+        r = client.get(f"/_matrix/client/v3/sync?since=s1&access_token={query_token}")
+        assert served(r)["server"] == "sync"
+        r = client.get("/_matrix/client/versions", headers={"Authorization": f"Bearer {header_token}"})
+        assert served(r)["server"] == "main"
+    router.stop()
+    log = router.log()
+    assert "Authorization: Bearer <redacted:" in log  # the headers were printed, redacted
+    assert "SECRET" not in log
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        ("workers:\n  sync:\n    - http://127.0.0.1:1\n    - htp://x:1\n", "workers.sync[1] (line 4)"),
+        ("wrokers: {}\n", "wrokers (line 1): unknown key"),
+    ],
+)
+def test_lean_launcher_rejects_a_bad_config(tmp_path: Path, config: str, words: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(config)
+    result = subprocess.run(
+        router_command("http://127.0.0.1:1", free_port(), path, [], launcher=LAUNCHER),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"router_config {path}: {words}" in result.stderr
+
+
+def test_lean_launcher_rejects_an_option_it_does_not_have(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text("workers: {}\n")
+    command = router_command("http://127.0.0.1:1", free_port(), path, ["--set", "map_local=|x|y"], launcher=LAUNCHER)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "Unknown option(s): map_local" in result.stderr
+
+
+def test_two_instances_send_each_user_to_the_same_worker(fleet: Fleet, start: StartFn) -> None:
+    users = {f"syt_user{i}_tok": f"@user{i}:test.local" for i in range(50)}
+    fleet.add("main", whoami=users)
+    workers = ["sync1", "sync2", "sync3"]
+    for name in workers:
+        fleet.add(name)
+    config = {"workers": {"sync": [fleet[n].url for n in workers]}, "whoami": WHOAMI}
+    routers = [start(fleet["main"].url, config), start(fleet["main"].url, config)]
+    chosen: list[dict[str, str]] = []
+    for router in routers:
+        seen = {}
+        with httpx.Client(base_url=router.url, timeout=30) as client:
+            for token, user in users.items():
+                r = client.get("/_matrix/client/v3/sync?since=s1", headers={"Authorization": f"Bearer {token}"})
+                seen[user] = served(r)["server"]
+        chosen.append(seen)
+    assert chosen[0] == chosen[1]
+    assert set(chosen[0].values()) == set(workers)  # spread, not everyone on one worker
+    assert fleet["main"].stats()["whoami_calls"] == 2 * len(users)  # each instance resolved every user
+
+
+def test_processes_share_one_port_reload_and_stop_together(fleet: Fleet, start: StartFn) -> None:
+    fleet.add("main")
+    fleet.add("reader")
+    fleet.add("reader2")
+    metrics = _port_pair_below_ephemeral_range()
+    config = {"workers": {"client_reader": [fleet["reader"].url]}, "metrics": {"listen": f"127.0.0.1:{metrics}"}}
+    router = start(fleet["main"].url, config, ["--processes", "2"], wait=False)
+    children = _both_serving(router)
+    for port in (metrics, metrics + 1):  # each process serves its own metrics (process 2 on P + 1)
+        wait_for_port(port, router.proc, timeout=30)
+
+    requests = 60
+    for _ in range(requests):  # a new connection each, so the kernel spreads them over both
+        with httpx.Client(base_url=router.url, timeout=30) as client:
+            assert served(client.get("/_matrix/client/versions"))["server"] == "reader"
+    counts = [_requests_total(f"http://127.0.0.1:{port}/metrics") for port in (metrics, metrics + 1)]
+    assert sum(counts) == requests
+    assert all(count > 0 for count in counts), counts  # both processes served
+
+    # SIGHUP to the parent reloads the configuration in every process
+    config["workers"] = {"client_reader": [fleet["reader2"].url]}
+    router.config_path.write_text(yaml.safe_dump(config))
+    router.proc.send_signal(signal.SIGHUP)
+    _wait_for(lambda: router.log().count("synapse-router: loaded") == 4, 30, "both processes reloaded")
+    for _ in range(20):
+        with httpx.Client(base_url=router.url, timeout=30) as client:
+            assert served(client.get("/_matrix/client/versions"))["server"] == "reader2"
+
+    router.proc.send_signal(signal.SIGTERM)
+    assert router.proc.wait(30) == 0
+    _wait_for(lambda: not any(_alive(pid) for pid in children), 10, "children still running")
+
+
+def test_processes_leave_no_orphan_when_the_parent_is_killed(fleet: Fleet, start: StartFn) -> None:
+    fleet.add("main")
+    router = start(fleet["main"].url, {"workers": {}}, ["--processes", "2"], wait=False)
+    children = _both_serving(router)
+    router.proc.kill()
+    router.proc.wait(10)
+    _wait_for(lambda: not any(_alive(pid) for pid in children), 20, "orphaned children still running")
+
+
+def test_processes_bad_config_reported_once(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("workers:\n  sync:\n    - htp://x:1\n")
+    command = router_command("http://127.0.0.1:1", free_port(), path, ["--processes", "3"], launcher=LAUNCHER)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.count("workers.sync[0] (line 3)") == 1
