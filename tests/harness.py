@@ -4,6 +4,7 @@ mitmdump with the addon."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -11,8 +12,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN = ROOT / "tests" / "standin.py"
@@ -141,3 +144,43 @@ def router_command(
         f"router_config={config_path}",
         *extra,
     ]
+
+
+class RouterStarter:
+    """Starts routers (real processes) with their config and output in `work`; `stop_all` ends them."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.started: list[Router] = []
+
+    def __call__(
+        self,
+        main_url: str,
+        config: dict[str, Any] | str,
+        extra: list[str] | None = None,
+        launcher: str = "mitmdump",
+        wait: bool = True,
+        wait_timeout: float = 20.0,
+    ) -> Router:
+        n = len(self.started)
+        config_path = self.work / f"router-{n}.yaml"
+        config_path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+        port = free_port()
+        output = self.work / f"router-{n}.log"
+        with output.open("wb") as out:
+            proc = subprocess.Popen(
+                router_command(main_url, port, config_path, extra or [], launcher=launcher),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        router = Router(proc, port, output, config_path)
+        self.started.append(router)
+        if wait:
+            wait_for_port(port, proc, timeout=wait_timeout)
+        return router
+
+    def stop_all(self) -> None:
+        for router in self.started:
+            router.stop()

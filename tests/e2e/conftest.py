@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.harness import ROOT, Router, free_port, router_command, wait_for_port
+from tests.harness import ROOT, Router, RouterStarter
 
 DEPLOY = ROOT / "scripts" / "synapse_deploy.py"
 # A first `up` on a fresh machine installs PostgreSQL, Redis and Synapse: minutes, not seconds.
@@ -138,35 +137,13 @@ def router_config(dep: Deployment, **overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def start_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Router]]:
+def start_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterStarter]:
     """Start a real mitmdump with the addon (as tests/integration's fixture does)."""
-    tmp = tmp_path_factory.mktemp("router")
-    started: list[Router] = []
-
-    def start(main_url: str, config: dict[str, Any] | str, extra: list[str] | None = None) -> Router:
-        n = len(started)
-        config_path = tmp / f"router-{n}.yaml"
-        config_path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
-        port = free_port()
-        output = tmp / f"router-{n}.log"
-        with output.open("wb") as out:
-            proc = subprocess.Popen(
-                router_command(main_url, port, config_path, extra or []),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        router = Router(proc, port, output, config_path)
-        started.append(router)
-        wait_for_port(port, proc)
-        return router
-
+    starter = RouterStarter(tmp_path_factory.mktemp("router"))
     try:
-        yield start
+        yield starter
     finally:
-        for r in started:
-            r.stop()
+        starter.stop_all()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ one port from two processes and stops them all on SIGTERM."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import ROOT, Fleet, Router, free_port, router_command, wait_for_port
+from tests.harness import Fleet, Router, RouterStarter, free_port, router_command, wait_for_port
 
 from .conftest import served
 
@@ -44,7 +43,7 @@ StartFn = Callable[..., Router]
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[StartFn]:
     """Start a router with `launcher` ("synapse-router" or "mitmdump"); stopped at the end."""
-    started: list[Router] = []
+    starter = RouterStarter(tmp_path)
 
     def run(
         main_url: str,
@@ -53,30 +52,12 @@ def start(tmp_path: Path) -> Iterator[StartFn]:
         launcher: str = LAUNCHER,
         wait: bool = True,
     ) -> Router:
-        n = len(started)
-        config_path = tmp_path / f"router-{n}.yaml"
-        config_path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
-        port = free_port()
-        output = tmp_path / f"router-{n}.log"
-        with output.open("wb") as out:
-            proc = subprocess.Popen(
-                router_command(main_url, port, config_path, extra or [], launcher=launcher),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        router = Router(proc, port, output, config_path)
-        started.append(router)
-        if wait:
-            wait_for_port(port, proc, timeout=60)
-        return router
+        return starter(main_url, config, extra, launcher=launcher, wait=wait, wait_timeout=60)
 
     try:
         yield run
     finally:
-        for r in started:
-            r.stop()
+        starter.stop_all()
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
