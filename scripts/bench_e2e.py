@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.e2e.matrix_helpers import parse_access_line, register_user  # noqa: E402
-from tests.harness import MITMDUMP, STANDIN, Fleet, Standin, free_port, router_command, wait_for_port  # noqa: E402
+from tests.harness import MITMDUMP, Fleet, Standin, free_port, router_command, wait_for_port  # noqa: E402
 
 DEPLOY = ROOT / "scripts" / "synapse_deploy.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -205,38 +205,9 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 3
 
 # --------------------------------------------------------------------------- stand-ins
 
-# tests/standin.py writes a response's headers and body in separate send() calls without
-# TCP_NODELAY: with the client's delayed ACK, every keep-alive response then waits ~40 ms
-# (Nagle), which caps 16 connections at ~370 req/s whatever the proxy. The benchmark runs it
-# with TCP_NODELAY (the stock behaviour with --stock-standin).
-_NODELAY = (
-    "import http.server, runpy, sys; "
-    "http.server.BaseHTTPRequestHandler.disable_nagle_algorithm = True; "
-    "runpy.run_path(sys.argv.pop(1), run_name='__main__')"
-)
 
-
-class NoDelayStandin(Standin):
-    def start(self) -> None:
-        args = ["--name", self.name, "--port", str(self.port)]
-        if self.whoami_file is not None:
-            args += ["--whoami", str(self.whoami_file), "--whoami-delay", str(self.whoami_delay)]
-        cmd = [sys.executable, "-c", _NODELAY, str(STANDIN), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, self.proc)
-
-
-def add_standin(fleet: Fleet, name: str, stock: bool, whoami: dict[str, str] | None = None) -> Standin:
-    if stock:
-        return fleet.add(name, whoami=whoami)
-    whoami_file = None
-    if whoami is not None:
-        whoami_file = fleet.tmp / f"whoami-{name}.json"
-        whoami_file.write_text(json.dumps(whoami))
-    server = NoDelayStandin(name, free_port(), whoami_file)
-    fleet.servers[name] = server
-    server.start()
-    return server
+def add_standin(fleet: Fleet, name: str, whoami: dict[str, str] | None = None) -> Standin:
+    return fleet.add(name, whoami=whoami)
 
 
 # --------------------------------------------------------------------------- proxies
@@ -656,9 +627,8 @@ def bench_standin(bench: Bench) -> tuple[list[Row], list[str]]:
     notes: list[str] = []
     fleet = Fleet(bench.work)
     try:
-        stock = bench.args.stock_standin
-        main = add_standin(fleet, "main", stock, whoami={STANDIN_TOKEN: "@bench:test.local"})
-        worker = add_standin(fleet, "sync1", stock)
+        main = add_standin(fleet, "main", whoami={STANDIN_TOKEN: "@bench:test.local"})
+        worker = add_standin(fleet, "sync1")
         router_config = {"workers": {"sync": [worker.url]}}
         path = "/_matrix/client/v3/sync?since=s1&timeout=0"
         auth = [f"Authorization: Bearer {STANDIN_TOKEN}"]
@@ -882,9 +852,8 @@ def longpoll_standin(bench: Bench, n: int, users: int = 100, kind: str = "router
     fleet = Fleet(bench.work)
     tokens = {f"syt_bench_lp_{i:04d}": f"@lp{i}:test.local" for i in range(users)}
     try:
-        stock = bench.args.stock_standin
-        main = add_standin(fleet, "main", stock, whoami=tokens)
-        workers = [add_standin(fleet, f"sync{i}", stock) for i in range(1, 4)]
+        main = add_standin(fleet, "main", whoami=tokens)
+        workers = [add_standin(fleet, f"sync{i}") for i in range(1, 4)]
         token_list = list(tokens)
         requests = [
             ("/_matrix/client/v3/sync?since=s1&timeout=30000&standin_delay=30", token_list[i % users]) for i in range(n)
@@ -987,9 +956,6 @@ def main() -> int:
         "--longpoll-baseline", action="store_true", help="also hold the long-polls with bare mitmdump (+40 s)"
     )
     parser.add_argument("--skip-real", action="store_true", help="stand-ins only (no Synapse deployment)")
-    parser.add_argument(
-        "--stock-standin", action="store_true", help="run tests/standin.py as is (Nagle: ~40 ms per response)"
-    )
     parser.add_argument("--skip-wrk", action="store_true", help="long-polls only")
     parser.add_argument("--work-dir", type=Path, help="keep configs and proxy logs here (default: a temp dir, removed)")
     parser.add_argument("--keep-deployment", action="store_true", help="never take the deployment down")

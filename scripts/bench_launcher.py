@@ -23,13 +23,12 @@ process of the variant) over the wrk run divided by the requests wrk completed: 
 trust on a shared 2-core machine. Throughput is not the proxy's capacity: wrk, the Python
 stand-in upstream and the proxy share the same two cores (the stand-in's CPU per request is
 printed too), and other work on the machine takes its share; `--processes 2` cannot show its
-second core here. The stand-ins run with TCP_NODELAY (see NoDelayStandin).
+second core here.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -47,7 +46,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.harness import MITMDUMP, STANDIN, Fleet, Standin, free_port, router_command, wait_for_port  # noqa: E402
+from tests.harness import MITMDUMP, Fleet, Standin, free_port, router_command, wait_for_port  # noqa: E402
 
 TOKEN = "syt_YmVuY2g_launcher_bench_token_0000"
 WORKLOADS = {
@@ -67,35 +66,8 @@ COMMON = [
 VARIANTS = ["mitmdump bare", "mitmdump + addon", "lean launcher", "lean --processes 2"]
 
 
-# The stand-in (http.server) writes a response in several segments without TCP_NODELAY: with the
-# client's delayed ACK each keep-alive response then waits ~40 ms (Nagle), which caps 16
-# connections at ~300-370 req/s whatever the proxy. Here the stand-ins run with TCP_NODELAY.
-_NODELAY = (
-    "import http.server, runpy, sys; "
-    "http.server.BaseHTTPRequestHandler.disable_nagle_algorithm = True; "
-    "runpy.run_path(sys.argv.pop(1), run_name='__main__')"
-)
-
-
-class NoDelayStandin(Standin):
-    def start(self) -> None:
-        args = ["--name", self.name, "--port", str(self.port)]
-        if self.whoami_file is not None:
-            args += ["--whoami", str(self.whoami_file)]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _NODELAY, str(STANDIN), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_for_port(self.port, self.proc)
-
-
 def add_standin(fleet: Fleet, name: str, whoami: dict[str, str] | None = None) -> Standin:
-    whoami_file = None
-    if whoami is not None:
-        whoami_file = fleet.tmp / f"whoami-{name}.json"
-        whoami_file.write_text(json.dumps(whoami))
-    server = fleet.servers[name] = NoDelayStandin(name, free_port(), whoami_file)
-    server.start()
-    return server
+    return fleet.add(name, whoami=whoami)
 
 
 @dataclass
