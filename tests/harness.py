@@ -129,8 +129,13 @@ class Router:
         raise RuntimeError("no VmHWM")
 
 
+# Which launcher the integration tests run: mitmdump with the addon script (default) or the
+# lean `synapse-router`; .ci/run runs the integration tests with both.
+DEFAULT_LAUNCHER = os.environ.get("SYNAPSE_ROUTER_LAUNCHER", "mitmdump")
+
+
 def router_command(
-    main_url: str, port: int, config_path: Path, extra: list[str], launcher: str = "mitmdump"
+    main_url: str, port: int, config_path: Path, extra: list[str], launcher: str = DEFAULT_LAUNCHER
 ) -> list[str]:
     """`launcher` "mitmdump": mitmdump with the addon script; "synapse-router": the lean
     launcher (console script in the same bin directory), which has the router built in."""
@@ -158,7 +163,7 @@ class RouterStarter:
         main_url: str,
         config: dict[str, Any] | str,
         extra: list[str] | None = None,
-        launcher: str = "mitmdump",
+        launcher: str = DEFAULT_LAUNCHER,
         wait: bool = True,
         wait_timeout: float = 20.0,
     ) -> Router:
