@@ -60,12 +60,10 @@ class SynapseRouter:
         self.identity: IdentityResolver | None = None
         self.main: Upstream | None = None  # the reverse-mode target, when in reverse mode
         self._http: httpx.AsyncClient | None = None  # whoami and health checks
-        self._forward_http: httpx.AsyncClient | None = None  # requests the router retries itself
+        self._upstream = forward.UpstreamClient()  # requests the router sends (and retries) itself
         self._health_task: asyncio.Task[None] | None = None
         # client connection id -> the flow waiting for its upstream connection (mitmproxy path)
         self._connecting: dict[str, http.HTTPFlow] = {}
-        # worker URL -> set when it goes down: requests waiting on it move to another worker
-        self._down_events: dict[str, asyncio.Event] = {}
         self.metrics = RouterMetrics()
         self.metrics.bind_cache_size(lambda: len(self.identity.users) if self.identity else 0)
         self.metrics.bind_shared_cache(
@@ -121,10 +119,10 @@ class SynapseRouter:
         self._open_access_log(AccessLogConfig())
         if self.identity is not None and self.identity.shared is not None:
             await self.identity.shared.close()
-        for client in (self._http, self._forward_http):
-            if client is not None:
-                await client.aclose()
-        self._http = self._forward_http = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        self._upstream.close()
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
@@ -133,12 +131,6 @@ class SynapseRouter:
                 trust_env=False,
             )
         return self._http
-
-    def _forward_client(self) -> httpx.AsyncClient:
-        if self._forward_http is None:
-            health = self.workers.config
-            self._forward_http = forward.make_client(health.connect_timeout, read_timeout=None)
-        return self._forward_http
 
     def _build_identity(self, config: WhoamiConfig) -> IdentityResolver:
         def base_url() -> str:
@@ -184,11 +176,7 @@ class SynapseRouter:
             self.identity = self._build_identity(config.whoami)
             if old is not None and old.shared is not None:
                 asyncio.get_running_loop().create_task(old.shared.close())
-        if self.workers.config != config.health:
-            self.workers.config = config.health
-            if self._forward_http is not None:  # new connect timeout: a new client from now on
-                asyncio.get_running_loop().create_task(self._forward_http.aclose())
-                self._forward_http = None
+        self.workers.config = config.health
         self.workers.track(config.worker_urls(), config.drained_urls())
         self._publish_worker_states()
         self._open_access_log(config.access_log)
@@ -256,15 +244,7 @@ class SynapseRouter:
             log.info(f"synapse-router: worker {url} is UP")
         else:
             log.warning(f"synapse-router: worker {url} is DOWN: {health.reason}")
-            event = self._down_events.pop(url, None)
-            if event is not None:
-                event.set()
-
-    def _down_event(self, url: str) -> asyncio.Event:
-        event = self._down_events.get(url)
-        if event is None:
-            event = self._down_events[url] = asyncio.Event()
-        return event
+            self._upstream.abort(url)
 
     def _enforce_options(self, updated: set[str]) -> None:
         changes: dict[str, Any] = {}
@@ -435,23 +415,17 @@ class SynapseRouter:
             if upstream is None:  # failed over to main: mitmproxy forwards it there
                 return
             try:
-                answer = await forward.send(
-                    self._forward_client(),
-                    upstream,
-                    request.method,
-                    request.path,
-                    headers,
-                    abandon=self._down_event(upstream.url),
+                answer = await self._upstream.send(
+                    upstream, request.method, request.path, headers, self.workers.config.connect_timeout
                 )
             except forward.NoResponse as e:
-                cause = e.__cause__
                 # A refused connection takes the worker down at once. A connect timeout or a
                 # reset only moves this request: a burst filling the accept queue, or a client
                 # abandoning its long-poll, look the same; the health checks judge the worker.
-                if isinstance(cause, httpx.ConnectError):
+                if e.failure is forward.Failure.CONNECT_ERROR:
                     if self.workers.mark_down(upstream.url, str(e)):
                         self._log_state(upstream.url)
-                connect_failed = isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout)
+                connect_failed = e.failure is not forward.Failure.NO_RESPONSE
                 if not connect_failed:  # the worker may have seen the request: resend it once
                     if retried:
                         flow.response = http.Response.make(502, f"synapse-router: {upstream.url} gave no response")

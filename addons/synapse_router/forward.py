@@ -3,18 +3,24 @@
 mitmproxy answers a client 502 as soon as an upstream connection closes before the response,
 and offers no hook to retry. For idempotent, bodiless requests (sync long-polls above all)
 the addon sends the request itself: if the worker refuses the connection, times out
-connecting, or closes before any response byte, the request goes to the next worker. Bytes
-pass untouched both ways: no Accept-Encoding is added, nothing is decoded.
+connecting, or fails before its whole response arrived, the request goes to the next worker.
+Bytes pass untouched both ways: no Accept-Encoding is added, nothing is decoded.
+
+This is a minimal HTTP/1.1 client on asyncio streams with keep-alive connections per worker,
+not httpx: on this path httpx cost 1.1-2.4 ms of CPU per request, several times what
+mitmproxy spends on a whole proxied request (docs/benchmarks.md). It sends exactly one kind of
+request (no body, headers as given) and reads responses delimited by Content-Length, chunked
+encoding or the connection's end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-import httpx
+from enum import StrEnum
 
 from .config import Upstream
 
@@ -32,6 +38,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_HEAD = 64 * 1024  # bytes of status line and headers; more is not an HTTP response we relay
+MAX_IDLE_PER_WORKER = 256
 
 
 @dataclass(slots=True)
@@ -43,58 +51,226 @@ class UpstreamResponse:
     headers_at: float  # when the response headers arrived (epoch seconds)
 
 
+class Failure(StrEnum):
+    CONNECT_ERROR = "connect_error"  # refused, unreachable: the worker is not listening
+    CONNECT_TIMEOUT = "connect_timeout"  # no connection within the connect timeout
+    NO_RESPONSE = "no_response"  # connected, but the whole response never arrived
+
+
 class NoResponse(Exception):
-    """The worker gave no response byte: connection refused, timed out, or closed early."""
+    """The worker gave no (complete) response; `failure` says at which step."""
+
+    def __init__(self, failure: Failure, detail: str) -> None:
+        super().__init__(detail)
+        self.failure = failure
 
 
-def make_client(connect_timeout: float, read_timeout: float | None) -> httpx.AsyncClient:
-    client = httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=None),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        follow_redirects=False,
-        trust_env=False,
-    )
-    client.headers = httpx.Headers()  # no default Accept-Encoding or User-Agent of httpx's own
-    return client
+class BadResponse(Exception):
+    """The worker answered something that is not an HTTP/1.x response."""
 
 
 def request_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
 
 
-async def send(
-    client: httpx.AsyncClient,
-    upstream: Upstream,
-    method: str,
-    path: str,
-    headers: list[tuple[bytes, bytes]],
-    abandon: asyncio.Event | None = None,
-) -> UpstreamResponse:
-    """Send a bodiless request to a worker; raise NoResponse if it never answered, or if
-    `abandon` is set (the worker was found dead) before its response headers arrived."""
-    url = f"{upstream.url}{path}"
-    request = client.build_request(method, url, headers=headers)
-    sending = asyncio.ensure_future(client.send(request, stream=True))
-    if abandon is not None:
-        waiting = asyncio.ensure_future(abandon.wait())
+type Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class UpstreamClient:
+    """Keep-alive HTTP/1.1 connections to workers, and the requests sent on them."""
+
+    def __init__(self) -> None:
+        self._idle: dict[str, list[Connection]] = {}
+        self._busy: dict[str, set[asyncio.StreamWriter]] = {}
+        self._aborts: dict[str, int] = {}  # per worker, how many times `abort` was called
+        self._tls: ssl.SSLContext | None = None
+
+    async def send(
+        self, upstream: Upstream, method: str, path: str, headers: list[tuple[bytes, bytes]], connect_timeout: float
+    ) -> UpstreamResponse:
+        """Send a bodiless request to a worker and read its whole response; raise NoResponse
+        if there is none (also when `abort` closed the connection meanwhile)."""
+        url = upstream.url
+        head = _request_head(upstream, method, path, headers)
+        aborts = self._aborts.get(url, 0)
+        connection = self._checkout(url)
+        if connection is not None:
+            try:
+                return await self._exchange(url, connection, head, method, aborts)
+            except NoResponse:
+                if self._aborts.get(url, 0) != aborts:
+                    raise
+                # The worker may have closed an idle connection as we reused it: once more, fresh.
+        connection = await self._connect(upstream, connect_timeout)
+        return await self._exchange(url, connection, head, method, aborts)
+
+    def abort(self, url: str) -> int:
+        """Close every connection to a worker found dead, so the requests waiting on it give
+        up at once (each raises NoResponse); returns how many were in flight."""
+        self._aborts[url] = self._aborts.get(url, 0) + 1
+        for _, writer in self._idle.pop(url, []):
+            writer.transport.abort()
+        busy = self._busy.pop(url, set())
+        for writer in busy:
+            writer.transport.abort()
+        return len(busy)
+
+    def close(self) -> None:
+        for url in list(self._idle) + list(self._busy):
+            self.abort(url)
+
+    def idle_connections(self, url: str) -> int:
+        return len(self._idle.get(url, ()))
+
+    def _checkout(self, url: str) -> Connection | None:
+        idle = self._idle.get(url)
+        while idle:
+            reader, writer = idle.pop()
+            if not reader.at_eof() and not writer.transport.is_closing():
+                return reader, writer
+            writer.transport.abort()
+        return None
+
+    async def _connect(self, upstream: Upstream, timeout: float) -> Connection:
+        tls = self._tls_context() if upstream.scheme == "https" else None
         try:
-            await asyncio.wait({sending, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(upstream.host, upstream.port, ssl=tls, limit=MAX_HEAD)
+        except TimeoutError:
+            raise NoResponse(Failure.CONNECT_TIMEOUT, f"no connection within {timeout:g}s") from None
+        except (OSError, ssl.SSLError) as e:
+            raise NoResponse(Failure.CONNECT_ERROR, e.strerror or str(e) or type(e).__name__) from e
+        return reader, writer
+
+    async def _exchange(
+        self, url: str, connection: Connection, head: bytes, method: str, aborts: int
+    ) -> UpstreamResponse:
+        """Send `head` on the connection and read the response, unless the worker was found
+        dead since the request began (`aborts` changed)."""
+        reader, writer = connection
+        if self._aborts.get(url, 0) != aborts:
+            writer.transport.abort()
+            raise NoResponse(Failure.NO_RESPONSE, "worker found dead while connecting")
+        busy = self._busy.setdefault(url, set())
+        busy.add(writer)
+        try:
+            writer.write(head)
+            response, reusable = await _read_response(reader, method)
+        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, BadResponse) as e:
+            writer.transport.abort()
+            raise NoResponse(Failure.NO_RESPONSE, _describe(e)) from e
+        except BaseException:  # cancelled: the connection is mid-response, useless to anyone
+            writer.transport.abort()
+            raise
         finally:
-            waiting.cancel()
-        if not sending.done():
-            sending.cancel()
-            raise NoResponse("worker marked down while waiting for its response")
-    try:
-        response = await sending
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as e:
-        raise NoResponse(f"{type(e).__name__}: {e}") from e
-    headers_at = time.time()
-    try:
-        body = b"".join([chunk async for chunk in response.aiter_raw()])
-    finally:
-        await response.aclose()
-    out_headers = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
-    bodiless = method == "HEAD" or response.status_code in (204, 304) or response.status_code < 200
-    if not bodiless and "content-length" not in response.headers:  # was chunked or close-delimited
-        out_headers.append((b"content-length", str(len(body)).encode()))
-    return UpstreamResponse(response.status_code, response.reason_phrase.encode(), out_headers, body, headers_at)
+            busy.discard(writer)
+        if reusable and self._aborts.get(url, 0) == aborts:
+            idle = self._idle.setdefault(url, [])
+            if len(idle) < MAX_IDLE_PER_WORKER:
+                idle.append(connection)
+                return response
+        writer.transport.abort()
+        return response
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = ssl.create_default_context()
+        return self._tls
+
+
+def _request_head(upstream: Upstream, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1\r\n".encode()]
+    has_host = False
+    for name, value in headers:
+        if name.lower() == b"host":
+            has_host = True
+        lines.append(b"%s: %s\r\n" % (name, value))
+    if not has_host:
+        default_port = 443 if upstream.scheme == "https" else 80
+        host = upstream.url.partition("://")[2] if upstream.port != default_port else upstream.host
+        lines.append(f"Host: {host}\r\n".encode())
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+async def _read_response(reader: asyncio.StreamReader, method: str) -> tuple[UpstreamResponse, bool]:
+    """One response, informational (1xx) ones skipped; and whether the connection may be reused."""
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        headers_at = time.time()
+        status_line, _, header_block = head[:-4].partition(b"\r\n")
+        version, status, reason = _parse_status_line(status_line)
+        headers = _parse_headers(header_block)
+        if not 100 <= status < 200:
+            break
+    connection_options = {t.strip().lower() for v in _values(headers, b"connection") for t in v.split(b",")}
+    reusable = version == b"HTTP/1.1" and b"close" not in connection_options
+    out = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+    if method == "HEAD" or status in (204, 304):
+        return UpstreamResponse(status, reason, out, b"", headers_at), reusable
+    encoding = b",".join(_values(headers, b"transfer-encoding")).strip().lower()
+    if encoding:
+        if encoding != b"chunked":
+            raise BadResponse(f"unsupported Transfer-Encoding {encoding.decode(errors='replace')!r}")
+        body = await _read_chunked(reader)
+    else:
+        lengths = set(_values(headers, b"content-length"))
+        if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
+            raise BadResponse("invalid Content-Length")
+        if lengths:
+            body = await reader.readexactly(int(next(iter(lengths))))
+        else:  # delimited by the connection's end
+            body = await reader.read()
+            reusable = False
+    if not _values(out, b"content-length"):
+        out.append((b"content-length", str(len(body)).encode()))
+    return UpstreamResponse(status, reason, out, body, headers_at), reusable
+
+
+def _values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [v for k, v in headers if k.lower() == name]
+
+
+def _parse_status_line(line: bytes) -> tuple[bytes, int, bytes]:
+    version, _, rest = line.partition(b" ")
+    status, _, reason = rest.partition(b" ")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(status) != 3 or not status.isdigit():
+        raise BadResponse("not an HTTP/1.x status line")
+    return version, int(status), reason
+
+
+def _parse_headers(block: bytes) -> list[tuple[bytes, bytes]]:
+    headers = []
+    for line in block.split(b"\r\n") if block else ():
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise BadResponse("malformed header line")
+        headers.append((name, value.strip()))
+    return headers
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        size_line = await reader.readuntil(b"\r\n")
+        size_text = size_line[:-2].partition(b";")[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise BadResponse("invalid chunk size") from None
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, dropped
+                pass
+            return b"".join(chunks)
+        chunk = await reader.readexactly(size + 2)
+        if chunk[-2:] != b"\r\n":
+            raise BadResponse("chunk not followed by CRLF")
+        chunks.append(chunk[:-2])
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, asyncio.IncompleteReadError):
+        return "connection closed before the whole response"
+    if isinstance(error, asyncio.LimitOverrunError):
+        return f"response head over {MAX_HEAD} bytes"
+    return str(error) or type(error).__name__

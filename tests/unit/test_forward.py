@@ -1,0 +1,295 @@
+"""The router's own HTTP/1.1 client (forward.py) against scripted loopback servers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from synapse_router.config import parse_upstream_url
+from synapse_router.forward import Failure, NoResponse, UpstreamClient, UpstreamResponse, request_headers
+
+# Given the request head, answer with bytes; None: close without answering.
+Script = Callable[[bytes], Awaitable[bytes | None]]
+
+
+@dataclass
+class Server:
+    script: Script
+    close_after: bool = False  # close the connection after each answer
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests.append(head)
+                answer = await self.script(head)
+                if answer is None:
+                    break
+                writer.write(answer)
+                await writer.drain()
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+def answer(raw: bytes) -> Script:
+    async def script(head: bytes) -> bytes:
+        return raw
+
+    return script
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+HEADERS = [(b"Host", b"matrix.example"), (b"Authorization", b"Bearer t")]
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def send(
+    client: UpstreamClient, url: str, method: str = "GET", headers: list[tuple[bytes, bytes]] = HEADERS
+) -> UpstreamResponse:
+    return await client.send(parse_upstream_url(url), method, "/_matrix/client/v3/sync?timeout=1", headers, 1.0)
+
+
+def test_content_length_response_and_keep_alive() -> None:
+    async def go() -> None:
+        server = Server(answer(OK))
+        url = await server.start()
+        client = UpstreamClient()
+        first = await send(client, url)
+        second = await send(client, url)
+        assert (first.status, first.reason, first.body) == (200, b"OK", b"{}")
+        assert first.headers == [(b"Content-Type", b"application/json"), (b"Content-Length", b"2")]
+        assert second.body == b"{}"
+        assert server.connections == 1  # the second request reused the first connection
+        assert client.idle_connections(url) == 1
+        assert server.requests[0] == (
+            b"GET /_matrix/client/v3/sync?timeout=1 HTTP/1.1\r\nHost: matrix.example\r\nAuthorization: Bearer t\r\n\r\n"
+        )  # exactly the client's headers: no Accept-Encoding, User-Agent or Connection added
+        client.close()
+        await server.stop()
+
+    run(go())
+
+
+def test_chunked_body_is_joined_and_given_a_length() -> None:
+    raw = (
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nETag: "abc"\r\n\r\n'
+        b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: dropped\r\n\r\n"
+    )
+
+    async def go() -> None:
+        server = Server(answer(raw))
+        url = await server.start()
+        client = UpstreamClient()
+        response = await send(client, url)
+        assert response.body == b"hello world"
+        assert response.headers == [(b"ETag", b'"abc"'), (b"content-length", b"11")]
+        assert client.idle_connections(url) == 1
+        client.close()
+        await server.stop()
+
+    run(go())
+
+
+def test_close_delimited_body_and_http10_are_not_reused() -> None:
+    async def go() -> None:
+        server = Server(answer(b"HTTP/1.0 200 OK\r\nX-A: 1\r\n\r\nuntil the end"), close_after=True)
+        url = await server.start()
+        client = UpstreamClient()
+        response = await send(client, url)
+        assert response.body == b"until the end"
+        assert (b"content-length", b"13") in response.headers
+        assert client.idle_connections(url) == 0
+        await send(client, url)
+        assert server.connections == 2
+        await server.stop()
+
+    run(go())
+
+
+def test_connection_close_is_honoured() -> None:
+    async def go() -> None:
+        server = Server(answer(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n"))
+        url = await server.start()
+        client = UpstreamClient()
+        response = await send(client, url)
+        assert response.headers == [(b"Content-Length", b"0")]  # hop-by-hop Connection removed
+        assert client.idle_connections(url) == 0
+        await server.stop()
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"),
+        ("GET", b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\n\r\n'),
+        ("GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
+    ],
+)
+def test_bodiless_responses_do_not_wait_for_a_body(method: str, raw: bytes) -> None:
+    async def go() -> None:
+        server = Server(answer(raw))
+        url = await server.start()
+        client = UpstreamClient()
+        response = await asyncio.wait_for(send(client, url, method), 5)
+        assert response.body == b""
+        assert client.idle_connections(url) == 1
+        client.close()
+        await server.stop()
+
+    run(go())
+
+
+def test_informational_responses_are_skipped() -> None:
+    async def go() -> None:
+        server = Server(answer(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK))
+        url = await server.start()
+        client = UpstreamClient()
+        response = await send(client, url)
+        assert (response.status, response.body) == (200, b"{}")
+        client.close()
+        await server.stop()
+
+    run(go())
+
+
+def test_host_is_added_when_the_client_sent_none() -> None:
+    async def go() -> None:
+        server = Server(answer(OK))
+        url = await server.start()
+        client = UpstreamClient()
+        await send(client, url, headers=[(b"Authorization", b"Bearer t")])
+        port = url.rsplit(":", 1)[1]
+        assert f"\r\nHost: 127.0.0.1:{port}\r\n".encode() in server.requests[0]
+        client.close()
+        await server.stop()
+
+    run(go())
+
+
+def test_idle_connection_closed_by_the_worker_is_replaced() -> None:
+    async def go() -> None:
+        server = Server(answer(OK), close_after=True)  # answers keep-alive, then closes anyway
+        url = await server.start()
+        client = UpstreamClient()
+        await send(client, url)
+        await asyncio.sleep(0.05)  # the close reaches the client; reuse sees it and reconnects
+        await send(client, url)
+        assert server.connections == 2
+        await server.stop()
+
+    run(go())
+
+
+def test_worker_closing_a_reused_connection_mid_request_gets_one_fresh_try() -> None:
+    answers = [OK, None, OK]  # second request: the connection closes with no answer
+
+    async def script(head: bytes) -> bytes | None:
+        return answers.pop(0)
+
+    async def go() -> None:
+        server = Server(script)
+        url = await server.start()
+        client = UpstreamClient()
+        await send(client, url)
+        response = await send(client, url)
+        assert response.body == b"{}"
+        assert (server.connections, len(server.requests)) == (2, 3)
+        client.close()
+        await server.stop()
+
+    run(go())
+
+
+def test_refused_connection_is_a_connect_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+
+        async def go() -> None:
+            with pytest.raises(NoResponse) as caught:
+                await send(UpstreamClient(), f"http://127.0.0.1:{port}")
+            assert caught.value.failure is Failure.CONNECT_ERROR
+
+        run(go())
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # closed before the whole body
+        b"SSH-2.0-OpenSSH\r\n\r\n",  # not HTTP
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+    ],
+)
+def test_broken_responses_are_no_response(raw: bytes) -> None:
+    async def go() -> None:
+        server = Server(answer(raw), close_after=True)
+        url = await server.start()
+        client = UpstreamClient()
+        with pytest.raises(NoResponse) as caught:
+            await asyncio.wait_for(send(client, url), 5)
+        assert caught.value.failure is Failure.NO_RESPONSE
+        assert client.idle_connections(url) == 0
+        await server.stop()
+
+    run(go())
+
+
+def test_abort_releases_waiting_requests_and_does_not_resend() -> None:
+    async def go() -> None:
+        hold = asyncio.Event()
+
+        async def script(head: bytes) -> bytes | None:
+            await hold.wait()  # a wedged worker
+            return OK
+
+        server = Server(script)
+        url = await server.start()
+        client = UpstreamClient()
+        waiting = [asyncio.ensure_future(send(client, url)) for _ in range(3)]
+        while len(server.requests) < 3:
+            await asyncio.sleep(0.01)
+        assert client.abort(url) == 3
+        for task in waiting:
+            with pytest.raises(NoResponse) as caught:
+                await asyncio.wait_for(task, 5)
+            assert caught.value.failure is Failure.NO_RESPONSE
+        assert len(server.requests) == 3  # given up on, not resent to the dead worker
+        hold.set()
+        await server.stop()
+
+    run(go())
+
+
+def test_request_headers_drop_hop_by_hop() -> None:
+    given = [(b"Host", b"h"), (b"Connection", b"keep-alive"), (b"TE", b"trailers"), (b"X-Ok", b"1")]
+    assert request_headers(given) == [(b"Host", b"h"), (b"X-Ok", b"1")]
