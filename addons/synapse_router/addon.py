@@ -587,7 +587,7 @@ class SynapseRouter:
         if decision.upstream is not None:
             url = decision.upstream.url
             self.in_flight[url] = max(0, self.in_flight.get(url, 0) - 1)
-        _redact_credentials(flow.request)
+        _redact_credentials(flow.request, flow.metadata.get(f"{METADATA_KEY}.token"))
         self._observe(flow, decision)
 
     def _observe(self, flow: http.HTTPFlow, decision: Decision) -> None:
@@ -702,12 +702,14 @@ def _large_or_unknown(request: http.Request, response: http.Response | None) -> 
     return size is None or size == -1 or size > STREAM_THRESHOLD
 
 
-def _redact_credentials(request: http.Request) -> None:
-    """Once a request has been sent, keep its token out of what mitmproxy shows, saves or prints."""
-    auth = request.headers.get("authorization")
-    token = tokens.bearer_token(auth)
+def _redact_credentials(request: http.Request, header_label: str | None) -> None:
+    """Once a request has been sent, keep its token out of what mitmproxy shows, saves or prints.
+    `header_label` is the routed token's short hash (the header token's, when there is one):
+    the access log shows the same label."""
+    token = tokens.bearer_token(request.headers.get("authorization"))
     if token is not None:
-        request.headers["Authorization"] = f"Bearer <redacted:{tokens.short_hash(tokens.token_key(token))}>"
+        label = header_label or tokens.short_hash(tokens.token_key(token))
+        request.headers["Authorization"] = f"Bearer <redacted:{label}>"
     path, sep, query = request.path.partition("?")
     if sep:
         found = tokens.find_token(None, query)

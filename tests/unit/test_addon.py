@@ -12,7 +12,7 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 from synapse_router.addon import METADATA_KEY, SynapseRouter
 from synapse_router.identity import Source
-from synapse_router.tokens import token_key
+from synapse_router.tokens import short_hash, token_key
 
 CONFIG = """
 workers:
@@ -104,6 +104,17 @@ async def test_credentials_redacted_once_answered(router) -> None:
     assert "sekrit" not in flow.request.headers["Authorization"]
     assert flow.request.headers["Authorization"].startswith("Bearer <redacted:")
     assert flow.metadata[METADATA_KEY]["pool"] == "client_reader"  # plain data once finished
+
+
+async def test_redacted_header_carries_the_same_label_as_the_access_log(router) -> None:
+    addon, _ = router
+    # An appservice acting as a user: the label is of (token, user_id), as everywhere else.
+    flow = make_flow("/_matrix/client/versions?user_id=%40bot%3Aexample.org", {"Authorization": "Bearer astok"})
+    addon.requestheaders(flow)
+    flow.response = tutils.tresp()
+    addon.response(flow)
+    label = short_hash(token_key("astok", "@bot:example.org"))
+    assert flow.request.headers["Authorization"] == f"Bearer <redacted:{label}>"
 
 
 async def test_logout_all_evicts_every_token_of_the_user(router) -> None:
