@@ -57,10 +57,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.e2e.deployment import Deployment, bring_up  # noqa: E402
 from tests.e2e.matrix_helpers import parse_access_line, register_user  # noqa: E402
 from tests.harness import MITMDUMP, Fleet, Standin, free_port, router_command, wait_for_port  # noqa: E402
 
-DEPLOY = ROOT / "scripts" / "synapse_deploy.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # What the router enforces, given to bare mitmdump too: both run with the same options.
 MITM_OPTIONS = [
@@ -478,45 +478,9 @@ def measure(
 # --------------------------------------------------------------------------- real deployment
 
 
-@dataclass
-class Deployment:
-    info: dict[str, Any]
-    started_here: bool
-
-    @property
-    def main(self) -> str:
-        return str(self.info["main"])
-
-    @property
-    def workers(self) -> dict[str, str]:
-        return dict(self.info["workers"])
-
-    @property
-    def logs(self) -> dict[str, str]:
-        return dict(self.info["logs"])
-
-    @property
-    def pids(self) -> dict[str, int]:
-        return {k: int(v) for k, v in self.info["pids"].items() if v}
-
-
-def deploy(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(DEPLOY), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
-
-
 def bring_up_deployment() -> Deployment:
-    status = deploy("status", timeout=60)
-    if status.returncode == 0:
-        return Deployment(json.loads(status.stdout.strip().splitlines()[-1]), started_here=False)
-    names = ("postgres", "redis", "main", "generic1", "generic2", "generic3")
-    nothing = "no deployment in" in status.stderr or all(f"{n} is not running" in status.stderr for n in names)
-    say("bringing up the Synapse deployment (scripts/synapse_deploy.py up)")
-    up = deploy("up")
-    if up.returncode != 0:
-        raise RuntimeError(f"synapse_deploy.py up failed:\n{up.stderr[-3000:]}")
-    return Deployment(json.loads(up.stdout.strip().splitlines()[-1]), started_here=nothing)
+    say("using or bringing up the Synapse deployment (scripts/synapse_deploy.py)")
+    return bring_up(ROOT / ".synapse-deploy")
 
 
 class LogTail:
@@ -1003,7 +967,7 @@ def main() -> int:
             bench.procs.stop_all()
             if dep is not None and dep.started_here and not args.keep_deployment:
                 say("taking the deployment down again (this run started it)")
-                deploy("down", timeout=300)
+                dep.run("down", timeout=300)
 
     print()
     print(f"## bench_e2e: {command}")

@@ -12,7 +12,8 @@ import pytest
 from tests.harness import Router
 
 from .clients import Device, close_all, login_device, only_process, register_users, wait_for_logs
-from .conftest import Deployment, Names
+from .conftest import Names
+from .deployment import Deployment
 from .matrix_helpers import served_by
 
 pytestmark = pytest.mark.e2e

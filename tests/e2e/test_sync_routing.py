@@ -11,7 +11,8 @@ import pytest
 from tests.harness import Router
 
 from .clients import Device, close_all, login_device, only_process, register_users, wait_for_logs
-from .conftest import Deployment, Names
+from .conftest import Names
+from .deployment import Deployment
 from .matrix_helpers import entries_of, served_by, served_by_uri
 
 pytestmark = pytest.mark.e2e
