@@ -7,8 +7,14 @@ Keys are SHA-256 digests of the token (plus an appservice's `user_id`), never to
   timeouts or connection errors in a row, whoami is not asked for UNAVAILABLE_BACKOFF
   seconds, so a hung main process does not cost every new token `timeout` (meanwhile requests
   are routed by token hash).
-- Concurrent first requests of one token share one whoami call.
-Nothing here blocks a request: every outcome yields a routing key.
+- Concurrent first requests of one token share one whoami call: in one process through a
+  future per token; across processes through the shared cache (`whoami.redis`), where the
+  process that claims the token asks whoami and the others wait for its answer, at most the
+  whoami timeout, then ask themselves (see sharedcache.py). Only the request that makes a
+  process's call touches Redis.
+Nothing here blocks a request for long: every outcome yields a routing key, a first request
+waits for whoami at most `timeout`, or, when it waited for another process's claim that never
+answered, at most about twice that (the wait, then its own call).
 """
 
 from __future__ import annotations
@@ -24,12 +30,16 @@ import httpx
 from cachetools import TTLCache
 
 from .config import WhoamiConfig
-from .sharedcache import REJECTED, SharedCache
+from .sharedcache import REJECTED, Claim, SharedCache
 
 WHOAMI_PATH = "/_matrix/client/v3/account/whoami"
 UNAVAILABLE_BACKOFF = 5.0
 UNAVAILABLE_AFTER = 3
 NEGATIVE_ERRCODES = frozenset({"M_UNKNOWN_TOKEN", "M_MISSING_TOKEN"})
+# A claim on a token's whoami call in the shared cache outlives the whoami timeout by this much,
+# so a slow but successful call is not made twice; a process that dies holding one delays the
+# others' first request of that token by at most the whoami timeout (they stop waiting then).
+CLAIM_MARGIN = 1.0
 
 
 class Source(StrEnum):
@@ -80,7 +90,7 @@ class IdentityResolver:
         self._in_flight: dict[bytes, asyncio.Future[Resolution]] = {}
         self._unavailable_until = 0.0
         self._transport_failures = 0  # in a row
-        self.stats: dict[str, int] = {s.value: 0 for s in Source} | {"calls": 0, "errors": 0}
+        self.stats: dict[str, int] = {s.value: 0 for s in Source} | {"calls": 0, "errors": 0, "waits": 0}
 
     def cached(self, key: bytes) -> Resolution | None:
         """The answer without waiting, if one is known."""
@@ -124,8 +134,22 @@ class IdentityResolver:
     async def _ask(
         self, key: bytes, token: str, as_user: str | None, user_agent: str | None, client_ip: str
     ) -> Resolution:
-        if self.shared is not None:
-            known = await self.shared.get(key)
+        shared = self.shared
+        claimed = False
+        if shared is not None:
+            known = await shared.get(key)
+            if known is None:
+                claim = await shared.claim(key, self.config.timeout + CLAIM_MARGIN)
+                if claim is Claim.OURS:
+                    claimed = True
+                elif claim is Claim.THEIRS:  # another process is asking whoami right now
+                    self.stats["waits"] += 1
+                    known = await shared.wait(key, self.config.timeout)
+                    if known is None and self._clock() < self._unavailable_until:
+                        self.stats["unresolved"] += 1  # whoami went unavailable while we waited
+                        return Resolution(None, Source.UNRESOLVED)
+                else:
+                    known = claim  # a value that arrived since the get, or None: Redis unavailable
             if known == REJECTED:
                 self.rejected[key] = True
                 self.stats["negative"] += 1
@@ -134,15 +158,37 @@ class IdentityResolver:
                 self.users[key] = sys.intern(known)
                 self.stats["shared"] += 1
                 return Resolution(known, Source.SHARED)
+        try:
+            resolution, share = await self._whoami(key, token, as_user, user_agent, client_ip)
+        except BaseException:  # cancelled (or a bug) mid-call: the waiting processes ask for themselves
+            if claimed and shared is not None:
+                self._in_background(shared.publish(key, None, 0))
+            raise
+        # Tell the other router processes without making this request wait for Redis. A claim
+        # is ended by one pipeline that stores the answer and then drops the lock, so ordering
+        # holds though it runs in the background; failures drop the lock without a value.
+        if shared is not None:
+            value, ttl = share if share is not None else (None, 0.0)
+            if claimed:
+                self._in_background(shared.publish(key, value, ttl))
+            elif value is not None:
+                self._in_background(shared.put(key, value, ttl))
+        return resolution
+
+    async def _whoami(
+        self, key: bytes, token: str, as_user: str | None, user_agent: str | None, client_ip: str
+    ) -> tuple[Resolution, tuple[str, float] | None]:
+        """Ask whoami and cache the answer in this process; returns the resolution and what to
+        tell the other processes (value and TTL), if anything."""
         self.stats["calls"] += 1
         try:
             user = await self._call(token, as_user, user_agent, client_ip)
         except TokenRejected:
+            self.stats["negative"] += 1
             if self.config.negative_ttl > 0:
                 self.rejected[key] = True
-                self._share(key, REJECTED, self.config.negative_ttl)
-            self.stats["negative"] += 1
-            return Resolution(None, Source.NEGATIVE)
+                return Resolution(None, Source.NEGATIVE), (REJECTED, self.config.negative_ttl)
+            return Resolution(None, Source.NEGATIVE), None
         except (WhoamiError, httpx.HTTPError) as e:
             self.stats["errors"] += 1
             self.stats["unresolved"] += 1
@@ -150,17 +196,11 @@ class IdentityResolver:
                 self._transport_failures += 1
                 if self._transport_failures >= UNAVAILABLE_AFTER:
                     self._unavailable_until = self._clock() + UNAVAILABLE_BACKOFF
-            return Resolution(None, Source.UNRESOLVED)
+            return Resolution(None, Source.UNRESOLVED), None
         self._transport_failures = 0
         self.users[key] = sys.intern(user)
-        self._share(key, user, self.config.cache_ttl)
         self.stats["whoami"] += 1
-        return Resolution(user, Source.WHOAMI)
-
-    def _share(self, key: bytes, value: str, ttl: float) -> None:
-        """Tell the other router processes, without making this request wait for Redis."""
-        if self.shared is not None:
-            self._in_background(self.shared.put(key, value, ttl))
+        return Resolution(user, Source.WHOAMI), (user, self.config.cache_ttl)
 
     def _in_background(self, work: Awaitable[None]) -> None:
         async def run() -> None:

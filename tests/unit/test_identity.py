@@ -8,6 +8,7 @@ import httpx
 import pytest
 from synapse_router.config import WhoamiConfig
 from synapse_router.identity import (
+    CLAIM_MARGIN,
     UNAVAILABLE_AFTER,
     UNAVAILABLE_BACKOFF,
     IdentityResolver,
@@ -16,6 +17,7 @@ from synapse_router.identity import (
     WhoamiError,
     whoami_over_http,
 )
+from synapse_router.sharedcache import Claim
 from synapse_router.tokens import token_key
 
 
@@ -218,13 +220,19 @@ async def test_whoami_over_http(status: int, body: object, outcome: object) -> N
 
 
 class FakeShared:
-    """The shared cache's interface, in memory: what several router processes would see."""
+    """The shared cache's interface, in memory: what several router processes would see,
+    claims on a token's whoami call included."""
 
     def __init__(self) -> None:
         self.data: dict[bytes, str] = {}
+        self.locks: set[bytes] = set()
         self.available = True
+        self.gets = 0
+        self.holds: list[float] = []  # the hold of every claim asked for
+        self.waits: list[float] = []  # the timeout of every wait
 
     async def get(self, key: bytes) -> str | None:
+        self.gets += 1
         return self.data.get(key) if self.available else None
 
     async def put(self, key: bytes, value: str, ttl: float) -> None:
@@ -234,6 +242,42 @@ class FakeShared:
     async def delete(self, *keys: bytes) -> None:
         for k in keys:
             self.data.pop(k, None)
+
+    async def claim(self, key: bytes, hold: float) -> Claim | str | None:
+        self.holds.append(hold)
+        if not self.available:
+            return None
+        if key in self.data:
+            return self.data[key]
+        if key in self.locks:
+            return Claim.THEIRS
+        self.locks.add(key)
+        return Claim.OURS
+
+    async def wait(self, key: bytes, timeout: float) -> str | None:
+        self.waits.append(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            await asyncio.sleep(0.002)
+            if not self.available:
+                return None
+            if key in self.data:
+                return self.data[key]
+            if key not in self.locks:
+                return None
+        return None
+
+    async def publish(self, key: bytes, value: str | None, ttl: float) -> None:
+        if self.available:
+            if value is not None and ttl > 0:
+                self.data[key] = value
+            self.locks.discard(key)
+
+
+def process(shared: FakeShared, whoami: FakeWhoami, **config: float) -> IdentityResolver:
+    """One router process's resolver in front of the shared cache."""
+    return IdentityResolver(WhoamiConfig(**config), whoami, Clock(), shared=shared)  # type: ignore[arg-type]
 
 
 async def test_shared_cache_saves_the_second_process_a_call() -> None:
@@ -280,6 +324,103 @@ async def test_logout_evicts_from_the_shared_cache_too() -> None:
     assert token_key("t1") not in shared.data
 
 
+async def test_two_processes_missing_at_once_make_one_call() -> None:
+    shared = FakeShared()
+    fake = FakeWhoami({"t1": "@alice:x"}, delay=0.05)
+    a, b = process(shared, fake), process(shared, fake)
+    results = await asyncio.gather(*(resolve(p, "t1") for _ in range(50) for p in (a, b)))
+    assert fake.calls == 1
+    assert {r.user_id for r in results} == {"@alice:x"}
+    sources = [r.source for r in results]
+    assert sources.count(Source.WHOAMI) == 1 and sources.count(Source.SHARED) == 1
+    assert sources.count(Source.COALESCED) == 98
+    assert shared.gets == 2 and len(shared.holds) == 2 and len(shared.waits) == 1  # one request per process
+    assert shared.holds == [2.0 + CLAIM_MARGIN] * 2 and shared.waits == [2.0]  # whoami timeout (+ margin)
+    await asyncio.sleep(0)
+    assert not shared.locks  # the winner dropped its claim after storing the answer
+    assert (await resolve(b, "t1")).source is Source.CACHE
+
+
+async def test_a_rejection_reaches_the_waiting_process() -> None:
+    shared = FakeShared()
+    fake = FakeWhoami({}, delay=0.05)
+    a, b = process(shared, fake), process(shared, fake)
+    results = await asyncio.gather(resolve(a, "bad"), resolve(b, "bad"))
+    assert fake.calls == 1
+    assert {r.source for r in results} == {Source.NEGATIVE}
+    assert b.cached(token_key("bad")) is not None and a.cached(token_key("bad")) is not None
+
+
+async def test_claim_holder_failing_lets_the_waiter_ask_itself() -> None:
+    shared = FakeShared()
+    failing, working = FakeWhoami({"t1": "@alice:x"}, delay=0.05), FakeWhoami({"t1": "@alice:x"})
+    failing.fail = WhoamiError("whoami answered 503")
+    a, b = process(shared, failing), process(shared, working)
+    first = asyncio.create_task(resolve(a, "t1"))
+    await asyncio.sleep(0.01)  # a holds the claim
+    second = await resolve(b, "t1")
+    assert (await first).source is Source.UNRESOLVED
+    assert (second.user_id, second.source) == ("@alice:x", Source.WHOAMI)
+    assert failing.calls == 1 and working.calls == 1
+    assert not shared.locks
+
+
+async def test_claim_never_answered_delays_others_only_the_whoami_timeout() -> None:
+    shared = FakeShared()
+    shared.locks.add(token_key("t1"))  # a process died holding the claim
+    fake = FakeWhoami({"t1": "@alice:x"})
+    resolver = process(shared, fake, timeout=0.1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await resolve(resolver, "t1")
+    assert (result.user_id, result.source) == ("@alice:x", Source.WHOAMI)
+    assert shared.waits == [0.1] and 0.1 <= loop.time() - started < 5.0
+    assert fake.calls == 1
+    await asyncio.sleep(0)
+    assert shared.data[token_key("t1")] == "@alice:x"  # shared for the next process all the same
+
+
+async def test_cancelled_claim_holder_drops_its_claim() -> None:
+    shared = FakeShared()
+    slow, quick = FakeWhoami({"t1": "@alice:x"}, delay=10), FakeWhoami({"t1": "@alice:x"})
+    a, b = process(shared, slow), process(shared, quick)
+    first = asyncio.create_task(resolve(a, "t1"))
+    await asyncio.sleep(0.01)
+    assert token_key("t1") in shared.locks
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.sleep(0)
+    assert not shared.locks
+    assert (await resolve(b, "t1")).source is Source.WHOAMI
+
+
+async def test_answer_arriving_between_get_and_claim_is_used() -> None:
+    class Racing(FakeShared):
+        async def get(self, key: bytes) -> str | None:
+            return None  # another process stores the answer just after this read
+
+    shared = Racing()
+    shared.data[token_key("t1")] = "@alice:x"
+    fake = FakeWhoami({"t1": "@alice:x"})
+    result = await resolve(process(shared, fake), "t1")
+    assert (result.user_id, result.source) == ("@alice:x", Source.SHARED)
+    assert fake.calls == 0
+
+
+async def test_redis_failing_while_waiting_falls_back_to_whoami() -> None:
+    shared = FakeShared()
+    shared.locks.add(token_key("t1"))
+    fake = FakeWhoami({"t1": "@alice:x"})
+    resolver = process(shared, fake, timeout=5)
+    pending = asyncio.create_task(resolve(resolver, "t1"))
+    await asyncio.sleep(0.01)
+    shared.available = False
+    result = await asyncio.wait_for(pending, 1)
+    assert (result.user_id, result.source) == ("@alice:x", Source.WHOAMI)
+    assert fake.calls == 1
+
+
 async def test_redis_unreachable_is_quick_and_reported() -> None:
     import socket
     import time
@@ -296,5 +437,31 @@ async def test_redis_unreachable_is_quick_and_reported() -> None:
     assert time.monotonic() - started < 1.0
     assert cache.available is False and cache.errors == 1
     assert await cache.get(token_key("t")) is None  # backing off: not even tried
+    assert cache.errors == 1
+    await cache.close()
+
+
+@pytest.mark.parametrize("operation", ["claim", "wait", "publish"])
+async def test_redis_unreachable_claims_and_waits_answer_nothing_quickly(operation: str) -> None:
+    import socket
+    import time
+
+    from synapse_router.sharedcache import SharedCache
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = SharedCache(f"redis://127.0.0.1:{port}/0")
+    key = token_key("t")
+    calls = {
+        "claim": lambda: cache.claim(key, 3.0),
+        "wait": lambda: cache.wait(key, 3.0),
+        "publish": lambda: cache.publish(key, "@a:x", 60),
+    }
+    started = time.monotonic()
+    assert await calls[operation]() is None  # no claim, no value: the caller asks whoami itself
+    assert time.monotonic() - started < 1.0
+    assert cache.available is False and cache.errors == 1
+    assert await cache.claim(key, 3.0) is None and await cache.wait(key, 3.0) is None  # backing off
     assert cache.errors == 1
     await cache.close()
