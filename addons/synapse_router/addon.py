@@ -25,7 +25,7 @@ from .health import HealthConfig, WorkerStates, check_worker
 from .identity import IdentityResolver, Resolution, Source, TokenRejected, WhoamiCall, whoami_over_http
 from .metrics import MetricsServer, RouterMetrics
 from .query import query_param
-from .routes import Balance, Match, room_from_path
+from .routes import INITIAL_SYNC_ROUTE, Balance, Match, room_from_path
 from .sharedcache import SharedCache
 
 log = logging.getLogger(__name__)
@@ -656,11 +656,13 @@ def _reverse_target(modes: Sequence[str]) -> Upstream | None:
 def _router_may_retry(request: http.Request, decision: Decision) -> bool:
     """Sync-family long-polls (`timeout` > 0: what is in flight when a worker dies) that are
     safe to resend: idempotent and bodiless. The router sends these itself so it can retry
-    them; that costs more CPU than mitmproxy's own path (docs/benchmarks.md), so short
-    requests stay on mitmproxy's path, covered by connect failover."""
+    them; it holds their whole response in memory, so initial syncs (answered at once, never
+    held, and the largest responses Synapse sends) stay on mitmproxy's path, which streams
+    large bodies. Short requests stay there too, covered by connect failover."""
     if not (
         decision.matched is not None
         and decision.matched.balance is Balance.USER
+        and decision.route != INITIAL_SYNC_ROUTE
         and request.method in forward.RETRYABLE_METHODS
         and "transfer-encoding" not in request.headers
         and request.headers.get("content-length", "0") == "0"

@@ -20,6 +20,7 @@ from urllib.parse import unquote
 from .query import query_param
 
 MAIN = "main"
+INITIAL_SYNC_ROUTE = "initial_sync"
 
 
 class Balance(StrEnum):
@@ -117,20 +118,20 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
     ),
     # --- sync: one user's syncs on one worker; initial syncs optionally on their own pool ---
     Route(
-        "initial_sync",
+        INITIAL_SYNC_ROUTE,
         (rf"{_C}{_V_ALL}/sync$",),
         _INITIAL_SYNC_POOLS,
         Balance.USER,
         when=is_initial_sync,
     ),
     Route(
-        "initial_sync",
+        INITIAL_SYNC_ROUTE,
         (rf"{_C}{_V_ALL}/initialSync$", rf"{_C}{_V_ALL}/rooms/{_ROOM}/initialSync$"),
         _INITIAL_SYNC_POOLS,
         Balance.USER,
     ),
     Route(
-        "initial_sync",
+        INITIAL_SYNC_ROUTE,
         (rf"{_C}unstable/org\.matrix\.simplified_msc3575/sync$",),
         _INITIAL_SYNC_POOLS,
         Balance.USER,

@@ -85,6 +85,26 @@ async def test_cached_user_routes_without_waiting(router) -> None:
     assert len(workers) == 1
 
 
+@pytest.mark.parametrize(
+    ("query", "router_sends"),
+    [
+        ("since=s1&timeout=30000", True),  # a long-poll: retried on another worker if its worker dies
+        ("since=s1&timeout=0", False),  # short: mitmproxy's path
+        ("timeout=30000", False),  # initial sync: answered at once, large, streamed by mitmproxy
+        ("since=s1&full_state=true&timeout=30000", False),
+    ],
+)
+async def test_only_incremental_long_polls_are_sent_by_the_router(router, query: str, router_sends: bool) -> None:
+    addon, _ = router
+    assert addon.identity is not None
+    addon.identity.users[token_key("tokA")] = "@alice:example.org"
+    flow = make_flow(f"/_matrix/client/v3/sync?{query}", {"Authorization": "Bearer tokA"})
+    flow.request.content = b""  # bodiless, as a GET is
+    addon.requestheaders(flow)
+    assert flow.metadata[METADATA_KEY].pool == "sync"
+    assert bool(flow.metadata.get(f"{METADATA_KEY}.forward")) is router_sends
+
+
 async def test_query_token_moved_to_header(router) -> None:
     addon, _ = router
     assert addon.identity is not None
