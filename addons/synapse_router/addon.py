@@ -407,17 +407,20 @@ class SynapseRouter:
         gave no response, retry once."""
         assert self.engine is not None
         request = flow.request
-        headers = forward.request_headers(request.headers.fields)
+        method, path, headers = request.method, request.path, forward.request_headers(request.headers.fields)
+        # A long-poll is in flight for up to minutes, in mitmweb's view: its token goes now.
+        authorization = request.headers.get_all("authorization")
+        _redact_credentials(request, flow.metadata.get(f"{METADATA_KEY}.token"))
         retried = False
         tried: set[str] = set()
         while True:
             upstream = decision.upstream
-            if upstream is None:  # failed over to main: mitmproxy forwards it there
+            if upstream is None:  # failed over to main: mitmproxy forwards it there, token and all
+                request.headers.set_all("authorization", authorization)
+                request.path = path
                 return
             try:
-                answer = await self._upstream.send(
-                    upstream, request.method, request.path, headers, self.workers.config.connect_timeout
-                )
+                answer = await self._upstream.send(upstream, method, path, headers, self.workers.config.connect_timeout)
             except forward.NoResponse as e:
                 # A refused connection takes the worker down at once. A connect timeout or a
                 # reset only moves this request: a burst filling the accept queue, or a client

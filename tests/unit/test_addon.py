@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from pathlib import Path
 
 import pytest
@@ -243,3 +245,66 @@ async def test_flush_and_reload(router, tmp_path: Path) -> None:
     path.write_text("workers: [broken\n")
     _call(tctx, "router.reload")  # reported, and the running configuration kept
     assert "room" in addon.engine.pools
+
+
+async def _holding_worker(release: asyncio.Event, seen: list[bytes]) -> asyncio.Server:
+    """A loopback worker that reads a request and answers only once `release` is set."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def test_long_poll_token_hidden_while_in_flight_and_sent_upstream(tmp_path: Path) -> None:
+    release, seen = asyncio.Event(), []
+    worker = await _holding_worker(release, seen)
+    port = worker.sockets[0].getsockname()[1]
+    path = tmp_path / "router.yaml"
+    path.write_text(f"workers:\n  sync: [http://127.0.0.1:{port}]\n")
+    addon = SynapseRouter()
+    with taddons.context(addon, Proxyserver(), Block(), AntiCache()) as tctx:
+        tctx.configure(addon, router_config=str(path), mode=["reverse:http://127.0.0.1:9"])
+        assert addon.identity is not None
+        addon.identity.users[token_key("sekrit")] = "@alice:example.org"
+        flow = make_flow("/_matrix/client/v3/sync?since=s1&timeout=30000", {"Authorization": "Bearer sekrit"})
+        flow.request.content = b""
+        addon.requestheaders(flow)
+        sending = addon.request(flow)
+        assert sending is not None  # the router sends this long-poll itself
+        task = asyncio.ensure_future(sending)
+        while not seen:
+            await asyncio.sleep(0.01)
+        assert b"\r\nAuthorization: Bearer sekrit\r\n" in seen[0]  # the worker got the token
+        label = short_hash(token_key("sekrit"))
+        assert flow.request.headers["Authorization"] == f"Bearer <redacted:{label}>"  # mitmweb does not
+        release.set()
+        await asyncio.wait_for(task, 5)
+        assert flow.response is not None and flow.response.status_code == 200
+        worker.close()
+
+
+async def test_long_poll_failing_over_to_main_keeps_its_token(tmp_path: Path) -> None:
+    with socket.socket() as refusing:  # bound, not listening: connections are refused
+        refusing.bind(("127.0.0.1", 0))
+        port = refusing.getsockname()[1]
+        path = tmp_path / "router.yaml"
+        path.write_text(f"workers:\n  sync: [http://127.0.0.1:{port}]\n")
+        addon = SynapseRouter()
+        with taddons.context(addon, Proxyserver(), Block(), AntiCache()) as tctx:
+            tctx.configure(addon, router_config=str(path), mode=["reverse:http://127.0.0.1:9"])
+            assert addon.identity is not None
+            addon.identity.users[token_key("sekrit")] = "@alice:example.org"
+            flow = make_flow("/_matrix/client/v3/sync?since=s1&timeout=30000", {"Authorization": "Bearer sekrit"})
+            flow.request.content = b""
+            addon.requestheaders(flow)
+            sending = addon.request(flow)
+            assert sending is not None
+            await asyncio.wait_for(sending, 5)
+    assert flow.response is None  # mitmproxy forwards it to main ...
+    assert (flow.request.host, flow.request.port) == ("127.0.0.1", 9)
+    assert flow.request.headers["Authorization"] == "Bearer sekrit"  # ... with its token
