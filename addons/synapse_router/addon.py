@@ -195,7 +195,7 @@ class SynapseRouter:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not running yet: running() starts it
             return
-        server = self._metrics_server = MetricsServer(self.metrics, listen)
+        server = self._metrics_server = MetricsServer(self.metrics.render, listen)
 
         async def start() -> None:
             try:

@@ -61,9 +61,11 @@ the 4-tuple and wakes one process per connection, with no thundering herd; but i
 at load (a busy child still gets its share, where a shared queue lets the idle one accept
 first), connections still waiting in a child's own queue when that child exits are reset, and
 any other process of the same user that sets SO_REUSEPORT on the port would silently share it.
-A keep-alive connection stays on one process either way. The Prometheus listener
-(`metrics.listen`, port P) is per process: process i (1-based) serves it on P + i - 1, so pick P
-outside the ephemeral port range (9105 is) with the next N - 1 ports free; scrape all N.
+A keep-alive connection stays on one process either way. Metrics (`metrics.listen`, port P):
+process i (1-based) serves its own on P + i, and the parent serves on P all of them merged, each
+sample labelled `process="i"` (synapse_router/processmetrics.py), so one scrape target covers N
+processes; pick P outside the ephemeral port range (9105 is) with the next N ports free. The
+parent finds P in the `--set router_config=` file (again on SIGHUP).
 
 mitmproxy internals this depends on (mitmproxy 12.3): `Master` (its `addons`, `options`,
 `with_termlog`, and `run()` looking up the "errorcheck" addon and calling its `finish()` after
@@ -85,6 +87,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -99,7 +102,8 @@ from mitmproxy.utils import debug
 
 from .addon import REQUIRED_OPTIONS, SynapseRouter
 from .config import ConfigError, load_config
-from .metrics import parse_listen
+from .metrics import MetricsServer, parse_listen
+from .processmetrics import ProcessMetrics
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +239,7 @@ class LeanMaster(master.Master):
 class SharedPortLoop(asyncio.SelectorEventLoop):
     """The event loop of a `--processes` child. Listening sockets on `shared_ports` get
     SO_REUSEPORT, so N children can serve one port; the router's metrics listener moves to
-    port + `metrics_offset` (process i serves its own metrics)."""
+    port + `metrics_offset` (process i serves its own metrics on P + i)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -318,6 +322,25 @@ def _last_value(specs: Sequence[str], name: str) -> str:
     return value
 
 
+def _metrics_listen(argv: Sequence[str]) -> str | None:
+    """`metrics.listen` of the router_config that `--set` gives on a command line, if any (a
+    bad file is the children's to report)."""
+    specs = []
+    arguments = iter(argv)
+    for arg in arguments:
+        if arg == "--set":
+            specs.append(next(arguments, ""))
+        elif arg.startswith("--set="):
+            specs.append(arg.removeprefix("--set="))
+    path = _last_value(specs, "router_config")
+    if not path:
+        return None
+    try:
+        return load_config(path).metrics_listen
+    except ConfigError:
+        return None
+
+
 def _check_router_config(specs: Sequence[str]) -> None:
     """Report a bad router_config before it is applied: the router's own OptionsError would be
     the same, but mitmproxy's rollback re-configures the router first, which logs misleading
@@ -359,7 +382,7 @@ async def _serve(argv: Sequence[str], slot: ChildSlot | None) -> None:
         _apply_options(opts, parser, args)
         if slot is not None and isinstance(loop, SharedPortLoop):
             loop.shared_ports = _listen_ports(opts)
-            loop.metrics_offset = slot.index
+            loop.metrics_offset = slot.index + 1
             loop.metrics_port = lambda: _metrics_port(lean.router)
         lean.configure_router()
         if args.options:
@@ -426,8 +449,54 @@ class Child:
     ready_read: int
 
 
+class MergedMetricsServer:
+    """The parent's metrics endpoint (the merge of its processes'), on a thread and event loop
+    of its own: the parent's main thread waits for its children."""
+
+    def __init__(self, count: int, warn: Callable[[str], None]) -> None:
+        self.count = count
+        self.warn = warn
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="merged-metrics", daemon=True)
+        self.thread.start()
+        self._server: MetricsServer | None = None
+        self._source: ProcessMetrics | None = None
+
+    def serve(self, listen: str | None) -> None:
+        """Serve the merged metrics on `listen` (None: not at all) from now on."""
+        asyncio.run_coroutine_threadsafe(self._serve(listen), self.loop)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._serve(None), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    async def _serve(self, listen: str | None) -> None:
+        if self._server is not None and self._server.listen == listen:
+            return
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+        if self._source is not None:
+            await self._source.close()
+            self._source = None
+        if listen is None:
+            return
+        host, port = parse_listen(listen)
+        source = ProcessMetrics(host, port, self.count)
+        server = MetricsServer(source.render, listen)
+        try:
+            await server.start()
+        except OSError as e:
+            self.warn(f"merged metrics of the processes not served on {listen}: {e.strerror or e}")
+            await source.close()
+            return
+        self._server, self._source = server, source
+
+
 class Supervisor:
-    """The `--processes N` parent: starts the children, forwards signals, reaps them."""
+    """The `--processes N` parent: starts the children, forwards signals, reaps them, and
+    serves their merged metrics."""
 
     def __init__(self, argv: Sequence[str], count: int, quiet: bool) -> None:
         self.argv = list(argv)
@@ -436,14 +505,21 @@ class Supervisor:
         self.children: dict[int, Child] = {}  # pid -> child, while running
         self.stopping = False
         self.status = 0
+        self.metrics: MergedMetricsServer | None = None
 
     def say(self, message: str) -> None:
         if not self.quiet:
             print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
+    @staticmethod
+    def warn(message: str) -> None:
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
     def _forward(self, signum: int, _frame: FrameType | None) -> None:
         if signum != signal.SIGHUP:
             self.stopping = True
+        elif self.metrics is not None:
+            self.metrics.serve(_metrics_listen(self.argv))
         for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -492,6 +568,8 @@ class Supervisor:
         try:
             # The first process alone: a bad configuration is reported once, not N times.
             if self._wait_ready(self._start(0)) and not self.stopping:
+                self.metrics = MergedMetricsServer(self.count, self.warn)
+                self.metrics.serve(_metrics_listen(self.argv))
                 rest = [self._start(i) for i in range(1, self.count)]
                 started = [self._wait_ready(child) for child in rest]  # every pipe read and closed
                 if self.stopping:
@@ -511,6 +589,8 @@ class Supervisor:
                     os.kill(pid, signal.SIGTERM)
             for child in list(self.children.values()):
                 child.proc.wait()
+            if self.metrics is not None:
+                self.metrics.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,11 +12,12 @@ tokens, paths and client addresses are never label values.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -267,7 +268,8 @@ class _BadRequest(Exception):
 
 
 class MetricsServer:
-    """Serves `GET /metrics` for a RouterMetrics on its own address, one request per connection.
+    """Serves `GET /metrics` on its own address, one request per connection: what `render`
+    returns (RouterMetrics.render, or a coroutine function, e.g. the aggregate of processes).
 
     Minimal HTTP/1.1: `GET` or `HEAD /metrics` (a query string is ignored) answers 200 with the
     exposition; another method on /metrics 405; any other path 404; an unparseable request 400
@@ -279,7 +281,7 @@ class MetricsServer:
 
     def __init__(
         self,
-        metrics: RouterMetrics,
+        render: Callable[[], bytes | Awaitable[bytes]],
         listen: str,
         *,
         read_timeout: float = 10.0,
@@ -288,7 +290,7 @@ class MetricsServer:
     ) -> None:
         self.listen = listen
         self.host, self._configured_port = parse_listen(listen)
-        self.metrics = metrics
+        self.render = render
         self.read_timeout = read_timeout
         self.max_connections = max_connections
         self.max_header_lines = max_header_lines
@@ -334,7 +336,7 @@ class MetricsServer:
             except (TimeoutError, EOFError):
                 return  # a silent or vanished client gets no answer
             else:
-                status, body, head_only, extra = self._respond(method, path)
+                status, body, head_only, extra = await self._respond(method, path)
             ctype = CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8"
             async with asyncio.timeout(self.read_timeout):  # a client that does not read is let go
                 await self._send(writer, status, body, head_only=head_only, ctype=ctype, extra=extra)
@@ -350,14 +352,15 @@ class MetricsServer:
             except OSError:
                 pass
 
-    def _respond(self, method: str, path: str) -> tuple[int, bytes, bool, bytes]:
+    async def _respond(self, method: str, path: str) -> tuple[int, bytes, bool, bytes]:
         """(status, body, head only, extra header lines) for a well-formed request."""
         if path != METRICS_PATH:
             return 404, b"not found\n", method == "HEAD", b""
         if method not in ("GET", "HEAD"):
             return 405, b"method not allowed\n", False, b"Allow: GET, HEAD\r\n"
         try:
-            body = self.metrics.render()
+            rendered = self.render()
+            body = await rendered if inspect.isawaitable(rendered) else rendered
         except Exception:
             log.warning("metrics server: rendering the metrics failed", exc_info=True)
             return 500, b"internal server error\n", method == "HEAD", b""

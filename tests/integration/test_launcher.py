@@ -5,6 +5,7 @@ one port from two processes and stops them all on SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -91,30 +92,34 @@ def _both_serving(router: Router) -> list[int]:
     return children
 
 
-def _port_pair_below_ephemeral_range() -> int:
-    """P with P and P+1 free and outside the kernel's ephemeral range, which the loopback
-    clients and upstream connections of these tests keep drawing from (process 2 of
-    `--processes 2` serves its metrics on P + 1)."""
+def _ports_below_ephemeral_range(count: int) -> int:
+    """P with P .. P + count - 1 free and outside the kernel's ephemeral range, which the
+    loopback clients and upstream connections of these tests keep drawing from (with
+    `--processes N` the parent serves metrics on P, process i on P + i)."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in range(max(1024, low - 12000), low - 2, 7):
+    for port in range(max(1024, low - 12000), low - count - 1, 7):
         try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
+            with contextlib.ExitStack() as stack:
+                for i in range(count):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port + i))
             return port
         except OSError:
             continue
-    raise RuntimeError("no free port pair")
+    raise RuntimeError(f"no {count} free ports in a row")
+
+
+def _samples(metrics_url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    text = httpx.get(metrics_url, timeout=5).text
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
 
 
 def _requests_total(metrics_url: str) -> float:
-    text = httpx.get(metrics_url, timeout=5).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "synapse_router_requests_total"
-    )
+    return sum(value for _, value in _samples(metrics_url, "synapse_router_requests_total"))
 
 
 def test_lean_launcher_routes_per_pool_like_mitmdump(fleet: Fleet, start: StartFn) -> None:
@@ -210,29 +215,45 @@ def test_processes_share_one_port_reload_and_stop_together(fleet: Fleet, start: 
     fleet.add("main")
     fleet.add("reader")
     fleet.add("reader2")
-    metrics = _port_pair_below_ephemeral_range()
+    metrics = _ports_below_ephemeral_range(6)  # P .. P + 2, then P + 3 .. P + 5 after the reload
     config = {"workers": {"client_reader": [fleet["reader"].url]}, "metrics": {"listen": f"127.0.0.1:{metrics}"}}
     router = start(fleet["main"].url, config, ["--processes", "2"], wait=False)
     children = _both_serving(router)
-    for port in (metrics, metrics + 1):  # each process serves its own metrics (process 2 on P + 1)
+    for port in (metrics, metrics + 1, metrics + 2):  # merged on P, process i's own on P + i
         wait_for_port(port, router.proc, timeout=30)
 
     requests = 60
     for _ in range(requests):  # a new connection each, so the kernel spreads them over both
         with httpx.Client(base_url=router.url, timeout=30) as client:
             assert served(client.get("/_matrix/client/versions"))["server"] == "reader"
-    counts = [_requests_total(f"http://127.0.0.1:{port}/metrics") for port in (metrics, metrics + 1)]
+    counts = [_requests_total(f"http://127.0.0.1:{port}/metrics") for port in (metrics + 1, metrics + 2)]
     assert sum(counts) == requests
     assert all(count > 0 for count in counts), counts  # both processes served
+    merged = f"http://127.0.0.1:{metrics}/metrics"
+    by_process: dict[str, float] = {}
+    for labels, value in _samples(merged, "synapse_router_requests_total"):
+        by_process[labels["process"]] = by_process.get(labels["process"], 0.0) + value
+    assert by_process == {"1": counts[0], "2": counts[1]}
+    up = {labels["process"]: value for labels, value in _samples(merged, "synapse_router_process_up")}
+    assert up == {"1": 1.0, "2": 1.0}
 
-    # SIGHUP to the parent reloads the configuration in every process
+    # SIGHUP to the parent reloads the configuration in every process, and in the parent
     config["workers"] = {"client_reader": [fleet["reader2"].url]}
+    config["metrics"] = {"listen": f"127.0.0.1:{metrics + 3}"}
     router.config_path.write_text(yaml.safe_dump(config))
     router.proc.send_signal(signal.SIGHUP)
     _wait_for(lambda: router.log().count("synapse-router: loaded") == 4, 30, "both processes reloaded")
     for _ in range(20):
         with httpx.Client(base_url=router.url, timeout=30) as client:
             assert served(client.get("/_matrix/client/versions"))["server"] == "reader2"
+    for port in (metrics + 3, metrics + 4, metrics + 5):
+        wait_for_port(port, router.proc, timeout=30)
+    up = {
+        labels["process"]: value
+        for labels, value in _samples(f"http://127.0.0.1:{metrics + 3}/metrics", "synapse_router_process_up")
+    }
+    assert up == {"1": 1.0, "2": 1.0}
+    assert sum(_requests_total(f"http://127.0.0.1:{port}/metrics") for port in (metrics + 4, metrics + 5)) > 0
 
     router.proc.send_signal(signal.SIGTERM)
     assert router.proc.wait(30) == 0

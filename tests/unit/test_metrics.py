@@ -363,7 +363,7 @@ def test_parse_listen_rejects_non_strings() -> None:
 async def served() -> AsyncIterator[tuple[RouterMetrics, MetricsServer]]:
     m = RouterMetrics()
     m.observe_request("sync", "sync", W1, "GET", 200, 0.01)
-    server = MetricsServer(m, "127.0.0.1:0", read_timeout=1.0)
+    server = MetricsServer(m.render, "127.0.0.1:0", read_timeout=1.0)
     await server.start()
     try:
         yield m, server
@@ -471,19 +471,19 @@ async def test_server_survives_oversized_and_truncated_requests(served: tuple[Ro
 async def test_server_render_failure_is_a_500(
     served: tuple[RouterMetrics, MetricsServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m, server = served
+    _, server = served
 
     def broken() -> bytes:
         raise RuntimeError("collector bug")
 
-    monkeypatch.setattr(m, "render", broken)
+    monkeypatch.setattr(server, "render", broken)
     assert (await get(server.port, "/metrics")).status_code == 500
     monkeypatch.undo()
     assert (await get(server.port, "/metrics")).status_code == 200
 
 
 async def test_server_times_out_slow_clients() -> None:
-    server = MetricsServer(RouterMetrics(), "127.0.0.1:0", read_timeout=0.2)
+    server = MetricsServer(RouterMetrics().render, "127.0.0.1:0", read_timeout=0.2)
     await server.start()
     try:
         loop = asyncio.get_running_loop()
@@ -495,7 +495,7 @@ async def test_server_times_out_slow_clients() -> None:
 
 
 async def test_server_limits_connections() -> None:
-    server = MetricsServer(RouterMetrics(), "127.0.0.1:0", max_connections=1, read_timeout=5.0)
+    server = MetricsServer(RouterMetrics().render, "127.0.0.1:0", max_connections=1, read_timeout=5.0)
     await server.start()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -519,7 +519,7 @@ async def test_server_many_concurrent_scrapes(served: tuple[RouterMetrics, Metri
 
 
 async def test_stop_closes_listener_and_idle_connections() -> None:
-    server = MetricsServer(RouterMetrics(), "127.0.0.1:0", read_timeout=60.0)
+    server = MetricsServer(RouterMetrics().render, "127.0.0.1:0", read_timeout=60.0)
     await server.start()
     port = server.port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)  # idle: sends nothing
@@ -536,7 +536,7 @@ async def test_stop_closes_listener_and_idle_connections() -> None:
 
 
 async def test_server_restart_and_port_before_start() -> None:
-    server = MetricsServer(RouterMetrics(), "127.0.0.1:0")
+    server = MetricsServer(RouterMetrics().render, "127.0.0.1:0")
     with pytest.raises(RuntimeError, match="not running"):
         _ = server.port
     await server.start()
@@ -550,7 +550,7 @@ async def test_server_restart_and_port_before_start() -> None:
 
 
 async def test_server_ipv6_loopback() -> None:
-    server = MetricsServer(RouterMetrics(), "[::1]:0")
+    server = MetricsServer(RouterMetrics().render, "[::1]:0")
     try:
         await server.start()
     except OSError:
@@ -564,7 +564,7 @@ async def test_server_ipv6_loopback() -> None:
 
 def test_server_rejects_bad_listen_address() -> None:
     with pytest.raises(ValueError, match="brackets"):
-        MetricsServer(RouterMetrics(), "::1:9105")
+        MetricsServer(RouterMetrics().render, "::1:9105")
 
 
 # --- the Grafana dashboard --------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""One Prometheus endpoint for the N processes of `synapse-router --processes N`.
+
+With `metrics.listen` on port P, process i (1-based) serves its own metrics on P + i and the
+parent serves P: every process's exposition with each sample labelled `process="i"`, plus
+`synapse_router_process_up{process}` (0 for a process that did not answer within
+SCRAPE_TIMEOUT). Counters are not summed here: `sum without (process) (...)` does that in
+PromQL, and a process that exits takes its series with it instead of making a summed counter
+go backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+
+import httpx
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from .metrics import METRICS_PATH
+
+PROCESS_LABEL = "process"
+PROCESS_UP = "synapse_router_process_up"
+SCRAPE_TIMEOUT = 2.0  # seconds for each process to answer
+
+
+def merge(expositions: Sequence[tuple[str, str | None]]) -> bytes:
+    """(process label, its exposition or None if it did not answer) -> one exposition."""
+    families: dict[str, Metric] = {}
+    up = Metric(PROCESS_UP, "1 if this router process answered the parent's scrape, else 0.", "gauge")
+    for process, text in expositions:
+        parsed = _parse(text)
+        up.samples.append(Sample(PROCESS_UP, {PROCESS_LABEL: process}, 0.0 if parsed is None else 1.0))
+        for family in parsed or ():
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            merged.samples.extend(s._replace(labels={**s.labels, PROCESS_LABEL: process}) for s in family.samples)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families([up, *families.values()]))
+    return generate_latest(registry)
+
+
+def _parse(text: str | None) -> list[Metric] | None:
+    if text is None:
+        return None
+    try:
+        return list(text_string_to_metric_families(text))
+    except ValueError:  # not an exposition: a process that answers it is not one of ours
+        return None
+
+
+class _Families:
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+class ProcessMetrics:
+    """Renders the merged metrics of the processes serving on `host`, ports base + 1 .. base + count."""
+
+    def __init__(self, host: str, base_port: int, count: int) -> None:
+        self.urls = [f"http://{_dialable(host)}:{base_port + i}{METRICS_PATH}" for i in range(1, count + 1)]
+        self._client: httpx.AsyncClient | None = None
+
+    async def render(self) -> bytes:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=SCRAPE_TIMEOUT, trust_env=False)
+        texts = await asyncio.gather(*(self._scrape(self._client, url) for url in self.urls))
+        return merge([(str(i), text) for i, text in enumerate(texts, start=1)])
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @staticmethod
+    async def _scrape(client: httpx.AsyncClient, url: str) -> str | None:
+        try:
+            response = await client.get(url)
+        except httpx.HTTPError:
+            return None
+        return response.text if response.status_code == 200 else None
+
+
+def _dialable(host: str) -> str:
+    """The address to reach a listener bound to `host` (all interfaces: loopback)."""
+    return "127.0.0.1" if host in ("", "0.0.0.0") else host
