@@ -103,6 +103,7 @@ def main() -> None:
     finally:
         redis.kill()
         redis.wait()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
