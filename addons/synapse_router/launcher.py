@@ -467,7 +467,8 @@ class MergedMetricsServer:
         asyncio.run_coroutine_threadsafe(self._serve(listen), self.loop)
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._serve(None), self.loop).result(timeout=10)
+        with contextlib.suppress(TimeoutError):  # the parent exits anyway; the thread is a daemon
+            asyncio.run_coroutine_threadsafe(self._serve(None), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
 
