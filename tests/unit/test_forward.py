@@ -293,3 +293,20 @@ def test_abort_releases_waiting_requests_and_does_not_resend() -> None:
 def test_request_headers_drop_hop_by_hop() -> None:
     given = [(b"Host", b"h"), (b"Connection", b"keep-alive"), (b"TE", b"trailers"), (b"X-Ok", b"1")]
     assert request_headers(given) == [(b"Host", b"h"), (b"X-Ok", b"1")]
+
+
+def test_connect_timeout_is_its_own_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def black_hole(*args: object, **kwargs: object) -> None:
+        await asyncio.sleep(60)  # a SYN nobody answers
+
+    monkeypatch.setattr(asyncio, "open_connection", black_hole)
+
+    async def go() -> None:
+        client = UpstreamClient()
+        with pytest.raises(NoResponse) as caught:
+            await asyncio.wait_for(
+                client.send(parse_upstream_url("http://192.0.2.1:8083"), "GET", "/", HEADERS, 0.05), 5
+            )
+        assert caught.value.failure is Failure.CONNECT_TIMEOUT
+
+    run(go())
