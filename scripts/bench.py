@@ -92,6 +92,18 @@ def start_proxy(cmd: list[str], port: int, log: Path) -> subprocess.Popen[bytes]
     return proc
 
 
+def stop_proxy(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s: mitmdump can miss a SIGTERM right after a burst of
+    connections (its log records fill the event loop's self-pipe; synapse_router/signals.py)."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        print(f"note: proxy pid {proc.pid} ignored SIGTERM for 10 s; killed")
+        proc.kill()
+        proc.wait()
+
+
 def throughput(work: Path, duration: int, connections: int, rounds: int) -> list[tuple[str, dict[str, float]]]:
     fleet = Fleet(work)
     results: list[tuple[str, dict[str, float]]] = []
@@ -118,8 +130,7 @@ def throughput(work: Path, duration: int, connections: int, rounds: int) -> list
                     result["rss_mib"] = rss_mib(proc.pid)
                     results.append((f"{name} (round {rnd + 1})", result))
                 finally:
-                    proc.terminate()
-                    proc.wait(10)
+                    stop_proxy(proc)
         if main.stats()["whoami_calls"] != rounds:
             print(f"note: whoami calls {main.stats()['whoami_calls']} (one per router start expected)")
     finally:
@@ -177,8 +188,7 @@ def coalescing(work: Path, concurrent: int = 1000) -> tuple[int, int]:
             ok = asyncio.run(burst())
             return main.stats()["whoami_calls"], ok
         finally:
-            proc.terminate()
-            proc.wait(10)
+            stop_proxy(proc)
     finally:
         fleet.stop()
 

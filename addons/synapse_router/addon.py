@@ -27,6 +27,7 @@ from .metrics import MetricsServer, RouterMetrics
 from .query import query_param
 from .routes import INITIAL_SYNC_ROUTE, Balance, Match, room_from_path
 from .sharedcache import SharedCache
+from .signals import on_signal
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("synapse_router.access")
@@ -105,8 +106,8 @@ class SynapseRouter:
             self._health_task = asyncio.create_task(self._check_health_forever())
             # `kill -HUP` reloads the configuration, as nginx does: mitmdump has no console.
             try:
-                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
-            except (NotImplementedError, RuntimeError, ValueError):
+                on_signal(signal.SIGHUP, self.reload)
+            except (RuntimeError, ValueError):
                 log.info("synapse-router: SIGHUP reload unavailable here; use the router.reload command")
 
     async def done(self) -> None:
