@@ -178,7 +178,9 @@ class SynapseRouter:
             if old is not None and old.shared is not None:
                 asyncio.get_running_loop().create_task(old.shared.close())
         self.workers.config = config.health
-        self.workers.track(config.worker_urls(), config.drained_urls())
+        worker_urls = config.worker_urls()
+        self.workers.track(worker_urls, config.drained_urls())
+        self._upstream.keep_only(worker_urls)
         self._publish_worker_states()
         self._open_access_log(config.access_log)
         if self._metrics_server is not None and config.metrics_listen != self._metrics_server.listen:

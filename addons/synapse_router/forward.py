@@ -83,6 +83,7 @@ class UpstreamClient:
         self._idle: dict[str, list[Connection]] = {}
         self._busy: dict[str, set[asyncio.StreamWriter]] = {}
         self._aborts: dict[str, int] = {}  # per worker, how many times `abort` was called
+        self._pooled: frozenset[str] | None = None  # workers whose connections are kept; None: all
         self._tls: ssl.SSLContext | None = None
 
     async def send(
@@ -114,6 +115,14 @@ class UpstreamClient:
         for writer in busy:
             writer.transport.abort()
         return len(busy)
+
+    def keep_only(self, urls: Iterable[str]) -> None:
+        """Pool connections only to these workers (the configured ones) from now on: idle
+        connections to others are closed, and requests in flight to them keep none."""
+        self._pooled = frozenset(urls)
+        for url in set(self._idle) - self._pooled:
+            for _, writer in self._idle.pop(url):
+                writer.transport.abort()
 
     def close(self) -> None:
         for url in list(self._idle) + list(self._busy):
@@ -164,7 +173,7 @@ class UpstreamClient:
             raise
         finally:
             busy.discard(writer)
-        if reusable and self._aborts.get(url, 0) == aborts:
+        if reusable and self._aborts.get(url, 0) == aborts and (self._pooled is None or url in self._pooled):
             idle = self._idle.setdefault(url, [])
             if len(idle) < MAX_IDLE_PER_WORKER:
                 idle.append(connection)

@@ -310,3 +310,23 @@ def test_connect_timeout_is_its_own_failure(monkeypatch: pytest.MonkeyPatch) -> 
         assert caught.value.failure is Failure.CONNECT_TIMEOUT
 
     run(go())
+
+
+def test_keep_only_drops_connections_to_workers_no_longer_configured() -> None:
+    async def go() -> None:
+        kept, dropped = Server(answer(OK)), Server(answer(OK))
+        kept_url, dropped_url = await kept.start(), await dropped.start()
+        client = UpstreamClient()
+        await send(client, kept_url)
+        await send(client, dropped_url)
+        assert (client.idle_connections(kept_url), client.idle_connections(dropped_url)) == (1, 1)
+        client.keep_only({kept_url})  # a reload removed the second worker
+        assert (client.idle_connections(kept_url), client.idle_connections(dropped_url)) == (1, 0)
+        await send(client, dropped_url)  # a request decided before the reload still completes...
+        assert client.idle_connections(dropped_url) == 0  # ...but its connection is not kept
+        assert dropped.connections == 2
+        client.close()
+        await kept.stop()
+        await dropped.stop()
+
+    run(go())
