@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions
+from mitmproxy import exceptions, http
 from mitmproxy.addons.anticache import AntiCache
 from mitmproxy.addons.block import Block
 from mitmproxy.addons.proxyserver import Proxyserver
@@ -260,12 +262,12 @@ async def _holding_worker(release: asyncio.Event, seen: list[bytes]) -> asyncio.
     return await asyncio.start_server(serve, "127.0.0.1", 0)
 
 
-async def test_long_poll_token_hidden_while_in_flight_and_sent_upstream(tmp_path: Path) -> None:
-    release, seen = asyncio.Event(), []
-    worker = await _holding_worker(release, seen)
-    port = worker.sockets[0].getsockname()[1]
+@contextlib.contextmanager
+def _long_poll_to(tmp_path: Path, worker_port: int) -> Iterator[tuple[SynapseRouter, http.HTTPFlow]]:
+    """A router whose one sync worker listens on `worker_port` (main: 127.0.0.1:9), and a
+    long-poll of a known user routed by it, ready for its `request` hook."""
     path = tmp_path / "router.yaml"
-    path.write_text(f"workers:\n  sync: [http://127.0.0.1:{port}]\n")
+    path.write_text(f"workers:\n  sync: [http://127.0.0.1:{worker_port}]\n")
     addon = SynapseRouter()
     with taddons.context(addon, Proxyserver(), Block(), AntiCache()) as tctx:
         tctx.configure(addon, router_config=str(path), mode=["reverse:http://127.0.0.1:9"])
@@ -274,6 +276,13 @@ async def test_long_poll_token_hidden_while_in_flight_and_sent_upstream(tmp_path
         flow = make_flow("/_matrix/client/v3/sync?since=s1&timeout=30000", {"Authorization": "Bearer sekrit"})
         flow.request.content = b""
         addon.requestheaders(flow)
+        yield addon, flow
+
+
+async def test_long_poll_token_hidden_while_in_flight_and_sent_upstream(tmp_path: Path) -> None:
+    release, seen = asyncio.Event(), []
+    worker = await _holding_worker(release, seen)
+    with _long_poll_to(tmp_path, worker.sockets[0].getsockname()[1]) as (addon, flow):
         sending = addon.request(flow)
         assert sending is not None  # the router sends this long-poll itself
         task = asyncio.ensure_future(sending)
@@ -285,23 +294,13 @@ async def test_long_poll_token_hidden_while_in_flight_and_sent_upstream(tmp_path
         release.set()
         await asyncio.wait_for(task, 5)
         assert flow.response is not None and flow.response.status_code == 200
-        worker.close()
+    worker.close()
 
 
 async def test_long_poll_failing_over_to_main_keeps_its_token(tmp_path: Path) -> None:
     with socket.socket() as refusing:  # bound, not listening: connections are refused
         refusing.bind(("127.0.0.1", 0))
-        port = refusing.getsockname()[1]
-        path = tmp_path / "router.yaml"
-        path.write_text(f"workers:\n  sync: [http://127.0.0.1:{port}]\n")
-        addon = SynapseRouter()
-        with taddons.context(addon, Proxyserver(), Block(), AntiCache()) as tctx:
-            tctx.configure(addon, router_config=str(path), mode=["reverse:http://127.0.0.1:9"])
-            assert addon.identity is not None
-            addon.identity.users[token_key("sekrit")] = "@alice:example.org"
-            flow = make_flow("/_matrix/client/v3/sync?since=s1&timeout=30000", {"Authorization": "Bearer sekrit"})
-            flow.request.content = b""
-            addon.requestheaders(flow)
+        with _long_poll_to(tmp_path, refusing.getsockname()[1]) as (addon, flow):
             sending = addon.request(flow)
             assert sending is not None
             await asyncio.wait_for(sending, 5)
