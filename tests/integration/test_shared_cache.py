@@ -19,17 +19,22 @@ pytestmark = pytest.mark.integration
 TOKENS = {f"tok{i}": f"@user{i}:test.local" for i in range(20)}
 
 
+def _sync_fleet(fleet: Fleet, redis_url: str, whoami_delay: float = 0.0) -> dict:
+    """Main (whoami for TOKENS) and three sync workers; the router configuration for them."""
+    fleet.add("main", whoami=TOKENS, whoami_delay=whoami_delay)
+    for name in ("sync1", "sync2", "sync3"):
+        fleet.add(name)
+    return {
+        "workers": {"sync": [fleet[n].url for n in ("sync1", "sync2", "sync3")]},
+        "whoami": {"redis": redis_url, "timeout": 10},
+    }
+
+
 def test_two_routers_one_whoami_call_per_token_and_redis_down_keeps_routing(
     fleet: Fleet, start_router, redis_url
 ) -> None:
     url, redis_proc = redis_url
-    fleet.add("main", whoami=TOKENS)
-    for name in ("sync1", "sync2", "sync3"):
-        fleet.add(name)
-    config = {
-        "workers": {"sync": [fleet[n].url for n in ("sync1", "sync2", "sync3")]},
-        "whoami": {"redis": url, "timeout": 10},
-    }
+    config = _sync_fleet(fleet, url)
     a, b = start_router(fleet["main"].url, config), start_router(fleet["main"].url, config)
 
     def where(router) -> dict[str, str]:
@@ -132,13 +137,7 @@ def _first_requests_at_once(urls: list[str], tokens: list[str], per_router: int)
 
 def test_two_routers_missing_a_token_at_once_make_one_whoami_call(fleet: Fleet, start_router, redis_url) -> None:
     url, _ = redis_url
-    fleet.add("main", whoami=TOKENS, whoami_delay=0.3)  # both routers miss while the call is out
-    for name in ("sync1", "sync2", "sync3"):
-        fleet.add(name)
-    config = {
-        "workers": {"sync": [fleet[n].url for n in ("sync1", "sync2", "sync3")]},
-        "whoami": {"redis": url, "timeout": 10},
-    }
+    config = _sync_fleet(fleet, url, whoami_delay=0.3)  # both routers miss while the call is out
     a, b = start_router(fleet["main"].url, config), start_router(fleet["main"].url, config)
     tokens = list(TOKENS)[:10]
     answers = _first_requests_at_once([a.url, b.url], tokens, per_router=3)
