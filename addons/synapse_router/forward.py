@@ -1,16 +1,21 @@
-"""The router's own upstream request, for requests it can retry on another worker.
+"""The router's own upstream requests, for requests it can retry on another worker.
 
 mitmproxy answers a client 502 as soon as an upstream connection closes before the response,
-and offers no hook to retry. For idempotent, bodiless requests (sync long-polls above all)
-the addon sends the request itself: if the worker refuses the connection, times out
-connecting, or fails before its whole response arrived, the request goes to the next worker.
-Bytes pass untouched both ways: no Accept-Encoding is added, nothing is decoded.
+and offers no hook to retry. For idempotent requests (sync long-polls above all) the addon
+sends the request itself: if the worker refuses the connection, times out connecting, or
+fails before its whole response arrived, the request goes to the next worker. Bytes pass
+untouched both ways: no Accept-Encoding is added, nothing is decoded.
 
-This is a minimal HTTP/1.1 client on asyncio streams with keep-alive connections per worker,
-not httpx: on this path httpx cost 1.1-2.4 ms of CPU per request, several times what
-mitmproxy spends on a whole proxied request (docs/benchmarks.md). It sends exactly one kind of
-request (no body, headers as given) and reads responses delimited by Content-Length, chunked
-encoding or the connection's end.
+Framing is h11's (the HTTP/1.1 library mitmproxy itself depends on), not ours: it validates
+every request line and header the router writes (no CR, LF or NUL can reach a worker, so a
+client cannot smuggle a second request onto a connection that other users' requests share)
+and reads the response's framing (Content-Length, chunked, close-delimited). A connection
+goes back to the pool only after a complete, well-framed exchange with nothing unread, and
+is checked again before reuse: a worker that sent bytes nobody asked for is closed.
+
+Connections are kept alive per worker (an `asyncio.Protocol` per connection feeding h11, no
+stream layer in between); httpx on this path cost 1.1-2.4 ms of CPU per request, several
+times what mitmproxy spends on a whole proxied request (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+
+import h11
 
 from .config import Upstream
 
@@ -39,6 +46,7 @@ HOP_BY_HOP = frozenset(
 )
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_HEAD = 64 * 1024  # bytes of status line and headers; more is not an HTTP response we relay
+MAX_BODY = 64 * 1024 * 1024  # a response held in memory; a larger one is not relayed on this path
 MAX_IDLE_PER_WORKER = 256
 
 
@@ -65,55 +73,137 @@ class NoResponse(Exception):
         self.failure = failure
 
 
-class BadResponse(Exception):
-    """The worker answered something that is not an HTTP/1.x response."""
+class BadRequest(ValueError):
+    """The request is not valid HTTP/1.1 as given (a header value with a CR, say): nothing was
+    sent, and nothing should be."""
 
 
 def request_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
 
 
-type Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to a worker: bytes in go straight into h11."""
+
+    def __init__(self) -> None:
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.received = 0  # bytes of the current exchange
+        self._wakeup: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > MAX_HEAD + MAX_BODY:
+            self.abort()
+            return
+        self.h11.receive_data(data)
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._end()
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.h11.receive_data(b"")
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self._end()
+
+    def reusable(self) -> bool:
+        """Idle, open, and nothing received since its last exchange ended."""
+        state = self.h11
+        return (
+            not self.closed
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and state.our_state is h11.IDLE
+            and state.their_state is h11.IDLE
+            and not state.trailing_data[0]
+        )
+
+    async def next_event(self) -> object:
+        """The next h11 event (an h11.Event, or h11.PAUSED)."""
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if self.closed:  # h11 has seen the end and still needs data: cannot happen
+                raise h11.RemoteProtocolError("connection closed mid-message")
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+
+    def end_exchange(self) -> bool:
+        """After a response: ready the connection for the next one; False if it cannot be."""
+        state = self.h11
+        if state.our_state is not h11.DONE or state.their_state is not h11.DONE:
+            return False
+        state.start_next_cycle()
+        self.received = 0
+        return self.reusable()
 
 
 class UpstreamClient:
     """Keep-alive HTTP/1.1 connections to workers, and the requests sent on them."""
 
     def __init__(self) -> None:
-        self._idle: dict[str, list[Connection]] = {}
-        self._busy: dict[str, set[asyncio.StreamWriter]] = {}
+        self._idle: dict[str, list[_Connection]] = {}
+        self._busy: dict[str, set[_Connection]] = {}
         self._aborts: dict[str, int] = {}  # per worker, how many times `abort` was called
         self._pooled: frozenset[str] | None = None  # workers whose connections are kept; None: all
         self._tls: ssl.SSLContext | None = None
 
     async def send(
-        self, upstream: Upstream, method: str, path: str, headers: list[tuple[bytes, bytes]], connect_timeout: float
+        self,
+        upstream: Upstream,
+        method: str,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        connect_timeout: float,
+        body: bytes = b"",
     ) -> UpstreamResponse:
-        """Send a bodiless request to a worker and read its whole response; raise NoResponse
-        if there is none (also when `abort` closed the connection meanwhile)."""
+        """Send a request to a worker and read its whole response. Raises BadRequest (before
+        anything is sent) if the request is not valid HTTP/1.1, NoResponse if the worker gives
+        no complete response (also when `abort` closed the connection meanwhile)."""
         url = upstream.url
-        head = _request_head(upstream, method, path, headers)
+        events = _request_events(upstream, method, path, headers, body)
         aborts = self._aborts.get(url, 0)
         connection = self._checkout(url)
         if connection is not None:
             try:
-                return await self._exchange(url, connection, head, method, aborts)
+                return await self._exchange(url, connection, events, aborts)
             except NoResponse:
                 if self._aborts.get(url, 0) != aborts:
                     raise
                 # The worker may have closed an idle connection as we reused it: once more, fresh.
         connection = await self._connect(upstream, connect_timeout)
-        return await self._exchange(url, connection, head, method, aborts)
+        return await self._exchange(url, connection, events, aborts)
 
     def abort(self, url: str) -> int:
         """Close every connection to a worker found dead, so the requests waiting on it give
         up at once (each raises NoResponse); returns how many were in flight."""
         self._aborts[url] = self._aborts.get(url, 0) + 1
-        for _, writer in self._idle.pop(url, []):
-            writer.transport.abort()
+        for connection in self._idle.pop(url, []):
+            connection.abort()
         busy = self._busy.pop(url, set())
-        for writer in busy:
-            writer.transport.abort()
+        for connection in busy:
+            connection.abort()
         return len(busy)
 
     def keep_only(self, urls: Iterable[str]) -> None:
@@ -121,8 +211,8 @@ class UpstreamClient:
         connections to others are closed, and requests in flight to them keep none."""
         self._pooled = frozenset(urls)
         for url in set(self._idle) - self._pooled:
-            for _, writer in self._idle.pop(url):
-                writer.transport.abort()
+            for connection in self._idle.pop(url):
+                connection.abort()
 
     def close(self) -> None:
         for url in list(self._idle) + list(self._busy):
@@ -131,54 +221,59 @@ class UpstreamClient:
     def idle_connections(self, url: str) -> int:
         return len(self._idle.get(url, ()))
 
-    def _checkout(self, url: str) -> Connection | None:
+    def busy_connections(self, url: str) -> int:
+        return len(self._busy.get(url, ()))
+
+    def _checkout(self, url: str) -> _Connection | None:
         idle = self._idle.get(url)
         while idle:
-            reader, writer = idle.pop()
-            if not reader.at_eof() and not writer.transport.is_closing():
-                return reader, writer
-            writer.transport.abort()
+            connection = idle.pop()
+            if connection.reusable():
+                return connection
+            connection.abort()
         return None
 
-    async def _connect(self, upstream: Upstream, timeout: float) -> Connection:
+    async def _connect(self, upstream: Upstream, timeout: float) -> _Connection:
         tls = self._tls_context() if upstream.scheme == "https" else None
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(upstream.host, upstream.port, ssl=tls, limit=MAX_HEAD)
+                _, connection = await loop.create_connection(_Connection, upstream.host, upstream.port, ssl=tls)
         except TimeoutError:
             raise NoResponse(Failure.CONNECT_TIMEOUT, f"no connection within {timeout:g}s") from None
         except (OSError, ssl.SSLError) as e:
             raise NoResponse(Failure.CONNECT_ERROR, e.strerror or str(e) or type(e).__name__) from e
-        return reader, writer
+        return connection
 
     async def _exchange(
-        self, url: str, connection: Connection, head: bytes, method: str, aborts: int
+        self, url: str, connection: _Connection, events: list[h11.Event], aborts: int
     ) -> UpstreamResponse:
-        """Send `head` on the connection and read the response, unless the worker was found
-        dead since the request began (`aborts` changed)."""
-        reader, writer = connection
+        """Send the request on the connection and read the response, unless the worker was
+        found dead since the request began (`aborts` changed)."""
         if self._aborts.get(url, 0) != aborts:
-            writer.transport.abort()
+            connection.abort()
             raise NoResponse(Failure.NO_RESPONSE, "worker found dead while connecting")
         busy = self._busy.setdefault(url, set())
-        busy.add(writer)
+        busy.add(connection)
         try:
-            writer.write(head)
-            response, reusable = await _read_response(reader, method)
-        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, BadResponse) as e:
-            writer.transport.abort()
-            raise NoResponse(Failure.NO_RESPONSE, _describe(e)) from e
-        except BaseException:  # cancelled: the connection is mid-response, useless to anyone
-            writer.transport.abort()
+            assert connection.transport is not None
+            connection.transport.write(b"".join(connection.h11.send(event) or b"" for event in events))
+            response = await _read_response(connection)
+        except (h11.ProtocolError, OSError) as e:
+            connection.abort()
+            raise NoResponse(Failure.NO_RESPONSE, _describe(e, connection)) from e
+        except BaseException:  # cancelled (the client left): the connection is mid-exchange, useless
+            connection.abort()
             raise
         finally:
-            busy.discard(writer)
+            busy.discard(connection)
+        reusable = connection.end_exchange()
         if reusable and self._aborts.get(url, 0) == aborts and (self._pooled is None or url in self._pooled):
             idle = self._idle.setdefault(url, [])
             if len(idle) < MAX_IDLE_PER_WORKER:
                 idle.append(connection)
                 return response
-        writer.transport.abort()
+        connection.abort()
         return response
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -187,99 +282,55 @@ class UpstreamClient:
         return self._tls
 
 
-def _request_head(upstream: Upstream, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1\r\n".encode()]
-    has_host = False
-    for name, value in headers:
-        if name.lower() == b"host":
-            has_host = True
-        lines.append(b"%s: %s\r\n" % (name, value))
-    if not has_host:
+def _request_events(
+    upstream: Upstream, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
+) -> list[h11.Event]:
+    """The request as h11 events; h11 validates the method, target and every header here."""
+    fields = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+    if not any(k.lower() == b"host" for k, _ in fields):
         default_port = 443 if upstream.scheme == "https" else 80
         host = upstream.url.partition("://")[2] if upstream.port != default_port else upstream.host
-        lines.append(f"Host: {host}\r\n".encode())
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        fields.append((b"Host", host.encode()))
+    if body or method not in RETRYABLE_METHODS:
+        fields.append((b"Content-Length", str(len(body)).encode()))
+    try:
+        events: list[h11.Event] = [h11.Request(method=method, target=path, headers=fields)]
+    except h11.LocalProtocolError as e:
+        raise BadRequest(str(e)) from None
+    if body:
+        events.append(h11.Data(data=body))
+    events.append(h11.EndOfMessage())
+    return events
 
 
-async def _read_response(reader: asyncio.StreamReader, method: str) -> tuple[UpstreamResponse, bool]:
-    """One response, informational (1xx) ones skipped; and whether the connection may be reused."""
-    while True:
-        head = await reader.readuntil(b"\r\n\r\n")
-        headers_at = time.time()
-        status_line, _, header_block = head[:-4].partition(b"\r\n")
-        version, status, reason = _parse_status_line(status_line)
-        headers = _parse_headers(header_block)
-        if not 100 <= status < 200:
-            break
-    connection_options = {t.strip().lower() for v in _values(headers, b"connection") for t in v.split(b",")}
-    reusable = version == b"HTTP/1.1" and b"close" not in connection_options
-    out = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
-    if method == "HEAD" or status in (204, 304):
-        return UpstreamResponse(status, reason, out, b"", headers_at), reusable
-    encoding = b",".join(_values(headers, b"transfer-encoding")).strip().lower()
-    if encoding:
-        if encoding != b"chunked":
-            raise BadResponse(f"unsupported Transfer-Encoding {encoding.decode(errors='replace')!r}")
-        body = await _read_chunked(reader)
-    else:
-        lengths = set(_values(headers, b"content-length"))
-        if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
-            raise BadResponse("invalid Content-Length")
-        if lengths:
-            body = await reader.readexactly(int(next(iter(lengths))))
-        else:  # delimited by the connection's end
-            body = await reader.read()
-            reusable = False
-    if not _values(out, b"content-length"):
-        out.append((b"content-length", str(len(body)).encode()))
-    return UpstreamResponse(status, reason, out, body, headers_at), reusable
-
-
-def _values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
-    return [v for k, v in headers if k.lower() == name]
-
-
-def _parse_status_line(line: bytes) -> tuple[bytes, int, bytes]:
-    version, _, rest = line.partition(b" ")
-    status, _, reason = rest.partition(b" ")
-    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(status) != 3 or not status.isdigit():
-        raise BadResponse("not an HTTP/1.x status line")
-    return version, int(status), reason
-
-
-def _parse_headers(block: bytes) -> list[tuple[bytes, bytes]]:
-    headers = []
-    for line in block.split(b"\r\n") if block else ():
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip():
-            raise BadResponse("malformed header line")
-        headers.append((name, value.strip()))
-    return headers
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+async def _read_response(connection: _Connection) -> UpstreamResponse:
+    """One final response (informational ones skipped), its body read whole."""
+    head: h11.Response | None = None
+    headers_at = 0.0
     chunks: list[bytes] = []
     while True:
-        size_line = await reader.readuntil(b"\r\n")
-        size_text = size_line[:-2].partition(b";")[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise BadResponse("invalid chunk size") from None
-        if size == 0:
-            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, dropped
-                pass
-            return b"".join(chunks)
-        chunk = await reader.readexactly(size + 2)
-        if chunk[-2:] != b"\r\n":
-            raise BadResponse("chunk not followed by CRLF")
-        chunks.append(chunk[:-2])
+        event = await connection.next_event()
+        if isinstance(event, h11.Response):
+            head, headers_at = event, time.time()
+        elif isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            break
+        elif isinstance(event, h11.ConnectionClosed):
+            raise h11.RemoteProtocolError("connection closed before the whole response")
+        elif not isinstance(event, h11.InformationalResponse):  # PAUSED: cannot happen before our next request
+            raise h11.RemoteProtocolError(f"unexpected {event!r}")
+    assert head is not None
+    if sum(len(k) + len(v) + 4 for k, v in head.headers.raw_items()) > MAX_HEAD:
+        raise h11.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
+    body = b"".join(chunks)
+    headers = [(k, v) for k, v in head.headers.raw_items() if k.lower() not in HOP_BY_HOP]
+    if not any(k.lower() == b"content-length" for k, _ in headers):
+        headers.append((b"content-length", str(len(body)).encode()))
+    return UpstreamResponse(head.status_code, bytes(head.reason), headers, body, headers_at)
 
 
-def _describe(error: BaseException) -> str:
-    if isinstance(error, asyncio.IncompleteReadError):
-        return "connection closed before the whole response"
-    if isinstance(error, asyncio.LimitOverrunError):
-        return f"response head over {MAX_HEAD} bytes"
+def _describe(error: BaseException, connection: _Connection) -> str:
+    if connection.received > MAX_HEAD + MAX_BODY:
+        return f"response over {MAX_BODY} bytes"
     return str(error) or type(error).__name__

@@ -299,7 +299,7 @@ def test_connect_timeout_is_its_own_failure(monkeypatch: pytest.MonkeyPatch) -> 
     async def black_hole(*args: object, **kwargs: object) -> None:
         await asyncio.sleep(60)  # a SYN nobody answers
 
-    monkeypatch.setattr(asyncio, "open_connection", black_hole)
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "create_connection", black_hole)
 
     async def go() -> None:
         client = UpstreamClient()
