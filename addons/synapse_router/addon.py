@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import signal
@@ -12,20 +13,21 @@ from typing import Any
 
 import httpx
 from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from . import forward, tokens
+from . import forward, tokens, wellformed
 from .accesslog import AccessLogConfig, AccessLogFormatter, AccessRecord
 from .config import ConfigError, RouterConfig, Upstream, WhoamiConfig, load_config, parse_upstream_url
-from .engine import Decision, Engine
+from .engine import ROUTER, Decision, Engine
 from .forwarding import ROUTER_HEADER_PREFIX, SPOOFABLE_HEADERS, TrustedProxies
 from .health import HealthConfig, WorkerStates, check_worker
 from .identity import IdentityResolver, Resolution, Source, TokenRejected, WhoamiCall, whoami_over_http
 from .metrics import MetricsServer, RouterMetrics
 from .query import query_param
-from .routes import INITIAL_SYNC_ROUTE, Balance, Match, room_from_path
+from .routes import INITIAL_SYNC_ROUTE, MAIN, Balance, Match, room_from_path
 from .sharedcache import SharedCache
 from .signals import on_signal
 
@@ -36,6 +38,10 @@ METADATA_KEY = "synapse_router"
 STREAM_THRESHOLD = 1024 * 1024  # bodies larger than this, or of unknown size, are streamed
 MIN_TCP_TIMEOUT = 360  # seconds: above Synapse's longest long-poll (5 min) plus margin
 LOGOUT_PATH = re.compile(r"^/_matrix/client/(?:api/v1|r0|v3|unstable)/logout(/all)?$")
+CLIENT_SWEEP_INTERVAL = 1.0  # seconds between checks for clients that left a router-sent request
+TOKEN_LABEL = re.compile(r"[0-9a-f]{8}")
+# Libraries that log request headers (tokens included) at DEBUG: never below WARNING.
+CHATTY_LOGGERS = ("httpx", "httpcore", "hpack", "h11")
 
 # mitmproxy options a router cannot work without, and why.
 REQUIRED_OPTIONS: dict[str, tuple[Any, str]] = {
@@ -63,6 +69,9 @@ class SynapseRouter:
         self._http: httpx.AsyncClient | None = None  # whoami and health checks
         self._upstream = forward.UpstreamClient()  # requests the router sends (and retries) itself
         self._health_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
+        # router-sent requests in flight: the upstream exchange, cancelled if its client leaves
+        self._sending: dict[asyncio.Task[forward.UpstreamResponse], http.HTTPFlow] = {}
         # client connection id -> the flow waiting for its upstream connection (mitmproxy path)
         self._connecting: dict[str, http.HTTPFlow] = {}
         self.metrics = RouterMetrics()
@@ -77,8 +86,10 @@ class SynapseRouter:
     # --- options ---
 
     def load(self, loader: Any) -> None:
-        # httpx logs every whoami call at INFO, which mitmproxy shows by default.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+        # httpx logs every whoami call at INFO, which mitmproxy shows by default; httpcore and
+        # hpack print request headers, tokens included, at DEBUG (`termlog_verbosity=debug`).
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
         loader.add_option(
             "router_config",
             str | None,
@@ -104,6 +115,7 @@ class SynapseRouter:
         self._serve_metrics()
         if self._health_task is None:
             self._health_task = asyncio.create_task(self._check_health_forever())
+            self._sweep_task = asyncio.create_task(self._cancel_abandoned_forever())
             # `kill -HUP` reloads the configuration, as nginx does: mitmdump has no console.
             try:
                 on_signal(signal.SIGHUP, self.reload)
@@ -111,9 +123,10 @@ class SynapseRouter:
                 log.info("synapse-router: SIGHUP reload unavailable here; use the router.reload command")
 
     async def done(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            self._health_task = None
+        for task in (self._health_task, self._sweep_task):
+            if task is not None:
+                task.cancel()
+        self._health_task = self._sweep_task = None
         if self._metrics_server is not None:
             await self._metrics_server.stop()
             self._metrics_server = None
@@ -145,11 +158,13 @@ class SynapseRouter:
         )
 
     def _observed(self, call: WhoamiCall) -> WhoamiCall:
-        async def observed(token: str, as_user: str | None, user_agent: str | None, client_ip: str) -> str:
+        async def observed(
+            token: str, as_user: str | None, user_agent: str | None, client_ip: str, budget: float
+        ) -> str:
             started = time.perf_counter()
             outcome = "error"
             try:
-                user = await call(token, as_user, user_agent, client_ip)
+                user = await call(token, as_user, user_agent, client_ip, budget)
                 outcome = "user"
                 return user
             except TokenRejected:
@@ -318,21 +333,33 @@ class SynapseRouter:
     @command.command("router.explain")
     def explain(self, path: str, method: str = "GET", who: str = "") -> Sequence[str]:
         """Where a request would go and why: route, pool chain, rendezvous ranking of the
-        workers with their health. `who` is a user id (@alice:example.org), an access token
-        (resolved from the cache only; never shown) or empty (keyed by 127.0.0.1)."""
+        workers with their health. `who` is a user id (@alice:example.org), a token's
+        8-hex-digit label as the access log and flows show it (resolved from the cache), or
+        empty (keyed by 127.0.0.1). Never a token: mitmproxy saves commands in its history."""
         if self.engine is None:
             return ["no configuration loaded"]
         match = self.engine.match(method.upper(), path)
-        found = None
         resolution = None
         if who.startswith("@"):
             resolution = Resolution(who, Source.CACHE)
         elif who:
-            found = tokens.find_token(f"Bearer {who}", "")
-            if found is not None and self.identity is not None:
-                resolution = self.identity.cached(found.key)
-        key, key_kind = _balance_key(match, found, "127.0.0.1", resolution)
+            if TOKEN_LABEL.fullmatch(who) is None:
+                raise exceptions.CommandError(
+                    "WHO is a user id (@user:server) or a token's 8-hex-digit label from the access log, "
+                    "never a token (mitmproxy keeps a command history)"
+                )
+            user = self._user_of_label(who)
+            resolution = Resolution(user, Source.CACHE) if user is not None else None
+        key, key_kind = _balance_key(match, None, "127.0.0.1", resolution)
         return self.engine.explain(method.upper(), path, key, key_kind, self.workers.unusable)
+
+    def _user_of_label(self, label: str) -> str | None:
+        if self.identity is None:
+            return None
+        for key, user in list(self.identity.users.items()):
+            if tokens.short_hash(key) == label:
+                return user
+        return None
 
     @command.command("router.flush")
     def flush(self) -> int:
@@ -354,8 +381,13 @@ class SynapseRouter:
         request = flow.request
         client_ip = self._set_forwarding_headers(flow)
         match = self.engine.match(request.method, request.path)
-        found = tokens.find_token(request.headers.get("authorization"), match.query)
-        if found is not None and found.from_query and not found.conflict:
+        try:
+            wellformed.check_request(request.authority, request.path, request.headers.fields)
+            found = tokens.find_token(request.headers.get_all("authorization"), match.query)
+        except wellformed.Refused as refused:
+            self._refuse(flow, match, client_ip, refused)
+            return None
+        if found is not None and found.from_query:
             self._move_query_token_to_header(request, found, match)
         logout = LOGOUT_PATH.match(match.path) if found is not None else None
         if logout is not None and found is not None:
@@ -398,6 +430,17 @@ class SynapseRouter:
         flow.metadata[f"{METADATA_KEY}.client_ip"] = client_ip
         self._apply(flow, decision)
 
+    def _refuse(self, flow: http.HTTPFlow, match: Match, client_ip: str, refused: wellformed.Refused) -> None:
+        """Answer a request the router will not pass on, with a Matrix error; nothing is sent."""
+        route = match.route.name if match.route is not None else MAIN
+        decision = Decision(route, ROUTER, None, "none", refused=refused.errcode)
+        flow.metadata[f"{METADATA_KEY}.client_ip"] = client_ip
+        flow.metadata[METADATA_KEY] = decision
+        flow.response = matrix_error(refused.status, refused.errcode, str(refused))
+        flow.comment = decision.summary()
+        flow.marked = ":no_entry:"
+        _redact_credentials(flow.request, None)
+
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if not flow.metadata.get(f"{METADATA_KEY}.forward") or flow.response is not None:
             return None
@@ -407,7 +450,7 @@ class SynapseRouter:
     async def _forward_with_retry(self, flow: http.HTTPFlow, decision: Decision) -> None:
         """Send the request to its worker; on a failed connection move on to the next worker
         (each failure marks one down, so this ends at main at the latest); after a worker that
-        gave no response, retry once."""
+        gave no response, retry once. A client that leaves cancels the exchange."""
         assert self.engine is not None
         request = flow.request
         method, path, headers = request.method, request.path, forward.request_headers(request.headers.fields)
@@ -422,8 +465,15 @@ class SynapseRouter:
                 request.headers.set_all("authorization", authorization)
                 request.path = path
                 return
+            sending = asyncio.ensure_future(
+                self._upstream.send(upstream, method, path, headers, self.workers.config.connect_timeout)
+            )
+            self._sending[sending] = flow
             try:
-                answer = await self._upstream.send(upstream, method, path, headers, self.workers.config.connect_timeout)
+                answer = await sending
+            except forward.BadRequest:
+                flow.response = matrix_error(400, "M_INVALID_PARAM", "Invalid request header.")
+                return
             except forward.NoResponse as e:
                 # A refused connection takes the worker down at once. A connect timeout or a
                 # reset only moves this request: a burst filling the accept queue, or a client
@@ -434,13 +484,21 @@ class SynapseRouter:
                 connect_failed = e.failure is not forward.Failure.NO_RESPONSE
                 if not connect_failed:  # the worker may have seen the request: resend it once
                     if retried:
-                        flow.response = http.Response.make(502, f"synapse-router: {upstream.url} gave no response")
+                        flow.response = matrix_error(502, "M_UNKNOWN", "The server gave no response.")
                         return
                     retried = True
                     self.metrics.observe_retry(decision.pool)
                 reason = "connect" if connect_failed else "no_response"
                 decision = self._fail_over(flow, decision, tried, reason, str(e))
                 continue
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this hook itself was cancelled (shutdown), not the client's exchange
+                flow.kill()  # type: ignore[no-untyped-call]  # the client left: its worker connection is closed, nothing is answered
+                return
+            finally:
+                del self._sending[sending]
             flow.response = http.Response(
                 http_version=b"HTTP/1.1",
                 status_code=answer.status,
@@ -453,6 +511,16 @@ class SynapseRouter:
             )
             flow.response.raw_content = answer.body
             return
+
+    async def _cancel_abandoned_forever(self) -> None:
+        """Cancel the router-sent exchanges whose client has closed its connection, as
+        mitmproxy does for the requests it forwards (the worker connection is closed, so a
+        client dropping long-polls cannot pin worker connections and descriptors)."""
+        while True:
+            await asyncio.sleep(CLIENT_SWEEP_INTERVAL)
+            for sending, flow in list(self._sending.items()):
+                if not flow.client_conn.state & ConnectionState.CAN_READ:
+                    sending.cancel()
 
     def _fail_over(
         self, flow: http.HTTPFlow, failed: Decision, tried: set[str], reason: str, detail: str = ""
@@ -711,16 +779,22 @@ def _large_or_unknown(request: http.Request, response: http.Response | None) -> 
 
 
 def _redact_credentials(request: http.Request, header_label: str | None) -> None:
-    """Once a request has been sent, keep its token out of what mitmproxy shows, saves or prints.
-    `header_label` is the routed token's short hash (the header token's, when there is one):
-    the access log shows the same label."""
-    token = tokens.bearer_token(request.headers.get("authorization"))
-    if token is not None:
-        label = header_label or tokens.short_hash(tokens.token_key(token))
-        request.headers["Authorization"] = f"Bearer <redacted:{label}>"
+    """Keep every credential of a request out of what mitmproxy shows, saves or prints: each
+    Authorization header (however malformed; a bearer token keeps its short label, the routed
+    token's when there is one, as the access log shows it) and each access_token parameter."""
+    values = request.headers.get_all("authorization")
+    if values:
+        request.headers.set_all("authorization", [tokens.redact_authorization(v, header_label) for v in values])
     path, sep, query = request.path.partition("?")
-    if sep:
-        found = tokens.find_token(None, query)
-        if found is not None and found.from_query:
-            label = tokens.short_hash(tokens.token_key(found.token))
-            request.path = f"{path}?{tokens.redact_query_token(query, label)}"
+    if sep and any(tokens.is_token_param(p) for p in query.split("&")):
+        label = tokens.short_hash(tokens.token_key(query_param(query, tokens.TOKEN_PARAM) or ""))
+        request.path = f"{path}?{tokens.redact_query_token(query, label)}"
+
+
+def matrix_error(status: int, errcode: str, message: str, retry_after: int | None = None) -> http.Response:
+    """A response the router makes itself, as Synapse would: a Matrix error body."""
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    body = json.dumps({"errcode": errcode, "error": message} | ({"soft_logout": False} if status == 401 else {}))
+    return http.Response.make(status, body.encode(), headers)

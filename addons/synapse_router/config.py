@@ -82,8 +82,15 @@ class WhoamiConfig:
     cache_ttl: float = 3600.0
     cache_size: int = 100_000
     negative_ttl: float = 10.0
-    timeout: float = 2.0
+    timeout: float = 2.0  # the longest a request waits for its user, queueing included
     redis: str | None = None  # redis:// URL of a cache shared by every router process; None: off
+    max_in_flight: int = 16  # whoami calls at once, per process
+    # Calls for tokens the cache does not know: a token bucket for the whole process and one
+    # per client address; beyond them a request is routed by its token's hash, without a call.
+    new_token_rate: float = 100.0
+    new_token_burst: int = 2000
+    new_token_rate_per_client: float = 10.0
+    new_token_burst_per_client: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +293,10 @@ def _parse_trusted(doc: _Doc, raw: Any) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
-_WHOAMI_KEYS = frozenset({"url", "cache_ttl", "cache_size", "negative_ttl", "timeout", "redis"})
+_WHOAMI_KEYS = frozenset(
+    {"url", "cache_ttl", "cache_size", "negative_ttl", "timeout", "redis", "max_in_flight", "new_tokens"}
+)
+_NEW_TOKENS_KEYS = frozenset({"rate", "burst", "per_client_rate", "per_client_burst"})
 
 
 def _parse_whoami(doc: _Doc, raw: Any) -> WhoamiConfig:
@@ -303,9 +313,26 @@ def _parse_whoami(doc: _Doc, raw: Any) -> WhoamiConfig:
         not isinstance(redis_url, str) or urlsplit(redis_url).scheme not in ("redis", "rediss", "unix")
     ):
         raise doc.error(("whoami", "redis"), f"expected a redis://host:port/db URL, got {redis_url!r}")
+    limits = _mapping(doc, entry.get("new_tokens"), ("whoami", "new_tokens"), _NEW_TOKENS_KEYS)
+
+    def limit(key: str, default: float, integer: bool) -> Any:
+        value = limits.get(key, default)
+        return _number(doc, value, ("whoami", "new_tokens", key), minimum=0 if not integer else 1, integer=integer)
+
     return WhoamiConfig(
         url=url,
         redis=redis_url,
+        max_in_flight=_number(
+            doc,
+            entry.get("max_in_flight", defaults.max_in_flight),
+            ("whoami", "max_in_flight"),
+            minimum=1,
+            integer=True,
+        ),
+        new_token_rate=float(limit("rate", defaults.new_token_rate, False)),
+        new_token_burst=limit("burst", defaults.new_token_burst, True),
+        new_token_rate_per_client=float(limit("per_client_rate", defaults.new_token_rate_per_client, False)),
+        new_token_burst_per_client=limit("per_client_burst", defaults.new_token_burst_per_client, True),
         cache_ttl=float(_number(doc, entry.get("cache_ttl", defaults.cache_ttl), ("whoami", "cache_ttl"), minimum=1)),
         cache_size=_number(
             doc, entry.get("cache_size", defaults.cache_size), ("whoami", "cache_size"), minimum=1, integer=True

@@ -9,6 +9,8 @@ from .config import RouterConfig, Upstream
 from .pools import Pool, Unusable, build_pools
 from .routes import MAIN, Balance, Match, Route, RouteTable
 
+ROUTER = "router"  # pool and worker of a response the router made itself
+
 
 @dataclass(slots=True)
 class Decision:
@@ -21,16 +23,21 @@ class Decision:
     failover: str = ""  # "<worker> -> <worker>: <why>" when the first choice failed
     strip_accept_encoding: bool = False
     stream_bodies: bool = False
+    refused: str = ""  # the errcode, when the router answered itself instead of passing it on
     # To choose again after a failure: the route and key (in memory only, never shown).
     matched: Route | None = field(default=None, repr=False)
     key: str | None = field(default=None, repr=False)
 
     @property
     def worker(self) -> str:
+        if self.refused:
+            return ROUTER
         return self.upstream.url if self.upstream else MAIN
 
     def summary(self) -> str:
         """One line for a flow comment: no token, no user id."""
+        if self.refused:
+            return f"{self.route} -> refused by the router: {self.refused}"
         text = f"{self.route} -> {self.pool} {self.worker} [key={self.key_kind}"
         if self.identity:
             text += f" identity={self.identity}"
@@ -50,6 +57,7 @@ class Decision:
             "identity": self.identity,
             "fallbacks": list(self.fallbacks),
             "failover": self.failover,
+            "refused": self.refused,
         }
 
 

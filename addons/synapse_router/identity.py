@@ -4,23 +4,27 @@ Keys are SHA-256 digests of the token (plus an appservice's `user_id`), never to
 - A resolved user is cached for `cache_ttl`, at most `cache_size` tokens (LRU beyond).
 - A token Synapse rejects (401 M_UNKNOWN_TOKEN / M_MISSING_TOKEN) is cached for `negative_ttl`.
 - 5xx, 429, timeouts and connection errors are never cached. After UNAVAILABLE_AFTER
-  timeouts or connection errors in a row, whoami is not asked for UNAVAILABLE_BACKOFF
+  timeouts or connection errors of main in a row, whoami is not asked for UNAVAILABLE_BACKOFF
   seconds, so a hung main process does not cost every new token `timeout` (meanwhile requests
-  are routed by token hash).
+  are routed by token hash). Only main's failures count: never a wait in the router's own
+  queue, nor anything the client sent.
+- Bounded, so that clients cannot steer it: a request waits for its user at most `timeout`,
+  queueing included; at most `max_in_flight` calls run at once; calls for tokens the cache
+  does not know are rate-limited for the process and per client address, and beyond that a
+  request is routed by its token's hash (source LIMITED) without a call.
 - Concurrent first requests of one token share one whoami call: in one process through a
   future per token; across processes through the shared cache (`whoami.redis`), where the
   process that claims the token asks whoami and the others wait for its answer, at most the
   whoami timeout, then ask themselves (see sharedcache.py). Only the request that makes a
   process's call touches Redis.
-Nothing here blocks a request for long: every outcome yields a routing key, a first request
-waits for whoami at most `timeout`, or, when it waited for another process's claim that never
-answered, at most about twice that (the wait, then its own call).
+Nothing here blocks a request for long: every outcome yields a routing key, and a first
+request waits at most `timeout` in all (for another process's claim, a free slot and the call).
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,7 +34,10 @@ import httpx
 from cachetools import TTLCache
 
 from .config import WhoamiConfig
+from .ratelimit import NewTokenLimiter
 from .sharedcache import REJECTED, Claim, SharedCache
+
+log = logging.getLogger(__name__)
 
 WHOAMI_PATH = "/_matrix/client/v3/account/whoami"
 UNAVAILABLE_BACKOFF = 5.0
@@ -48,7 +55,8 @@ class Source(StrEnum):
     WHOAMI = "whoami"  # this request made the whoami call
     COALESCED = "coalesced"  # waited for another request's whoami call
     NEGATIVE = "negative"  # Synapse rejected the token (now or recently, cached)
-    UNRESOLVED = "unresolved"  # whoami failed: routed by token hash
+    UNRESOLVED = "unresolved"  # whoami failed or took too long: routed by token hash
+    LIMITED = "limited"  # over the new-token rate limit: routed by token hash, no call
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +73,9 @@ class TokenRejected(Exception):
     """Synapse rejected the token (cacheable as negative)."""
 
 
-# A whoami call: (token, as_user, user_agent, client_ip) -> user id;
+# A whoami call: (token, as_user, user_agent, client_ip, timeout) -> user id;
 # raises TokenRejected or WhoamiError (or an httpx error).
-WhoamiCall = Callable[[str, str | None, str | None, str], Awaitable[str]]
+WhoamiCall = Callable[[str, str | None, str | None, str, float], Awaitable[str]]
 
 
 class IdentityResolver:
@@ -88,6 +96,14 @@ class IdentityResolver:
             max(1, min(config.cache_size, 10_000)), max(config.negative_ttl, 1e-9), timer=clock
         )
         self._in_flight: dict[bytes, asyncio.Future[Resolution]] = {}
+        self._slots = asyncio.Semaphore(config.max_in_flight)
+        self.limiter = NewTokenLimiter(
+            config.new_token_rate,
+            config.new_token_burst,
+            config.new_token_rate_per_client,
+            config.new_token_burst_per_client,
+            clock=clock,
+        )
         self._unavailable_until = 0.0
         self._transport_failures = 0  # in a row
         self.stats: dict[str, int] = {s.value: 0 for s in Source} | {"calls": 0, "errors": 0, "waits": 0}
@@ -120,10 +136,14 @@ class IdentityResolver:
         if self._clock() < self._unavailable_until:
             self.stats["unresolved"] += 1
             return Resolution(None, Source.UNRESOLVED)
+        if not self.limiter.allow(client_ip):
+            self.stats["limited"] += 1
+            return Resolution(None, Source.LIMITED)
         future: asyncio.Future[Resolution] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
+        deadline = self._clock() + self.config.timeout
         try:
-            result = await self._ask(key, token, as_user, user_agent, client_ip)
+            result = await self._ask(key, token, as_user, user_agent, client_ip, deadline)
             future.set_result(result)
             return result
         finally:
@@ -132,7 +152,7 @@ class IdentityResolver:
             del self._in_flight[key]
 
     async def _ask(
-        self, key: bytes, token: str, as_user: str | None, user_agent: str | None, client_ip: str
+        self, key: bytes, token: str, as_user: str | None, user_agent: str | None, client_ip: str, deadline: float
     ) -> Resolution:
         shared = self.shared
         claimed = False
@@ -144,7 +164,9 @@ class IdentityResolver:
                     claimed = True
                 elif claim is Claim.THEIRS:  # another process is asking whoami right now
                     self.stats["waits"] += 1
-                    known = await shared.wait(key, self.config.timeout)
+                    # Half the budget at most: if that process died holding the claim, the
+                    # other half is still enough to ask whoami ourselves.
+                    known = await shared.wait(key, max(0.0, deadline - self._clock()) / 2)
                     if known is None and self._clock() < self._unavailable_until:
                         self.stats["unresolved"] += 1  # whoami went unavailable while we waited
                         return Resolution(None, Source.UNRESOLVED)
@@ -155,11 +177,11 @@ class IdentityResolver:
                 self.stats["negative"] += 1
                 return Resolution(None, Source.NEGATIVE)
             if known is not None:
-                self.users[key] = sys.intern(known)
+                self.users[key] = known
                 self.stats["shared"] += 1
                 return Resolution(known, Source.SHARED)
         try:
-            resolution, share = await self._whoami(key, token, as_user, user_agent, client_ip)
+            resolution, share = await self._whoami(key, token, as_user, user_agent, client_ip, deadline)
         except BaseException:  # cancelled (or a bug) mid-call: the waiting processes ask for themselves
             if claimed and shared is not None:
                 self._in_background(shared.publish(key, None, 0))
@@ -176,13 +198,24 @@ class IdentityResolver:
         return resolution
 
     async def _whoami(
-        self, key: bytes, token: str, as_user: str | None, user_agent: str | None, client_ip: str
+        self, key: bytes, token: str, as_user: str | None, user_agent: str | None, client_ip: str, deadline: float
     ) -> tuple[Resolution, tuple[str, float] | None]:
-        """Ask whoami and cache the answer in this process; returns the resolution and what to
-        tell the other processes (value and TTL), if anything."""
-        self.stats["calls"] += 1
+        """Ask whoami, within the deadline and a free slot, and cache the answer in this
+        process; returns the resolution and what to tell the other processes (value and TTL)."""
+        unresolved = Resolution(None, Source.UNRESOLVED), None
         try:
-            user = await self._call(token, as_user, user_agent, client_ip)
+            async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                await self._slots.acquire()
+        except TimeoutError:  # every slot busy until the deadline: the router's queue, not main
+            self.stats["unresolved"] += 1
+            return unresolved
+        budget = deadline - self._clock()
+        try:
+            if budget <= 0:
+                self.stats["unresolved"] += 1
+                return unresolved
+            self.stats["calls"] += 1
+            user = await self._call(token, as_user, user_agent, client_ip, budget)
         except TokenRejected:
             self.stats["negative"] += 1
             if self.config.negative_ttl > 0:
@@ -192,15 +225,34 @@ class IdentityResolver:
         except (WhoamiError, httpx.HTTPError) as e:
             self.stats["errors"] += 1
             self.stats["unresolved"] += 1
-            if isinstance(e, httpx.TransportError):  # timeouts included
+            if self._main_failed(e, budget):
                 self._transport_failures += 1
                 if self._transport_failures >= UNAVAILABLE_AFTER:
                     self._unavailable_until = self._clock() + UNAVAILABLE_BACKOFF
-            return Resolution(None, Source.UNRESOLVED), None
+            return unresolved
+        except Exception as e:  # a bug must not cost the request its routing, nor print a token
+            self.stats["errors"] += 1
+            self.stats["unresolved"] += 1
+            log.warning(f"synapse-router: whoami call failed: {type(e).__name__}")
+            return unresolved
+        finally:
+            self._slots.release()
         self._transport_failures = 0
-        self.users[key] = sys.intern(user)
+        self.users[key] = user
         self.stats["whoami"] += 1
         return Resolution(user, Source.WHOAMI), (user, self.config.cache_ttl)
+
+    def _main_failed(self, error: Exception, budget: float) -> bool:
+        """Whether a failed call says main is down or hung: a connection error, or a timeout
+        of a call that had a fair share of the timeout (not one that started late in the
+        request's budget, nor a wait for one of the router's own connections)."""
+        if isinstance(error, httpx.NetworkError):
+            return True
+        return (
+            isinstance(error, httpx.TimeoutException)
+            and not isinstance(error, httpx.PoolTimeout)
+            and budget >= self.config.timeout / 2
+        )
 
     def _in_background(self, work: Awaitable[None]) -> None:
         async def run() -> None:
@@ -237,14 +289,16 @@ def whoami_over_http(
     """A WhoamiCall that asks Synapse, forwarding the client's address and User-Agent so the
     device's "last seen" stays true."""
 
-    async def call(token: str, as_user: str | None, user_agent: str | None, client_ip: str) -> str:
-        headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": client_ip}
+    async def call(token: str, as_user: str | None, user_agent: str | None, client_ip: str, budget: float) -> str:
+        # Bytes, not str: httpx would encode str values as ASCII and raise on anything else. The
+        # token is plausible (printable ASCII) and every client header was checked for CR/LF/NUL.
+        headers = {b"Authorization": b"Bearer " + token.encode(), b"X-Forwarded-For": client_ip.encode()}
         if user_agent:
-            headers["User-Agent"] = user_agent
+            headers[b"User-Agent"] = user_agent.encode("utf-8", "surrogateescape")
         params = {"user_id": as_user} if as_user else None
-        # No pool timeout: a burst of new tokens queues for a connection instead of failing.
-        limits = httpx.Timeout(timeout, pool=None)
-        response = await client().get(base_url() + WHOAMI_PATH, headers=headers, params=params, timeout=limits)
+        response = await client().get(
+            base_url() + WHOAMI_PATH, headers=headers, params=params, timeout=min(budget, timeout)
+        )
         if response.status_code == 200:
             try:
                 user_id = response.json()["user_id"]

@@ -33,7 +33,8 @@ NO_RESPONSE = "error"  # the status class of a request that got no response
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", NO_RESPONSE)
 
 WHOAMI_OUTCOMES = ("user", "rejected", "error")
-IDENTITY_SOURCES = ("cache", "shared", "whoami", "coalesced", "negative", "unresolved")  # identity.Source values
+# identity.Source values
+IDENTITY_SOURCES = ("cache", "shared", "whoami", "coalesced", "negative", "unresolved", "limited")
 OTHER = "other"  # an outcome or source outside the vocabularies above (a bug, but bounded)
 
 # From 1 ms API calls to 30 s long-polls (/sync, /events) and slow media uploads.

@@ -324,7 +324,11 @@ class RouteTable:
 
     def match(self, method: str, path_and_query: str) -> Match:
         path, _, query = path_and_query.partition("?")
-        m = self._combined.match(path)
+        # Synapse's `/_synapse/` resources are found by Twisted, which percent-decodes the
+        # path first (`/_synapse/client/%72endezvous` is the rendezvous resource); `/_matrix`
+        # servlets match the raw path. Route each the way Synapse will see it; forward it raw.
+        seen = unquote(path) if "%" in path and path.startswith("/_synapse/") else path
+        m = self._combined.match(seen)
         if m is None:
             return Match(None, path, query)
         first = self._route_of_group[m.lastindex or 0]
@@ -334,6 +338,6 @@ class RouteTable:
         # The first route whose path matches does not apply (method or query): keep looking.
         for i in range(first + 1, len(routes)):
             route = routes[i]
-            if route.regex.search(path) and route.applies(method, query):
+            if route.regex.search(seen) and route.applies(method, query):
                 return Match(route, path, query)
         return Match(None, path, query)

@@ -1,27 +1,44 @@
-"""Access tokens in Matrix requests: where they are, and how to refer to one safely.
+"""Access tokens in Matrix requests: where they are, whether they are plausible, and how to
+refer to one safely.
 
 A token is never stored, logged or used as a key as-is: everything keys on a SHA-256 of it.
+
+Only plausible tokens go anywhere: printable ASCII without whitespace (what Synapse, MAS and
+appservice registrations issue), at most MAX_TOKEN_LENGTH characters. Anything else, and any
+request with more than one token, is a `Refused` that the router answers itself, so
+no decoded byte of a client's token (a CR, LF or NUL above all) is ever copied into a header
+the router writes, and no whoami call or worker is spent on it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
-from .query import query_param
+from .query import query_param, query_values
+from .wellformed import Refused
 
 TOKEN_PARAM = "access_token"
 AS_USER_PARAM = "user_id"
+MAX_TOKEN_LENGTH = 1024
+MAX_USER_ID_LENGTH = 255  # the Matrix spec's limit on a user id
+_PLAUSIBLE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no whitespace
+_SCHEME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an auth-scheme token (RFC 9110)
 
 
 @dataclass(frozen=True, slots=True)
 class FoundToken:
     token: str
     from_query: bool
-    conflict: bool  # both a header and a query token: Synapse rejects such a request
     as_user: str | None  # an appservice acting as this user (`?user_id=`)
     key: bytes  # token_key(token, as_user): what caches and logs refer to
+
+
+def invalid_token() -> Refused:
+    return Refused(401, "M_UNKNOWN_TOKEN", "Invalid access token passed.")
 
 
 def token_key(token: str, as_user: str | None = None) -> bytes:
@@ -36,37 +53,67 @@ def short_hash(key: bytes) -> str:
     return key[:4].hex()
 
 
-def bearer_token(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, rest = authorization.strip().partition(" ")
-    token = rest.strip()
-    if scheme.lower() != "bearer" or not token or " " in token:
-        return None
+def plausible(token: str, limit: int = MAX_TOKEN_LENGTH) -> bool:
+    return len(token) <= limit and _PLAUSIBLE.fullmatch(token) is not None
+
+
+def is_bearer(authorization: str) -> bool:
+    """Whether a header value is meant as a bearer token (any case, however malformed)."""
+    return authorization[:6].lower() == "bearer"
+
+
+def bearer_token(authorization: str) -> str:
+    """The token of a Bearer header value; Refused unless it is exactly
+    `Bearer <plausible token>` (one space, as Synapse splits it)."""
+    scheme, space, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not space or not plausible(token):
+        raise invalid_token()
     return token
 
 
-def find_token(authorization: str | None, query: str) -> FoundToken | None:
-    """The access token of a request, from `Authorization: Bearer` or `?access_token=`."""
-    header_token = bearer_token(authorization)
-    query_token = query_param(query, TOKEN_PARAM) or None
+def find_token(authorizations: Sequence[str], query: str) -> FoundToken | None:
+    """The access token of a request, from `Authorization: Bearer` or `?access_token=`; None
+    if it has none (another scheme, e.g. federation's X-Matrix, is not a token). Raises
+    Refused for an implausible token or more than one."""
+    bearers = [value for value in authorizations if is_bearer(value)]
+    query_tokens = query_values(query, TOKEN_PARAM) if query else []
+    if len(bearers) + len(query_tokens) > 1 or (query_tokens and authorizations):
+        raise Refused(400, "M_INVALID_PARAM", "More than one access token or Authorization header.")
+    if bearers:
+        token, from_query = bearer_token(bearers[0]), False
+    elif query_tokens:
+        token, from_query = query_tokens[0], True
+        if not plausible(token):
+            raise invalid_token()
+    else:
+        return None
     as_user = query_param(query, AS_USER_PARAM) or None
-    if header_token is not None:
-        return FoundToken(header_token, False, query_token is not None, as_user, token_key(header_token, as_user))
-    if query_token is not None:
-        return FoundToken(query_token, True, authorization is not None, as_user, token_key(query_token, as_user))
-    return None
+    if as_user is not None and not plausible(as_user, MAX_USER_ID_LENGTH):
+        raise Refused(400, "M_INVALID_PARAM", "Invalid user_id parameter.")
+    return FoundToken(token, from_query, as_user, token_key(token, as_user))
 
 
-def _is_token_param(pair: str) -> bool:
+def is_token_param(pair: str) -> bool:
     # Names are compared decoded, as Synapse parses them: `access%5Ftoken` is a token too.
     return unquote_plus(pair.split("=", 1)[0]) == TOKEN_PARAM
 
 
 def remove_query_token(query: str) -> str:
     """The query string without its access_token parameter(s), otherwise byte-for-byte kept."""
-    return "&".join(p for p in query.split("&") if not _is_token_param(p))
+    return "&".join(p for p in query.split("&") if not is_token_param(p))
 
 
 def redact_query_token(query: str, label: str) -> str:
-    return "&".join(f"{TOKEN_PARAM}=<redacted:{label}>" if _is_token_param(p) else p for p in query.split("&"))
+    return "&".join(f"{TOKEN_PARAM}=<redacted:{label}>" if is_token_param(p) else p for p in query.split("&"))
+
+
+def redact_authorization(value: str, label: str | None) -> str:
+    """An Authorization header value fit to show: its scheme, never its credentials. A bearer
+    token is labelled with `label` (its short hash), so the flow and the access log match."""
+    if is_bearer(value):
+        if label is None:
+            scheme, _, rest = value.partition(" ")
+            label = short_hash(token_key(rest.strip() or scheme))
+        return f"Bearer <redacted:{label}>"
+    scheme = value.partition(" ")[0]
+    return f"{scheme} <redacted>" if _SCHEME.fullmatch(scheme) else "<redacted>"

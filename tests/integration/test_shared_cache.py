@@ -164,7 +164,8 @@ def test_a_claim_never_answered_delays_only_about_the_whoami_timeout(fleet: Flee
     assert response.status_code == 200
     assert served(response)["server"] == "sync1"
     assert fleet["main"].stats()["whoami_calls"] == 1  # after waiting, the router asked itself
-    assert 1.5 < elapsed < 30  # it waited for the claim, bounded by the whoami timeout (2 s), not the lock's 120 s
+    # it waited for the claim (half the whoami timeout of 2 s), then asked; not the lock's 120 s
+    assert 0.9 < elapsed < 30
     with httpx.Client(base_url=router.url, timeout=10) as client:  # and the answer is now cached
         client.get("/_matrix/client/v3/sync?since=2", headers={"Authorization": "Bearer tok3"})
     assert fleet["main"].stats()["whoami_calls"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -38,9 +39,13 @@ class FakeWhoami:
         self.calls = 0
         self.fail: Exception | None = None
         self.seen: list[tuple[str | None, str]] = []
+        self.budgets: list[float] = []
 
-    async def __call__(self, token: str, as_user: str | None, user_agent: str | None, client_ip: str) -> str:
+    async def __call__(
+        self, token: str, as_user: str | None, user_agent: str | None, client_ip: str, budget: float
+    ) -> str:
         self.calls += 1
+        self.budgets.append(budget)
         self.seen.append((user_agent, client_ip))
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -213,10 +218,10 @@ async def test_whoami_over_http(status: int, body: object, outcome: object) -> N
     async with httpx.AsyncClient(transport=_transport(status, body)) as client:
         call = whoami_over_http(lambda: client, lambda: "http://main:8008", 1.0)
         if isinstance(outcome, str):
-            assert await call("tok", None, "Element/1.0", "198.51.100.7") == outcome
+            assert await call("tok", None, "Element/1.0", "198.51.100.7", 1.0) == outcome
         else:
             with pytest.raises(outcome):  # type: ignore[call-overload]
-                await call("tok", None, "Element/1.0", "198.51.100.7")
+                await call("tok", None, "Element/1.0", "198.51.100.7", 1.0)
 
 
 class FakeShared:
@@ -335,7 +340,8 @@ async def test_two_processes_missing_at_once_make_one_call() -> None:
     assert sources.count(Source.WHOAMI) == 1 and sources.count(Source.SHARED) == 1
     assert sources.count(Source.COALESCED) == 98
     assert shared.gets == 2 and len(shared.holds) == 2 and len(shared.waits) == 1  # one request per process
-    assert shared.holds == [2.0 + CLAIM_MARGIN] * 2 and shared.waits == [2.0]  # whoami timeout (+ margin)
+    # the claim outlives the whoami timeout; a waiter waits half of it at most (then asks itself)
+    assert shared.holds == [2.0 + CLAIM_MARGIN] * 2 and shared.waits == [1.0]
     await asyncio.sleep(0)
     assert not shared.locks  # the winner dropped its claim after storing the answer
     assert (await resolve(b, "t1")).source is Source.CACHE
@@ -366,16 +372,18 @@ async def test_claim_holder_failing_lets_the_waiter_ask_itself() -> None:
 
 
 async def test_claim_never_answered_delays_others_only_the_whoami_timeout() -> None:
+    # The timeout bounds the whole wait: half of it at most for the other process's claim,
+    # the rest for a call of our own.
     shared = FakeShared()
     shared.locks.add(token_key("t1"))  # a process died holding the claim
     fake = FakeWhoami({"t1": "@alice:x"})
-    resolver = process(shared, fake, timeout=0.1)
+    resolver = IdentityResolver(WhoamiConfig(timeout=0.2), fake, time.monotonic, shared=shared)  # type: ignore[arg-type]
     loop = asyncio.get_running_loop()
     started = loop.time()
     result = await resolve(resolver, "t1")
     assert (result.user_id, result.source) == ("@alice:x", Source.WHOAMI)
-    assert shared.waits == [0.1] and 0.1 <= loop.time() - started < 5.0
-    assert fake.calls == 1
+    assert shared.waits == [pytest.approx(0.1, abs=0.02)] and 0.1 <= loop.time() - started < 5.0
+    assert fake.calls == 1 and 0 < fake.budgets[0] <= 0.1 + 1e-6
     await asyncio.sleep(0)
     assert shared.data[token_key("t1")] == "@alice:x"  # shared for the next process all the same
 

@@ -5,69 +5,127 @@ from __future__ import annotations
 import hashlib
 from urllib.parse import quote
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from synapse_router import tokens
+from synapse_router.wellformed import Refused
+
+
+def find(authorization: str | list[str] | None, query: str = "") -> tokens.FoundToken | None:
+    values = [] if authorization is None else [authorization] if isinstance(authorization, str) else authorization
+    return tokens.find_token(values, query)
+
+
+def refused(authorization: str | list[str] | None, query: str = "") -> tuple[int, str]:
+    with pytest.raises(Refused) as caught:
+        find(authorization, query)
+    return caught.value.status, caught.value.errcode
 
 
 def test_bearer_header() -> None:
-    found = tokens.find_token("Bearer syt_abc", "")
-    assert found is not None and found.token == "syt_abc" and not found.from_query and not found.conflict
+    found = find("Bearer syt_abc")
+    assert found is not None and found.token == "syt_abc" and not found.from_query
 
 
 def test_scheme_case_insensitive() -> None:
-    for header in ("bearer tok", "BEARER tok", "  Bearer   tok  "):
-        found = tokens.find_token(header, "")
+    for header in ("bearer tok", "BEARER tok"):
+        found = find(header)
         assert found is not None and found.token == "tok"
 
 
 def test_query_token_decoded() -> None:
-    found = tokens.find_token(None, "since=1&access_token=a%2Bb&timeout=30000")
+    found = find(None, "since=1&access_token=a%2Bb&timeout=30000")
     assert found is not None and found.token == "a+b" and found.from_query
 
 
 def test_encoded_parameter_name_is_a_token_too() -> None:
-    found = tokens.find_token(None, "access%5Ftoken=tok")
+    found = find(None, "access%5Ftoken=tok")
     assert found is not None and found.token == "tok"
     assert tokens.remove_query_token("a=1&access%5Ftoken=tok&b=2") == "a=1&b=2"
 
 
-def test_both_forms_is_a_conflict() -> None:
-    found = tokens.find_token("Bearer h", "access_token=q")
-    assert found is not None and found.token == "h" and found.conflict
+def test_no_token() -> None:
+    assert find(None, "") is None
+    assert find(None, "since=1&timeout=0") is None
+    assert find("X-Matrix origin=a,key=b,sig=c") is None  # federation: not a token, passed on as is
 
 
-def test_non_bearer_header_with_query_token_is_a_conflict() -> None:
-    found = tokens.find_token("X-Matrix origin=a", "access_token=q")
-    assert found is not None and found.from_query and found.conflict
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Bearer",
+        "Bearer ",
+        "Bearer a b",  # `Bearer tok extra`
+        "Bearer  tok",  # two spaces: Synapse splits on one
+        "Bearer\ttok",
+        "Bearertok",
+        "Bearer tok\r\nX-Injected: 1",
+        "Bearer tok\x00",
+        "Bearer tök€n",
+        "Bearer tok\udcff",  # what mitmproxy makes of undecodable header bytes
+        "Bearer " + "x" * (tokens.MAX_TOKEN_LENGTH + 1),
+    ],
+)
+def test_implausible_header_token_is_refused_as_unknown(header: str) -> None:
+    assert refused(header) == (401, "M_UNKNOWN_TOKEN")
 
 
-def test_malformed() -> None:
-    assert tokens.find_token("Bearer", "") is None
-    assert tokens.find_token("Bearer a b", "") is None
-    assert tokens.find_token("Basic abc", "") is None
-    assert tokens.find_token(None, "access_token=") is None
-    assert tokens.find_token(None, "%zz=%zz&&=&access_token") is None
-    assert tokens.find_token("", "") is None
+@pytest.mark.parametrize(
+    "query",
+    [
+        "access_token=",
+        "access_token",
+        "access_token=tok%0D%0A%0D%0AGET%20/_smuggled%20HTTP/1.1",
+        "access_token=x%00",
+        "access_token=tok-%E9-1",
+        "access_token=tok-%C3%A9-1",
+        "access_token=a+b",  # a space once decoded
+        "access_token=" + "x" * (tokens.MAX_TOKEN_LENGTH + 1),
+    ],
+)
+def test_implausible_query_token_is_refused_as_unknown(query: str) -> None:
+    assert refused(None, f"since=1&{query}") == (401, "M_UNKNOWN_TOKEN")
 
 
-def test_non_ascii_and_huge() -> None:
-    found = tokens.find_token("Bearer tök€n", "")
-    assert found is not None and found.token == "tök€n"
-    huge = "x" * 1_000_000
-    found = tokens.find_token(f"Bearer {huge}", "")
-    assert found is not None and len(found.key) == 32
-    surrogate = "tok\udcff"  # what mitmproxy makes of undecodable header bytes
-    assert tokens.find_token(f"Bearer {surrogate}", "") is not None
-    assert len(tokens.token_key(surrogate)) == 32
+@pytest.mark.parametrize(
+    ("authorization", "query"),
+    [
+        (["Bearer a", "Bearer b"], ""),
+        (["Bearer a", "Bearer a"], ""),
+        (None, "access_token=a&access_token=b"),
+        (None, "access_token=a&access%5Ftoken=a"),
+        ("Bearer h", "access_token=q"),
+        ("X-Matrix origin=a", "access_token=q"),
+    ],
+)
+def test_more_than_one_token_is_a_bad_request(authorization: str | list[str] | None, query: str) -> None:
+    assert refused(authorization, query) == (400, "M_INVALID_PARAM")
+
+
+def test_huge_token_is_refused_not_hashed() -> None:
+    assert refused("Bearer " + "x" * 1_000_000) == (401, "M_UNKNOWN_TOKEN")
+    assert find("Bearer " + "x" * tokens.MAX_TOKEN_LENGTH) is not None
 
 
 def test_appservice_user_id_changes_the_key() -> None:
-    plain = tokens.find_token("Bearer as_token", "")
-    acting = tokens.find_token("Bearer as_token", "user_id=%40bridge_alice%3Aexample.org")
+    plain = find("Bearer as_token")
+    acting = find("Bearer as_token", "user_id=%40bridge_alice%3Aexample.org")
     assert plain is not None and acting is not None
     assert acting.as_user == "@bridge_alice:example.org"
     assert plain.key != acting.key
+    assert refused("Bearer as_token", "user_id=%40a%0D%0Ab%3Ax") == (400, "M_INVALID_PARAM")
+
+
+@given(st.text(max_size=40))
+def test_whatever_is_accepted_is_printable_ascii(token: str) -> None:
+    for authorization, query in ((f"Bearer {token}", ""), (None, f"access_token={quote(token, safe='')}")):
+        try:
+            found = find(authorization, query)
+        except Refused:
+            continue
+        assert found is not None and found.token == token
+        assert all(0x21 <= ord(c) <= 0x7E for c in token) and token
 
 
 def test_key_is_sha256_not_the_token() -> None:
@@ -82,3 +140,18 @@ def test_redaction_removes_the_token(secret: str) -> None:
     redacted = tokens.redact_query_token(query, "abcd")
     assert redacted == "since=1&access_token=<redacted:abcd>&x=2"
     assert tokens.remove_query_token(query) == "since=1&x=2"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("Bearer syt_secret", "Bearer <redacted:abcd1234>"),
+        ("bearer\tsyt_secret", "Bearer <redacted:abcd1234>"),
+        ("Bearer syt_secret extra", "Bearer <redacted:abcd1234>"),
+        ("X-Matrix origin=a,key=b,sig=secret", "X-Matrix <redacted>"),
+        ("Basic c2VjcmV0", "Basic <redacted>"),
+        ("\x01secret", "<redacted>"),
+    ],
+)
+def test_authorization_redaction_keeps_only_the_scheme(value: str, shown: str) -> None:
+    assert tokens.redact_authorization(value, "abcd1234") == shown

@@ -1,0 +1,38 @@
+"""Whether a client's request is fit to be passed on, byte for byte, to a Synapse process.
+
+mitmproxy's HTTP/1 parser frames requests but lets through bytes that other parsers read
+differently (a bare CR or a NUL in a header value, raw control bytes in the target), and
+accepts absolute-form targets (`GET http://10.0.0.5:8083/...`), whose authority would then be
+rewritten to an internal worker address. The router refuses all of these itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+# RFC 9110: a field name is a token; a field value is visible characters, obs-text, spaces
+# and tabs, never another control character (CR, LF, NUL above all).
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TARGET = re.compile(r"/[\x21-\x7e]*|\*")  # origin-form (or OPTIONS *), visible ASCII only
+
+
+class Refused(ValueError):
+    """A request the router answers itself with this Matrix error instead of passing it on."""
+
+    def __init__(self, status: int, errcode: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.errcode = errcode
+
+
+def check_request(authority: str, target: str, fields: Iterable[tuple[bytes, bytes]]) -> None:
+    """Raise Refused unless the request line and headers are safe to forward as they are."""
+    if authority:
+        raise Refused(400, "M_UNRECOGNIZED", "Absolute-form request targets are not accepted; send the path only.")
+    if _TARGET.fullmatch(target) is None:
+        raise Refused(400, "M_UNRECOGNIZED", "Invalid request target.")
+    for name, value in fields:
+        if _FIELD_NAME.fullmatch(name) is None or _FIELD_VALUE_BAD.search(value) is not None:
+            raise Refused(400, "M_INVALID_PARAM", "Invalid header field.")
