@@ -203,12 +203,15 @@ class IdentityResolver:
         """Ask whoami, within the deadline and a free slot, and cache the answer in this
         process; returns the resolution and what to tell the other processes (value and TTL)."""
         unresolved = Resolution(None, Source.UNRESOLVED), None
-        try:
-            async with asyncio.timeout(max(0.0, deadline - self._clock())):
-                await self._slots.acquire()
-        except TimeoutError:  # every slot busy until the deadline: the router's queue, not main
-            self.stats["unresolved"] += 1
-            return unresolved
+        if not self._slots.locked():
+            await self._slots.acquire()  # at once
+        else:
+            try:
+                async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                    await self._slots.acquire()
+            except TimeoutError:  # every slot busy until the deadline: the router's queue, not main
+                self.stats["unresolved"] += 1
+                return unresolved
         budget = deadline - self._clock()
         try:
             if budget <= 0:

@@ -314,3 +314,38 @@ async def test_long_poll_failing_over_to_main_keeps_its_token(tmp_path: Path) ->
     assert flow.response is None  # mitmproxy forwards it to main ...
     assert (flow.request.host, flow.request.port) == ("127.0.0.1", 9)
     assert flow.request.headers["Authorization"] == "Bearer sekrit"  # ... with its token
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "errcode"),
+    [
+        ("/_matrix/client/v3/sync?since=1&access_token=t%0D%0AX-A:%20b", {}, 401, "M_UNKNOWN_TOKEN"),
+        ("/_matrix/client/v3/sync?since=1", {"Authorization": "Bearer tok extra"}, 401, "M_UNKNOWN_TOKEN"),
+        ("/_matrix/client/v3/sync?since=1&access_token=q", {"Authorization": "Bearer h"}, 400, "M_INVALID_PARAM"),
+        ("/_matrix/client/v3/sync?since=1", {"X-Evil": "a\rb"}, 400, "M_INVALID_PARAM"),
+    ],
+)
+def test_refused_requests_are_answered_by_the_router_with_a_matrix_error(
+    router, path: str, headers: dict[str, str], status: int, errcode: str
+) -> None:
+    addon, _ = router
+    flow = make_flow(path, headers)
+    assert addon.requestheaders(flow) is None  # answered at once: no whoami call
+    assert flow.response is not None and flow.response.status_code == status
+    body = flow.response.json()
+    assert body["errcode"] == errcode and body["error"]
+    addon.response(flow)
+    shown = flow.request.path + str(flow.request.headers) + (flow.comment or "")
+    for secret in ("t%0D%0A", "tok extra", "Bearer h", "access_token=q"):
+        assert secret not in shown
+    assert flow.metadata[METADATA_KEY]["refused"] == errcode and flow.metadata[METADATA_KEY]["worker"] == "router"
+    assert 'status_class="4xx",worker="router"' in addon.metrics.render().decode()
+
+
+def test_absolute_form_target_is_refused(router) -> None:
+    addon, _ = router
+    flow = make_flow("/_matrix/client/v3/sync?since=1", {"Authorization": "Bearer tok"})
+    flow.request.authority = "10.0.0.1:8083"
+    addon.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 400
+    assert flow.response.json()["errcode"] == "M_UNRECOGNIZED"

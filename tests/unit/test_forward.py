@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from synapse_router.config import parse_upstream_url
-from synapse_router.forward import Failure, NoResponse, UpstreamClient, UpstreamResponse, request_headers
+from synapse_router.forward import BadRequest, Failure, NoResponse, UpstreamClient, UpstreamResponse, request_headers
 
 # Given the request head, answer with bytes; None: close without answering.
 Script = Callable[[bytes], Awaitable[bytes | None]]
@@ -328,5 +328,80 @@ def test_keep_only_drops_connections_to_workers_no_longer_configured() -> None:
         client.close()
         await kept.stop()
         await dropped.stop()
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        (b"Authorization", b"Bearer tok\r\n\r\nGET /_smuggled HTTP/1.1\r\nHost: x"),
+        (b"Authorization", b"Bearer tok\nX-A: b"),
+        (b"X-A", b"b\x00"),
+        (b"X A", b"b"),
+    ],
+)
+def test_a_header_that_could_smuggle_is_refused_before_anything_is_sent(header: tuple[bytes, bytes]) -> None:
+    async def go() -> None:
+        server = Server(answer(OK))
+        url = await server.start()
+        client = UpstreamClient()
+        with pytest.raises(BadRequest):
+            await send(client, url, headers=[(b"Host", b"matrix.example"), header])
+        assert server.connections == 0 and server.requests == []
+        await server.stop()
+
+    run(go())
+
+
+def test_a_target_with_control_bytes_is_refused() -> None:
+    async def go() -> None:
+        client = UpstreamClient()
+        upstream = parse_upstream_url("http://127.0.0.1:9")
+        for path in ("/sync\r\nX: y", "/sync HTTP/1.1\r\n\r\nGET /x", "/\x00"):
+            with pytest.raises(BadRequest):
+                await client.send(upstream, "GET", path, HEADERS, 1.0)
+
+    run(go())
+
+
+def test_a_worker_answering_more_than_asked_never_reaches_the_next_request() -> None:
+    # Two responses to one request: the second must not become the answer to someone else's.
+    extra = b'HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{"x":"y"}'
+
+    async def go() -> None:
+        replies = [OK + extra, b'HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{"n":2}']
+
+        async def script(head: bytes) -> bytes:
+            return replies.pop(0) if replies else OK
+
+        server = Server(script)
+        url = await server.start()
+        client = UpstreamClient()
+        first = await send(client, url)
+        assert first.body == b"{}"
+        second = await send(client, url)
+        assert second.body == b'{"n":2}'  # on a fresh connection, not the leftover answer
+        assert server.connections == 2
+        await server.stop()
+
+    run(go())
+
+
+def test_bytes_arriving_on_an_idle_connection_retire_it() -> None:
+    async def go() -> None:
+        async def script(head: bytes) -> bytes:
+            return OK
+
+        server = Server(script)
+        url = await server.start()
+        client = UpstreamClient()
+        await send(client, url)
+        assert client.idle_connections(url) == 1
+        connection = client._idle[url][0]
+        connection.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")  # unsolicited
+        await send(client, url)
+        assert server.connections == 2
+        await server.stop()
 
     run(go())

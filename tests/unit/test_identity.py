@@ -473,3 +473,65 @@ async def test_redis_unreachable_claims_and_waits_answer_nothing_quickly(operati
     assert await cache.claim(key, 3.0) is None and await cache.wait(key, 3.0) is None  # backing off
     assert cache.errors == 1
     await cache.close()
+
+
+async def test_new_tokens_over_the_client_limit_are_routed_without_a_call() -> None:
+    resolver, fake, clock = make(
+        {f"t{i}": f"@u{i}:x" for i in range(20)}, new_token_rate_per_client=1, new_token_burst_per_client=3
+    )
+    sources = [(await resolve(resolver, f"t{i}")).source for i in range(5)]
+    assert sources == [Source.WHOAMI] * 3 + [Source.LIMITED] * 2 and fake.calls == 3
+    other = await resolver.resolve(token_key("t9"), "t9", None, None, "203.0.113.9")  # another address
+    assert other.source is Source.WHOAMI
+    assert (await resolve(resolver, "t0")).source is Source.CACHE  # known tokens are never limited
+    clock.now += 1.0
+    assert (await resolve(resolver, "t3")).source is Source.WHOAMI
+
+
+async def test_whoami_calls_in_flight_are_capped_and_a_full_queue_is_not_main_failing() -> None:
+    fake = FakeWhoami({f"t{i}": f"@u{i}:x" for i in range(10)}, delay=0.3)
+    resolver = IdentityResolver(WhoamiConfig(max_in_flight=2, timeout=0.2), fake, time.monotonic)  # type: ignore[arg-type]
+    results = await asyncio.gather(*(resolve(resolver, f"t{i}") for i in range(10)))
+    assert fake.calls == 2  # the others waited for a slot until their deadline, then gave up
+    sources = [r.source for r in results]
+    assert sources.count(Source.WHOAMI) == 2 and sources.count(Source.UNRESOLVED) == 8
+    # eight waits in the router's own queue must not switch whoami off: a new token is asked
+    fake.delay = 0
+    waited = next(i for i, r in enumerate(results) if r.source is Source.UNRESOLVED)
+    assert (await resolve(resolver, f"t{waited}")).source is Source.WHOAMI
+
+
+@pytest.mark.parametrize(
+    "error",
+    [httpx.LocalProtocolError("bad header"), httpx.PoolTimeout("pool"), UnicodeEncodeError("ascii", "é", 0, 1, "x")],
+)
+async def test_failures_that_are_not_mains_never_switch_whoami_off(error: Exception) -> None:
+    resolver, fake, _ = make({"t1": "@alice:x"})
+    fake.fail = error
+    for _ in range(UNAVAILABLE_AFTER * 3):
+        assert (await resolve(resolver, "t1")).source is Source.UNRESOLVED
+    fake.fail = None
+    assert (await resolve(resolver, "t1")).source is Source.WHOAMI
+
+
+async def test_memory_is_bounded_by_cache_size_not_by_users_seen() -> None:
+    import tracemalloc
+
+    async def whoami(token: str, as_user: str | None, user_agent: str | None, client_ip: str, budget: float) -> str:
+        return f"@{token}-user-with-a-longish-localpart:example.org"
+
+    config = WhoamiConfig(cache_size=1000, new_token_burst=10**9, new_token_burst_per_client=10**9)
+    resolver = IdentityResolver(config, whoami, Clock())
+    for i in range(2000):  # warm up: the cache is full
+        await resolve(resolver, f"tok-{i}")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(2000, 200_000):
+            await resolve(resolver, f"tok-{i}")
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(resolver.users) == 1000
+    # 198,000 more users: keeping each id would be ~80 bytes apiece (~16 MB); allow only noise
+    assert grown < 1_000_000, grown

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from synapse_router.config import parse_config
 from synapse_router.engine import Engine
-from synapse_router.routes import room_from_path
+from synapse_router.routes import RouteTable, room_from_path
 
 ALL_POOLS = [
     "sync",
@@ -262,3 +262,20 @@ def test_room_balance_same_room_same_worker() -> None:
     assert match.route is not None
     picks = {engine.select(match.route, "!r:x", "room", frozenset(), {}).worker for _ in range(20)}
     assert len(picks) == 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/_synapse/client/%72endezvous/abc",
+        "/_synapse/client/rendezvous%2Fabc",
+        "/_synapse/%63lient/rendezvous/abc",
+        "/_synapse/client/%72%65ndezvous",
+    ],
+)
+def test_rendezvous_is_matched_as_twisted_decodes_synapse_paths(path: str) -> None:
+    # Twisted unescapes /_synapse/ resource paths: these reach the rendezvous resource, so the
+    # Accept-Encoding rule must apply to them too.
+    match = RouteTable().match("GET", path)
+    assert match.route is not None and match.route.name == "rendezvous" and match.route.strip_accept_encoding
+    assert match.path == path  # forwarded as sent

@@ -1,0 +1,46 @@
+"""Requests the router refuses to pass on, and those it passes untouched."""
+
+from __future__ import annotations
+
+import pytest
+from synapse_router.wellformed import Refused, check_request
+
+OK_FIELDS = [(b"Host", b"matrix.example"), (b"User-Agent", b"Element/1.0 (\xc3\xa9)"), (b"X-Tab", b"a\tb")]
+
+
+def refusal(authority: str, target: str, fields: list[tuple[bytes, bytes]]) -> tuple[int, str]:
+    with pytest.raises(Refused) as caught:
+        check_request(authority, target, fields)
+    return caught.value.status, caught.value.errcode
+
+
+def test_ordinary_requests_pass() -> None:
+    check_request("", "/_matrix/client/v3/sync?since=s1&timeout=30000", OK_FIELDS)
+    check_request("", "*", [])
+    check_request("", "/_matrix/media/v3/download/x/y?allow_redirect=true", [(b"Range", b"bytes=0-")])
+
+
+def test_absolute_form_is_refused() -> None:
+    assert refusal("10.0.0.5:8083", "/_matrix/client/v3/sync", OK_FIELDS) == (400, "M_UNRECOGNIZED")
+
+
+@pytest.mark.parametrize("target", ["", "sync", "/a b", "/a\r\nX: y", "/a\x00", "/\xe9", "http://x/y"])
+def test_bad_targets_are_refused(target: str) -> None:
+    assert refusal("", target, OK_FIELDS) == (400, "M_UNRECOGNIZED")
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        (b"X-A", b"b\rc"),
+        (b"X-A", b"b\nc"),
+        (b"X-A", b"b\r\nGET /smuggled HTTP/1.1"),
+        (b"X-A", b"b\x00"),
+        (b"X-A", b"\x7f"),
+        (b"X A", b"b"),
+        (b"", b"b"),
+        (b"X-A\r\n", b"b"),
+    ],
+)
+def test_control_bytes_in_fields_are_refused(field: tuple[bytes, bytes]) -> None:
+    assert refusal("", "/", [*OK_FIELDS, field]) == (400, "M_INVALID_PARAM")
