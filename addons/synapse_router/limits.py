@@ -330,7 +330,7 @@ class ConnectionLimits:
         conn.flows.add(flow.id)
         request = flow.request
         size = header_block_size(
-            request.method, request.authority or request.path, request.http_version, request.headers.fields
+            request.method, request.authority + request.path, request.http_version, request.headers.fields
         )
         if size > self.config.max_header_bytes and flow.response is None:
             flow.response = http.Response.make(
