@@ -11,8 +11,8 @@
   is bounded by this timer alone; real clients send a head in one packet). A request in flight
   (a long-poll waiting minutes for its response, an upload) is never cut by either timer.
 - `max_header_bytes`: a request whose head (request line and header fields) is larger is
-  answered 431 with a Matrix error `M_TOO_LARGE` and its connection closed, before it is
-  routed anywhere. A head that never ends is closed once more than this much of it has been
+  answered 431 with a Matrix error `M_TOO_LARGE` and its connection closed; it reaches no
+  worker (this hook runs after the router's own `requestheaders`, which decides a route). A head that never ends is closed once more than this much of it has been
   received (mitmproxy 12.3 itself has no limit: it buffers a head until its blank line).
 - `max_connections`: client connections one router process holds at most; beyond, a new
   client is closed at once, counted in `synapse_router_client_connections_refused_total`, and
