@@ -12,8 +12,9 @@
   (a long-poll waiting minutes for its response, an upload) is never cut by either timer.
 - `max_header_bytes`: a request whose head (request line and header fields) is larger is
   answered 431 with a Matrix error `M_TOO_LARGE` and its connection closed; it reaches no
-  worker (this hook runs after the router's own `requestheaders`, which decides a route). A head that never ends is closed once more than this much of it has been
-  received (mitmproxy 12.3 itself has no limit: it buffers a head until its blank line).
+  worker (this hook runs after the router's own `requestheaders`, which decides a route). A
+  head that never ends is answered the same and closed once more than this much of it has
+  been received (mitmproxy 12.3 itself has no limit: it buffers a head until its blank line).
 - `max_connections`: client connections one router process holds at most; beyond, a new
   client is closed at once, counted in `synapse_router_client_connections_refused_total`, and
   reported in at most one log line per 10 s.
@@ -36,11 +37,13 @@ import json
 import logging
 import math
 import resource
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import ctx, http
+from mitmproxy.proxy.layers.http import HttpLayer
 
 from .metrics import LIMIT_CLOSE_REASONS
 
@@ -468,7 +471,7 @@ class _HeadGuard:
 
     def __init__(self, reader: asyncio.StreamReader, handler: Any, limit: int, on_close: Callable[[str], None]):
         self._reader = reader
-        self._handler = handler
+        self._handler_ref = weakref.ref(handler)  # the handler holds this reader: no cycle
         self._limit = limit
         self._on_close = on_close
         self._http1: Any = None
@@ -485,20 +488,19 @@ class _HeadGuard:
         return getattr(self._reader, name)
 
     async def read(self, n: int = -1) -> bytes:
-        if self._head_bytes() > self._limit:
-            self._answer_too_large()
+        handler = self._handler_ref()
+        if handler is not None and self._head_bytes(handler) > self._limit:
+            self._answer_too_large(handler)
             return b""  # mitmproxy sees the client close
         return await self._reader.read(n)
 
-    def _head_bytes(self) -> int:
+    def _head_bytes(self, handler: Any) -> int:
         """Bytes of an incomplete head the client's HTTP/1 layer holds (0 when it reads a body
         or is not HTTP/1)."""
         if self._http1 is None:
-            from mitmproxy.proxy.layers.http import HttpLayer
-
-            for layer in self._handler.layer.context.layers:
+            for layer in handler.layer.context.layers:
                 if isinstance(layer, HttpLayer):
-                    self._http1 = layer.connections.get(self._handler.client)
+                    self._http1 = layer.connections.get(handler.client)
                     break
             if self._http1 is None:
                 return 0
@@ -507,14 +509,14 @@ class _HeadGuard:
             return 0
         return len(self._http1.buf)
 
-    def _answer_too_large(self) -> None:
-        client = self._handler.client
+    def _answer_too_large(self, handler: Any) -> None:
+        client = handler.client
         body = too_large_body(self._limit)
         head = (
             b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
             b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
         )
-        io = self._handler.transports.get(client)
+        io = handler.transports.get(client)
         if io is not None and io.writer is not None and not io.writer.is_closing():
             io.writer.write(head + body)
         self._http1.buf.maybe_extract_at_most(len(self._http1.buf))  # drop it: nothing to log or parse
