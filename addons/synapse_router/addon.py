@@ -25,6 +25,7 @@ from .engine import ROUTER, Decision, Engine
 from .forwarding import ROUTER_HEADER_PREFIX, SPOOFABLE_HEADERS, TrustedProxies
 from .health import HealthConfig, WorkerStates, check_worker
 from .identity import IdentityResolver, Resolution, Source, TokenRejected, WhoamiCall, whoami_over_http
+from .limits import ConnectionLimits
 from .metrics import MetricsServer, RouterMetrics
 from .query import query_param
 from .routes import INITIAL_SYNC_ROUTE, MAIN, Balance, Match, room_from_path
@@ -82,6 +83,8 @@ class SynapseRouter:
         self._metrics_server: MetricsServer | None = None
         self._access: AccessLogFormatter | None = None
         self._access_file: Any = None  # an open text file, or None: the mitmproxy event log
+        self.limits = ConnectionLimits(self.metrics)
+        self.addons = [self.limits]  # sub-addons: mitmproxy calls their hooks after this one's
 
     # --- options ---
 
@@ -187,6 +190,7 @@ class SynapseRouter:
         self.engine = Engine(config)
         self.config_path = path
         self.trusted = TrustedProxies(config.trusted_proxies)
+        self.limits.use(config.limits)
         if self.identity is None or self.identity.config != config.whoami:
             old = self.identity
             self.identity = self._build_identity(config.whoami)

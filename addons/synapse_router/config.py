@@ -18,6 +18,7 @@ import yaml
 
 from .accesslog import AccessLogConfig, AccessLogConfigError, parse_access_log_config
 from .health import HealthConfig
+from .limits import LimitsConfig, LimitsConfigError, parse_limits
 from .metrics import parse_listen
 from .routes import MAIN, Balance, Route, RouteTable
 
@@ -103,6 +104,7 @@ class RouterConfig:
     metrics_listen: str | None = None  # host:port of the Prometheus endpoint; None: off
     access_log: AccessLogConfig = AccessLogConfig()
     debug_headers: bool = False  # X-Synapse-Router-* response headers naming route and worker
+    limits: LimitsConfig = LimitsConfig()  # client connection timeouts and caps
 
     def worker_urls(self) -> set[str]:
         return {w.url for workers in self.pools.values() for w in workers}
@@ -390,8 +392,16 @@ def _parse_access_log(doc: _Doc, raw: Any) -> AccessLogConfig:
         raise doc.error(key, e.reason) from None
 
 
+def _parse_limits(doc: _Doc, raw: Any) -> LimitsConfig:
+    try:
+        return parse_limits(raw)
+    except LimitsConfigError as e:
+        key: KeyPath = ("limits", e.key) if e.key else ("limits",)
+        raise doc.error(key, e.reason) from None
+
+
 _TOP_KEYS = frozenset(
-    {"workers", "routes", "trusted_proxies", "whoami", "health", "metrics", "access_log", "debug_headers"}
+    {"workers", "routes", "trusted_proxies", "whoami", "health", "metrics", "access_log", "debug_headers", "limits"}
 )
 
 
@@ -409,6 +419,7 @@ def parse_config(text: str) -> RouterConfig:
         metrics_listen=_parse_metrics(doc, top.get("metrics")),
         access_log=_parse_access_log(doc, top.get("access_log")),
         debug_headers=_flag(doc, top.get("debug_headers", False), ("debug_headers",)),
+        limits=_parse_limits(doc, top.get("limits")),
     )
     try:
         config.table()

@@ -35,6 +35,7 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", NO_RESPONSE)
 WHOAMI_OUTCOMES = ("user", "rejected", "error")
 # identity.Source values
 IDENTITY_SOURCES = ("cache", "shared", "whoami", "coalesced", "negative", "unresolved", "limited")
+LIMIT_CLOSE_REASONS = ("header_timeout", "keepalive_timeout", "header_too_large")  # limits.CLOSE_REASONS
 OTHER = "other"  # an outcome or source outside the vocabularies above (a bug, but bounded)
 
 # From 1 ms API calls to 30 s long-polls (/sync, /events) and slow media uploads.
@@ -138,7 +139,31 @@ class RouterMetrics:
             ["route", "from_pool"],
             registry=r,
         )
+        # Connection limits (limits.py): one process's client connections, fixed label values.
+        self.client_connections = Gauge(
+            "synapse_router_client_connections",
+            "Client connections this process holds open.",
+            registry=r,
+        )
+        self.refused_connections_total = Counter(
+            "synapse_router_client_connections_refused",
+            "Client connections closed at once because limits.max_connections were open.",
+            registry=r,
+        )
+        self.limit_closes_total = Counter(
+            "synapse_router_client_connections_closed",
+            "Client connections closed by a limit: header_timeout, keepalive_timeout, header_too_large (431).",
+            ["reason"],
+            registry=r,
+        )
+        self.resource_errors_total = Counter(
+            "synapse_router_accept_resource_errors",
+            "Failed accepts for want of file descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).",
+            registry=r,
+        )
         # The fixed vocabularies start at zero, so rate() and ratios work from the first scrape.
+        for reason in LIMIT_CLOSE_REASONS:
+            self.limit_closes_total.labels(reason)
         for outcome in WHOAMI_OUTCOMES:
             self.whoami_calls_total.labels(outcome)
         for source in IDENTITY_SOURCES:
@@ -200,6 +225,19 @@ class RouterMetrics:
                 gauge.remove(pool, worker)
             except KeyError:
                 pass
+
+    def bind_client_connections(self, fn: Callable[[], int]) -> None:
+        """Report `fn()` as the open client connections at each scrape."""
+        self.client_connections.set_function(lambda: float(fn()))
+
+    def observe_refused_connection(self) -> None:
+        self.refused_connections_total.inc()
+
+    def observe_limit_close(self, reason: str) -> None:
+        self.limit_closes_total.labels(reason if reason in LIMIT_CLOSE_REASONS else OTHER).inc()
+
+    def observe_resource_error(self) -> None:
+        self.resource_errors_total.inc()
 
     def observe_failover(self, pool: str, reason: str) -> None:
         """`reason` must come from a small fixed set (e.g. "connect", "timeout", "5xx"), never an error text."""

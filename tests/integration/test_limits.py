@@ -1,0 +1,305 @@
+"""Resource limits on client connections (`limits`), against a real router process: timeouts
+on half-sent and idle connections, long-polls never cut, oversized heads, the connection cap,
+and a router out of file descriptors that does not flood its log."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import Fleet, Router, free_port, router_command, wait_for_port
+
+pytestmark = pytest.mark.integration
+
+SHORT = {"header_timeout": 1, "keepalive_timeout": 1}
+GRACE = 5.0  # generous: a limit closes a connection within its timeout + GRACE seconds
+
+
+def _router(fleet: Fleet, start_router, limits: dict, **extra: object) -> Router:
+    fleet.add("main")
+    fleet.add("sync")
+    config = {"workers": {"sync": [fleet["sync"].url]}, "limits": limits, **extra}
+    return start_router(fleet["main"].url, config)
+
+
+def _connect(router: Router) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", router.port), timeout=30)
+    return sock
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bytes:
+    """Read until the router closes the connection; fail if it is still open after `seconds`.
+    Returns everything read."""
+    sock.settimeout(seconds)
+    received = b""
+    deadline = time.monotonic() + seconds
+    while True:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            pytest.fail(f"connection still open after {seconds}s; received {received[:200]!r}")
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+
+
+def _request(path: str, extra_headers: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: matrix.example.org\r\n{extra_headers}\r\n".encode()
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length body."""
+    sock.settimeout(30)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a response head: {data!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed inside a response body"
+        rest += chunk
+    return status, headers, rest[:length]
+
+
+def _metric(router_metrics_port: int, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{router_metrics_port}/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in metrics:\n{text}"
+    return float(match.group(1))
+
+
+def _wait_metric(router_metrics_port: int, name: str, value: float, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := _metric(router_metrics_port, name)) != value:
+        assert time.monotonic() < deadline, f"{name} is {seen}, not {value}"
+        time.sleep(0.1)
+
+
+def test_connection_without_request_closed_after_header_timeout(fleet: Fleet, start_router) -> None:
+    router = _router(fleet, start_router, SHORT)
+    with _connect(router) as sock:
+        assert _closed_within(sock, 1 + GRACE) == b""
+
+
+def test_half_sent_head_closed_after_header_timeout(fleet: Fleet, start_router) -> None:
+    router = _router(fleet, start_router, {"header_timeout": 2, "keepalive_timeout": 30})
+    with _connect(router) as sock:
+        sock.sendall(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n")
+        assert _closed_within(sock, 2 + GRACE) == b""
+
+
+def test_trickled_head_closed_after_header_timeout(fleet: Fleet, start_router) -> None:
+    """The timeout is a total for the head: a byte every 0.2 s does not keep it open."""
+    router = _router(fleet, start_router, {"header_timeout": 2, "keepalive_timeout": 30})
+    with _connect(router) as sock:
+        started = time.monotonic()
+        closed = False
+        for byte in b"GET /_matrix/client/versions HTTP/1.1\r\nX-Slow: " + b"a" * 1000:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.2)
+            if time.monotonic() - started > 2 + GRACE:
+                break
+        if not closed:
+            assert _closed_within(sock, 0.5) == b""
+        assert time.monotonic() - started < 2 + GRACE + 1
+
+
+def test_idle_keepalive_connection_closed_after_keepalive_timeout(fleet: Fleet, start_router) -> None:
+    router = _router(fleet, start_router, {"header_timeout": 30, "keepalive_timeout": 2})
+    with _connect(router) as sock:
+        for _ in range(2):  # keep-alive works: two requests on one connection
+            sock.sendall(_request("/_matrix/client/versions"))
+            status, _, body = _read_response(sock)
+            assert status == 200 and json.loads(body)["server"] == "main"
+        assert _closed_within(sock, 2 + GRACE) == b""
+
+
+@pytest.mark.parametrize(
+    ("path", "server"),
+    [
+        # a sync long-poll, which the router sends itself
+        ("/_matrix/client/v3/sync?since=s1&timeout=30000&standin_delay=4", "sync"),
+        # a slow request on mitmproxy's path
+        ("/_matrix/client/versions?standin_delay=4", "main"),
+    ],
+)
+def test_long_poll_never_cut_by_either_timer(fleet: Fleet, start_router, path: str, server: str) -> None:
+    """The upstream answers after 4 s, longer than both timeouts (1 s); then the idle timer runs."""
+    router = _router(fleet, start_router, SHORT)
+    with _connect(router) as sock:
+        sock.sendall(_request(path, "Authorization: Bearer tok\r\n"))
+        status, _, body = _read_response(sock)
+        assert status == 200, body
+        assert json.loads(body)["server"] == server
+        sock.sendall(_request("/_matrix/client/versions?standin_delay=2.5"))  # again, on the same connection
+        status, _, body = _read_response(sock)
+        assert status == 200, body
+        assert _closed_within(sock, 1 + GRACE) == b""
+
+
+def test_oversized_head_answered_431(fleet: Fleet, start_router) -> None:
+    router = _router(fleet, start_router, {"max_header_bytes": 8192})
+    with _connect(router) as sock:
+        sock.sendall(_request("/_matrix/client/versions", f"X-Big: {'a' * 9000}\r\n"))
+        status, headers, body = _read_response(sock)
+        assert status == 431
+        assert headers["content-type"] == "application/json"
+        assert json.loads(body)["errcode"] == "M_TOO_LARGE"
+        assert _closed_within(sock, GRACE) == b""
+    # A head within the limit is served.
+    with httpx.Client(base_url=router.url, timeout=30) as client:
+        response = client.get("/_matrix/client/versions", headers={"X-Big": "a" * 7000})
+        assert response.status_code == 200 and response.json()["server"] == "main"
+
+
+def test_endless_head_answered_431_and_closed(fleet: Fleet, start_router) -> None:
+    """A head that never ends is cut once it exceeds max_header_bytes, not buffered forever."""
+    router = _router(fleet, start_router, {"max_header_bytes": 8192, "header_timeout": 60})
+    with _connect(router) as sock:
+        sock.sendall(b"GET /_matrix/client/versions HTTP/1.1\r\nX-Endless: ")
+        sent = 0
+        try:
+            while sent < 64 * 1024 * 1024:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        except OSError:  # the router closed the connection: the write fails
+            pass
+        assert sent < 64 * 1024 * 1024, "the router took 64 MiB of one head"
+        received = b""
+        try:
+            received = _closed_within(sock, GRACE)
+        except OSError:
+            pass
+    if received:  # the 431 may be lost to the reset that unread data causes
+        assert received.startswith(b"HTTP/1.1 431 ")
+        assert b"M_TOO_LARGE" in received
+    assert "X-Endless" not in router.log() and "aaaaaaaa" not in router.log()
+
+
+def test_max_connections_refuses_with_one_log_line_and_metrics(fleet: Fleet, start_router) -> None:
+    metrics_port = free_port()
+    router = _router(
+        fleet,
+        start_router,
+        {"max_connections": 5, "header_timeout": 60},
+        metrics={"listen": f"127.0.0.1:{metrics_port}"},
+    )
+    wait_for_port(metrics_port, router.proc)
+    _wait_metric(metrics_port, "synapse_router_client_connections", 0)  # the harness's probe has gone
+    held = [_connect(router) for _ in range(5)]
+    try:
+        _wait_metric(metrics_port, "synapse_router_client_connections", 5)
+        for _ in range(40):
+            with _connect(router) as sock:
+                sock.sendall(_request("/_matrix/client/versions"))
+                assert _closed_within(sock, GRACE) == b""  # closed at once, unanswered
+        assert _metric(metrics_port, "synapse_router_client_connections_refused_total") == 40
+        assert _metric(metrics_port, "synapse_router_client_connections") == 5
+        # A held connection is still served.
+        held[0].sendall(_request("/_matrix/client/versions"))
+        assert _read_response(held[0])[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(1)
+    with httpx.Client(base_url=router.url, timeout=30) as client:  # room again once they closed
+        assert client.get("/_matrix/client/versions").status_code == 200
+    lines = [line for line in router.log().splitlines() if "refused" in line]
+    assert len(lines) == 1, lines  # the next one would come 10 s later at the earliest
+    assert "refused 1 client connection" in lines[0]
+    assert "limits.max_connections=5" in lines[0]
+
+
+def _start_with_fd_limit(tmp_path: Path, fleet: Fleet, nofile: int, limits: dict) -> Router:
+    """A router whose soft and hard open-files limits are both `nofile` (prlimit)."""
+    fleet.add("main")
+    fleet.add("sync")
+    config_path = tmp_path / "router-fd.yaml"
+    config_path.write_text(json.dumps({"workers": {"sync": [fleet["sync"].url]}, "limits": limits}))
+    port = free_port()
+    output = tmp_path / "router-fd.log"
+    command = ["prlimit", f"--nofile={nofile}:{nofile}", *router_command(fleet["main"].url, port, config_path, [])]
+    with output.open("wb") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    router = Router(proc, port, output, config_path)
+    wait_for_port(port, proc)
+    return router
+
+
+def _hold_connections(router: Router, count: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(count):
+        try:
+            socks.append(socket.create_connection(("127.0.0.1", router.port), timeout=2))
+        except OSError:
+            break
+    return socks
+
+
+def test_out_of_file_descriptors_does_not_flood_the_log(tmp_path: Path, fleet: Fleet) -> None:
+    """With more connections than descriptors the accept errors make a few lines, not
+    thousands of tracebacks; the fd budget warning comes once; the router recovers."""
+    router = _start_with_fd_limit(tmp_path, fleet, 200, {"header_timeout": 60})
+    try:
+        socks = _hold_connections(router, 400)
+        time.sleep(5)
+        for sock in socks:
+            sock.close()
+        time.sleep(1.5)  # accept is retried after 1 s
+        with httpx.Client(base_url=router.url, timeout=30) as client:
+            assert client.get("/_matrix/client/versions").status_code == 200
+    finally:
+        router.stop()
+    log = router.log()
+    assert len(socks) > 200  # the limit was reached
+    assert log.count("Traceback") == 0, log[:3000]
+    assert log.count("Too many open files") <= 2, log[:3000]
+    assert 1 <= log.count("out of file descriptors") <= 2
+    assert log.count("needs about 20256 file descriptors") == 1
+    # Besides mitmproxy's per-connection lines ("[time][client] client connect"), a few lines.
+    other = [line for line in log.splitlines() if not re.match(r"^\[[0-9:.]+\]\[[^\]]*\] ", line)]
+    assert len(other) < 30, "\n".join(other[:100])
+
+
+def test_max_connections_within_fd_limit_keeps_descriptors(tmp_path: Path, fleet: Fleet) -> None:
+    """max_connections below the descriptor limit: excess clients are refused, accept never fails."""
+    router = _start_with_fd_limit(tmp_path, fleet, 400, {"header_timeout": 60, "max_connections": 50})
+    try:
+        socks = _hold_connections(router, 600)
+        time.sleep(2)
+        with httpx.Client(base_url=router.url, timeout=30) as client:
+            for sock in socks[:5]:
+                sock.close()
+            time.sleep(0.5)
+            assert client.get("/_matrix/client/versions").status_code == 200
+        for sock in socks:
+            sock.close()
+    finally:
+        router.stop()
+    log = router.log()
+    assert "out of file descriptors" not in log and "Too many open files" not in log, log[:3000]
+    assert "file descriptors" not in log  # 2 * 50 + 256 fit in 400: no budget warning
+    assert 1 <= len([line for line in log.splitlines() if "refused" in line]) <= 2
