@@ -1,6 +1,10 @@
 """CPU per request and throughput of the lean launcher against mitmdump, side by side in one run.
 
     .venv/bin/python scripts/bench_launcher.py [--duration 10] [--connections 16] [--rounds 1]
+    .venv/bin/python scripts/bench_launcher.py --before REF   # this checkout against commit REF
+
+With `--before REF`, the variants are the addon and the lean launcher from a worktree of
+commit REF and from this checkout, interleaved: a before/after comparison in one run.
 
 Same loopback workload for every proxy, load from `wrk -t1 -cN -dDs --latency` with a bearer
 token (Debian's wrk package):
@@ -64,6 +68,7 @@ COMMON = [
     "--set", "block_global=false",
 ]  # fmt: skip
 VARIANTS = ["mitmdump bare", "mitmdump + addon", "lean launcher", "lean --processes 2"]
+BEFORE_VARIANTS = ["mitmdump + addon (before)", "mitmdump + addon", "lean launcher (before)", "lean launcher"]
 
 
 def add_standin(fleet: Fleet, name: str, whoami: dict[str, str] | None = None) -> Standin:
@@ -139,7 +144,14 @@ def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
     }
 
 
-def command_for(variant: str, main: Standin, upstream: Standin, config: Path, port: int) -> list[str]:
+def command_for(
+    variant: str, main: Standin, upstream: Standin, config: Path, port: int, before: Path | None = None
+) -> list[str]:
+    if variant.endswith(" (before)"):
+        assert before is not None
+        launcher = "mitmdump" if variant.startswith("mitmdump") else "synapse-router"
+        cmd = router_command(main.url, port, config, COMMON, launcher=launcher)
+        return [str(before / "addons" / "router.py") if c.endswith("/addons/router.py") else c for c in cmd]
     if variant == "mitmdump bare":
         return [str(MITMDUMP), "--mode", f"reverse:{upstream.url}@127.0.0.1:{port}", *COMMON]
     if variant == "mitmdump + addon":
@@ -160,14 +172,19 @@ def measure(
     config: Path,
     duration: int,
     connections: int,
+    before: Path | None = None,
 ) -> Result:
     path, pool = WORKLOADS[workload]
     upstream = fleet[pool]
     port = free_port()
-    cmd = command_for(variant, fleet["main"], upstream, config, port)
-    log = work / f"{workload}-{variant.replace(' ', '_')}-{rnd}.log"
+    cmd = command_for(variant, fleet["main"], upstream, config, port, before)
+    log = work / f"{workload}-{variant.replace(' ', '_').replace('(', '').replace(')', '')}-{rnd}.log"
+    env = dict(os.environ)
+    if variant.endswith(" (before)"):
+        assert before is not None
+        env["PYTHONPATH"] = str(before / "addons")  # the package of commit REF, not this checkout's
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     try:
         wait_for_port(port, proc, timeout=60)
         expected = 3 if "processes" in variant else 1
@@ -237,7 +254,7 @@ def _events(log: str, wrk_end: float) -> str:
 
 def table(results: list[Result]) -> str:
     head = (
-        f"{'workload':<9} {'proxy':<19} {'rnd':>3} {'procs':>5} {'requests':>8} {'req/s':>7} "
+        f"{'workload':<9} {'proxy':<25} {'rnd':>3} {'procs':>5} {'requests':>8} {'req/s':>7} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'CPU ms/req':>10} {'vs +addon':>9} {'upstream ms/req':>15}  notes"
     )
     lines = [head, "-" * len(head)]
@@ -247,7 +264,7 @@ def table(results: list[Result]) -> str:
         ]
         ratio = f"{r.cpu_ms_per_req / base[0]:.2f}x" if base and base[0] else "-"
         lines.append(
-            f"{r.workload:<9} {r.variant:<19} {r.round:>3} {r.processes:>5} {r.requests:>8} {r.rps:>7.0f} "
+            f"{r.workload:<9} {r.variant:<25} {r.round:>3} {r.processes:>5} {r.requests:>8} {r.rps:>7.0f} "
             f"{r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.errors:>6} {r.cpu_ms_per_req:>10.3f} {ratio:>9} "
             f"{r.upstream_cpu_ms_per_req:>15.3f}  {r.notes}"
         )
@@ -263,7 +280,8 @@ def summary(results: list[Result]) -> str:
             return statistics.median(values) if values else float("nan")
 
         addon = med(VARIANTS[1])
-        parts = [f"{v} {med(v):.3f} ms ({med(v) / addon:.2f}x)" for v in VARIANTS]
+        seen = list(dict.fromkeys(r.variant for r in results))
+        parts = [f"{v} {med(v):.3f} ms ({med(v) / addon:.2f}x)" for v in seen]
         lines.append(f"  {workload}: " + ", ".join(parts))
     return "\n".join(lines)
 
@@ -275,7 +293,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every variant")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--keep-logs", metavar="DIR", help="write the proxies' logs to DIR and keep them")
+    parser.add_argument("--before", metavar="REF", help="compare against commit REF (a git worktree of it)")
     args = parser.parse_args()
+    variants = BEFORE_VARIANTS if args.before else VARIANTS
     if not (Path(sys.executable).parent / "synapse-router").exists():
         sys.exit("synapse-router is not installed: .venv/bin/pip install -e '.[test]'")
 
@@ -286,6 +306,12 @@ def main() -> None:
         work = Path(args.keep_logs or tmp)
         work.mkdir(parents=True, exist_ok=True)
         fleet = Fleet(work)
+        before = Path(tmp) / "before" if args.before else None
+        if before is not None:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before], check=True
+            )
+            print(f"before: {args.before} = {_git('rev-parse', '--short', args.before)}, after: this checkout")
         try:
             add_standin(fleet, "main", whoami={TOKEN: "@bench:example.org"})
             add_standin(fleet, "client_reader")
@@ -293,7 +319,7 @@ def main() -> None:
             config = work / "router.yaml"
             workers = {"client_reader": [fleet["client_reader"].url], "sync": [fleet["sync"].url]}
             config.write_text(yaml.safe_dump({"workers": workers}))
-            example = {v: command_for(v, fleet["main"], fleet["client_reader"], config, 8080) for v in VARIANTS}
+            example = {v: command_for(v, fleet["main"], fleet["client_reader"], config, 8080, before) for v in variants}
             print("proxies (port and paths of this run):")
             for variant, cmd in example.items():
                 print(f"  {variant:<19} $ {shlex.join(cmd)}")
@@ -301,8 +327,10 @@ def main() -> None:
             print(f"load: $ {shlex.join(load)}")
             for workload in args.workloads:
                 for rnd in range(1, args.rounds + 1):
-                    for variant in VARIANTS:
-                        result = measure(work, workload, variant, rnd, fleet, config, args.duration, args.connections)
+                    for variant in variants:
+                        result = measure(
+                            work, workload, variant, rnd, fleet, config, args.duration, args.connections, before
+                        )
                         results.append(result)
                         print(
                             f"  {workload} {variant} round {rnd}: {result.rps:.0f} req/s, "
@@ -311,11 +339,17 @@ def main() -> None:
                         )
         finally:
             fleet.stop()
+            if before is not None:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
     print()
     print(table(results))
     print()
     print(summary(results))
     print(f"load average {os.getloadavg()[0]:.2f} at end")
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
 if __name__ == "__main__":

@@ -380,6 +380,7 @@ class SynapseRouter:
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         # Not `async def`: a cache hit routes synchronously; only a miss returns a coroutine,
         # which mitmproxy awaits, so the common case pays no task switch.
+        self.limits.headers_complete(flow)
         if self.engine is None or flow.response is not None or flow.error is not None or not flow.live:
             return None
         request = flow.request

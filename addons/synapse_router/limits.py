@@ -12,7 +12,8 @@
   (a long-poll waiting minutes for its response, an upload) is never cut by either timer.
 - `max_header_bytes`: a request whose head (request line and header fields) is larger is
   answered 431 with a Matrix error `M_TOO_LARGE` and its connection closed; it reaches no
-  worker (this hook runs after the router's own `requestheaders`, which decides a route). A
+  worker (the router calls `headers_complete` first thing in its `requestheaders`, so no
+  routing or whoami work is spent on it). A
   head that never ends is answered the same and closed once more than this much of it has
   been received (mitmproxy 12.3 itself has no limit: it buffers a head until its blank line).
 - `max_connections`: client connections one router process holds at most; beyond, a new
@@ -325,7 +326,9 @@ class ConnectionLimits:
         if conn is not None:
             conn.cancel_timer()
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def headers_complete(self, flow: http.HTTPFlow) -> None:
+        """A request's head has arrived: stop the connection's timer, and answer an oversized
+        head. Called by the router before anything else it does with the request."""
         conn = self._conns.get(flow.client_conn.id)
         if conn is None:
             return

@@ -200,8 +200,8 @@ async def test_oversized_head_answered_431_and_closed() -> None:
         for flow in (small, big):
             limits.client_connected(flow.client_conn)
         big.request.headers["x-big"] = "a" * 2048
-        limits.requestheaders(small)
-        limits.requestheaders(big)
+        limits.headers_complete(small)
+        limits.headers_complete(big)
         assert small.response is None
         assert big.response is not None and big.response.status_code == 431
         assert big.response.headers["connection"] == "close"
@@ -220,8 +220,8 @@ async def test_timers_run_only_while_no_request_is_in_flight() -> None:
         state = limits._conns[conn_id]
         assert state.timer is not None  # header_timeout from connecting
         header_deadline = state.timer.when()
-        limits.requestheaders(first)
-        limits.requestheaders(second)  # (pipelined)
+        limits.headers_complete(first)
+        limits.headers_complete(second)  # (pipelined)
         assert state.timer is None
         limits.response(first)
         assert state.timer is None  # the second is still in flight
@@ -232,7 +232,7 @@ async def test_timers_run_only_while_no_request_is_in_flight() -> None:
         upgraded = tflow.tflow(resp=True)
         upgraded.client_conn = first.client_conn
         upgraded.response.status_code = 101
-        limits.requestheaders(upgraded)
+        limits.headers_complete(upgraded)
         limits.response(upgraded)
         assert state.timer is None  # an upgraded connection is never idle-timed
         limits.client_disconnected(first.client_conn)
@@ -252,7 +252,7 @@ async def test_expired_timer_closes_only_an_idle_connection() -> None:
         fake_handler.transports = {client: server.ConnectionIO(handler=task, reader=None, writer=None)}
         proxyserver.connections[client.id] = fake_handler
         limits.client_connected(client)
-        limits.requestheaders(flow)
+        limits.headers_complete(flow)
         await asyncio.sleep(0.2)
         assert not task.done()  # in flight: never cut
         limits.response(flow)
