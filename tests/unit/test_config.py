@@ -87,6 +87,10 @@ def test_empty_config_is_valid() -> None:
         ("whoami: {timeout: -1}\n", "whoami.timeout", 1, ">="),
         ("whoami: {url: ftp://x}\n", "whoami.url", 1, "http"),
         ("whoami: {cache_size: 1.5}\n", "whoami.cache_size", 1, "integer"),
+        ("whoami: {max_in_flight: 0}\n", "whoami.max_in_flight", 1, ">= 1"),
+        ("whoami:\n  new_tokens: {rate: -1}\n", "whoami.new_tokens.rate", 2, ">= 0"),
+        ("whoami:\n  new_tokens: {per_client_burst: 0}\n", "whoami.new_tokens.per_client_burst", 2, ">= 1"),
+        ("whoami:\n  new_tokens: {per_client: 5}\n", "whoami.new_tokens.per_client", 2, "unknown key"),
         ("- a\n", "", 1, "expected a mapping"),
     ],
 )
