@@ -387,7 +387,7 @@ class SynapseRouter:
         client_ip = self._set_forwarding_headers(flow)
         match = self.engine.match(request.method, request.path)
         try:
-            wellformed.check_request(request.authority, request.path, request.headers.fields)
+            wellformed.check_request(request.method, request.authority, request.path, request.headers.fields)
             found = tokens.find_token(request.headers.get_all("authorization"), match.query)
         except wellformed.Refused as refused:
             self._refuse(flow, match, client_ip, refused)
@@ -581,6 +581,8 @@ class SynapseRouter:
             flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if self._decision(flow) is None:  # answered before routing (a limit, mitmproxy itself)
+            _redact_credentials(flow.request, None)
         decision = self._decision(flow)
         if decision is not None and flow.response is not None and self.engine and self.engine.config.debug_headers:
             flow.response.headers["X-Synapse-Router-Route"] = decision.route
@@ -596,6 +598,8 @@ class SynapseRouter:
         self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if self._decision(flow) is None:  # refused by mitmproxy's parser, or failed before routing
+            _redact_credentials(flow.request, None)
         self._finish(flow)
 
     # --- helpers ---

@@ -327,7 +327,9 @@ class RouteTable:
         # Synapse's `/_synapse/` resources are found by Twisted, which percent-decodes the
         # path first (`/_synapse/client/%72endezvous` is the rendezvous resource); `/_matrix`
         # servlets match the raw path. Route each the way Synapse will see it; forward it raw.
-        seen = unquote(path) if "%" in path and path.startswith("/_synapse/") else path
+        seen = path
+        if "%" in path and (decoded := unquote(path)).startswith("/_synapse/"):
+            seen = decoded
         m = self._combined.match(seen)
         if m is None:
             return Match(None, path, query)

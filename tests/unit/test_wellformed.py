@@ -10,14 +10,14 @@ OK_FIELDS = [(b"Host", b"matrix.example"), (b"User-Agent", b"Element/1.0 (\xc3\x
 
 def refusal(authority: str, target: str, fields: list[tuple[bytes, bytes]]) -> tuple[int, str]:
     with pytest.raises(Refused) as caught:
-        check_request(authority, target, fields)
+        check_request("GET", authority, target, fields)
     return caught.value.status, caught.value.errcode
 
 
 def test_ordinary_requests_pass() -> None:
-    check_request("", "/_matrix/client/v3/sync?since=s1&timeout=30000", OK_FIELDS)
-    check_request("", "*", [])
-    check_request("", "/_matrix/media/v3/download/x/y?allow_redirect=true", [(b"Range", b"bytes=0-")])
+    check_request("GET", "", "/_matrix/client/v3/sync?since=s1&timeout=30000", OK_FIELDS)
+    check_request("OPTIONS", "", "*", [])
+    check_request("GET", "", "/_matrix/media/v3/download/x/y?allow_redirect=true", [(b"Range", b"bytes=0-")])
 
 
 def test_absolute_form_is_refused() -> None:
@@ -44,3 +44,10 @@ def test_bad_targets_are_refused(target: str) -> None:
 )
 def test_control_bytes_in_fields_are_refused(field: tuple[bytes, bytes]) -> None:
     assert refusal("", "/", [*OK_FIELDS, field]) == (400, "M_INVALID_PARAM")
+
+
+@pytest.mark.parametrize("method", ["GE\x00T", "GET ", "", "G\rET", "GÉT"])
+def test_bad_methods_are_refused(method: str) -> None:
+    with pytest.raises(Refused) as caught:
+        check_request(method, "", "/", OK_FIELDS)
+    assert (caught.value.status, caught.value.errcode) == (400, "M_UNRECOGNIZED")
