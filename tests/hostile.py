@@ -295,4 +295,6 @@ def check_answers_itself(ex: Exchange, nonce: bytes, allow_close: bool = True) -
     elif reply.matrix_error is not None:
         assert reply.status >= 400, reply.describe()
     else:
-        assert 400 <= reply.status < 500, f"neither an answer to this request nor an error: {reply.describe()}"
+        assert 400 <= reply.status < 500, (
+            f"neither the stand-in's echo of this request, nor the router's Matrix error, nor a 4xx: {reply.describe()}"
+        )
