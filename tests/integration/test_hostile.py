@@ -173,7 +173,7 @@ class Env:
     def check_output(self, extra_secrets: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         """No traceback and no token (as sent, decoded, or up to its first control character)
         in the router's output."""
-        time.sleep(0.3)  # the last flows' lines
+        time.sleep(0.1)  # the last flows' lines (a late one is caught by the next check)
         text = self.log()
         assert TRACEBACK not in text, "traceback in the router's output:\n" + _around(text, TRACEBACK)
         for secret in self.secrets | set(extra_secrets):
