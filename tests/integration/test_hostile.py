@@ -745,7 +745,7 @@ def test_repro_1_curl_smuggled_response_goes_to_the_next_user(fleet: Fleet, star
             got[user] = "own"
         if got[user] != "own":
             STATS.cross_delivered += 1
-    assert got == dict.fromkeys(("alice", "bob", "carol", "dave"), "own")
+    assert got == dict.fromkeys(("alice", "bob", "carol", "dave"), "own"), f"what each user got: {got}"
     check_router_error(mallory.reply, 401, "M_UNKNOWN_TOKEN")
     time.sleep(0.3)
     assert TRACEBACK not in router.log()
