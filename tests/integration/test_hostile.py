@@ -45,6 +45,7 @@ from tests.harness import Fleet, Router, RouterStarter, free_port
 from tests.hostile import (
     STATS,
     Exchange,
+    Reply,
     check_answers_itself,
     check_no_cross_delivery,
     check_own_standin_answer,
@@ -245,20 +246,32 @@ def rejected_token(ex: Exchange, nonce: bytes) -> None:
     check_router_error(ex.reply, (400, 401))
 
 
+def from_worker(reply: Reply) -> bool:
+    """Did a stand-in (Python's http.server) make this response, e.g. its own 431 or 400?"""
+    return (reply.header(b"server") or b"").startswith(b"BaseHTTP")
+
+
 def refused(ex: Exchange, nonce: bytes) -> None:
-    """mitmproxy's parser or the router refuses it: any 4xx (HTML allowed), or a close."""
-    assert not ex.replies or (400 <= ex.reply.status < 500 and ex.reply.standin is None), ex.describe()
+    """mitmproxy's parser or the router refuses it: any 4xx (HTML allowed), or a close; never
+    forwarded (a worker's own refusal means it was)."""
+    if ex.replies:
+        assert 400 <= ex.reply.status < 500 and ex.reply.standin is None, ex.describe()
+        assert not from_worker(ex.reply), f"forwarded, and refused by the worker: {ex.describe()}"
 
 
 def too_large(ex: Exchange, nonce: bytes) -> None:
-    assert not ex.replies or ex.reply.status == 431, ex.describe()
+    """431 from the router, or a closed connection; not forwarded for a worker to refuse."""
+    if ex.replies:
+        assert ex.reply.status == 431, ex.describe()
+        assert not from_worker(ex.reply), f"forwarded, and refused by the worker: {ex.describe()}"
 
 
 def unknown_or_too_large(ex: Exchange, nonce: bytes) -> None:
     if ex.replies and ex.reply.status == 401:
         unknown_token(ex, nonce)
-    else:
-        assert not ex.replies or ex.reply.status in (414, 431), ex.describe()
+    elif ex.replies:
+        assert ex.reply.status in (414, 431), ex.describe()
+        assert not from_worker(ex.reply), f"forwarded, and refused by the worker: {ex.describe()}"
 
 
 def anything_honest(ex: Exchange, nonce: bytes) -> None:
