@@ -12,8 +12,11 @@ Query parameters steer it (they pass through the router untouched):
   standin_hang=1       accept, read the request, never answer (a wedged worker)
 With --whoami FILE (JSON {token: user_id}) it answers /_matrix/client/v3/account/whoami
 like Synapse: 200 {"user_id", "device_id", "is_guest"} or 401 M_UNKNOWN_TOKEN; `/health`
-answers 200 OK; `/__standin/stats` answers {"whoami_calls": N}. Request bodies are read in
-chunks and hashed, never held whole.
+answers 200 OK; `/__standin/stats` answers {"whoami_calls": N, "open_connections": M} (M: client
+connections open now, not counting the one asking). During a `standin_delay` the server
+watches its connection, as Synapse does: a client that closes it meanwhile gets no answer, and
+the connection is counted closed at once. Request bodies are read in chunks and hashed, never
+held whole.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +48,7 @@ class StandinServer(ThreadingHTTPServer):
         self.whoami = whoami
         self.whoami_delay = whoami_delay
         self.whoami_calls = 0
+        self.open_connections = 0
         self.lock = threading.Lock()
 
 
@@ -53,6 +59,34 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.open_connections += 1
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            with self.server.lock:
+                self.server.open_connections -= 1
+
+    def _client_gone_during(self, seconds: float) -> bool:
+        """Wait `seconds`; True (at once) if the client closed the connection meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.connection], [], [], min(remaining, 0.05))
+            if not readable:
+                continue
+            try:
+                if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                    return True
+            except OSError:
+                return True
+            time.sleep(max(0.0, deadline - time.monotonic()))  # a pipelined request: just wait
+            return False
+        return False
 
     def _read_body(self) -> tuple[int, str]:
         digest = hashlib.sha256()
@@ -109,7 +143,13 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
             return
         if url.path == "/__standin/stats":
-            self._send_json(200, {"server": self.server.name, "whoami_calls": self.server.whoami_calls})
+            with self.server.lock:
+                stats = {
+                    "server": self.server.name,
+                    "whoami_calls": self.server.whoami_calls,
+                    "open_connections": self.server.open_connections - 1,  # not this one
+                }
+            self._send_json(200, stats)
             return
         if self.server.whoami is not None and url.path.endswith("/account/whoami"):
             self._whoami()
@@ -117,8 +157,9 @@ class Handler(BaseHTTPRequestHandler):
         if params.get("standin_hang"):
             time.sleep(3600)
             return
-        if delay := params.get("standin_delay"):
-            time.sleep(float(delay[0]))
+        if (delay := params.get("standin_delay")) and self._client_gone_during(float(delay[0])):
+            self.close_connection = True
+            return
         status = int(params.get("standin_status", ["200"])[0])
         if n := params.get("standin_bytes"):
             self._send_bytes(int(n[0]))

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.harness import Fleet, RouterStarter, free_port, router_command, wait_for_port
+from tests.hostile import STATS
 
 __all__ = ["Fleet", "free_port", "router_command", "served"]
 
@@ -70,3 +71,9 @@ def redis_url(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     finally:
         proc.kill()
         proc.wait()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The hostile-client suite's count (tests/integration/test_hostile.py), when it ran."""
+    if STATS.inputs:
+        terminalreporter.write_line(STATS.line())
