@@ -71,8 +71,8 @@ class SynapseRouter:
         self._upstream = forward.UpstreamClient()  # requests the router sends (and retries) itself
         self._health_task: asyncio.Task[None] | None = None
         self._sweep_task: asyncio.Task[None] | None = None
-        # router-sent requests in flight: the upstream exchange, cancelled if its client leaves
-        self._sending: dict[asyncio.Task[forward.UpstreamResponse], http.HTTPFlow] = {}
+        # router-sent requests in flight, by flow id: abandoned if their client leaves
+        self._sending: dict[str, http.HTTPFlow] = {}
         # client connection id -> the flow waiting for its upstream connection (mitmproxy path)
         self._connecting: dict[str, http.HTTPFlow] = {}
         self.metrics = RouterMetrics()
@@ -470,16 +470,18 @@ class SynapseRouter:
                 request.headers.set_all("authorization", authorization)
                 request.path = path
                 return
-            sending = asyncio.ensure_future(
-                self._upstream.send(upstream, method, path, headers, self.workers.config.connect_timeout)
-            )
-            self._sending[sending] = flow
+            self._sending[flow.id] = flow
             try:
-                answer = await sending
+                answer = await self._upstream.send(
+                    upstream, method, path, headers, self.workers.config.connect_timeout, owner=flow.id
+                )
             except forward.BadRequest:
                 flow.response = matrix_error(400, "M_INVALID_PARAM", "Invalid request header.")
                 return
             except forward.NoResponse as e:
+                if not flow.client_conn.state & ConnectionState.CAN_READ:
+                    flow.kill()  # type: ignore[no-untyped-call]  # the client left: nothing to answer
+                    return
                 # A refused connection takes the worker down at once. A connect timeout or a
                 # reset only moves this request: a burst filling the accept queue, or a client
                 # abandoning its long-poll, look the same; the health checks judge the worker.
@@ -496,14 +498,8 @@ class SynapseRouter:
                 reason = "connect" if connect_failed else "no_response"
                 decision = self._fail_over(flow, decision, tried, reason, str(e))
                 continue
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # this hook itself was cancelled (shutdown), not the client's exchange
-                flow.kill()  # type: ignore[no-untyped-call]  # the client left: its worker connection is closed, nothing is answered
-                return
             finally:
-                del self._sending[sending]
+                self._sending.pop(flow.id, None)
             flow.response = http.Response(
                 http_version=b"HTTP/1.1",
                 status_code=answer.status,
@@ -523,9 +519,9 @@ class SynapseRouter:
         client dropping long-polls cannot pin worker connections and descriptors)."""
         while True:
             await asyncio.sleep(CLIENT_SWEEP_INTERVAL)
-            for sending, flow in list(self._sending.items()):
+            for flow_id, flow in list(self._sending.items()):
                 if not flow.client_conn.state & ConnectionState.CAN_READ:
-                    sending.cancel()
+                    self._upstream.abandon(flow_id)
 
     def _fail_over(
         self, flow: http.HTTPFlow, failed: Decision, tried: set[str], reason: str, detail: str = ""

@@ -90,6 +90,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.received = 0  # bytes of the current exchange
+        self.abandoned = False  # closed because the client of its exchange left
         self._wakeup: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -138,16 +139,12 @@ class _Connection(asyncio.Protocol):
             and not state.trailing_data[0]
         )
 
-    async def next_event(self) -> object:
-        """The next h11 event (an h11.Event, or h11.PAUSED)."""
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            if self.closed:  # h11 has seen the end and still needs data: cannot happen
-                raise h11.RemoteProtocolError("connection closed mid-message")
-            self._wakeup = asyncio.get_running_loop().create_future()
-            await self._wakeup
+    async def wait_for_data(self) -> None:
+        """Until more bytes (or the end) arrived."""
+        if self.closed:  # h11 has seen the end and still needs data: cannot happen
+            raise h11.RemoteProtocolError("connection closed mid-message")
+        self._wakeup = asyncio.get_running_loop().create_future()
+        await self._wakeup
 
     def end_exchange(self) -> bool:
         """After a response: ready the connection for the next one; False if it cannot be."""
@@ -165,6 +162,7 @@ class UpstreamClient:
     def __init__(self) -> None:
         self._idle: dict[str, list[_Connection]] = {}
         self._busy: dict[str, set[_Connection]] = {}
+        self._owned: dict[object, _Connection] = {}  # exchange owner (a flow id) -> its connection
         self._aborts: dict[str, int] = {}  # per worker, how many times `abort` was called
         self._pooled: frozenset[str] | None = None  # workers whose connections are kept; None: all
         self._tls: ssl.SSLContext | None = None
@@ -177,23 +175,34 @@ class UpstreamClient:
         headers: list[tuple[bytes, bytes]],
         connect_timeout: float,
         body: bytes = b"",
+        owner: object = None,
     ) -> UpstreamResponse:
         """Send a request to a worker and read its whole response. Raises BadRequest (before
         anything is sent) if the request is not valid HTTP/1.1, NoResponse if the worker gives
-        no complete response (also when `abort` closed the connection meanwhile)."""
+        no complete response (also when `abort` or `abandon(owner)` closed the connection)."""
         url = upstream.url
         events = _request_events(upstream, method, path, headers, body)
         aborts = self._aborts.get(url, 0)
         connection = self._checkout(url)
         if connection is not None:
             try:
-                return await self._exchange(url, connection, events, aborts)
+                return await self._exchange(url, connection, events, aborts, owner)
             except NoResponse:
-                if self._aborts.get(url, 0) != aborts:
+                if self._aborts.get(url, 0) != aborts or (connection.abandoned and owner is not None):
                     raise
                 # The worker may have closed an idle connection as we reused it: once more, fresh.
         connection = await self._connect(upstream, connect_timeout)
-        return await self._exchange(url, connection, events, aborts)
+        return await self._exchange(url, connection, events, aborts, owner)
+
+    def abandon(self, owner: object) -> bool:
+        """The client of `owner`'s exchange has left: close its connection (the exchange raises
+        NoResponse). False if it has none in flight."""
+        connection = self._owned.pop(owner, None)
+        if connection is None:
+            return False
+        connection.abandoned = True
+        connection.abort()
+        return True
 
     def abort(self, url: str) -> int:
         """Close every connection to a worker found dead, so the requests waiting on it give
@@ -246,7 +255,7 @@ class UpstreamClient:
         return connection
 
     async def _exchange(
-        self, url: str, connection: _Connection, events: list[h11.Event], aborts: int
+        self, url: str, connection: _Connection, events: list[h11.Event], aborts: int, owner: object
     ) -> UpstreamResponse:
         """Send the request on the connection and read the response, unless the worker was
         found dead since the request began (`aborts` changed)."""
@@ -255,6 +264,8 @@ class UpstreamClient:
             raise NoResponse(Failure.NO_RESPONSE, "worker found dead while connecting")
         busy = self._busy.setdefault(url, set())
         busy.add(connection)
+        if owner is not None:
+            self._owned[owner] = connection
         try:
             assert connection.transport is not None
             connection.transport.write(b"".join(connection.h11.send(event) or b"" for event in events))
@@ -267,6 +278,8 @@ class UpstreamClient:
             raise
         finally:
             busy.discard(connection)
+            if owner is not None and self._owned.get(owner) is connection:
+                del self._owned[owner]
         reusable = connection.end_exchange()
         if reusable and self._aborts.get(url, 0) == aborts and (self._pooled is None or url in self._pooled):
             idle = self._idle.setdefault(url, [])
@@ -308,8 +321,12 @@ async def _read_response(connection: _Connection) -> UpstreamResponse:
     head: h11.Response | None = None
     headers_at = 0.0
     chunks: list[bytes] = []
+    state = connection.h11
     while True:
-        event = await connection.next_event()
+        event = state.next_event()
+        if event is h11.NEED_DATA:
+            await connection.wait_for_data()
+            continue
         if isinstance(event, h11.Response):
             head, headers_at = event, time.time()
         elif isinstance(event, h11.Data):

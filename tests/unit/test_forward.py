@@ -405,3 +405,31 @@ def test_bytes_arriving_on_an_idle_connection_retire_it() -> None:
         await server.stop()
 
     run(go())
+
+
+def test_abandon_closes_the_owners_connection_without_a_retry() -> None:
+    async def go() -> None:
+        hold = asyncio.Event()
+
+        async def script(head: bytes) -> bytes | None:
+            await hold.wait()  # a long-poll
+            return OK
+
+        server = Server(script)
+        url = await server.start()
+        client = UpstreamClient()
+        upstream = parse_upstream_url(url)
+        waiting = asyncio.ensure_future(
+            client.send(upstream, "GET", "/_matrix/client/v3/sync?timeout=30000", HEADERS, 1.0, owner="flow-1")
+        )
+        while not server.requests:
+            await asyncio.sleep(0.01)
+        assert not client.abandon("flow-2")  # not in flight
+        assert client.abandon("flow-1")
+        with pytest.raises(NoResponse):
+            await asyncio.wait_for(waiting, 5)
+        assert len(server.requests) == 1 and client.busy_connections(url) == 0
+        hold.set()
+        await server.stop()
+
+    run(go())
