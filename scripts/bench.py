@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from synapse_router import tokens  # noqa: E402
-from synapse_router.addon import _balance_key  # noqa: E402
+from synapse_router.addons.routing import _balance_key  # noqa: E402
 from synapse_router.config import WhoamiConfig, parse_config  # noqa: E402
 from synapse_router.engine import Engine  # noqa: E402
 from synapse_router.identity import IdentityResolver  # noqa: E402
@@ -143,7 +143,7 @@ def decision_cost(workers: int = 16, iterations: int = 20_000, batches: int = 15
     engine = Engine(parse_config(f"workers:\n  sync:\n{urls}\n"))
     resolver = IdentityResolver(WhoamiConfig(), None)  # type: ignore[arg-type]
     resolver.users[tokens.token_key(TOKEN)] = "@bench:example.org"
-    authorization = f"Bearer {TOKEN}"
+    authorizations = [f"Bearer {TOKEN}"]
     unusable: frozenset[str] = frozenset()
     in_flight: dict[str, int] = {}
     per_call: list[float] = []
@@ -151,7 +151,7 @@ def decision_cost(workers: int = 16, iterations: int = 20_000, batches: int = 15
         start = time.perf_counter_ns()
         for _ in range(iterations):
             match = engine.match("GET", SYNC_PATH)
-            found = tokens.find_token(authorization, match.query)
+            found = tokens.find_token(authorizations, match.query)
             assert found is not None
             resolution = resolver.cached(found.key)
             key, kind = _balance_key(match, found, "127.0.0.1", resolution)

@@ -7,6 +7,7 @@ Every error names the offending key as a dotted path and, where YAML gives one, 
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,13 +18,13 @@ from urllib.parse import urlsplit
 import yaml
 
 from .accesslog import AccessLogConfig, AccessLogConfigError, parse_access_log_config
+from .client_address import IPNetwork
 from .health import HealthConfig
 from .limits import LimitsConfig, LimitsConfigError, parse_limits
-from .metrics import parse_listen
 from .routes import MAIN, Balance, Route, RouteTable
+from .upstream import Upstream, parse_listen, parse_upstream_url
 
 KeyPath = tuple[str | int, ...]
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _POOL_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -43,38 +44,6 @@ def format_key(key: KeyPath) -> str:
     for part in key:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """A Synapse process reachable over HTTP: a worker, or the main process."""
-
-    url: str  # as configured, normalised: scheme://host:port
-    scheme: str
-    host: str
-    port: int
-    weight: float = 1.0
-    drained: bool = False  # out of rotation by configuration
-
-
-def parse_upstream_url(value: str) -> Upstream:
-    """Parse `http(s)://host[:port]`; raise ValueError on anything else."""
-    if not isinstance(value, str):
-        raise ValueError(f"expected a URL string, got {type(value).__name__}")
-    parts = urlsplit(value.strip())
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"{value!r} is not an http:// or https:// URL")
-    if not parts.hostname:
-        raise ValueError(f"{value!r} has no host")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"{value!r} must be scheme://host[:port] with no path, query or credentials")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as e:
-        raise ValueError(f"{value!r} has an invalid port") from e
-    host = parts.hostname
-    shown = f"[{host}]" if ":" in host else host
-    return Upstream(f"{parts.scheme}://{shown}:{port}", parts.scheme, host, port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,15 +74,15 @@ class RouterConfig:
     access_log: AccessLogConfig = AccessLogConfig()
     debug_headers: bool = False  # X-Synapse-Router-* response headers naming route and worker
     limits: LimitsConfig = LimitsConfig()  # client connection timeouts and caps
+    # The compiled route table (custom routes, then the built-in ones): compiled once, when the
+    # configuration is parsed, since compiling is also what validates the patterns together.
+    table: RouteTable = field(default_factory=RouteTable, compare=False, repr=False)
 
     def worker_urls(self) -> set[str]:
         return {w.url for workers in self.pools.values() for w in workers}
 
     def drained_urls(self) -> set[str]:
         return {w.url for workers in self.pools.values() for w in workers if w.drained}
-
-    def table(self) -> RouteTable:
-        return RouteTable(self.routes)
 
 
 class _Doc:
@@ -165,7 +134,7 @@ def _mapping(doc: _Doc, value: Any, path: KeyPath, allowed: frozenset[str]) -> d
 
 def _number(doc: _Doc, value: Any, path: KeyPath, *, minimum: float, integer: bool = False) -> Any:
     ok_type = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_type) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, ok_type) or not math.isfinite(value) or value < minimum:
         kind = "an integer" if integer else "a number"
         raise doc.error(path, f"expected {kind} >= {minimum}, got {value!r}")
     return value
@@ -410,9 +379,14 @@ def parse_config(text: str) -> RouterConfig:
     doc = _Doc(text)
     top = _mapping(doc, doc.value, (), _TOP_KEYS)
     pools = _parse_pools(doc, top.get("workers"))
-    config = RouterConfig(
+    routes = _parse_routes(doc, top.get("routes"), pools)
+    try:
+        table = RouteTable(routes)
+    except re.error as e:  # a pattern that compiles alone but not beside the others
+        raise doc.error(("routes",), f"the route patterns cannot be combined: {e}") from None
+    return RouterConfig(
         pools=pools,
-        routes=_parse_routes(doc, top.get("routes"), pools),
+        routes=routes,
         trusted_proxies=_parse_trusted(doc, top.get("trusted_proxies")),
         whoami=_parse_whoami(doc, top.get("whoami")),
         health=_parse_health(doc, top.get("health")),
@@ -420,12 +394,8 @@ def parse_config(text: str) -> RouterConfig:
         access_log=_parse_access_log(doc, top.get("access_log")),
         debug_headers=_flag(doc, top.get("debug_headers", False), ("debug_headers",)),
         limits=_parse_limits(doc, top.get("limits")),
+        table=table,
     )
-    try:
-        config.table()
-    except re.error as e:  # a pattern that compiles alone but not beside the others
-        raise doc.error(("routes",), f"the route patterns cannot be combined: {e}") from None
-    return config
 
 
 def load_config(path: str | Path) -> RouterConfig:

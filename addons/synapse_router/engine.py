@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
-from .config import RouterConfig, Upstream
+from .config import RouterConfig
 from .pools import Pool, Unusable, build_pools
-from .routes import MAIN, Balance, Match, Route, RouteTable
+from .routes import MAIN, Balance, Match, Route
+from .upstream import Upstream
 
 ROUTER = "router"  # pool and worker of a response the router made itself
 
@@ -66,7 +67,7 @@ class Engine:
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
-        self.table = RouteTable(config.routes)
+        self.table = config.table
         self.pools: dict[str, Pool] = build_pools(config.pools)
 
     def match(self, method: str, path_and_query: str) -> Match:

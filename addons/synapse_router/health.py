@@ -11,8 +11,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import httpx
-
 
 @dataclass(frozen=True, slots=True)
 class HealthConfig:
@@ -96,16 +94,3 @@ class WorkerStates:
         health.changed_at = self._clock()
         self._refresh()
         return True
-
-
-async def check_worker(client: httpx.AsyncClient, url: str, config: HealthConfig) -> tuple[bool, str]:
-    """One active check: GET <url><path> must answer 200 within the timeout."""
-    try:
-        response = await client.get(url + config.path, timeout=config.timeout)
-    except httpx.TimeoutException:
-        return False, "health check timed out"
-    except httpx.HTTPError as e:
-        return False, f"health check failed: {type(e).__name__}"
-    if response.status_code != 200:
-        return False, f"health check answered {response.status_code}"
-    return True, ""

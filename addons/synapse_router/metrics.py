@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import ipaddress
 import logging
 import math
 import re
@@ -21,6 +20,10 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from .identity import Source
+from .limits import CLOSE_REASONS
+from .upstream import parse_listen as parse_listen  # re-exported: the launcher's import
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +36,7 @@ NO_RESPONSE = "error"  # the status class of a request that got no response
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", NO_RESPONSE)
 
 WHOAMI_OUTCOMES = ("user", "rejected", "error")
-# identity.Source values
-IDENTITY_SOURCES = ("cache", "shared", "whoami", "coalesced", "negative", "unresolved", "limited")
-LIMIT_CLOSE_REASONS = ("header_timeout", "keepalive_timeout", "header_too_large")  # limits.CLOSE_REASONS
+IDENTITY_SOURCES = tuple(source.value for source in Source)
 OTHER = "other"  # an outcome or source outside the vocabularies above (a bug, but bounded)
 
 # From 1 ms API calls to 30 s long-polls (/sync, /events) and slow media uploads.
@@ -162,7 +163,7 @@ class RouterMetrics:
             registry=r,
         )
         # The fixed vocabularies start at zero, so rate() and ratios work from the first scrape.
-        for reason in LIMIT_CLOSE_REASONS:
+        for reason in CLOSE_REASONS:
             self.limit_closes_total.labels(reason)
         for outcome in WHOAMI_OUTCOMES:
             self.whoami_calls_total.labels(outcome)
@@ -219,12 +220,17 @@ class RouterMetrics:
         self.worker_drained.labels(pool, worker).set(1 if drained else 0)
 
     def remove_worker(self, pool: str, worker: str) -> None:
-        """Drop a worker's state series (it left the configuration); its counters remain."""
-        for gauge in (self.worker_up, self.worker_drained):
+        """Drop every series of a worker in a pool (it left the configuration): its state,
+        latency and request counts, so dashboards stop showing a worker that is gone."""
+        for metric in (self.worker_up, self.worker_drained, self.upstream_seconds):
             try:
-                gauge.remove(pool, worker)
+                metric.remove(pool, worker)
             except KeyError:
                 pass
+        # requests_total has more labels; prometheus_client lists a metric's label values only
+        # through its `_metrics` mapping (stable since 0.4).
+        for labels in [k for k in list(self.requests_total._metrics) if k[1:3] == (pool, worker)]:
+            self.requests_total.remove(*labels)
 
     def bind_client_connections(self, fn: Callable[[], int]) -> None:
         """Report `fn()` as the open client connections at each scrape."""
@@ -234,7 +240,7 @@ class RouterMetrics:
         self.refused_connections_total.inc()
 
     def observe_limit_close(self, reason: str) -> None:
-        self.limit_closes_total.labels(reason if reason in LIMIT_CLOSE_REASONS else OTHER).inc()
+        self.limit_closes_total.labels(reason if reason in CLOSE_REASONS else OTHER).inc()
 
     def observe_resource_error(self) -> None:
         self.resource_errors_total.inc()
@@ -259,8 +265,6 @@ class RouterMetrics:
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # "text/plain; version=0.0.4; charset=utf-8"
 METRICS_PATH = "/metrics"
 
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP method (RFC 9110 token)
 _REASONS = {
     200: "OK",
@@ -271,34 +275,6 @@ _REASONS = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
 }
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """Parse a listen address: "host:port", "0.0.0.0:9105", "[::1]:9105", "[::]:0"."""
-    if not isinstance(value, str):
-        raise ValueError(f"expected a listen address 'host:port', got {type(value).__name__}")
-    host, sep, port_text = value.rpartition(":")
-    if not sep:
-        raise ValueError(f"{value!r} is not 'host:port' (e.g. 127.0.0.1:9105 or [::1]:9105)")
-    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(f"{value!r} has an invalid port {port_text!r}: expected 0-65535")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            return str(ipaddress.IPv6Address(host[1:-1])), int(port_text)
-        except ValueError:
-            raise ValueError(f"{value!r}: {host[1:-1]!r} is not an IPv6 address") from None
-    if not host:
-        raise ValueError(f"{value!r} has no host; to listen on every interface use 0.0.0.0:PORT or [::]:PORT")
-    if ":" in host:
-        raise ValueError(f"{value!r}: put an IPv6 address in brackets, e.g. [::1]:9105")
-    if host.replace(".", "").isdigit():
-        try:
-            return str(ipaddress.IPv4Address(host)), int(port_text)
-        except ValueError:
-            raise ValueError(f"{value!r}: {host!r} is not an IPv4 address") from None
-    if not _HOSTNAME.fullmatch(host):
-        raise ValueError(f"{value!r}: {host!r} is not a valid host name or IPv4 address")
-    return host, int(port_text)
 
 
 class _BadRequest(Exception):

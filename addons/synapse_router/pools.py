@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Container, Mapping, Sequence
 
-from .config import Upstream
 from .hrw import Node, Rendezvous
 from .routes import Balance
+from .upstream import Upstream
 
 Unusable = Container[str]  # URLs of workers that may not take requests now (down or drained)
 

@@ -36,6 +36,11 @@ def check_request(method: str, authority: str, target: str, fields: Iterable[tup
         raise Refused(400, "M_UNRECOGNIZED", "Absolute-form request targets are not accepted; send the path only.")
     if _TARGET.fullmatch(target) is None:
         raise Refused(400, "M_UNRECOGNIZED", "Invalid request target.")
+    hosts = 0
     for name, value in fields:
         if _FIELD_NAME.fullmatch(name) is None or _FIELD_VALUE_BAD.search(value) is not None:
             raise Refused(400, "M_INVALID_PARAM", "Invalid header field.")
+        if len(name) == 4 and name.lower() == b"host":
+            hosts += 1
+    if hosts > 1:  # RFC 9112 3.2: a server must refuse it; proxies would pick different ones
+        raise Refused(400, "M_INVALID_PARAM", "More than one Host header.")

@@ -20,9 +20,9 @@ from synapse_router.accesslog import (
     parse_logfmt,
     strip_query,
 )
-from synapse_router.config import Upstream
 from synapse_router.engine import Decision
 from synapse_router.tokens import short_hash, token_key
+from synapse_router.upstream import Upstream
 
 TOKEN = "syt_c2VjcmV0_ThisIsASecretAccessToken_0a1b2c"
 T0 = 1714564800.25  # 2024-05-01T12:00:00.250Z

@@ -105,3 +105,21 @@ def test_bad_config_names_key_and_line(text: str, key: str, line: int, words: st
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("whoami: {timeout: .nan}\n", "whoami.timeout"),
+        ("whoami: {cache_ttl: .inf}\n", "whoami.cache_ttl"),
+        ("whoami:\n  new_tokens: {rate: .nan}\n", "whoami.new_tokens.rate"),
+        ("health: {interval: .nan}\n", "health.interval"),
+        ("health: {connect_timeout: -.inf}\n", "health.connect_timeout"),
+    ],
+)
+def test_numbers_must_be_finite(text: str, key: str) -> None:
+    # NaN compares false with everything: a bare `< minimum` check let it through, and a NaN
+    # whoami timeout turned every lookup into an error.
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert info.value.key == key

@@ -51,3 +51,9 @@ def test_bad_methods_are_refused(method: str) -> None:
     with pytest.raises(Refused) as caught:
         check_request(method, "", "/", OK_FIELDS)
     assert (caught.value.status, caught.value.errcode) == (400, "M_UNRECOGNIZED")
+
+
+def test_two_host_headers_are_refused() -> None:
+    # mitmproxy joins them ("a, b"); RFC 9112 says a server must answer 400.
+    fields = [(b"Host", b"a.example"), (b"host", b"b.example")]
+    assert refusal("", "/_matrix/client/v3/profile/x", fields) == (400, "M_INVALID_PARAM")

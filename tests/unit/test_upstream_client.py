@@ -1,4 +1,4 @@
-"""The router's own HTTP/1.1 client (forward.py) against scripted loopback servers."""
+"""The router's own HTTP/1.1 client (upstream_client.py) against scripted loopback servers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from synapse_router.config import parse_upstream_url
-from synapse_router.forward import BadRequest, Failure, NoResponse, UpstreamClient, UpstreamResponse, request_headers
+from synapse_router.upstream import parse_upstream_url
+from synapse_router.upstream_client import (
+    BadRequest,
+    Failure,
+    NoResponse,
+    UpstreamClient,
+    UpstreamResponse,
+    request_headers,
+)
 
 # Given the request head, answer with bytes; None: close without answering.
 Script = Callable[[bytes], Awaitable[bytes | None]]

@@ -29,7 +29,7 @@ from enum import StrEnum
 
 import h11
 
-from .config import Upstream
+from .upstream import Upstream
 
 HOP_BY_HOP = frozenset(
     {

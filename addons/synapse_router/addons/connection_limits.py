@@ -1,0 +1,376 @@
+"""ConnectionLimits: the mitmproxy addon that enforces the `limits` configuration (limits.py)
+on client connections: header and keep-alive timers, oversized heads, the connection cap, and
+descriptor exhaustion that never floods the log.
+
+The mitmproxy internals it needs are in `_client_io` and `_HeadGuard` (see there);
+tests/unit/test_limits.py fails if an upgrade removes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mitmproxy import ctx, http
+from mitmproxy.proxy.layers.http import HttpLayer
+
+from ..limits import (
+    HEADER_TIMEOUT,
+    HEADER_TOO_LARGE,
+    KEEPALIVE_TIMEOUT,
+    LOG_INTERVAL,
+    RESOURCE_ERRNOS,
+    LimitsConfig,
+    Throttle,
+    fd_budget_warning,
+    header_block_size,
+    raise_nofile_limit,
+    too_large_body,
+)
+
+if TYPE_CHECKING:
+    from mitmproxy import connection
+
+    from ..config import RouterConfig
+    from ..metrics import RouterMetrics
+
+log = logging.getLogger("synapse_router.limits")
+
+
+# --- the addon -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Conn:
+    """A client connection's state: the flows in flight on it and its running timer."""
+
+    flows: set[str] = field(default_factory=set)
+    timer: asyncio.TimerHandle | None = None
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class _ThrottledLog:
+    """One warning per interval at most for a repeated event, with the count; what is held
+    back is reported when the interval ends."""
+
+    def __init__(self, message: Callable[[int], str], level: int, interval: float = LOG_INTERVAL) -> None:
+        self.message = message
+        self.level = level
+        self.throttle = Throttle(interval)
+        self._flush: asyncio.TimerHandle | None = None
+
+    def hit(self) -> None:
+        loop = asyncio.get_running_loop()
+        reported = self.throttle.hit(loop.time())
+        if reported:
+            log.log(self.level, self.message(reported))
+        elif self._flush is None:
+            self._flush = loop.call_at(self.throttle.quiet_until, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush = None
+        reported = self.throttle.take(asyncio.get_running_loop().time())
+        if reported:
+            log.log(self.level, self.message(reported))
+
+    def cancel(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+
+
+class ConnectionLimits:
+    """Enforces LimitsConfig on client connections (a sub-addon of SynapseRouter, which hands
+    it the configuration with `use`)."""
+
+    def __init__(self, metrics: RouterMetrics | None = None, config: LimitsConfig | None = None) -> None:
+        self.config = config or LimitsConfig()
+        self.metrics = metrics
+        self._conns: dict[str, _Conn] = {}  # client connection id -> state, for admitted clients
+        self._nofile: int | None = None
+        self._nofile_raised = False
+        self._warned: int | None = None  # the max_connections last warned about
+        self._refused = _ThrottledLog(
+            lambda n: (
+                f"synapse-router: refused {n} client connection(s) in the last {LOG_INTERVAL:g}s at most: "
+                f"limits.max_connections={self.config.max_connections} connections open"
+            ),
+            logging.WARNING,
+        )
+        self._fd_errors = _ThrottledLog(
+            lambda n: (
+                f"synapse-router: out of file descriptors (or socket buffers): {n} failed accept(s) "
+                f"in the last {LOG_INTERVAL:g}s at most; lower limits.max_connections or raise the open-files limit"
+            ),
+            logging.ERROR,
+        )
+        self._loop_handler: Any = None
+        self._previous_handler: Any = None
+        if metrics is not None:
+            metrics.bind_client_connections(lambda: len(self._conns))
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+    def prepare(self, config: RouterConfig) -> Callable[[], None]:
+        return lambda: self.use(config.limits)
+
+    def use(self, config: LimitsConfig) -> None:
+        """Switch to a configuration; running timers keep their deadlines."""
+        self.config = config
+        self._check_fd_budget()
+
+    # --- lifecycle ---
+
+    def load(self, loader: Any) -> None:
+        self._raise_nofile()
+
+    def _raise_nofile(self) -> None:
+        if not self._nofile_raised:
+            self._nofile_raised = True
+            self._nofile = raise_nofile_limit()
+
+    def running(self) -> None:
+        self._install_exception_handler()
+
+    def done(self) -> None:
+        for conn in self._conns.values():
+            conn.cancel_timer()
+        self._refused.cancel()
+        self._fd_errors.cancel()
+        self._restore_exception_handler()
+
+    def _check_fd_budget(self) -> None:
+        self._raise_nofile()
+        warning = fd_budget_warning(self.config.max_connections, self._nofile)
+        if warning is not None and self._warned != self.config.max_connections:
+            self._warned = self.config.max_connections
+            log.warning(f"synapse-router: {warning}")
+
+    # --- hooks ---
+
+    def client_connected(self, client: connection.Client) -> None:
+        if client.error:  # already refused
+            return
+        if len(self._conns) >= self.config.max_connections:
+            client.error = "synapse-router: limits.max_connections reached"  # mitmproxy closes it at once
+            if self.metrics is not None:
+                self.metrics.observe_refused_connection()
+            self._refused.hit()
+            return
+        conn = self._conns[client.id] = _Conn()
+        conn.timer = self._start_timer(client.id, self.config.header_timeout, HEADER_TIMEOUT)
+        _HeadGuard.install(client.id, self.config.max_header_bytes, self._head_too_large)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        conn = self._conns.pop(client.id, None)
+        if conn is not None:
+            conn.cancel_timer()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """A request's head has arrived: stop the connection's timer, and answer an oversized
+        head (first in the router's chain, so nothing else is spent on it)."""
+        conn = self._conns.get(flow.client_conn.id)
+        if conn is None:
+            return
+        conn.cancel_timer()
+        conn.flows.add(flow.id)
+        request = flow.request
+        size = header_block_size(
+            request.method, request.authority + request.path, request.http_version, request.headers.fields
+        )
+        if size > self.config.max_header_bytes and flow.response is None:
+            flow.response = http.Response.make(
+                431,
+                too_large_body(self.config.max_header_bytes),
+                {"Content-Type": "application/json", "Connection": "close"},
+            )
+            self._count_close(HEADER_TOO_LARGE)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and flow.response.status_code == 101:
+            return  # an upgraded connection (WebSocket) stays busy until it closes
+        self._exchange_done(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._exchange_done(flow)
+
+    def _exchange_done(self, flow: http.HTTPFlow) -> None:
+        conn = self._conns.get(flow.client_conn.id)
+        if conn is None or flow.id not in conn.flows:
+            return
+        conn.flows.discard(flow.id)
+        if not conn.flows:
+            conn.cancel_timer()
+            conn.timer = self._start_timer(flow.client_conn.id, self.config.keepalive_timeout, KEEPALIVE_TIMEOUT)
+
+    # --- timers ---
+
+    def _start_timer(self, client_id: str, delay: float, reason: str) -> asyncio.TimerHandle | None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a unit test calling a hook directly)
+            return None
+        return loop.call_later(delay, self._expire, client_id, reason)
+
+    def _expire(self, client_id: str, reason: str) -> None:
+        conn = self._conns.get(client_id)
+        if conn is None or conn.flows:
+            return
+        conn.timer = None
+        io = _client_io(client_id)
+        if io is None:
+            return
+        if reason == KEEPALIVE_TIMEOUT and _unsent_bytes(io) > 0:
+            # The last response is still being sent to a slow client: not idle yet.
+            conn.timer = self._start_timer(client_id, self.config.keepalive_timeout, reason)
+            return
+        log.debug(f"synapse-router: closing client connection {client_id}: {reason}")
+        self._count_close(reason)
+        _close(io, reason)
+
+    def _head_too_large(self, client_id: str) -> None:
+        """A head still incomplete beyond max_header_bytes (the _HeadGuard answered 431)."""
+        if client_id in self._conns:
+            self._count_close(HEADER_TOO_LARGE)
+
+    def _count_close(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_limit_close(reason)
+
+    # --- event loop errors ---
+
+    def _install_exception_handler(self) -> None:
+        """Collapse the event loop's out-of-descriptors errors (asyncio logs every failed accept
+        with a traceback) into one line per interval; pass anything else on."""
+        loop = asyncio.get_running_loop()
+        if self._loop_handler is not None and loop.get_exception_handler() is self._loop_handler:
+            return
+        previous = self._previous_handler = loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+                if self.metrics is not None:
+                    self.metrics.observe_resource_error()
+                self._fd_errors.hit()
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        self._loop_handler = handler
+        loop.set_exception_handler(handler)
+
+    def _restore_exception_handler(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._loop_handler is not None and loop.get_exception_handler() is self._loop_handler:
+            loop.set_exception_handler(self._previous_handler)
+        self._loop_handler = None
+
+
+# --- mitmproxy internals (12.3) --------------------------------------------------------------
+# No public API closes an idle client connection or shows a head before it is complete. What
+# this relies on (tests/unit/test_limits.py fails if an upgrade removes it):
+#  - the Proxyserver addon ("proxyserver") keeps `connections`: client id -> ConnectionHandler;
+#  - a ConnectionHandler's `transports[handler.client]` is a ConnectionIO with the `handler`
+#    task reading the client, its `reader` (asyncio.StreamReader) and `writer`;
+#    cancelling that task closes the client cleanly (as mitmproxy's own tcp_timeout does);
+#  - the client's reader is only read after the `client_connected` hook has returned;
+#  - the HTTP/1 server layer (`layers.http._http1.Http1Server`) keeps the unparsed bytes of a
+#    head in `buf` while its `state` is `read_headers`; HttpLayer maps the client to it in
+#    `connections`, and the layer stack is `handler.layer.context.layers`.
+
+
+def _connection_handler(client_id: str) -> Any:
+    """The ConnectionHandler of a live client connection, or None."""
+    master = getattr(ctx, "master", None)
+    proxyserver = master.addons.get("proxyserver") if master is not None else None
+    return proxyserver.connections.get(client_id) if proxyserver is not None else None
+
+
+def _client_io(client_id: str) -> Any:
+    """The ConnectionIO (task, reader, writer) of a live client connection, or None."""
+    handler = _connection_handler(client_id)
+    return handler.transports.get(handler.client) if handler is not None else None
+
+
+def _unsent_bytes(io: Any) -> int:
+    transport = getattr(io.writer, "transport", None)
+    return int(transport.get_write_buffer_size()) if transport is not None else 0
+
+
+def _close(io: Any, reason: str) -> None:
+    if io.handler is not None:
+        io.handler.cancel(f"synapse-router: {reason}")
+
+
+class _HeadGuard:
+    """Wraps a client's StreamReader: after each read it looks at what mitmproxy's HTTP/1 layer
+    holds of a head not yet complete, and once that exceeds the limit it answers 431 and
+    closes the connection (mitmproxy 12.3 buffers a head without limit until its blank line)."""
+
+    def __init__(self, reader: asyncio.StreamReader, handler: Any, limit: int, on_close: Callable[[str], None]):
+        self._reader = reader
+        self._handler_ref = weakref.ref(handler)  # the handler holds this reader: no cycle
+        self._limit = limit
+        self._on_close = on_close
+        self._http1: Any = None
+
+    @classmethod
+    def install(cls, client_id: str, limit: int, on_close: Callable[[str], None]) -> None:
+        handler = _connection_handler(client_id)
+        io = handler.transports.get(handler.client) if handler is not None else None
+        if io is None or not isinstance(io.reader, asyncio.StreamReader):
+            return
+        io.reader = cls(io.reader, handler, limit, on_close)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+    async def read(self, n: int = -1) -> bytes:
+        handler = self._handler_ref()
+        if handler is not None and self._head_bytes(handler) > self._limit:
+            self._answer_too_large(handler)
+            return b""  # mitmproxy sees the client close
+        return await self._reader.read(n)
+
+    def _head_bytes(self, handler: Any) -> int:
+        """Bytes of an incomplete head the client's HTTP/1 layer holds (0 when it reads a body
+        or is not HTTP/1)."""
+        if self._http1 is None:
+            for layer in handler.layer.context.layers:
+                if isinstance(layer, HttpLayer):
+                    self._http1 = layer.connections.get(handler.client)
+                    break
+            if self._http1 is None:
+                return 0
+        state = getattr(self._http1, "state", None)
+        if getattr(state, "__name__", None) != "read_headers":
+            return 0
+        return len(self._http1.buf)
+
+    def _answer_too_large(self, handler: Any) -> None:
+        client = handler.client
+        body = too_large_body(self._limit)
+        head = (
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+        )
+        io = handler.transports.get(client)
+        if io is not None and io.writer is not None and not io.writer.is_closing():
+            io.writer.write(head + body)
+        self._http1.buf.maybe_extract_at_most(len(self._http1.buf))  # drop it: nothing to log or parse
+        self._on_close(client.id)

@@ -1,0 +1,169 @@
+"""HealthChecks: which workers may take requests. Active `/health` checks, passive marking on
+a refused connection, drain and undrain, and the per-worker gauges (health.py holds the state)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+import httpx
+from mitmproxy import command, exceptions
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+from mitmproxy.utils import asyncio_utils
+
+from ..config import RouterConfig
+from ..health import HealthConfig
+from ..state import RouterState
+from ..upstream import parse_upstream_url
+
+log = logging.getLogger("synapse_router")
+
+
+class HealthChecks:
+    def __init__(self, state: RouterState) -> None:
+        self.state = state
+        self._http: httpx.AsyncClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._published: set[tuple[str, str]] = set()  # (pool, worker) series the metrics export
+
+    def prepare(self, config: RouterConfig) -> Callable[[], None]:
+        def switch() -> None:
+            workers = self.state.workers
+            workers.config = config.health
+            workers.track(config.worker_urls(), config.drained_urls())
+            self.publish(config)
+
+        return switch
+
+    def running(self) -> None:
+        if self._task is None:
+            self._task = asyncio_utils.create_task(self._check_forever(), name="health checks", keep_ref=True)
+
+    async def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def server_connect_error(self, data: ServerConnectionHookData) -> None:
+        """A refused connection on mitmproxy's path takes the worker down at once."""
+        if data.server.address is None:
+            return
+        url = self._url_of(data.server.address)
+        if url is not None and self.state.workers.mark_down(url, f"connect failed: {data.server.error}"):
+            self.changed(url)
+
+    def changed(self, url: str) -> None:
+        """A worker changed state: say so, and release the requests waiting on a dead one."""
+        health = self.state.workers.workers.get(url)
+        if health is None:
+            return
+        self.publish()
+        if health.up:
+            log.info(f"synapse-router: worker {url} is UP")
+        else:
+            log.warning(f"synapse-router: worker {url} is DOWN: {health.reason}")
+            self.state.upstream.abort(url)
+
+    def publish(self, config: RouterConfig | None = None) -> None:
+        """The per-worker gauges; a worker no longer configured loses its series."""
+        engine = self.state.engine
+        pools = config.pools if config is not None else engine.config.pools if engine is not None else {}
+        published = set()
+        for name, workers in pools.items():
+            for worker in workers:
+                health = self.state.workers.workers.get(worker.url)
+                if health is not None:
+                    self.state.metrics.set_worker_state(name, worker.url, health.up, health.drained)
+                    published.add((name, worker.url))
+        for pool, url in self._published - published:
+            self.state.metrics.remove_worker(pool, url)
+        self._published = published
+
+    # --- commands (mitmproxy console / mitmweb: `:router.drain ...`) ---
+
+    @command.command("router.drain")
+    def drain(self, worker: str) -> None:
+        """Take a worker (URL as configured) out of rotation; its in-flight requests finish."""
+        self._set_drained(worker, True)
+
+    @command.command("router.undrain")
+    def undrain(self, worker: str) -> None:
+        """Put a drained worker back into rotation."""
+        self._set_drained(worker, False)
+
+    @command.command("router.workers")
+    def list_workers(self) -> Sequence[str]:
+        """Every worker with its pools, health, drain state and requests in flight."""
+        engine = self.state.engine
+        if engine is None:
+            return []
+        pools_of: dict[str, list[str]] = {}
+        for name, pool in engine.pools.items():
+            for w in pool.workers:
+                pools_of.setdefault(w.url, []).append(name)
+        lines = []
+        for url, health in self.state.workers.workers.items():
+            state = "up" if health.up else f"DOWN ({health.reason})"
+            if health.drained:
+                state += ", drained"
+            in_flight = self.state.in_flight.get(url, 0)
+            lines.append(f"{url} pools={','.join(pools_of.get(url, []))} {state} in_flight={in_flight}")
+        return lines
+
+    def _set_drained(self, worker: str, drained: bool) -> None:
+        try:
+            url = parse_upstream_url(worker).url
+            changed = self.state.workers.set_drained(url, drained)
+        except (ValueError, KeyError):
+            known = ", ".join(self.state.workers.workers) or "none"
+            raise exceptions.CommandError(f"unknown worker {worker!r}; workers: {known}") from None
+        if changed:
+            self.publish()
+            log.info(f"synapse-router: worker {url} {'drained' if drained else 'back in rotation'}")
+
+    async def _check_forever(self) -> None:
+        while True:
+            config: HealthConfig = self.state.workers.config
+            try:
+                await self._check_all(config)
+            except Exception:  # one bad round must not end the checks for good
+                log.exception("synapse-router: health check round failed")
+            await asyncio.sleep(config.interval)
+
+    async def _check_all(self, config: HealthConfig) -> None:
+        urls = list(self.state.workers.workers)
+        results = await asyncio.gather(*(check_worker(self._client(), url, config) for url in urls))
+        for url, (ok, reason) in zip(urls, results, strict=True):
+            if self.state.workers.record_check(url, ok, reason):
+                self.changed(url)
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32), trust_env=False
+            )
+        return self._http
+
+    def _url_of(self, address: tuple[str, int]) -> str | None:
+        for url in self.state.workers.workers:
+            upstream = parse_upstream_url(url)
+            if (upstream.host, upstream.port) == (address[0], address[1]):
+                return url
+        return None
+
+
+async def check_worker(client: httpx.AsyncClient, url: str, config: HealthConfig) -> tuple[bool, str]:
+    """One active check: GET <url><path> must answer 200 within the timeout."""
+    try:
+        response = await client.get(url + config.path, timeout=config.timeout)
+    except httpx.TimeoutException:
+        return False, "health check timed out"
+    except httpx.HTTPError as e:
+        return False, f"health check failed: {type(e).__name__}"
+    if response.status_code != 200:
+        return False, f"health check answered {response.status_code}"
+    return True, ""

@@ -1,0 +1,111 @@
+"""Observation: what each request shows once it is over. Debug headers, credentials redacted
+in the flow, the decision kept as plain data, in-flight counts, metrics and the access log
+(to its file, or mitmproxy's event log)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from mitmproxy import http
+
+from .. import flowdata
+from ..accesslog import AccessLogFormatter, AccessRecord
+from ..config import RouterConfig
+from ..engine import Decision
+from ..state import RouterState
+from . import credentials
+
+access_log = logging.getLogger("synapse_router.access")
+
+
+class Observation:
+    def __init__(self, state: RouterState) -> None:
+        self.state = state
+        self.debug_headers = False
+        self._access: AccessLogFormatter | None = None
+        self._access_file: TextIO | None = None  # None: the mitmproxy event log
+
+    def prepare(self, config: RouterConfig) -> Callable[[], None]:
+        """Opens the access log file now: a path that cannot be opened fails the whole
+        configuration (OSError) before anything of it is used."""
+        access = config.access_log
+        formatter = AccessLogFormatter(access.format, access.include_user) if access.enabled else None
+        opened = open(access.path, "a", encoding="utf-8", buffering=1) if access.enabled and access.path else None  # noqa: SIM115
+
+        def switch() -> None:
+            self._close_file()
+            self._access, self._access_file = formatter, opened
+            self.debug_headers = config.debug_headers
+
+        return switch
+
+    def done(self) -> None:
+        self._close_file()
+        self._access = None
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        decision = flowdata.decision(flow)
+        if decision is None:  # answered before routing (a limit, mitmproxy itself)
+            credentials.redact(flow.request, None)
+            return
+        if self.debug_headers and flow.response is not None:
+            flow.response.headers["X-Synapse-Router-Route"] = decision.route
+            flow.response.headers["X-Synapse-Router-Pool"] = decision.pool
+            flow.response.headers["X-Synapse-Router-Worker"] = decision.worker
+        self._finish(flow, decision)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        decision = flowdata.decision(flow)
+        if decision is None:  # refused by mitmproxy's parser, or failed before routing
+            credentials.redact(flow.request, None)
+            return
+        self._finish(flow, decision)
+
+    def _finish(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        state = self.state
+        flowdata.settle_decision(flow, decision)
+        if state.connecting.get(flow.client_conn.id) is flow:
+            del state.connecting[flow.client_conn.id]
+        if decision.upstream is not None:
+            url = decision.upstream.url
+            state.in_flight[url] = max(0, state.in_flight.get(url, 0) - 1)
+        credentials.redact(flow.request, flowdata.token_label(flow))
+        self._observe(flow, decision)
+
+    def _observe(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        request, response = flow.request, flow.response
+        upstream_seconds = None
+        if not decision.refused and response is not None and response.timestamp_start and request.timestamp_end:
+            upstream_seconds = max(0.0, (response.timestamp_end or response.timestamp_start) - request.timestamp_end)
+        status = response.status_code if response is not None else None
+        self.state.metrics.observe_request(
+            decision.route, decision.pool, decision.worker, request.method, status, upstream_seconds
+        )
+        if self._access is None:
+            return
+        record = AccessRecord(
+            time=request.timestamp_start,
+            client_ip=flowdata.client_ip(flow),
+            method=request.method,
+            path=request.path,
+            status=status,
+            bytes_sent=len(response.raw_content) if response is not None and response.raw_content is not None else None,
+            upstream_ms=upstream_seconds * 1000 if upstream_seconds is not None else None,
+            total_ms=(time.time() - request.timestamp_start) * 1000,
+            user_id=decision.key if decision.key_kind == "user" else None,
+            token_hash=flowdata.token_label(flow),
+        )
+        record.set_decision(decision)
+        line = self._access.format(record)
+        if self._access_file is not None:
+            self._access_file.write(line + "\n")
+        else:
+            access_log.info(line)
+
+    def _close_file(self) -> None:
+        if self._access_file is not None:
+            self._access_file.close()
+            self._access_file = None

@@ -1,0 +1,127 @@
+"""RouterSent: the requests the router sends itself (sync long-polls, see
+Routing's `_router_may_retry`), so that a worker failing under them is invisible to the client:
+on a refused connection the request moves to the next worker, after a worker that gave no
+response it is resent once; a client that leaves abandons its exchange."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from mitmproxy import http
+from mitmproxy.connection import ConnectionState
+from mitmproxy.utils import asyncio_utils
+
+from .. import flowdata, upstream_client
+from ..config import RouterConfig
+from ..engine import Decision
+from ..state import RouterState
+from . import credentials
+from .health import HealthChecks
+from .responses import matrix_error
+from .routing import Routing
+
+CLIENT_SWEEP_INTERVAL = 1.0  # seconds between checks for clients that left a router-sent request
+
+
+class RouterSent:
+    def __init__(self, state: RouterState, routing: Routing, health: HealthChecks) -> None:
+        self.state = state
+        self.routing = routing
+        self.health = health
+        self._sending: dict[str, http.HTTPFlow] = {}  # flows in flight on this path, by flow id
+        self._sweep: asyncio.Task[None] | None = None
+
+    def prepare(self, config: RouterConfig) -> Callable[[], None]:
+        return lambda: self.state.upstream.keep_only(config.worker_urls())
+
+    def running(self) -> None:
+        if self._sweep is None:
+            self._sweep = asyncio_utils.create_task(
+                self._abandon_left_forever(), name="router-sent client sweep", keep_ref=True
+            )
+
+    def done(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        self.state.upstream.close()
+
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        if not flowdata.router_sends(flow) or flow.response is not None:
+            return None
+        decision = flowdata.decision(flow)
+        return None if decision is None else self._send_with_retry(flow, decision)
+
+    async def _send_with_retry(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        """Send the request to its worker; on a failed connection move on to the next worker
+        (each failure marks one down, so this ends at main at the latest); after a worker that
+        gave no response, retry once. A client that leaves abandons the exchange."""
+        state = self.state
+        request = flow.request
+        method, path = request.method, request.path
+        headers = upstream_client.request_headers(request.headers.fields)
+        # A long-poll is in flight for up to minutes, in mitmweb's view: its token goes now.
+        authorization = request.headers.get_all("authorization")
+        credentials.redact(request, flowdata.token_label(flow))
+        retried = False
+        tried: set[str] = set()
+        while True:
+            upstream = decision.upstream
+            if upstream is None:  # failed over to main: mitmproxy forwards it there, token and all
+                request.headers.set_all("authorization", authorization)
+                request.path = path
+                return
+            self._sending[flow.id] = flow
+            try:
+                answer = await state.upstream.send(
+                    upstream, method, path, headers, state.workers.config.connect_timeout, owner=flow.id
+                )
+            except upstream_client.BadRequest:
+                flow.response = matrix_error(400, "M_INVALID_PARAM", "Invalid request header.")
+                return
+            except upstream_client.NoResponse as e:
+                if not flow.client_conn.state & ConnectionState.CAN_READ:
+                    flow.kill()  # type: ignore[no-untyped-call]  # the client left: nothing to answer
+                    return
+                # A refused connection takes the worker down at once. A connect timeout or a
+                # reset only moves this request: a burst filling the accept queue, or a client
+                # abandoning its long-poll, look the same; the health checks judge the worker.
+                if e.failure is upstream_client.Failure.CONNECT_ERROR:
+                    if state.workers.mark_down(upstream.url, str(e)):
+                        self.health.changed(upstream.url)
+                connect_failed = e.failure is not upstream_client.Failure.NO_RESPONSE
+                if not connect_failed:  # the worker may have seen the request: resend it once
+                    if retried:
+                        flow.response = matrix_error(502, "M_UNKNOWN", "The server gave no response.")
+                        return
+                    retried = True
+                    state.metrics.observe_retry(decision.pool)
+                reason = "connect" if connect_failed else "no_response"
+                decision = self.routing.fail_over(flow, decision, tried, reason, str(e))
+                continue
+            finally:
+                self._sending.pop(flow.id, None)
+            flow.response = http.Response(
+                http_version=b"HTTP/1.1",
+                status_code=answer.status,
+                reason=answer.reason,
+                headers=http.Headers(answer.headers),
+                content=None,
+                trailers=None,
+                timestamp_start=answer.headers_at,
+                timestamp_end=time.time(),
+            )
+            flow.response.raw_content = answer.body
+            return
+
+    async def _abandon_left_forever(self) -> None:
+        """Close the worker connection of each router-sent exchange whose client has closed its
+        connection, as mitmproxy does for the requests it forwards (so a client dropping
+        long-polls cannot pin worker connections and descriptors)."""
+        while True:
+            await asyncio.sleep(CLIENT_SWEEP_INTERVAL)
+            for flow_id, flow in list(self._sending.items()):
+                if not flow.client_conn.state & ConnectionState.CAN_READ:
+                    self.state.upstream.abandon(flow_id)

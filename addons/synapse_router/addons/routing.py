@@ -1,0 +1,276 @@
+"""Routing: where each request goes. Sanitises the request (client address headers, refused
+bytes and tokens), decides (route, balance key, worker) and applies the decision to the flow;
+moves a request to another worker when its worker failed (`fail_over`); `router.explain`."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+
+from mitmproxy import command, exceptions, http
+from mitmproxy.net.http import http1
+
+from .. import flowdata, tokens, wellformed
+from ..client_address import ROUTER_HEADER_PREFIX, SPOOFABLE_HEADERS, TrustedProxies
+from ..config import RouterConfig
+from ..engine import ROUTER, Decision, Engine
+from ..identity import Resolution, Source
+from ..query import query_param
+from ..routes import INITIAL_SYNC_ROUTE, MAIN, Balance, Match, room_from_path
+from ..state import RouterState
+from ..upstream_client import RETRYABLE_METHODS
+from . import credentials
+from .responses import matrix_error
+
+log = logging.getLogger("synapse_router")
+
+STREAM_THRESHOLD = 1024 * 1024  # bodies larger than this, or of unknown size, are streamed
+LOGOUT_PATH = re.compile(r"^/_matrix/client/(?:api/v1|r0|v3|unstable)/logout(/all)?$")
+TOKEN_LABEL = re.compile(r"[0-9a-f]{8}")
+
+
+class Routing:
+    def __init__(self, state: RouterState) -> None:
+        self.state = state
+
+    def prepare(self, config: RouterConfig) -> Callable[[], None]:
+        engine, trusted = Engine(config), TrustedProxies(config.trusted_proxies)
+
+        def switch() -> None:
+            self.state.engine, self.state.trusted = engine, trusted
+
+        return switch
+
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        # Not `async def`: a cache hit routes synchronously; only a miss returns a coroutine,
+        # which mitmproxy awaits, so the common case pays no task switch.
+        state = self.state
+        if state.engine is None or flow.response is not None or flow.error is not None or not flow.live:
+            return None
+        request = flow.request
+        client_ip = self._set_forwarding_headers(flow)
+        match = state.engine.match(request.method, request.path)
+        try:
+            wellformed.check_request(request.method, request.authority, request.path, request.headers.fields)
+            found = tokens.find_token(request.headers.get_all("authorization"), match.query)
+        except wellformed.Refused as refused:
+            self._refuse(flow, match, client_ip, refused)
+            return None
+        if found is not None and found.from_query:
+            _move_query_token_to_header(request, found, match)
+        logout = LOGOUT_PATH.match(match.path) if found is not None else None
+        if logout is not None and found is not None:
+            flowdata.set_logout(flow, logout.group(1) is not None, found.key)
+        resolution = None
+        identity = state.identity
+        if match.route is not None and match.route.balance is Balance.USER and found is not None and identity:
+            resolution = identity.cached(found.key)
+            if resolution is None:
+                return self._route_after_whoami(flow, match, found, client_ip)
+        self._route(flow, match, found, client_ip, resolution)
+        return None
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        decision = flowdata.decision(flow)
+        if decision is None or flow.response is None:
+            return
+        if decision.stream_bodies or _large_or_unknown(flow.request, flow.response):
+            flow.response.stream = True
+
+    def apply(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        """Point the flow at its worker (or main), keeping the client's Host."""
+        request = flow.request
+        upstream = decision.upstream
+        target = upstream or self.state.main
+        if target is not None:
+            host_header = request.host_header
+            request.scheme = target.scheme
+            request.host = target.host
+            request.port = target.port
+            request.host_header = host_header
+        if upstream is not None:
+            in_flight = self.state.in_flight
+            in_flight[upstream.url] = in_flight.get(upstream.url, 0) + 1
+            router_sends = _router_may_retry(request, decision)
+            flowdata.set_router_sends(flow, router_sends)
+            if not router_sends:
+                self.state.connecting[flow.client_conn.id] = flow
+        else:
+            flowdata.set_router_sends(flow, False)
+        if decision.strip_accept_encoding and "accept-encoding" in request.headers:
+            del request.headers["accept-encoding"]
+        if decision.stream_bodies or _large_or_unknown(request, None):
+            request.stream = True
+        flowdata.set_decision(flow, decision)
+        flow.comment = decision.summary()
+        if decision.failover or decision.fallbacks:
+            flow.marked = ":warning:"  # stands out in mitmweb's flow list
+
+    def fail_over(
+        self, flow: http.HTTPFlow, failed: Decision, tried: set[str], reason: str, detail: str = ""
+    ) -> Decision:
+        """Move a request off a failed worker, never back to one it already tried. `reason` is
+        a short fixed word (a metric label)."""
+        state = self.state
+        assert state.engine is not None and failed.upstream is not None
+        tried.add(failed.upstream.url)
+        state.in_flight[failed.upstream.url] = max(0, state.in_flight.get(failed.upstream.url, 0) - 1)
+        state.metrics.observe_failover(failed.pool, reason)
+        why = f"{reason} ({detail})" if detail else reason
+        decision = state.engine.failover(failed, state.workers.unusable | tried, state.in_flight, why)
+        log.info(f"synapse-router: {failed.route}: failover {decision.failover}")
+        self.apply(flow, decision)
+        return decision
+
+    @command.command("router.explain")
+    def explain(self, path: str, method: str = "GET", who: str = "") -> Sequence[str]:
+        """Where a request would go and why: route, pool chain, rendezvous ranking of the
+        workers with their health. `who` is a user id (@alice:example.org), a token's
+        8-hex-digit label as the access log and flows show it (resolved from the cache), or
+        empty (keyed by 127.0.0.1). Never a token: mitmproxy saves commands in its history."""
+        engine = self.state.engine
+        if engine is None:
+            return ["no configuration loaded"]
+        if tokens.TOKEN_PARAM in path:
+            raise exceptions.CommandError("leave the access_token out of PATH (mitmproxy keeps a command history)")
+        match = engine.match(method.upper(), path)
+        resolution = None
+        if who.startswith("@"):
+            resolution = Resolution(who, Source.CACHE)
+        elif who:
+            if TOKEN_LABEL.fullmatch(who) is None:
+                raise exceptions.CommandError(
+                    "WHO is a user id (@user:server) or a token's 8-hex-digit label from the access log, "
+                    "never a token (mitmproxy keeps a command history)"
+                )
+            user = self._user_of_label(who)
+            if user is None:
+                raise exceptions.CommandError(f"no cached token is labelled {who}: give its user id instead")
+            resolution = Resolution(user, Source.CACHE)
+        key, key_kind = _balance_key(match, None, "127.0.0.1", resolution)
+        return engine.explain(method.upper(), path, key, key_kind, self.state.workers.unusable)
+
+    def _user_of_label(self, label: str) -> str | None:
+        identity = self.state.identity
+        if identity is None:
+            return None
+        for key, user in list(identity.users.items()):
+            if tokens.short_hash(key) == label:
+                return user
+        return None
+
+    async def _route_after_whoami(
+        self, flow: http.HTTPFlow, match: Match, found: tokens.FoundToken, client_ip: str
+    ) -> None:
+        assert self.state.identity is not None
+        resolution = await self.state.identity.resolve(
+            found.key, found.token, found.as_user, flow.request.headers.get("user-agent"), client_ip
+        )
+        self._route(flow, match, found, client_ip, resolution)
+
+    def _route(
+        self,
+        flow: http.HTTPFlow,
+        match: Match,
+        found: tokens.FoundToken | None,
+        client_ip: str,
+        resolution: Resolution | None,
+    ) -> None:
+        state = self.state
+        assert state.engine is not None
+        key, key_kind = _balance_key(match, found, client_ip, resolution)
+        decision = state.engine.select(match.route, key, key_kind, state.workers.unusable, state.in_flight)
+        if resolution is not None:
+            decision.identity = resolution.source.value
+            state.metrics.observe_identity(decision.identity)
+        for skipped in decision.fallbacks:
+            state.metrics.observe_fallback(decision.route, skipped.split(":", 1)[0])
+        if found is not None:
+            flowdata.set_token_label(flow, tokens.short_hash(found.key))
+        flowdata.set_client_ip(flow, client_ip)
+        self.apply(flow, decision)
+
+    def _refuse(self, flow: http.HTTPFlow, match: Match, client_ip: str, refused: wellformed.Refused) -> None:
+        """Answer a request the router will not pass on, with a Matrix error; nothing is sent."""
+        route = match.route.name if match.route is not None else MAIN
+        decision = Decision(route, ROUTER, None, "none", refused=refused.errcode)
+        flowdata.set_client_ip(flow, client_ip)
+        flowdata.set_decision(flow, decision)
+        flow.response = matrix_error(refused.status, refused.errcode, str(refused))
+        flow.comment = decision.summary()
+        flow.marked = ":no_entry:"
+        credentials.redact(flow.request, None)
+
+    def _set_forwarding_headers(self, flow: http.HTTPFlow) -> str:
+        headers = flow.request.headers
+        fwd = self.state.trusted.resolve(
+            flow.client_conn.peername[0] if flow.client_conn.peername else "",
+            headers.get("x-forwarded-for"),
+            headers.get("x-forwarded-proto"),
+            flow.client_conn.tls_established,
+        )
+        for name in SPOOFABLE_HEADERS:
+            if name in headers:
+                del headers[name]
+        for name in [n for n in headers if n.lower().startswith(ROUTER_HEADER_PREFIX)]:
+            del headers[name]
+        headers["X-Forwarded-For"] = fwd.client_ip
+        headers["X-Forwarded-Proto"] = fwd.proto
+        return fwd.client_ip
+
+
+def _move_query_token_to_header(request: http.Request, found: tokens.FoundToken, match: Match) -> None:
+    # Synapse accepts either form; a header keeps the token out of every printed URL. The
+    # token is plausible (printable ASCII, tokens.py), so it is safe in a header.
+    query = tokens.remove_query_token(match.query)
+    request.path = f"{match.path}?{query}" if query else match.path
+    request.headers["Authorization"] = f"Bearer {found.token}"
+
+
+def _balance_key(
+    match: Match, found: tokens.FoundToken | None, client_ip: str, resolution: Resolution | None
+) -> tuple[str | None, str]:
+    """The key the route balances on, and what kind of key it is (for logs and metrics)."""
+    route = match.route
+    if route is None:
+        return None, "none"
+    if route.balance is Balance.USER:
+        if resolution is not None and resolution.user_id is not None:
+            return resolution.user_id, "user"
+        if found is not None:
+            return found.key.hex(), "token"  # device-sticky until the user is known
+        return client_ip, "ip"
+    if route.balance is Balance.ROOM:
+        room = room_from_path(match.path)
+        return (room, "room") if room else (client_ip, "ip")
+    if route.balance is Balance.IP:
+        return client_ip, "ip"
+    return None, "none"
+
+
+def _router_may_retry(request: http.Request, decision: Decision) -> bool:
+    """Sync-family long-polls (`timeout` > 0: what is in flight when a worker dies) that are
+    safe to resend: idempotent and bodiless. The router sends these itself so it can retry
+    them; it holds their whole response in memory, so initial syncs (answered at once, never
+    held, and the largest responses Synapse sends) stay on mitmproxy's path, which streams
+    large bodies. Short requests stay there too, covered by connect failover."""
+    if not (
+        decision.matched is not None
+        and decision.matched.balance is Balance.USER
+        and decision.route != INITIAL_SYNC_ROUTE
+        and request.method in RETRYABLE_METHODS
+        and "transfer-encoding" not in request.headers
+        and request.headers.get("content-length", "0") == "0"
+    ):
+        return False
+    timeout = query_param(request.path.partition("?")[2], "timeout")
+    return timeout is not None and timeout.isdigit() and int(timeout) > 0
+
+
+def _large_or_unknown(request: http.Request, response: http.Response | None) -> bool:
+    try:
+        size = http1.expected_http_body_size(request, response)
+    except ValueError:
+        return False
+    return size is None or size == -1 or size > STREAM_THRESHOLD

@@ -1,0 +1,113 @@
+"""WhoamiIdentity: who is behind each access token (identity.py's resolver, asked over HTTP),
+forgetting tokens that log out, and `router.flush`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import httpx
+from mitmproxy import command, http
+from mitmproxy.utils import asyncio_utils
+
+from .. import flowdata
+from ..config import RouterConfig, WhoamiConfig
+from ..identity import IdentityResolver, TokenRejected, WhoamiCall, whoami_over_http
+from ..sharedcache import SharedCache
+from ..state import RouterState
+
+log = logging.getLogger("synapse_router")
+
+
+class WhoamiIdentity:
+    def __init__(self, state: RouterState) -> None:
+        self.state = state
+        self._http: httpx.AsyncClient | None = None
+        state.metrics.bind_cache_size(lambda: len(state.identity.users) if state.identity else 0)
+        state.metrics.bind_shared_cache(
+            lambda: state.identity.shared.available if state.identity and state.identity.shared else None
+        )
+
+    def prepare(self, config: RouterConfig) -> Callable[[], None]:
+        current = self.state.identity
+        if current is not None and current.config == config.whoami:
+            return lambda: None
+        resolver = self._build(config.whoami)
+
+        def switch() -> None:
+            self.state.identity = resolver
+            if current is not None and current.shared is not None:
+                asyncio_utils.create_task(current.shared.close(), name="old shared cache close", keep_ref=True)
+
+        return switch
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """After a successful logout, forget the token (and, after /logout/all, the user's others)."""
+        logout = flowdata.pop_logout(flow)
+        identity = self.state.identity
+        if logout is None or identity is None or flow.response is None or flow.response.status_code != 200:
+            return
+        everywhere, key = logout
+        user = identity.users.get(key)
+        identity.forget(key)
+        if everywhere and user is not None:
+            identity.forget_user(user)
+
+    async def done(self) -> None:
+        identity = self.state.identity
+        if identity is not None and identity.shared is not None:
+            await identity.shared.close()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    @command.command("router.flush")
+    def flush(self) -> int:
+        """Forget every cached token -> user answer; returns how many were dropped."""
+        identity = self.state.identity
+        if identity is None:
+            return 0
+        dropped = len(identity.users) + len(identity.rejected)
+        identity.clear()
+        log.info(f"synapse-router: identity cache flushed ({dropped} entries)")
+        return dropped
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32), trust_env=False
+            )
+        return self._http
+
+    def _build(self, config: WhoamiConfig) -> IdentityResolver:
+        state = self.state
+
+        def base_url() -> str:
+            if config.url is not None:
+                return config.url.url
+            return state.main.url if state.main is not None else "http://127.0.0.1:8008"
+
+        shared = SharedCache(config.redis) if config.redis else None
+        call = self._observed(whoami_over_http(self._client, base_url, config.timeout))
+        return IdentityResolver(config, call, shared=shared)
+
+    def _observed(self, call: WhoamiCall) -> WhoamiCall:
+        metrics = self.state.metrics
+
+        async def observed(
+            token: str, as_user: str | None, user_agent: str | None, client_ip: str, budget: float
+        ) -> str:
+            started = time.perf_counter()
+            outcome = "error"
+            try:
+                user = await call(token, as_user, user_agent, client_ip, budget)
+                outcome = "user"
+                return user
+            except TokenRejected:
+                outcome = "rejected"
+                raise
+            finally:
+                metrics.observe_whoami(outcome, time.perf_counter() - started)
+
+        return observed

@@ -1,0 +1,72 @@
+"""The router's per-flow data in `flow.metadata`, read and written only through these accessors.
+
+Keys are unchanged from the first releases, so saved flows and mitmweb read the same: the
+decision under "synapse_router" (a Decision while the flow is live, its `as_dict()` after), and
+plain values under "synapse_router.<name>".
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .engine import Decision
+
+if TYPE_CHECKING:
+    from mitmproxy import http
+
+METADATA_KEY = "synapse_router"
+_TOKEN = f"{METADATA_KEY}.token"  # the routed token's short hash: 8 hex digits, never a token
+_CLIENT_IP = f"{METADATA_KEY}.client_ip"
+_LOGOUT = f"{METADATA_KEY}.logout"  # (everywhere, token key) of a logout request
+_FORWARD = f"{METADATA_KEY}.forward"  # the router sends this request itself
+
+
+def decision(flow: http.HTTPFlow) -> Decision | None:
+    found = flow.metadata.get(METADATA_KEY)
+    return found if isinstance(found, Decision) else None
+
+
+def set_decision(flow: http.HTTPFlow, value: Decision) -> None:
+    flow.metadata[METADATA_KEY] = value
+
+
+def settle_decision(flow: http.HTTPFlow, value: Decision) -> None:
+    """The flow is over: keep its decision as plain data, which saved flows serialise."""
+    flow.metadata[METADATA_KEY] = value.as_dict()
+
+
+def token_label(flow: http.HTTPFlow) -> str | None:
+    label = flow.metadata.get(_TOKEN)
+    return label if isinstance(label, str) else None
+
+
+def set_token_label(flow: http.HTTPFlow, label: str) -> None:
+    flow.metadata[_TOKEN] = label
+
+
+def client_ip(flow: http.HTTPFlow) -> str:
+    return str(flow.metadata.get(_CLIENT_IP, ""))
+
+
+def set_client_ip(flow: http.HTTPFlow, address: str) -> None:
+    flow.metadata[_CLIENT_IP] = address
+
+
+def set_logout(flow: http.HTTPFlow, everywhere: bool, key: bytes) -> None:
+    flow.metadata[_LOGOUT] = (everywhere, key)
+
+
+def pop_logout(flow: http.HTTPFlow) -> tuple[bool, bytes] | None:
+    found = flow.metadata.pop(_LOGOUT, None)
+    return found if isinstance(found, tuple) else None
+
+
+def router_sends(flow: http.HTTPFlow) -> bool:
+    return bool(flow.metadata.get(_FORWARD))
+
+
+def set_router_sends(flow: http.HTTPFlow, sends: bool) -> None:
+    if sends:
+        flow.metadata[_FORWARD] = True
+    else:
+        flow.metadata.pop(_FORWARD, None)

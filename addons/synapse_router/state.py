@@ -1,0 +1,38 @@
+"""What the router's addons share: one plain object, built by SynapseRouter and handed to each.
+
+Each field has one writer: the configuration's appliers set `engine`, `trusted`, `identity` and
+the workers they track; Configuration sets `config_path` and `main`; Routing and Observation
+keep `in_flight` and `connecting`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .client_address import TrustedProxies
+from .health import WorkerStates
+from .metrics import RouterMetrics
+from .upstream_client import UpstreamClient
+
+if TYPE_CHECKING:
+    from mitmproxy import http
+
+    from .engine import Engine
+    from .identity import IdentityResolver
+    from .upstream import Upstream
+
+
+@dataclass(eq=False)
+class RouterState:
+    metrics: RouterMetrics = field(default_factory=RouterMetrics)
+    engine: Engine | None = None  # None until a configuration is loaded
+    config_path: str | None = None
+    main: Upstream | None = None  # the reverse-mode target, when in reverse mode
+    trusted: TrustedProxies = field(default_factory=TrustedProxies)
+    workers: WorkerStates = field(default_factory=WorkerStates)
+    identity: IdentityResolver | None = None
+    in_flight: dict[str, int] = field(default_factory=dict)  # worker URL -> requests in flight
+    upstream: UpstreamClient = field(default_factory=UpstreamClient)  # requests the router sends itself
+    # client connection id -> the flow waiting for its upstream connection (mitmproxy's path)
+    connecting: dict[str, http.HTTPFlow] = field(default_factory=dict)
