@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 
 import httpx
+from mitmproxy.utils.asyncio_utils import create_task
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -109,13 +110,16 @@ class MergedMetricsServer:
 
     def serve(self, listen: str | None) -> None:
         """Serve the merged metrics on `listen` (None: not at all) from now on."""
-        asyncio.run_coroutine_threadsafe(self._serve(listen), self.loop)
+        self.loop.call_soon_threadsafe(self._start_serving, listen)
 
     def stop(self) -> None:
         with contextlib.suppress(TimeoutError):  # the parent exits anyway; the thread is a daemon
             asyncio.run_coroutine_threadsafe(self._serve(None), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+    def _start_serving(self, listen: str | None) -> None:
+        create_task(self._serve(listen), name=f"merged metrics on {listen}", keep_ref=True)
 
     async def _serve(self, listen: str | None) -> None:
         if self._server is not None and self._server.listen == listen:
