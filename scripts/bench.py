@@ -39,6 +39,7 @@ from synapse_router.config import WhoamiConfig, parse_config  # noqa: E402
 from synapse_router.engine import Engine  # noqa: E402
 from synapse_router.identity import IdentityResolver  # noqa: E402
 
+from scripts.procstat import cpu_seconds, rss_kib  # noqa: E402
 from tests.harness import MITMDUMP, Fleet, free_port, router_command, wait_for_port  # noqa: E402
 
 TOKEN = "syt_YmVuY2g_benchmarktoken_000000"
@@ -51,18 +52,6 @@ COMMON = [
     "--set", "http2=false",
     "--set", "block_global=false",
 ]  # fmt: skip
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _ms(value: str) -> float:
@@ -127,7 +116,7 @@ def throughput(work: Path, duration: int, connections: int, rounds: int) -> list
                     cpu0 = cpu_seconds(proc.pid)
                     result = run_wrk(url, duration, connections)
                     result["cpu_ms_per_req"] = (cpu_seconds(proc.pid) - cpu0) * 1000 / max(result["requests"], 1)
-                    result["rss_mib"] = rss_mib(proc.pid)
+                    result["rss_mib"] = rss_kib(proc.pid) / 1024
                     results.append((f"{name} (round {rnd + 1})", result))
                 finally:
                     stop_proxy(proc)

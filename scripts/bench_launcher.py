@@ -50,6 +50,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.procstat import cpu_seconds, process_tree  # noqa: E402
 from tests.harness import MITMDUMP, Fleet, Standin, free_port, router_command, wait_for_port  # noqa: E402
 
 TOKEN = "syt_YmVuY2g_launcher_bench_token_0000"
@@ -89,18 +90,6 @@ class Result:
     upstream_cpu_ms_per_req: float
     processes: int
     notes: str
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def process_tree(pid: int) -> list[int]:
-    pids = [pid]
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        pids += process_tree(int(child))
-    return pids
 
 
 def _ms(value: str) -> float:
@@ -200,11 +189,11 @@ def measure(
         time.sleep(1.0)  # the second child of --processes 2 past its start-up
         pids = process_tree(proc.pid)
         assert upstream.proc is not None
-        cpu0 = sum(cpu_seconds(pid) for pid in pids)
+        cpu0 = cpu_seconds(*pids)
         up0 = cpu_seconds(upstream.proc.pid)
         wrk = run_wrk(url, duration, connections)
         wrk_end = time.time()
-        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
+        cpu = cpu_seconds(*pids) - cpu0
         up = cpu_seconds(upstream.proc.pid) - up0
     finally:
         proc.terminate()
