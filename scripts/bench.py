@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from synapse_router.engine import Engine  # noqa: E402
 from synapse_router.identity import IdentityResolver  # noqa: E402
 
 from scripts.procstat import cpu_seconds, rss_kib  # noqa: E402
+from scripts.wrkstat import parse_wrk  # noqa: E402
 from tests.harness import MITMDUMP, Fleet, free_port, router_command, wait_for_port  # noqa: E402
 
 TOKEN = "syt_YmVuY2g_benchmarktoken_000000"
@@ -54,11 +54,6 @@ COMMON = [
 ]  # fmt: skip
 
 
-def _ms(value: str) -> float:
-    number, unit = re.match(r"([\d.]+)(\w+)", value).groups()  # type: ignore[union-attr]
-    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-
 def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-H", f"Authorization: Bearer {TOKEN}", url],
@@ -66,12 +61,8 @@ def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
         text=True,
         check=True,
     ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    return {"rps": rps, "requests": total, "errors": int(errors.group(1)) if errors else 0, "p50": p50, "p99": p99}
+    figures = parse_wrk(out, strict=True)
+    return {name: figures[name] for name in ("rps", "requests", "p50", "p99")} | {"errors": figures["non_2xx"]}
 
 
 def start_proxy(cmd: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
