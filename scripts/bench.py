@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ from synapse_router.config import WhoamiConfig, parse_config  # noqa: E402
 from synapse_router.engine import Engine  # noqa: E402
 from synapse_router.identity import IdentityResolver  # noqa: E402
 
+from scripts.procstat import cpu_seconds, rss_kib  # noqa: E402
+from scripts.wrkstat import parse_wrk  # noqa: E402
 from tests.harness import MITMDUMP, Fleet, free_port, router_command, wait_for_port  # noqa: E402
 
 TOKEN = "syt_YmVuY2g_benchmarktoken_000000"
@@ -53,23 +54,6 @@ COMMON = [
 ]  # fmt: skip
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _ms(value: str) -> float:
-    number, unit = re.match(r"([\d.]+)(\w+)", value).groups()  # type: ignore[union-attr]
-    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-
 def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-H", f"Authorization: Bearer {TOKEN}", url],
@@ -77,12 +61,8 @@ def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
         text=True,
         check=True,
     ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    return {"rps": rps, "requests": total, "errors": int(errors.group(1)) if errors else 0, "p50": p50, "p99": p99}
+    figures = parse_wrk(out, strict=True)
+    return {name: figures[name] for name in ("rps", "requests", "p50", "p99")} | {"errors": figures["non_2xx"]}
 
 
 def start_proxy(cmd: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -127,7 +107,7 @@ def throughput(work: Path, duration: int, connections: int, rounds: int) -> list
                     cpu0 = cpu_seconds(proc.pid)
                     result = run_wrk(url, duration, connections)
                     result["cpu_ms_per_req"] = (cpu_seconds(proc.pid) - cpu0) * 1000 / max(result["requests"], 1)
-                    result["rss_mib"] = rss_mib(proc.pid)
+                    result["rss_mib"] = rss_kib(proc.pid) / 1024
                     results.append((f"{name} (round {rnd + 1})", result))
                 finally:
                     stop_proxy(proc)

@@ -57,11 +57,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.procstat import children, cpu_seconds, rss_kib  # noqa: E402
+from scripts.wrkstat import parse_wrk  # noqa: E402
 from tests.e2e.deployment import Deployment, bring_up  # noqa: E402
 from tests.e2e.matrix_helpers import parse_access_line, register_user  # noqa: E402
 from tests.harness import MITMDUMP, Fleet, Standin, free_port, router_command, wait_for_port  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 # What the router enforces, given to bare mitmdump too: both run with the same options.
 MITM_OPTIONS = [
     "-q",
@@ -137,32 +138,6 @@ def _terminate(proc: subprocess.Popen[bytes], sig: int) -> None:
         proc.wait()
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
-def cpu_seconds(pid: int, with_children: bool = False) -> float:
-    pids = [pid, *children(pid)] if with_children else [pid]
-    total = 0
-    for p in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
-
-
-def rss_kib(pid: int, key: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1])
-    return 0
-
-
 def listen_overflows() -> int:
     """The kernel's count of connections dropped because a listen queue was full (all sockets)."""
     with contextlib.suppress(OSError, ValueError, StopIteration):
@@ -223,7 +198,8 @@ class Proxy:
     def cpu(self) -> float:
         if self.proc is None:
             return 0.0
-        return cpu_seconds(self.proc.pid, with_children=self.kind == "nginx")
+        pid = self.proc.pid
+        return cpu_seconds(pid, *children(pid)) if self.kind == "nginx" else cpu_seconds(pid)
 
 
 def nginx_binary() -> str | None:
@@ -387,12 +363,6 @@ class Row:
         return f"no process saturated (most: {name} {pct:.0f}%)"
 
 
-def _ms(value: str) -> float:
-    number = float(re.match(r"[\d.]+", value).group())  # type: ignore[union-attr]
-    unit = value[len(re.match(r"[\d.]+", value).group()) :]  # type: ignore[union-attr]
-    return number * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}.get(unit, 1.0)
-
-
 def run_wrk(
     url: str, headers: Sequence[str], duration: int, connections: int, watch: dict[str, Callable[[], float]]
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -413,20 +383,8 @@ def run_wrk(
     used["wrk"] = usage.ru_utime + usage.ru_stime
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.returncode}):\n{out}")
-    result: dict[str, float] = {"elapsed": elapsed}
-    if m := re.search(r"Requests/sec:\s*([\d.]+)", out):
-        result["rps"] = float(m.group(1))
-    if m := re.search(r"(\d+) requests in", out):
-        result["requests"] = int(m.group(1))
-    for pct in ("50", "99"):
-        if m := re.search(rf"^\s*{pct}(?:\.000)?%\s+(\S+)", out, re.M):
-            result[f"p{pct}"] = _ms(m.group(1))
-    bad = 0
-    if m := re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out):
-        bad += int(m.group(1))
-    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        bad += sum(int(x) for x in m.groups())
-    result["bad"] = bad
+    result: dict[str, float] = {"elapsed": elapsed, **parse_wrk(out)}
+    result["bad"] = result.pop("non_2xx") + result.pop("socket_errors")
     return result, used
 
 

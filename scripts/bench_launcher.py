@@ -50,6 +50,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.procstat import cpu_seconds, process_tree  # noqa: E402
+from scripts.wrkstat import parse_wrk  # noqa: E402
 from tests.harness import MITMDUMP, Fleet, Standin, free_port, router_command, wait_for_port  # noqa: E402
 
 TOKEN = "syt_YmVuY2g_launcher_bench_token_0000"
@@ -91,30 +93,6 @@ class Result:
     notes: str
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def process_tree(pid: int) -> list[int]:
-    pids = [pid]
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        pids += process_tree(int(child))
-    return pids
-
-
-def _ms(value: str) -> float:
-    match = re.match(r"([\d.]+)(\w+)", value)
-    assert match is not None, value
-    return float(match.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
-
-
-def _search(pattern: str, text: str) -> str:
-    match = re.search(pattern, text)
-    assert match is not None, f"{pattern!r} not in wrk output:\n{text}"
-    return match.group(1)
-
-
 def wrk_command(url: str, duration: int, connections: int) -> list[str]:
     return [
         "wrk",
@@ -130,18 +108,9 @@ def wrk_command(url: str, duration: int, connections: int) -> list[str]:
 
 def run_wrk(url: str, duration: int, connections: int) -> dict[str, float]:
     out = subprocess.run(wrk_command(url, duration, connections), capture_output=True, text=True, check=True).stdout
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    errors = int(non_2xx.group(1)) if non_2xx else 0
-    if socket_errors:
-        errors += sum(int(n) for n in socket_errors.groups())
-    return {
-        "requests": int(_search(r"(\d+) requests in", out)),
-        "rps": float(_search(r"Requests/sec:\s+([\d.]+)", out)),
-        "p50": _ms(_search(r"(?m)^\s+50%\s+(\S+)", out)),  # the Latency Distribution lines
-        "p99": _ms(_search(r"(?m)^\s+99%\s+(\S+)", out)),
-        "errors": errors,
-    }
+    figures = parse_wrk(out, strict=True)
+    errors = figures["non_2xx"] + figures["socket_errors"]
+    return {name: figures[name] for name in ("requests", "rps", "p50", "p99")} | {"errors": errors}
 
 
 def command_for(
@@ -200,11 +169,11 @@ def measure(
         time.sleep(1.0)  # the second child of --processes 2 past its start-up
         pids = process_tree(proc.pid)
         assert upstream.proc is not None
-        cpu0 = sum(cpu_seconds(pid) for pid in pids)
+        cpu0 = cpu_seconds(*pids)
         up0 = cpu_seconds(upstream.proc.pid)
         wrk = run_wrk(url, duration, connections)
         wrk_end = time.time()
-        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
+        cpu = cpu_seconds(*pids) - cpu0
         up = cpu_seconds(upstream.proc.pid) - up0
     finally:
         proc.terminate()

@@ -5,21 +5,24 @@ parent serves P: every process's exposition with each sample labelled `process="
 `synapse_router_process_up{process}` (0 for a process that did not answer within
 SCRAPE_TIMEOUT). Counters are not summed here: `sum without (process) (...)` does that in
 PromQL, and a process that exits takes its series with it instead of making a summed counter
-go backwards.
+go backwards. The parent serves the merge with MergedMetricsServer, on a thread of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Sequence
 
 import httpx
+from mitmproxy.utils.asyncio_utils import create_task
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from .metrics import METRICS_PATH
+from .metrics import METRICS_PATH, MetricsServer, parse_listen
 
 PROCESS_LABEL = "process"
 PROCESS_UP = "synapse_router_process_up"
@@ -90,3 +93,52 @@ class ProcessMetrics:
 def _dialable(host: str) -> str:
     """The address to reach a listener bound to `host` (all interfaces: loopback)."""
     return "127.0.0.1" if host in ("", "0.0.0.0") else host
+
+
+class MergedMetricsServer:
+    """The parent's metrics endpoint (the merge of its processes'), on a thread and event loop
+    of its own: the parent's main thread waits for its children."""
+
+    def __init__(self, count: int, warn: Callable[[str], None]) -> None:
+        self.count = count
+        self.warn = warn
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="merged-metrics", daemon=True)
+        self.thread.start()
+        self._server: MetricsServer | None = None
+        self._source: ProcessMetrics | None = None
+
+    def serve(self, listen: str | None) -> None:
+        """Serve the merged metrics on `listen` (None: not at all) from now on."""
+        self.loop.call_soon_threadsafe(self._start_serving, listen)
+
+    def stop(self) -> None:
+        with contextlib.suppress(TimeoutError):  # the parent exits anyway; the thread is a daemon
+            asyncio.run_coroutine_threadsafe(self._serve(None), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    def _start_serving(self, listen: str | None) -> None:
+        create_task(self._serve(listen), name=f"merged metrics on {listen}", keep_ref=True)
+
+    async def _serve(self, listen: str | None) -> None:
+        if self._server is not None and self._server.listen == listen:
+            return
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+        if self._source is not None:
+            await self._source.close()
+            self._source = None
+        if listen is None:
+            return
+        host, port = parse_listen(listen)
+        source = ProcessMetrics(host, port, self.count)
+        server = MetricsServer(source.render, listen)
+        try:
+            await server.start()
+        except OSError as e:
+            self.warn(f"merged metrics of the processes not served on {listen}: {e.strerror or e}")
+            await source.close()
+            return
+        self._server, self._source = server, source

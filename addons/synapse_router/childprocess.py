@@ -1,0 +1,139 @@
+"""One of the N processes of `synapse-router --processes N`: what a child does that a lone
+router does not (the parent is supervisor.py).
+
+A child is this launcher started with a hidden `--launcher-child=INDEX/COUNT/PARENT_PID/FD`
+flag (ChildSlot). It asks the kernel to SIGTERM it if the parent dies (PR_SET_PDEATHSIG), so a
+SIGKILLed parent leaves no orphan, and writes one byte to the pipe FD once it serves.
+
+Sharing the port. mitmproxy's `AsyncioServerInstance.listen` calls
+`asyncio.start_server(handler, host, port)` without `reuse_port`. A child runs on an event loop
+of its own class (SharedPortLoop) whose `create_server` adds `reuse_port=True` for the proxy's
+listen ports, so each child binds its own SO_REUSEPORT socket and no mitmproxy class is changed
+(a `ServerInstance` subclass registers itself for its mode and mitmproxy refuses a second
+`reverse` class; replacing `ReverseInstance.listen` would patch mitmproxy process-wide).
+Against the alternative, one socket bound by the parent and inherited by every child (one
+shared accept queue): with SO_REUSEPORT the kernel spreads new connections evenly by a hash of
+the 4-tuple and wakes one process per connection, with no thundering herd; but it does not look
+at load (a busy child still gets its share, where a shared queue lets the idle one accept
+first), connections still waiting in a child's own queue when that child exits are reset, and
+any other process of the same user that sets SO_REUSEPORT on the port would silently share it.
+A keep-alive connection stays on one process either way. With `metrics.listen` on port P,
+process i (1-based) serves its own metrics on P + i (the parent serves them merged on P).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mitmproxy import exceptions, options
+from mitmproxy.proxy.mode_specs import ProxyMode
+
+from .addon import SynapseRouter
+from .commandline import PROG
+from .metrics import parse_listen
+
+log = logging.getLogger(__name__)
+
+CHILD_FLAG = "--launcher-child"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@dataclass(frozen=True)
+class ChildSlot:
+    """Who a child process is: `index` of `count` (0-based), its parent, and the pipe it
+    writes one byte to once it serves."""
+
+    index: int
+    count: int
+    parent_pid: int
+    ready_fd: int
+
+    def flag(self) -> str:
+        return f"{CHILD_FLAG}={self.index}/{self.count}/{self.parent_pid}/{self.ready_fd}"
+
+    @classmethod
+    def parse(cls, text: str) -> ChildSlot:
+        try:
+            index, count, parent_pid, ready_fd = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected INDEX/COUNT/PARENT_PID/FD, got {text!r}") from None
+        return cls(index, count, parent_pid, ready_fd)
+
+    @property
+    def label(self) -> str:
+        return f"process {self.index + 1}/{self.count}"
+
+
+class SharedPortLoop(asyncio.SelectorEventLoop):
+    """The event loop of a `--processes` child. Listening sockets on `shared_ports` get
+    SO_REUSEPORT, so N children can serve one port; the router's metrics listener moves to
+    port + `metrics_offset` (process i serves its own metrics on P + i)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared_ports: frozenset[int] = frozenset()
+        self.metrics_offset = 0
+        self.metrics_port: Callable[[], int | None] = lambda: None
+
+    def share(self, opts: options.Options, slot: ChildSlot, router: SynapseRouter) -> None:
+        """Share the listen ports of `opts`, and serve `router`'s metrics on the slot's port."""
+        self.shared_ports = listen_ports(opts)
+        self.metrics_offset = slot.index + 1
+        self.metrics_port = lambda: metrics_port(router)
+
+    async def create_server(
+        self, protocol_factory: Any, host: Any = None, port: Any = None, **kwargs: Any
+    ) -> asyncio.Server:
+        if port and port in self.shared_ports:
+            kwargs["reuse_port"] = True
+        elif port and self.metrics_offset and port == self.metrics_port():
+            port, configured = port + self.metrics_offset, port
+            log.info(f"{PROG}: metrics of this process on port {port} ({configured} + {self.metrics_offset})")
+        return await super().create_server(protocol_factory, host, port, **kwargs)
+
+
+def listen_ports(opts: options.Options) -> frozenset[int]:
+    """The proxy's listen ports; OptionsError for a mode without a fixed one."""
+    ports = set()
+    for spec in opts.mode:
+        port = ProxyMode.parse(spec).listen_port(opts.listen_port)
+        if not port:
+            raise exceptions.OptionsError(  # type: ignore[no-untyped-call]
+                f"--processes needs a fixed listen port, not {port} (mode {spec}; e.g. reverse:URL@8080)"
+            )
+        ports.add(port)
+    return frozenset(ports)
+
+
+def metrics_port(router: SynapseRouter) -> int | None:
+    listen = router.engine.config.metrics_listen if router.engine is not None else None
+    return parse_listen(listen)[1] if listen else None
+
+
+def ready_signal(slot: ChildSlot) -> Callable[[], None]:
+    """What tells the parent "serving" (StartupCheck's `on_started`)."""
+
+    def ready() -> None:
+        log.info(f"{PROG}: {slot.label} (pid {os.getpid()}) serving")
+        with contextlib.suppress(OSError):
+            os.write(slot.ready_fd, b"1")
+            os.close(slot.ready_fd)
+
+    return ready
+
+
+def die_with_parent(parent_pid: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning(f"{PROG}: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        raise SystemExit(1)

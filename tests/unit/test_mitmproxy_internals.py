@@ -1,0 +1,249 @@
+"""The mitmproxy internals the lean launcher depends on (lean.py, "mitmproxy internals this
+depends on"; commandline.py; childprocess.py): each test fails when a mitmproxy upgrade removes,
+renames or reworks one of them, before the launcher breaks at run time. (limits.py's own
+internals: tests/unit/test_limits.py, test_mitmproxy_internals_still_there.)"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import io
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from mitmproxy import addonmanager, exceptions, hooks, log, master, options, optmanager
+from mitmproxy.addons import core, disable_h2c, dumper, errorcheck, next_layer, proxyserver, termlog, tlsconfig
+from mitmproxy.proxy import mode_servers
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.tools import cmdline
+from mitmproxy.tools import main as mitmproxy_main
+from mitmproxy.utils import asyncio_utils, debug
+from synapse_router.childprocess import SharedPortLoop
+from synapse_router.lean import LeanMaster, StartupCheck
+
+
+def params(func: Callable[..., Any]) -> list[str]:
+    return list(inspect.signature(func).parameters)
+
+
+def source(func: Callable[..., Any]) -> str:
+    return inspect.getsource(func)
+
+
+# --- Master ---
+
+
+async def test_master_constructor_attributes_and_legacy_log_events() -> None:
+    assert params(master.Master.__init__) == ["self", "opts", "event_loop", "with_termlog"]
+    plain = master.Master(options.Options(), with_termlog=True)
+    try:
+        assert isinstance(plain.options, options.Options)
+        assert isinstance(plain.addons, addonmanager.AddonManager)
+        assert [type(a) for a in plain.addons.chain] == [termlog.TermLog]  # what LeanMaster keeps
+        assert isinstance(plain._legacy_log_events, log.LegacyLogEvents)
+        assert callable(plain._legacy_log_events.uninstall)
+        assert callable(plain.shutdown) and callable(plain.commands.dump)
+        assert params(plain.commands.dump) == ["out"]
+    finally:
+        await plain.done()
+
+
+def test_master_run_finishes_the_errorcheck_after_the_last_startup_check() -> None:
+    """StartupCheck tells a `--processes` parent "serving" from `finish()`: Master.run must look
+    the check up as "errorcheck" and call `finish()` once the servers are up and `running` ran."""
+    run = source(master.Master.run)
+    assert 'self.addons.get("errorcheck")' in run
+    assert 'self.addons.get("proxyserver")' in run and "setup_servers()" in run
+    finish = run.index("ec.finish()")
+    assert run.index("await self.running()") < finish
+    assert run.rindex("shutdown_if_errored()") < finish
+
+
+# --- AddonManager ---
+
+
+async def test_addon_manager_chain_lookup_and_configure_receiver() -> None:
+    plain = master.Master(options.Options())
+    try:
+        manager = plain.addons
+        assert isinstance(manager.chain, list) and isinstance(manager.lookup, dict)
+        assert params(manager._configure_all) == ["updated"]
+        receivers = [ref() for ref in plain.options.changed.receivers]
+        assert manager._configure_all in receivers  # what LeanMaster disconnects
+        plain.options.changed.disconnect(manager._configure_all)
+        assert manager._configure_all not in [ref() for ref in plain.options.changed.receivers]
+    finally:
+        await plain.done()
+
+
+def test_addon_manager_methods_the_caching_manager_overrides_or_calls() -> None:
+    manager = addonmanager.AddonManager
+    assert params(manager.__init__) == ["self", "master"]
+    assert params(manager.add) == ["self", "addons"]
+    assert inspect.signature(manager.add).parameters["addons"].kind is inspect.Parameter.VAR_POSITIONAL
+    assert params(manager.remove) == ["self", "addon"]
+    assert params(manager.clear) == ["self"]
+    assert params(manager.get) == ["self", "name"]
+    assert params(manager.invoke_addon_sync) == ["self", "addon", "event"]
+    assert params(manager.trigger_event) == ["self", "event"]
+    assert inspect.iscoroutinefunction(manager.trigger_event)
+    assert params(manager._iter_hooks) == ["self", "addon", "event"]
+
+
+def test_addon_manager_iter_hooks_yields_addon_and_function_including_sub_addons() -> None:
+    class Sub:
+        def running(self) -> None:
+            pass
+
+    class Parent:
+        def __init__(self) -> None:
+            self.sub = Sub()
+            self.addons = [self.sub]
+
+        def running(self) -> None:
+            pass
+
+    parent = Parent()
+    manager = addonmanager.AddonManager(type("FakeMaster", (), {"options": options.Options()})())
+    found = list(manager._iter_hooks(parent, hooks.RunningHook()))
+    assert found == [(parent, parent.running), (parent.sub, parent.sub.running)]
+
+
+def test_safecall_semantics_the_caching_manager_reproduces() -> None:
+    """HookCachingAddonManager.trigger_event claims mitmproxy's semantics: AddonHalt stops the
+    event, OptionsError propagates, anything else is logged as "Addon error"."""
+    trigger = source(addonmanager.AddonManager.trigger_event)
+    assert "safecall()" in trigger and "AddonHalt" in trigger and "invoke_addon(" in trigger
+    safecall = source(addonmanager.safecall)
+    assert "exceptions.AddonHalt, exceptions.OptionsError" in safecall
+    assert 'f"Addon error: {value}"' in safecall
+    invoke = source(addonmanager.AddonManager.invoke_addon)
+    assert "inspect.isawaitable(" in invoke and "event.args()" in invoke
+
+
+# --- the addon classes ---
+
+
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [
+        (core.Core, "core"),
+        (disable_h2c.DisableH2C, "disableh2c"),
+        (proxyserver.Proxyserver, "proxyserver"),
+        (next_layer.NextLayer, "nextlayer"),
+        (tlsconfig.TlsConfig, "tlsconfig"),
+        (dumper.Dumper, "dumper"),
+        (termlog.TermLog, "termlog"),
+    ],
+)
+def test_addon_classes_build_without_arguments_under_their_names(cls: type, name: str) -> None:
+    required = [
+        p
+        for p in inspect.signature(cls).parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    assert required == []
+    assert addonmanager._get_name(cls.__new__(cls)) == name
+
+
+def test_errorcheck_hooks_startup_check_builds_on() -> None:
+    assert issubclass(StartupCheck, errorcheck.ErrorCheck)
+    assert params(errorcheck.ErrorCheck.__init__) == ["self", "repeat_errors_on_stderr"]
+    assert params(errorcheck.ErrorCheck.finish) == ["self"]
+    assert inspect.iscoroutinefunction(errorcheck.ErrorCheck.shutdown_if_errored)
+    check = StartupCheck()
+    try:
+        assert addonmanager._get_name(check) == "errorcheck"
+    finally:
+        check.finish()
+
+
+async def test_the_lean_chain_defines_the_options_the_launcher_sets() -> None:
+    lean = LeanMaster(options.Options())
+    try:
+        names = [addonmanager._get_name(a) for a in lean.addons.chain]
+        assert names == [
+            "termlog",
+            "core",
+            "disableh2c",
+            "proxyserver",
+            "synapserouter",
+            "nextlayer",
+            "tlsconfig",
+            "dumper",
+            "errorcheck",
+        ]
+        assert {"termlog_verbosity", "dumper_filter", "flow_detail", "mode", "listen_port", "confdir"} <= set(
+            lean.options.keys()
+        )
+        assert isinstance(lean.options.deferred, dict)
+    finally:
+        await lean.done()
+
+
+# --- options and mitmdump's command line ---
+
+
+def test_mitmdump_parser_and_process_options() -> None:
+    assert params(cmdline.mitmdump) == ["opts"]
+    assert params(mitmproxy_main.process_options) == ["parser", "opts", "args"]
+    parser = cmdline.mitmdump(options.Options())
+    assert isinstance(parser, argparse.ArgumentParser)
+    args = parser.parse_args(["-q", "--set", "flow_detail=0", "~q"])
+    assert args.quiet is True and not args.verbose
+    assert args.setoptions == ["flow_detail=0"] and args.filter_args == ["~q"]
+    assert args.options is False and args.commands is False
+
+
+def test_option_manager_functions() -> None:
+    assert params(options.Options.set) == ["self", "specs", "defer"]
+    assert params(optmanager.load_paths) == ["opts", "paths"]
+    assert params(optmanager.dump_defaults) == ["opts", "out"]
+    opts = options.Options()
+    opts.set("no_such_option=1", defer=True)
+    assert list(opts.deferred) == ["no_such_option"]  # what apply_options inspects and deletes from
+    optmanager.dump_defaults(opts, io.StringIO())
+    assert params(hooks.ConfigureHook) == ["updated"]
+    assert params(debug.register_info_dumpers) == []
+    assert ProxyMode.parse("reverse:http://127.0.0.1:8008@8080").listen_port(None) == 8080
+    assert issubclass(exceptions.OptionsError, exceptions.MitmproxyException)
+    assert issubclass(exceptions.AddonHalt, exceptions.MitmproxyException)
+
+
+# --- listening sockets (SharedPortLoop) ---
+
+
+def test_proxy_listeners_are_made_by_asyncio_start_server() -> None:
+    listen = source(mode_servers.AsyncioServerInstance.listen)
+    assert "asyncio.start_server(self.handle_stream, host, port)" in listen
+    assert mode_servers.ReverseInstance.listen is mode_servers.AsyncioServerInstance.listen
+    assert "loop.create_server(factory, host, port" in source(asyncio.start_server)
+
+
+def test_shared_port_loop_sets_so_reuseport_on_a_start_server_socket() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    loop = SharedPortLoop()
+    loop.shared_ports = frozenset({port})
+
+    async def listen() -> list[int]:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", port)
+        try:
+            return [s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in server.sockets]
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    try:
+        assert all(loop.run_until_complete(listen()))
+    finally:
+        loop.close()
+
+
+def test_create_task_keeps_a_reference() -> None:
+    assert params(asyncio_utils.create_task) == ["coro", "name", "keep_ref", "client"]
+    assert "_KEEP_ALIVE.add(" in source(asyncio_utils.create_task)
