@@ -28,6 +28,19 @@ SPOOFABLE_HEADERS = (
     "x-access-token",  # HAProxy's (ESS) internal routing header
 )
 ROUTER_HEADER_PREFIX = "x-synapse-router-"
+_DROPPED = frozenset(name.encode() for name in SPOOFABLE_HEADERS)
+_ROUTER_PREFIX = ROUTER_HEADER_PREFIX.encode()
+
+
+def without_spoofable(fields: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...] | None:
+    """The header fields minus those a client could spoof routing or its address with, or None
+    if there are none (the common case: nothing to rebuild)."""
+    kept = tuple(
+        (name, value)
+        for name, value in fields
+        if (lower := name.lower()) not in _DROPPED and not lower.startswith(_ROUTER_PREFIX)
+    )
+    return kept if len(kept) != len(fields) else None
 
 
 def parse_ip(value: str) -> IPAddress | None:

@@ -21,9 +21,9 @@ the address before the router's `server_connect` moves it, and the router must r
                          here StartupCheck, which also tells a `--processes` parent "serving"
 
 Left out, each a no-op for this router or a feature it never uses: Block and BlockList (the
-router sets `block_global=false` anyway; its `name in ctx.options` guards (addons/required_options.py) skip absent options,
-as for `anticache`/`anticomp`), AntiCache, AntiComp, StripDnsHttpsRecords, DnsResolver (DNS
-mode), UpdateAltSvc (rewrites `Alt-Svc`, which Synapse does not send), MapRemote/MapLocal,
+router sets `block_global=false` anyway; the `name in ctx.options` guards of
+addons/required_options.py skip absent options, as for `anticache`/`anticomp`), AntiCache,
+AntiComp, StripDnsHttpsRecords, DnsResolver (DNS mode), UpdateAltSvc (rewrites `Alt-Svc`, which Synapse does not send), MapRemote/MapLocal,
 ModifyBody/ModifyHeaders, StickyCookie/StickyAuth, ProxyAuth, UpstreamAuth, Onboarding,
 ClientPlayback/ServerPlayback, Save/SaveHar (`-w`), ScriptLoader (`-s`), ReadFile (`-r`),
 KeepServing, Browser, Comment, Cut, Export, CommandHistory (their options: commandline.py).

@@ -12,7 +12,7 @@ from mitmproxy import command, exceptions, http
 from mitmproxy.net.http import http1
 
 from .. import flowdata, tokens, wellformed
-from ..client_address import ROUTER_HEADER_PREFIX, SPOOFABLE_HEADERS, TrustedProxies
+from ..client_address import TrustedProxies, without_spoofable
 from ..config import RouterConfig
 from ..engine import ROUTER, Decision, Engine
 from ..identity import Resolution, Source
@@ -210,13 +210,10 @@ class Routing:
             headers.get("x-forwarded-proto"),
             flow.client_conn.tls_established,
         )
-        for name in SPOOFABLE_HEADERS:
-            if name in headers:
-                del headers[name]
-        for name in [n for n in headers if n.lower().startswith(ROUTER_HEADER_PREFIX)]:
-            del headers[name]
-        headers["X-Forwarded-For"] = fwd.client_ip
-        headers["X-Forwarded-Proto"] = fwd.proto
+        kept = without_spoofable(headers.fields)
+        if kept is not None:
+            headers.fields = kept
+        headers.fields += ((b"X-Forwarded-For", fwd.client_ip.encode()), (b"X-Forwarded-Proto", fwd.proto.encode()))
         return fwd.client_ip
 
 
