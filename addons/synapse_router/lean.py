@@ -23,10 +23,11 @@ the address before the router's `server_connect` moves it, and the router must r
 Left out, each a no-op for this router or a feature it never uses: Block and BlockList (the
 router sets `block_global=false` anyway; the `name in ctx.options` guards of
 addons/required_options.py skip absent options, as for `anticache`/`anticomp`), AntiCache,
-AntiComp, StripDnsHttpsRecords, DnsResolver (DNS mode), UpdateAltSvc (rewrites `Alt-Svc`, which Synapse does not send), MapRemote/MapLocal,
-ModifyBody/ModifyHeaders, StickyCookie/StickyAuth, ProxyAuth, UpstreamAuth, Onboarding,
-ClientPlayback/ServerPlayback, Save/SaveHar (`-w`), ScriptLoader (`-s`), ReadFile (`-r`),
-KeepServing, Browser, Comment, Cut, Export, CommandHistory (their options: commandline.py).
+AntiComp, StripDnsHttpsRecords, DnsResolver (DNS mode), UpdateAltSvc (rewrites `Alt-Svc`, which
+Synapse does not send), MapRemote/MapLocal, ModifyBody/ModifyHeaders, StickyCookie/StickyAuth,
+ProxyAuth, UpstreamAuth, Onboarding, ClientPlayback/ServerPlayback, Save/SaveHar (`-w`),
+ScriptLoader (`-s`), ReadFile (`-r`), KeepServing, Browser, Comment, Cut, Export,
+CommandHistory (their options: commandline.py).
 
 mitmproxy internals this depends on (mitmproxy 12.3; tests/unit/test_mitmproxy_internals.py
 fails when an upgrade breaks one): `Master` (its `addons`, `options`, `with_termlog`,
