@@ -106,19 +106,14 @@ class IdentityResolver:
         )
         self._unavailable_until = 0.0
         self._transport_failures = 0  # in a row
-        self.stats: dict[str, int] = {s.value: 0 for s in Source} | {"calls": 0, "errors": 0, "waits": 0}
 
     def cached(self, key: bytes) -> Resolution | None:
         """The answer without waiting, if one is known."""
         try:
-            user = self.users[key]  # not .get(): one lookup instead of two on this hot path
+            return Resolution(self.users[key], Source.CACHE)  # not .get(): one lookup on this hot path
         except KeyError:
             pass
-        else:
-            self.stats["cache"] += 1
-            return Resolution(user, Source.CACHE)
         if self.config.negative_ttl > 0 and key in self.rejected:
-            self.stats["negative"] += 1
             return Resolution(None, Source.NEGATIVE)
         return None
 
@@ -130,14 +125,11 @@ class IdentityResolver:
             return known
         pending = self._in_flight.get(key)
         if pending is not None:
-            self.stats["coalesced"] += 1
             result = await asyncio.shield(pending)
             return Resolution(result.user_id, Source.COALESCED if result.user_id else result.source)
         if self._clock() < self._unavailable_until:
-            self.stats["unresolved"] += 1
             return Resolution(None, Source.UNRESOLVED)
         if not self.limiter.allow(client_ip):
-            self.stats["limited"] += 1
             return Resolution(None, Source.LIMITED)
         future: asyncio.Future[Resolution] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
@@ -163,22 +155,18 @@ class IdentityResolver:
                 if claim is Claim.OURS:
                     claimed = True
                 elif claim is Claim.THEIRS:  # another process is asking whoami right now
-                    self.stats["waits"] += 1
                     # Half the budget at most: if that process died holding the claim, the
                     # other half is still enough to ask whoami ourselves.
                     known = await shared.wait(key, max(0.0, deadline - self._clock()) / 2)
                     if known is None and self._clock() < self._unavailable_until:
-                        self.stats["unresolved"] += 1  # whoami went unavailable while we waited
                         return Resolution(None, Source.UNRESOLVED)
                 else:
                     known = claim  # a value that arrived since the get, or None: Redis unavailable
             if known == REJECTED:
                 self.rejected[key] = True
-                self.stats["negative"] += 1
                 return Resolution(None, Source.NEGATIVE)
             if known is not None:
                 self.users[key] = known
-                self.stats["shared"] += 1
                 return Resolution(known, Source.SHARED)
         try:
             resolution, share = await self._whoami(key, token, as_user, user_agent, client_ip, deadline)
@@ -210,39 +198,30 @@ class IdentityResolver:
                 async with asyncio.timeout(max(0.0, deadline - self._clock())):
                     await self._slots.acquire()
             except TimeoutError:  # every slot busy until the deadline: the router's queue, not main
-                self.stats["unresolved"] += 1
                 return unresolved
         budget = deadline - self._clock()
         try:
             if budget <= 0:
-                self.stats["unresolved"] += 1
                 return unresolved
-            self.stats["calls"] += 1
             user = await self._call(token, as_user, user_agent, client_ip, budget)
         except TokenRejected:
-            self.stats["negative"] += 1
             if self.config.negative_ttl > 0:
                 self.rejected[key] = True
                 return Resolution(None, Source.NEGATIVE), (REJECTED, self.config.negative_ttl)
             return Resolution(None, Source.NEGATIVE), None
         except (WhoamiError, httpx.HTTPError) as e:
-            self.stats["errors"] += 1
-            self.stats["unresolved"] += 1
             if self._main_failed(e, budget):
                 self._transport_failures += 1
                 if self._transport_failures >= UNAVAILABLE_AFTER:
                     self._unavailable_until = self._clock() + UNAVAILABLE_BACKOFF
             return unresolved
         except Exception as e:  # a bug must not cost the request its routing, nor print a token
-            self.stats["errors"] += 1
-            self.stats["unresolved"] += 1
             log.warning(f"synapse-router: whoami call failed: {type(e).__name__}")
             return unresolved
         finally:
             self._slots.release()
         self._transport_failures = 0
         self.users[key] = user
-        self.stats["whoami"] += 1
         return Resolution(user, Source.WHOAMI), (user, self.config.cache_ttl)
 
     def _main_failed(self, error: Exception, budget: float) -> bool:
