@@ -13,10 +13,21 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
-if TYPE_CHECKING:
-    from .engine import Decision
+
+class RoutingFacts(Protocol):
+    """What the access log takes from a routing decision (engine.Decision)."""
+
+    route: str
+    pool: str
+    key_kind: str
+    identity: str
+    fallbacks: list[str]
+    failover: str
+
+    @property
+    def worker(self) -> str: ...
 
 LogFormat = Literal["logfmt", "json"]
 FORMATS: tuple[LogFormat, ...] = ("logfmt", "json")
@@ -45,7 +56,7 @@ class AccessRecord:
     user_id: str | None = None  # written only with include_user
     token_hash: str | None = None  # tokens.short_hash(key): 8 hex digits, never a token
 
-    def set_decision(self, decision: Decision) -> None:
+    def set_decision(self, decision: RoutingFacts) -> None:
         """Copy the routing fields of a decision (its summary, no token, no user id)."""
         self.route = decision.route
         self.pool = decision.pool
