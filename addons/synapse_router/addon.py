@@ -16,6 +16,7 @@ addons share one RouterState (state.py) and per-flow data through flowdata.py.
     ConnectFailover   server_connect: probe before mitmproxy connects
     Observation       response, error: debug headers, redaction, metrics, access log
     MetricsListener   running, done: the Prometheus endpoint
+    ListenBacklog     running, done: the listening sockets' accept queue (limits.listen_backlog)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .addons.connect_failover import ConnectFailover
 from .addons.connection_limits import ConnectionLimits
 from .addons.credentials import LogRedaction
 from .addons.health import HealthChecks
+from .addons.listen_backlog import ListenBacklog
 from .addons.metrics_listener import MetricsListener
 from .addons.observation import Observation
 from .addons.required_options import MIN_TCP_TIMEOUT, REQUIRED_OPTIONS, RequiredOptions
@@ -56,6 +58,7 @@ class SynapseRouter:
         self.router_sent = RouterSent(state, self.routing, self.health)
         self.observation = Observation(state)
         self.metrics_listener = MetricsListener(state)
+        self.listen_backlog = ListenBacklog()
         # Prepared in this order, switched to in this order; Observation opens the access log
         # file, the only part that can fail, so nothing else is built for nothing.
         appliers: list[Applier] = [
@@ -66,6 +69,7 @@ class SynapseRouter:
             self.health,
             self.router_sent,
             self.metrics_listener,
+            self.listen_backlog,
         ]
         self.configuration = Configuration(state, appliers)
         self.addons: list[Any] = [
@@ -80,6 +84,7 @@ class SynapseRouter:
             ConnectFailover(state, self.routing, self.health),
             self.observation,
             self.metrics_listener,
+            self.listen_backlog,
         ]
 
     # What tests, the launcher and interactive users look at.

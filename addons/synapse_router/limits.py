@@ -63,6 +63,9 @@ class LimitsConfig:
     keepalive_timeout: float = 75.0  # seconds a connection may idle between requests
     max_header_bytes: int = 65536  # request line + header fields
     max_connections: int = 10000  # client connections per process
+    # Connections the kernel queues before the router accepts them (the kernel caps it at
+    # net.core.somaxconn); asyncio's default, 100, overflows in a reconnect storm.
+    listen_backlog: int = 4096
 
 
 class LimitsConfigError(ValueError):
@@ -74,7 +77,7 @@ class LimitsConfigError(ValueError):
         super().__init__(f"limits.{key}: {reason}" if key else f"limits: {reason}")
 
 
-_KEYS = ("header_timeout", "keepalive_timeout", "max_header_bytes", "max_connections")
+_KEYS = ("header_timeout", "keepalive_timeout", "max_header_bytes", "max_connections", "listen_backlog")
 
 
 def parse_limits(raw: object) -> LimitsConfig:
@@ -106,6 +109,7 @@ def parse_limits(raw: object) -> LimitsConfig:
         # Below 1 KiB even an ordinary request with a token and a user agent would be refused.
         max_header_bytes=count("max_header_bytes", d.max_header_bytes, 1024),
         max_connections=count("max_connections", d.max_connections, 1),
+        listen_backlog=count("listen_backlog", d.listen_backlog, 1),
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -303,3 +304,30 @@ def test_max_connections_within_fd_limit_keeps_descriptors(tmp_path: Path, fleet
     assert "out of file descriptors" not in log and "Too many open files" not in log, log[:3000]
     assert "file descriptors" not in log  # 2 * 50 + 256 fit in 400: no budget warning
     assert 1 <= len([line for line in log.splitlines() if "refused" in line]) <= 2
+
+
+def _wait(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def _listen_backlog(port: int) -> int:
+    """The accept-queue size of the socket listening on `port` (`ss` shows it as Send-Q)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[2])
+
+
+def test_listen_backlog_is_raised_and_follows_reloads(fleet: Fleet, start_router) -> None:
+    # asyncio listens with a backlog of 100: a reconnect storm overflows it (clients then wait
+    # in SYN back-off). The router raises it on mitmproxy's sockets, under both launchers.
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    fleet.add("main")
+    router = start_router(fleet["main"].url, {"workers": {}})
+    _wait(lambda: _listen_backlog(router.port) == min(4096, somaxconn), 10, "default backlog 4096")
+    router.config_path.write_text("workers: {}\nlimits: {listen_backlog: 1000}\n")
+    router.proc.send_signal(signal.SIGHUP)
+    _wait(lambda: _listen_backlog(router.port) == min(1000, somaxconn), 10, "backlog after reload")

@@ -327,3 +327,10 @@ def test_mitmproxy_internals_still_there() -> None:
     assert "FIXME: protect against header size DoS" in inspect.getsource(Http1Server.read_headers), (
         "mitmproxy may now limit header size itself: revisit connection_limits._HeadGuard"
     )
+
+
+def test_listen_backlog() -> None:
+    assert LimitsConfig().listen_backlog == 4096
+    assert parse_limits({"listen_backlog": 512}).listen_backlog == 512
+    with pytest.raises(LimitsConfigError, match="listen_backlog"):
+        parse_limits({"listen_backlog": 0})

@@ -247,3 +247,12 @@ def test_shared_port_loop_sets_so_reuseport_on_a_start_server_socket() -> None:
 def test_create_task_keeps_a_reference() -> None:
     assert params(asyncio_utils.create_task) == ["coro", "name", "keep_ref", "client"]
     assert "_KEEP_ALIVE.add(" in source(asyncio_utils.create_task)
+
+
+def test_asyncio_server_instances_keep_their_servers_in_a_list() -> None:
+    # addons/listen_backlog.py raises the backlog of the sockets in `_servers`.
+    from mitmproxy.proxy import mode_servers
+
+    source = inspect.getsource(mode_servers.AsyncioServerInstance)
+    assert "self._servers = []" in source and "self._servers = await self.listen(" in source
+    assert hasattr(mode_servers.AsyncioServerInstance, "listen")
