@@ -19,7 +19,9 @@ def redact(request: http.Request, header_label: str | None) -> None:
     if values:
         request.headers.set_all("authorization", [tokens.redact_authorization(v, header_label) for v in values])
     path, sep, query = request.path.partition("?")
-    if sep and any(tokens.is_token_param(p) for p in query.split("&")):
+    if not sep or ("access" not in query and "%" not in query):
+        return  # no access_token parameter, not even a percent-encoded name
+    if any(tokens.is_token_param(p) for p in query.split("&")):
         label = tokens.short_hash(tokens.token_key(query_param(query, tokens.TOKEN_PARAM) or ""))
         request.path = f"{path}?{tokens.redact_query_token(query, label)}"
 
