@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
-from .query import query_param, query_values
+from .query import query_values
 from .wellformed import Refused
 
 TOKEN_PARAM = "access_token"
@@ -51,6 +51,11 @@ def token_key(token: str, as_user: str | None = None) -> bytes:
 def short_hash(key: bytes) -> str:
     """A short, non-reversible label for logs and flow comments."""
     return key[:4].hex()
+
+
+def _is_user_id(value: str) -> bool:
+    """`@localpart:server`, printable ASCII, at most 255 characters (the Matrix spec's form)."""
+    return value.startswith("@") and ":" in value and plausible(value, MAX_USER_ID_LENGTH)
 
 
 def plausible(token: str, limit: int = MAX_TOKEN_LENGTH) -> bool:
@@ -87,8 +92,9 @@ def find_token(authorizations: Sequence[str], query: str) -> FoundToken | None:
             raise invalid_token()
     else:
         return None
-    as_user = query_param(query, AS_USER_PARAM) or None
-    if as_user is not None and not plausible(as_user, MAX_USER_ID_LENGTH):
+    as_users = query_values(query, AS_USER_PARAM) if AS_USER_PARAM in query or "%" in query else []
+    as_user = as_users[0] if as_users and as_users[0] else None
+    if len(as_users) > 1 or (as_user is not None and not _is_user_id(as_user)):
         raise Refused(400, "M_INVALID_PARAM", "Invalid user_id parameter.")
     return FoundToken(token, from_query, as_user, token_key(token, as_user))
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 # and tabs, never another control character (CR, LF, NUL above all).
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_VERSIONS = frozenset({"HTTP/1.1", "HTTP/1.0"})  # the router serves HTTP/1 only (http2=false)
 _METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a token
 _TARGET = re.compile(r"/[\x21-\x7e]*|\*")  # origin-form (or OPTIONS *), visible ASCII only
 
@@ -28,8 +29,12 @@ class Refused(ValueError):
         self.errcode = errcode
 
 
-def check_request(method: str, authority: str, target: str, fields: Iterable[tuple[bytes, bytes]]) -> None:
+def check_request(
+    method: str, authority: str, target: str, fields: Iterable[tuple[bytes, bytes]], version: str = "HTTP/1.1"
+) -> None:
     """Raise Refused unless the request line and headers are safe to forward as they are."""
+    if version not in _VERSIONS:
+        raise Refused(505, "M_UNRECOGNIZED", "HTTP version not supported.")
     if _METHOD.fullmatch(method) is None:
         raise Refused(400, "M_UNRECOGNIZED", "Invalid request method.")
     if authority:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -115,3 +117,31 @@ def test_access_log_user_id_only_when_enabled(fleet: Fleet, start_router, tmp_pa
     line = access_path.read_text().strip()
     assert "user_id=@alice:test.local" in line
     assert "route=sync" in line and token not in line
+
+
+def test_metrics_endpoint_moves_on_reload_only_once_the_new_address_listens(fleet: Fleet, start_router) -> None:
+    fleet.add("main")
+    first, second = free_port(), free_port()
+    router = start_router(fleet["main"].url, {"workers": {}, "metrics": {"listen": f"127.0.0.1:{first}"}})
+
+    def scrape(port: int) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def eventually(condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
+    eventually(lambda: scrape(first), "metrics served at start")
+    busy = fleet["main"].port  # an address already taken
+    router.config_path.write_text(f"workers: {{}}\nmetrics: {{listen: '127.0.0.1:{busy}'}}\n")
+    router.proc.send_signal(signal.SIGHUP)
+    eventually(lambda: "cannot serve metrics" in router.log(), "the failed bind is reported")
+    assert scrape(first)  # still where it was
+    router.config_path.write_text(f"workers: {{}}\nmetrics: {{listen: '127.0.0.1:{second}'}}\n")
+    router.proc.send_signal(signal.SIGHUP)
+    eventually(lambda: scrape(second) and not scrape(first), "moved to the new address")

@@ -451,3 +451,16 @@ def test_tokens_are_scrubbed_from_every_log_line(caplog: pytest.LogCaptureFixtur
         redaction.done()
         root.removeHandler(handler)
     assert not handler.filters
+
+
+async def test_a_request_ending_on_a_removed_worker_does_not_bring_its_series_back(router) -> None:
+    addon, tctx = router
+    path = Path(tctx.master.options.router_config)
+    flow = make_flow("/_matrix/client/v3/rooms/!r:x/messages")  # client_reader: 10.0.0.9
+    hook(addon, "requestheaders", flow)
+    assert flow.request.host == "10.0.0.9"
+    path.write_text(CONFIG.replace("  client_reader: [http://10.0.0.9:8083]\n", ""))
+    _call(tctx, "router.reload")  # while the request is in flight
+    flow.response = tutils.tresp()
+    hook(addon, "response", flow)
+    assert "10.0.0.9" not in addon.metrics.render().decode()

@@ -155,3 +155,8 @@ def test_redaction_removes_the_token(secret: str) -> None:
 )
 def test_authorization_redaction_keeps_only_the_scheme(value: str, shown: str) -> None:
     assert tokens.redact_authorization(value, "abcd1234") == shown
+
+
+@pytest.mark.parametrize("query", ["user_id=notauser", "user_id=a%3Ab", "user_id=%40a%3Ax&user_id=%40b%3Ax"])
+def test_appservice_user_id_must_be_one_user_id(query: str) -> None:
+    assert refused("Bearer as_token", query) == (400, "M_INVALID_PARAM")

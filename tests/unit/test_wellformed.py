@@ -57,3 +57,11 @@ def test_two_host_headers_are_refused() -> None:
     # mitmproxy joins them ("a, b"); RFC 9112 says a server must answer 400.
     fields = [(b"Host", b"a.example"), (b"host", b"b.example")]
     assert refusal("", "/_matrix/client/v3/profile/x", fields) == (400, "M_INVALID_PARAM")
+
+
+@pytest.mark.parametrize("version", ["HTTP/9.9", "HTTP/2.0", "HTTP/1.1\x00", ""])
+def test_other_http_versions_are_refused(version: str) -> None:
+    with pytest.raises(Refused) as caught:
+        check_request("GET", "", "/", OK_FIELDS, version)
+    assert (caught.value.status, caught.value.errcode) == (505, "M_UNRECOGNIZED")
+    check_request("GET", "", "/", OK_FIELDS, "HTTP/1.0")

@@ -25,9 +25,9 @@ class MetricsListener:
         def switch() -> None:
             self.listen = config.metrics_listen
             if self._server is not None and self._server.listen != self.listen:
-                server, self._server = self._server, None
-                asyncio_utils.create_task(server.stop(), name="metrics listener stop", keep_ref=True)
-            self._serve()
+                self._move(self._server)
+            else:
+                self._serve()
 
         return switch
 
@@ -38,6 +38,29 @@ class MetricsListener:
         if self._server is not None:
             await self._server.stop()
             self._server = None
+
+    def _move(self, old: MetricsServer) -> None:
+        """Serve on the new address, and only once it listens stop the old one: a new address
+        that cannot be bound leaves the endpoint where it was (binding is asynchronous, so it
+        cannot be part of preparing a configuration)."""
+        listen = self.listen
+        new = MetricsServer(self.state.metrics.render, listen) if listen is not None else None
+
+        async def move() -> None:
+            if new is not None:
+                try:
+                    await new.start()
+                except OSError as e:
+                    log.error(
+                        f"synapse-router: cannot serve metrics on {listen}: {e.strerror or e}; "
+                        f"they stay on http://{old.listen}/metrics"
+                    )
+                    return
+                log.info(f"synapse-router: metrics on http://{listen}/metrics")
+            self._server = new
+            await old.stop()
+
+        asyncio_utils.create_task(move(), name="metrics listener move", keep_ref=True)
 
     def _serve(self) -> None:
         listen = self.listen

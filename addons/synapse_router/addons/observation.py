@@ -13,7 +13,7 @@ from mitmproxy import http
 
 from .. import flowdata
 from ..accesslog import AccessLogFormatter, AccessRecord
-from ..config import RouterConfig
+from ..config import ConfigError, RouterConfig
 from ..engine import Decision
 from ..state import RouterState
 from . import credentials
@@ -30,10 +30,15 @@ class Observation:
 
     def prepare(self, config: RouterConfig) -> Callable[[], None]:
         """Opens the access log file now: a path that cannot be opened fails the whole
-        configuration (OSError) before anything of it is used."""
+        configuration (ConfigError naming access_log.path) before anything of it is used."""
         access = config.access_log
         formatter = AccessLogFormatter(access.format, access.include_user) if access.enabled else None
-        opened = open(access.path, "a", encoding="utf-8", buffering=1) if access.enabled and access.path else None  # noqa: SIM115
+        opened = None
+        if access.enabled and access.path:
+            try:
+                opened = open(access.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            except OSError as e:
+                raise ConfigError(("access_log", "path"), f"cannot open {access.path}: {e.strerror or e}") from None
 
         def switch() -> None:
             self._close_file()
@@ -81,9 +86,13 @@ class Observation:
         if not decision.refused and response is not None and response.timestamp_start and request.timestamp_end:
             upstream_seconds = max(0.0, (response.timestamp_end or response.timestamp_start) - request.timestamp_end)
         status = response.status_code if response is not None else None
-        self.state.metrics.observe_request(
-            decision.route, decision.pool, decision.worker, request.method, status, upstream_seconds
-        )
+        upstream = decision.upstream
+        if upstream is None or upstream.url in self.state.workers.workers:
+            # Not for a worker a reload removed while this request was on it: its series are
+            # gone from the metrics and must not come back (the access log still has the line).
+            self.state.metrics.observe_request(
+                decision.route, decision.pool, decision.worker, request.method, status, upstream_seconds
+            )
         if self._access is None:
             return
         record = AccessRecord(

@@ -52,7 +52,9 @@ class Routing:
         client_ip = self._set_forwarding_headers(flow)
         match = state.engine.match(request.method, request.path)
         try:
-            wellformed.check_request(request.method, request.authority, request.path, request.headers.fields)
+            wellformed.check_request(
+                request.method, request.authority, request.path, request.headers.fields, request.http_version
+            )
             found = tokens.find_token(request.headers.get_all("authorization"), match.query)
         except wellformed.Refused as refused:
             self._refuse(flow, match, client_ip, refused)
