@@ -59,10 +59,9 @@ class SynapseRouter:
         self.observation = Observation(state)
         self.metrics_listener = MetricsListener(state)
         self.listen_backlog = ListenBacklog()
-        # Prepared in this order, switched to in this order; Observation opens the access log
-        # file, the only part that can fail, so nothing else is built for nothing.
+        # Prepared in this order, then switched to in this order. Observation opens the access
+        # log file, the one part that can fail on a valid file: last, so nothing is left open.
         appliers: list[Applier] = [
-            self.observation,
             self.routing,
             self.identity_addon,
             self.limits,
@@ -70,6 +69,7 @@ class SynapseRouter:
             self.router_sent,
             self.metrics_listener,
             self.listen_backlog,
+            self.observation,
         ]
         self.configuration = Configuration(state, appliers)
         self.addons: list[Any] = [
