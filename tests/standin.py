@@ -10,6 +10,7 @@ Query parameters steer it (they pass through the router untouched):
   standin_bytes=N      answer with N bytes of body, streamed in chunks (a media download)
   standin_status=C     answer with status C
   standin_hang=1       accept, read the request, never answer (a wedged worker)
+  standin_chunked=1    answer with Transfer-Encoding: chunked, as Synapse answers JSON
 With --whoami FILE (JSON {token: user_id}) it answers /_matrix/client/v3/account/whoami
 like Synapse: 200 {"user_id", "device_id", "is_guest"} or 401 M_UNKNOWN_TOKEN; `/health`
 answers 200 OK; `/__standin/stats` answers {"whoami_calls": N, "open_connections": M} (M: client
@@ -119,16 +120,21 @@ class Handler(BaseHTTPRequestHandler):
                 remaining -= len(data)
         return size, digest.hexdigest()
 
-    def _send_json(self, status: int, payload: object, extra: dict[str, str] | None = None) -> None:
+    def _send_json(
+        self, status: int, payload: object, extra: dict[str, str] | None = None, chunked: bool = False
+    ) -> None:
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
+        if chunked:  # as Synapse answers JSON: no Content-Length
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(len(body)))
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body)
 
     def _handle(self) -> None:
         size, sha = self._read_body()
@@ -175,6 +181,7 @@ class Handler(BaseHTTPRequestHandler):
                 "body_sha256": sha,
             },
             {"ETag": '"standin-etag-1"', "Cache-Control": "no-store, no-transform", "X-Standin": self.server.name},
+            chunked=bool(params.get("standin_chunked")),
         )
 
     def _whoami(self) -> None:

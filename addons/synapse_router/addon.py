@@ -14,7 +14,7 @@ addons share one RouterState (state.py) and per-flow data through flowdata.py.
     Routing           requestheaders, responseheaders; router.explain
     RouterSent        request, running, done: long-polls the router sends (and retries) itself
     ConnectFailover   server_connect: probe before mitmproxy connects
-    Observation       response, error: debug headers, redaction, metrics, access log
+    Observation       responseheaders (debug headers), response, error: redaction, metrics, access log
     MetricsListener   running, done: the Prometheus endpoint
     ListenBacklog     running, done: the listening sockets' accept queue (limits.listen_backlog)
 """

@@ -357,16 +357,19 @@ def _parse_access_log(doc: _Doc, raw: Any) -> AccessLogConfig:
     try:
         return parse_access_log_config(raw)
     except AccessLogConfigError as e:
-        key: KeyPath = ("access_log", e.key) if e.key else ("access_log",)
-        raise doc.error(key, e.reason) from None
+        raise _section_error(doc, "access_log", e.key, e.reason) from None
 
 
 def _parse_limits(doc: _Doc, raw: Any) -> LimitsConfig:
     try:
         return parse_limits(raw)
     except LimitsConfigError as e:
-        key: KeyPath = ("limits", e.key) if e.key else ("limits",)
-        raise doc.error(key, e.reason) from None
+        raise _section_error(doc, "limits", e.key, e.reason) from None
+
+
+def _section_error(doc: _Doc, section: str, key: str, reason: str) -> ConfigError:
+    """An error a section's own parser reported, placed at its key and line."""
+    return doc.error((section, key) if key else (section,), reason)
 
 
 _TOP_KEYS = frozenset(

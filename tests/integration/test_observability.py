@@ -145,3 +145,29 @@ def test_metrics_endpoint_moves_on_reload_only_once_the_new_address_listens(flee
     router.config_path.write_text(f"workers: {{}}\nmetrics: {{listen: '127.0.0.1:{second}'}}\n")
     router.proc.send_signal(signal.SIGHUP)
     eventually(lambda: scrape(second) and not scrape(first), "moved to the new address")
+
+
+@pytest.mark.parametrize(
+    ("path", "worker"),
+    [
+        ("/_matrix/client/v3/rooms/!r:x/messages?standin_chunked=1", "reader1"),  # mitmproxy streams it
+        ("/_matrix/client/v3/sync?since=s1&timeout=1000&standin_chunked=1", "sync1"),  # the router sends it
+        ("/_matrix/client/v3/sync?standin_chunked=1", "sync1"),  # initial sync: streamed
+    ],
+)
+def test_debug_headers_on_chunked_responses_as_synapse_sends_them(
+    fleet: Fleet, start_router, path: str, worker: str
+) -> None:
+    fleet.add("main", whoami={"tok-alice-1": "@alice:test"})
+    fleet.add("sync1")
+    fleet.add("reader1")
+    config = {
+        "workers": {"sync": [fleet["sync1"].url], "client_reader": [fleet["reader1"].url]},
+        "debug_headers": True,
+    }
+    router = start_router(fleet["main"].url, config)
+    response = httpx.get(router.url + path, headers={"Authorization": "Bearer tok-alice-1"}, timeout=10)
+    assert response.status_code == 200
+    assert response.json()["server"] == worker
+    assert response.headers["x-synapse-router-worker"] == fleet[worker].url
+    assert response.headers["x-synapse-router-route"]

@@ -51,15 +51,23 @@ class Observation:
         self._close_file()
         self._access = None
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Debug headers go on before the response headers leave: a streamed response (every
+        JSON answer of Synapse's, chunked) is sent on as its headers arrive. mitmproxy calls this
+        hook for responses addons make too."""
+        if not self.debug_headers or flow.response is None:
+            return
+        decision = flowdata.decision(flow)
+        if decision is not None:
+            flow.response.headers["X-Synapse-Router-Route"] = decision.route
+            flow.response.headers["X-Synapse-Router-Pool"] = decision.pool
+            flow.response.headers["X-Synapse-Router-Worker"] = decision.worker
+
     def response(self, flow: http.HTTPFlow) -> None:
         decision = flowdata.decision(flow)
         if decision is None:  # answered before routing (a limit, mitmproxy itself)
             credentials.redact(flow.request, None)
             return
-        if self.debug_headers and flow.response is not None:
-            flow.response.headers["X-Synapse-Router-Route"] = decision.route
-            flow.response.headers["X-Synapse-Router-Pool"] = decision.pool
-            flow.response.headers["X-Synapse-Router-Worker"] = decision.worker
         self._finish(flow, decision)
 
     def error(self, flow: http.HTTPFlow) -> None:
