@@ -367,7 +367,7 @@ def _parse_limits(doc: _Doc, raw: Any) -> LimitsConfig:
         raise _section_error(doc, "limits", e.key, e.reason) from None
 
 
-def _section_error(doc: _Doc, section: str, key: str, reason: str) -> ConfigError:
+def _section_error(doc: _Doc, section: str, key: str | None, reason: str) -> ConfigError:
     """An error a section's own parser reported, placed at its key and line."""
     return doc.error((section, key) if key else (section,), reason)
 
