@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from collections import Counter
 
@@ -220,3 +221,31 @@ def test_drain_by_config_reload_on_sighup(pool) -> None:
     moved = {u: (w, during[u]) for u, w in before.items() if w != "sync2" and during[u] != w}
     assert not moved, (moved, [line for line in router.log().splitlines() if "synapse-router" in line])
     assert router.proc.poll() is None  # reloaded, not restarted
+
+
+SLIDING_SYNC = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
+
+
+def test_sliding_sync_long_poll_is_resent_with_its_body_when_its_worker_dies(pool) -> None:
+    # Element X's long-poll: POST with a JSON body and `pos`. A repeat with the same pos is
+    # answered the same, so the router keeps the body and resends it to the user's next worker.
+    fleet, router = pool
+    body = b'{"lists": {"all": {"ranges": [[0, 20]], "required_state": [["m.room.name", ""]]}}}'
+    headers = {"Authorization": "Bearer tok7", "Content-Type": "application/json"}
+    with httpx.Client(base_url=router.url, timeout=30) as client:
+        probe = served(client.post(f"{SLIDING_SYNC}?pos=p1&timeout=1000", content=body, headers=headers))
+        victim = probe["server"]
+
+        def kill_soon() -> None:
+            time.sleep(0.8)  # the long-poll below is on the victim now
+            fleet[victim].kill()
+
+        killer = threading.Thread(target=kill_soon)
+        killer.start()
+        response = client.post(f"{SLIDING_SYNC}?pos=p1&timeout=30000&standin_delay=3", content=body, headers=headers)
+        killer.join()
+    assert response.status_code == 200, response.text
+    answered = served(response)
+    assert answered["server"] != victim and answered["method"] == "POST"
+    assert answered["body_bytes"] == len(body) and answered["body_sha256"] == probe["body_sha256"]
+    assert answered["path"] == f"{SLIDING_SYNC}?pos=p1&timeout=30000&standin_delay=3"

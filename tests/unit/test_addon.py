@@ -14,6 +14,7 @@ from mitmproxy.addons.anticache import AntiCache
 from mitmproxy.addons.block import Block
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
+from synapse_router import flowdata
 from synapse_router.addon import METADATA_KEY, SynapseRouter
 from synapse_router.identity import Source
 from synapse_router.tokens import short_hash, token_key
@@ -464,3 +465,26 @@ async def test_a_request_ending_on_a_removed_worker_does_not_bring_its_series_ba
     flow.response = tutils.tresp()
     hook(addon, "response", flow)
     assert "10.0.0.9" not in addon.metrics.render().decode()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "router_sends"),
+    [
+        ("GET", "/_matrix/client/v3/sync?since=s1&timeout=30000", b"", True),
+        ("POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?pos=p1&timeout=30000", b"{}", True),
+        ("POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?pos=p1&timeout=0", b"{}", False),
+        ("POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?timeout=30000", b"{}", False),  # initial
+        ("POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?pos=p&timeout=9", b"x" * 70_000, False),
+        ("POST", "/_matrix/client/v3/sync?since=s1&timeout=30000", b"{}", False),
+    ],
+)
+def test_which_requests_the_router_sends_itself(
+    router, method: str, path: str, body: bytes, router_sends: bool
+) -> None:
+    addon, _ = router
+    assert addon.identity is not None
+    addon.identity.users[token_key("t")] = "@alice:example.org"
+    flow = make_flow(path, {"Authorization": "Bearer t", "Content-Length": str(len(body))}, method=method)
+    flow.request.raw_content = body
+    hook(addon, "requestheaders", flow)
+    assert flowdata.router_sends(flow) is router_sends

@@ -1,5 +1,5 @@
-"""RouterSent: the requests the router sends itself (sync long-polls, see
-Routing's `_router_may_retry`), so that a worker failing under them is invisible to the client:
+"""RouterSent: the requests the router sends itself (sync long-polls, sliding sync included,
+see Routing's `_router_may_retry`), so that a worker failing under them is invisible to the client:
 on a refused connection the request moves to the next worker, after a worker that gave no
 response it is resent once; a client that leaves abandons its exchange."""
 
@@ -62,6 +62,7 @@ class RouterSent:
         request = flow.request
         method, path = request.method, request.path
         headers = upstream_client.request_headers(request.headers.fields)
+        body = request.raw_content or b""  # a sliding-sync POST's (small, buffered) body, to resend
         # A long-poll is in flight for up to minutes, in mitmweb's view: its token goes now.
         authorization = request.headers.get_all("authorization")
         credentials.redact(request, flowdata.token_label(flow))
@@ -76,7 +77,7 @@ class RouterSent:
             self._sending[flow.id] = flow
             try:
                 answer = await state.upstream.send(
-                    upstream, method, path, headers, state.workers.config.connect_timeout, owner=flow.id
+                    upstream, method, path, headers, state.workers.config.connect_timeout, body, owner=flow.id
                 )
             except upstream_client.BadRequest:
                 flow.response = matrix_error(400, "M_INVALID_PARAM", "Invalid request header.")

@@ -27,6 +27,8 @@ log = logging.getLogger("synapse_router")
 
 STREAM_THRESHOLD = 1024 * 1024  # bodies larger than this, or of unknown size, are streamed
 LOGOUT_PATH = re.compile(r"^/_matrix/client/(?:api/v1|r0|v3|unstable)/logout(/all)?$")
+SLIDING_SYNC_PATH = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
+MAX_RESENT_BODY = 64 * 1024  # a sliding-sync request body the router keeps, to resend it
 TOKEN_LABEL = re.compile(r"[0-9a-f]{8}")
 
 
@@ -250,17 +252,28 @@ def _balance_key(
 
 def _router_may_retry(request: http.Request, decision: Decision) -> bool:
     """Sync-family long-polls (`timeout` > 0: what is in flight when a worker dies) that are
-    safe to resend: idempotent and bodiless. The router sends these itself so it can retry
-    them; it holds their whole response in memory, so initial syncs (answered at once, never
-    held, and the largest responses Synapse sends) stay on mitmproxy's path, which streams
-    large bodies. Short requests stay there too, covered by connect failover."""
+    safe to resend: GET/HEAD/OPTIONS without a body, and simplified sliding sync POSTs (a
+    repeat with the same `pos` is answered the same) with a body of at most MAX_RESENT_BODY,
+    kept to resend. The router sends these itself so it can retry them; it holds their whole
+    response in memory, so initial syncs (answered at once, never held, and the largest
+    responses Synapse sends) stay on mitmproxy's path, which streams large bodies. Short
+    requests stay there too, covered by connect failover."""
     if not (
         decision.matched is not None
         and decision.matched.balance is Balance.USER
         and decision.route != INITIAL_SYNC_ROUTE
-        and request.method in RETRYABLE_METHODS
         and "transfer-encoding" not in request.headers
-        and request.headers.get("content-length", "0") == "0"
+    ):
+        return False
+    length = request.headers.get("content-length", "0")
+    if request.method in RETRYABLE_METHODS:
+        if length != "0":
+            return False
+    elif not (
+        request.method == "POST"
+        and request.path.partition("?")[0] == SLIDING_SYNC_PATH
+        and length.isdigit()
+        and int(length) <= MAX_RESENT_BODY
     ):
         return False
     timeout = query_param(request.path.partition("?")[2], "timeout")
