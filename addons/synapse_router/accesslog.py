@@ -29,6 +29,7 @@ class RoutingFacts(Protocol):
     @property
     def worker(self) -> str: ...
 
+
 LogFormat = Literal["logfmt", "json"]
 FORMATS: tuple[LogFormat, ...] = ("logfmt", "json")
 MAX_PATH = 2048  # longer paths are cut (and marked), so one request cannot write a huge line

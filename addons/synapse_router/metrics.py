@@ -15,7 +15,6 @@ import asyncio
 import inspect
 import logging
 import math
-import re
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -24,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from .identity import Source
 from .limits import CLOSE_REASONS
 from .upstream import parse_listen as parse_listen  # re-exported: the launcher's import
+from .wellformed import TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,6 @@ class RouterMetrics:
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # "text/plain; version=0.0.4; charset=utf-8"
 METRICS_PATH = "/metrics"
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP method (RFC 9110 token)
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -387,7 +386,7 @@ class MetricsServer:
         if not line:
             raise EOFError
         parts = line.decode("latin-1").rstrip("\r\n").split(" ")
-        if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[2].startswith("HTTP/1."):
+        if len(parts) != 3 or not TOKEN.fullmatch(parts[0]) or not parts[2].startswith("HTTP/1."):
             raise _BadRequest(400)
         method, target = parts[0], parts[1]
         if not target.startswith("/"):

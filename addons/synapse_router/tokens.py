@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 from .query import query_values
-from .wellformed import Refused
+from .wellformed import TOKEN, Refused
 
 TOKEN_PARAM = "access_token"
 AS_USER_PARAM = "user_id"
 MAX_TOKEN_LENGTH = 1024
 MAX_USER_ID_LENGTH = 255  # the Matrix spec's limit on a user id
 _PLAUSIBLE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no whitespace
-_SCHEME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an auth-scheme token (RFC 9110)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,4 +121,4 @@ def redact_authorization(value: str, label: str | None) -> str:
             label = short_hash(token_key(rest.strip() or scheme))
         return f"Bearer <redacted:{label}>"
     scheme = value.partition(" ")[0]
-    return f"{scheme} <redacted>" if _SCHEME.fullmatch(scheme) else "<redacted>"
+    return f"{scheme} <redacted>" if TOKEN.fullmatch(scheme) else "<redacted>"

@@ -13,10 +13,11 @@ from collections.abc import Iterable
 
 # RFC 9110: a field name is a token; a field value is visible characters, obs-text, spaces
 # and tabs, never another control character (CR, LF, NUL above all).
-_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+TOKEN_PATTERN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # an RFC 9110 token: methods, field names, auth schemes
+TOKEN = re.compile(TOKEN_PATTERN)
+_FIELD_NAME = re.compile(TOKEN_PATTERN.encode())
 _FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSIONS = frozenset({"HTTP/1.1", "HTTP/1.0"})  # the router serves HTTP/1 only (http2=false)
-_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a token
 _TARGET = re.compile(r"/[\x21-\x7e]*|\*")  # origin-form (or OPTIONS *), visible ASCII only
 
 
@@ -35,7 +36,7 @@ def check_request(
     """Raise Refused unless the request line and headers are safe to forward as they are."""
     if version not in _VERSIONS:
         raise Refused(505, "M_UNRECOGNIZED", "HTTP version not supported.")
-    if _METHOD.fullmatch(method) is None:
+    if TOKEN.fullmatch(method) is None:
         raise Refused(400, "M_UNRECOGNIZED", "Invalid request method.")
     if authority:
         raise Refused(400, "M_UNRECOGNIZED", "Absolute-form request targets are not accepted; send the path only.")
