@@ -35,10 +35,8 @@ class ConnectFailover:
             if error is None:
                 break
             # Each failover excludes the failed worker, so this ends at main at the latest.
-            if not error.startswith("no connection within") and state.workers.mark_down(
-                upstream.url, f"connect failed: {error}"
-            ):
-                self.health.changed(upstream.url)
+            if not error.startswith("no connection within"):
+                self.health.mark_down(upstream.url, f"connect failed: {error}")
             decision = self.routing.fail_over(flow, decision, tried, "connect", error)
         target = decision.upstream or state.main
         if target is not None:

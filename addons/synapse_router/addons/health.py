@@ -53,7 +53,12 @@ class HealthChecks:
         if data.server.address is None:
             return
         url = self._url_of(data.server.address)
-        if url is not None and self.state.workers.mark_down(url, f"connect failed: {data.server.error}"):
+        if url is not None:
+            self.mark_down(url, f"connect failed: {data.server.error}")
+
+    def mark_down(self, url: str, reason: str) -> None:
+        """A passive failure (a refused connection): down at once, and said so if it was up."""
+        if self.state.workers.mark_down(url, reason):
             self.changed(url)
 
     def changed(self, url: str) -> None:

@@ -90,8 +90,7 @@ class RouterSent:
                 # reset only moves this request: a burst filling the accept queue, or a client
                 # abandoning its long-poll, look the same; the health checks judge the worker.
                 if e.failure is upstream_client.Failure.CONNECT_ERROR:
-                    if state.workers.mark_down(upstream.url, str(e)):
-                        self.health.changed(upstream.url)
+                    self.health.mark_down(upstream.url, str(e))
                 connect_failed = e.failure is not upstream_client.Failure.NO_RESPONSE
                 if not connect_failed:  # the worker may have seen the request: resend it once
                     if retried:
