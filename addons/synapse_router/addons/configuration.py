@@ -23,7 +23,7 @@ log = logging.getLogger("synapse_router")
 
 class Applier(Protocol):
     def prepare(self, config: RouterConfig) -> Callable[[], None]:
-        """Get ready to use `config`, raising ConfigError or OSError if it cannot be used;
+        """Get ready to use `config`, raising ConfigError if it cannot be used;
         return what switches to it (which must not fail)."""
         ...
 
@@ -46,8 +46,8 @@ class Configuration:
             path = ctx.options.router_config
             try:
                 self.apply(read(path), path)
-            except (ConfigError, OSError) as e:
-                raise exceptions.OptionsError(f"router_config {path}: {describe(e)}") from e  # type: ignore[no-untyped-call]
+            except ConfigError as e:
+                raise exceptions.OptionsError(f"router_config {path}: {e}") from e  # type: ignore[no-untyped-call]
         if "mode" in updated:
             target = reverse_target(ctx.options.mode)
             if target is not None:
@@ -68,8 +68,8 @@ class Configuration:
         path = self.state.config_path or ctx.options.router_config
         try:
             self.apply(read(path), path)
-        except (ConfigError, OSError) as e:
-            log.error(f"synapse-router: reload of {path} failed, keeping the running configuration: {describe(e)}")
+        except ConfigError as e:
+            log.error(f"synapse-router: reload of {path} failed, keeping the running configuration: {e}")
 
     def apply(self, config: RouterConfig, path: str | None) -> None:
         """Switch to a configuration, whole, or raise and keep the running one. In-flight flows
@@ -87,13 +87,6 @@ def read(path: str | None) -> RouterConfig:
         log.warning("synapse-router: no router_config set: every request goes to the main process")
         return RouterConfig()
     return load_config(path)
-
-
-def describe(error: ConfigError | OSError) -> str:
-    if isinstance(error, OSError):
-        where = f" {error.filename}" if error.filename else ""
-        return f"cannot open{where}: {error.strerror or error}"
-    return str(error)
 
 
 def reverse_target(modes: Sequence[str]) -> Upstream | None:
