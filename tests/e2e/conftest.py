@@ -71,22 +71,26 @@ def start_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterSta
         starter.stop_all()
 
 
-@pytest.fixture(scope="session")
-def router(deployment: Deployment, start_router: Callable[..., Router]) -> Iterator[Router]:
-    r = start_router(deployment.main, router_config(deployment))
-    # Wait until the router answers through to Synapse (the addon has loaded its config).
-    deadline = time.monotonic() + 30
+def wait_until_serving(r: Router, timeout: float = 30.0) -> None:
+    """Wait until the router answers through to Synapse (the addon has loaded its config)."""
     import httpx
 
+    deadline = time.monotonic() + timeout
     while True:
         try:
             if httpx.get(f"{r.url}/_matrix/client/versions", timeout=5).status_code == 200:
-                break
+                return
         except httpx.HTTPError:
             pass
         if r.proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"router did not come up:\n{r.log()[-4000:]}")
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def router(deployment: Deployment, start_router: Callable[..., Router]) -> Iterator[Router]:
+    r = start_router(deployment.main, router_config(deployment))
+    wait_until_serving(r)
     yield r
     if r.proc.poll() is not None:
         print(f"router exited with {r.proc.returncode}:\n{r.log()[-4000:]}", file=sys.stderr)

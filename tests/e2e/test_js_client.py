@@ -1,0 +1,107 @@
+"""A real Matrix client, matrix-js-sdk (pinned in tests/e2e/js/package-lock.json), through the
+router in front of real Synapse, under both launchers whatever SYNAPSE_ROUTER_LAUNCHER says.
+
+tests/e2e/js/scenario.mjs logs in two users and a second device, syncs with the SDK's own loop
+and exercises messages, typing, receipts, read markers, to-device, account data, 5 MiB of media,
+simplified sliding sync and logout; it records every response the SDK got. The router runs with
+the README's pools (sync, client_reader, room over the generic workers) and debug headers on:
+no request may fail, none may be a 5xx, and every response must carry the debug headers.
+scripts/test installs the Node packages (`npm ci`) before pytest runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import Router
+
+from .conftest import HEALTH, WHOAMI, Names, wait_until_serving
+from .deployment import Deployment
+from .matrix_helpers import register_user
+
+pytestmark = pytest.mark.e2e
+
+JS = Path(__file__).resolve().parent / "js"
+SDK_VERSION = "37.5.0"
+MEDIA_BYTES = 5 * 1024 * 1024
+SCENARIO_TIMEOUT = 600.0
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    installed = JS / "node_modules" / "matrix-js-sdk" / "package.json"
+    if node is None or not installed.exists():
+        pytest.fail(f"node or matrix-js-sdk missing: scripts/test installs them (npm ci in {JS})")
+    version = json.loads(installed.read_text())["version"]
+    assert version == SDK_VERSION, f"matrix-js-sdk {version} installed in {JS}, the lock file pins {SDK_VERSION}"
+    return node
+
+
+def _config(dep: Deployment) -> dict[str, Any]:
+    urls = list(dep.workers.values())
+    return {
+        "workers": {"sync": urls, "client_reader": urls, "room": urls},
+        "health": HEALTH,
+        "whoami": WHOAMI,
+        "debug_headers": True,
+    }
+
+
+@pytest.mark.parametrize("launcher", ["mitmdump", "synapse-router"])
+def test_matrix_js_sdk_scenario(
+    deployment: Deployment,
+    start_router: Callable[..., Router],
+    names: Names,
+    tmp_path: Path,
+    launcher: str,
+) -> None:
+    node = _node()
+    router = start_router(deployment.main, _config(deployment), launcher=launcher)
+    wait_until_serving(router)
+    users = {}
+    for role, localpart in zip(("alice", "bob"), names(launcher.replace("-", "")[:6], 2), strict=True):
+        password = os.urandom(12).hex()
+        register_user(deployment.main, deployment.secret, localpart, password)
+        users[role] = {"user": localpart, "password": password}
+    summary_path = tmp_path / "summary.json"
+    config_path = tmp_path / "scenario.json"
+    config_path.write_text(
+        json.dumps(
+            {"base_url": router.url, "users": users, "media_bytes": MEDIA_BYTES, "summary_path": str(summary_path)}
+        )
+    )
+
+    started = time.monotonic()
+    run = subprocess.run(
+        [node, str(JS / "scenario.mjs"), str(config_path)],
+        cwd=JS,
+        capture_output=True,
+        text=True,
+        timeout=SCENARIO_TIMEOUT,
+    )
+    elapsed = time.monotonic() - started
+    assert summary_path.exists(), f"no summary (exit {run.returncode}):\n{run.stderr[-6000:]}"
+    summary = json.loads(summary_path.read_text())
+    debug = summary["debug_headers"]
+    print(
+        f"{launcher}: js-sdk scenario {elapsed:.1f}s, {summary['requests']} requests, statuses "
+        f"{summary['statuses']}, {summary['error_count']} errors, debug headers on {debug['with']}"
+        f"/{summary['requests']}; routes {summary['routes']}; steps (ms) {summary['steps']}"
+    )
+    context = f"{json.dumps(summary, indent=1)}\n--- scenario stderr ---\n{run.stderr[-6000:]}"
+    assert summary["failures"] == [], context
+    assert summary["error_count"] == 0, context
+    assert not [s for s in summary["statuses"] if int(s) >= 500], context
+    assert summary["requests"] > 0 and debug["without"] == 0 and debug["with"] == summary["requests"], context
+    assert summary["media"]["bytes"] == MEDIA_BYTES, context
+    assert run.returncode == 0, context
+    assert router.proc.poll() is None, router.log()[-4000:]
