@@ -83,15 +83,17 @@ RENDEZVOUS_PATTERNS = (
 )
 
 
-def _writer(name: str, pool: str, patterns: Sequence[str], *, any_worker: bool) -> list[Route]:
-    """A stream writer's endpoints: its writer pool, else main. Reads (GET) may also go to
-    client readers; `any_worker` streams (multi-writer) accept every method anywhere."""
-    if any_worker:
-        return [Route(name, tuple(patterns), (pool, *_CLIENT_POOLS), Balance.ROUND_ROBIN)]
-    return [
-        Route(f"{name}_read", tuple(patterns), (pool, *_CLIENT_POOLS), Balance.ROUND_ROBIN, methods=_GET),
-        Route(name, tuple(patterns), (pool,), Balance.ROUND_ROBIN),
-    ]
+def _writer(name: str, pool: str, patterns: Sequence[str], *, workers_read: bool) -> list[Route]:
+    """A stream writer's endpoints: its writer pool, else main (the writer when no worker is
+    configured as one). Never a reader or generic worker for a write: even Synapse's
+    multi-writer streams (receipts, device_lists) accept writes only on *configured*
+    `stream_writers` (a generic worker asserts `_can_write_to_receipts`). `workers_read`: Synapse
+    lets any worker serve the GETs (docs/workers.md lists them for the generic worker)."""
+    writes = Route(name, tuple(patterns), (pool,), Balance.ROUND_ROBIN)
+    if not workers_read:
+        return [writes]
+    reads = Route(f"{name}_read", tuple(patterns), (pool, *_CLIENT_POOLS), Balance.ROUND_ROBIN, methods=_GET)
+    return [reads, writes]
 
 
 BUILTIN_ROUTES: tuple[Route, ...] = (
@@ -148,22 +150,22 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         Balance.USER,
     ),
     # --- stream writers ---
-    *_writer("typing", "typing", (rf"{_C}{_V_ALL}/rooms/{_ROOM}/typing",), any_worker=False),
-    *_writer("to_device", "to_device", (rf"{_C}{_V_R0}/sendToDevice/",), any_worker=False),
+    *_writer("typing", "typing", (rf"{_C}{_V_ALL}/rooms/{_ROOM}/typing",), workers_read=False),
+    *_writer("to_device", "to_device", (rf"{_C}{_V_R0}/sendToDevice/",), workers_read=False),
     *_writer(
         "account_data",
         "account_data",
         (rf"{_C}{_V_R0}/user/[^/]+/(?:rooms/{_ROOM}/)?(?:account_data|tags)(?:/|$)",),
-        any_worker=False,
+        workers_read=True,
     ),
     *_writer(
         "receipts",
         "receipts",
         (rf"{_C}{_V_R0}/rooms/{_ROOM}/(?:receipt|read_markers)(?:/|$)",),
-        any_worker=True,
+        workers_read=False,  # POST only
     ),
-    *_writer("presence", "presence", (rf"{_C}{_V_ALL}/presence/",), any_worker=False),
-    *_writer("push_rules", "push_rules", (rf"{_C}{_V_ALL}/pushrules/",), any_worker=False),
+    *_writer("presence", "presence", (rf"{_C}{_V_ALL}/presence/",), workers_read=True),
+    *_writer("push_rules", "push_rules", (rf"{_C}{_V_ALL}/pushrules/",), workers_read=True),
     *_writer(
         "device_lists",
         "device_lists",
@@ -174,7 +176,7 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
             rf"{_C}{_V_ALL}/keys/device_signing/upload$",
             rf"{_C}{_V_ALL}/keys/signatures/upload$",
         ),
-        any_worker=True,
+        workers_read=True,  # GET /devices[/<id>]
     ),
     Route(
         "thread_subscriptions",

@@ -192,8 +192,7 @@ GENERIC_CASES = [
     ("GET", "/_matrix/client/v3/rooms/!r:x/messages", "generic"),
     ("GET", "/_matrix/client/versions", "generic"),
     ("PUT", "/_matrix/federation/v1/send/1", "generic"),
-    ("POST", "/_matrix/client/v3/keys/upload", "generic"),
-    ("POST", "/_matrix/client/v3/rooms/!r:x/receipt/m.read/$e", "generic"),
+    ("GET", "/_matrix/client/v3/devices", "generic"),
     ("GET", "/_matrix/client/v3/pushrules/", "generic"),
     ("GET", "/_matrix/client/v3/user/@a:x/account_data/m.direct", "generic"),
     ("GET", "/_matrix/client/unstable/org.matrix.msc4140/delayed_events", "generic"),
@@ -203,6 +202,15 @@ GENERIC_CASES = [
     ("PUT", "/_matrix/client/v3/rooms/!r:x/typing/@a:x", "main"),
     ("PUT", "/_matrix/client/v3/sendToDevice/t/1", "main"),
     ("PUT", "/_matrix/client/v3/presence/@a:x/status", "main"),
+    # ... and so are those of multi-writer streams: only configured writers may write them
+    ("POST", "/_matrix/client/v3/rooms/!r:x/receipt/m.read/$e", "main"),
+    ("POST", "/_matrix/client/v3/rooms/!r:x/read_markers", "main"),
+    ("POST", "/_matrix/client/v3/keys/upload", "main"),
+    ("POST", "/_matrix/client/v3/keys/device_signing/upload", "main"),
+    ("POST", "/_matrix/client/v3/keys/signatures/upload", "main"),
+    ("POST", "/_matrix/client/v3/delete_devices", "main"),
+    ("PUT", "/_matrix/client/v3/devices/ABC", "main"),
+    ("DELETE", "/_matrix/client/v3/devices/ABC", "main"),
     ("GET", "/_matrix/media/v3/download/x/y", "main"),
     ("POST", "/_matrix/client/unstable/org.matrix.msc4108/rendezvous", "main"),
 ]
@@ -215,6 +223,46 @@ def test_cases_cover_every_pool() -> None:
 @pytest.mark.parametrize(("method", "path", "pool"), GENERIC_CASES)
 def test_generic_only(method: str, path: str, pool: str) -> None:
     assert pool_for(GENERIC_ONLY, method, path) == pool
+
+
+# The README's example deployment: readers but no writer pools. A write of a stream reaches
+# main (its writer when no worker is one), never a reader: a generic worker that is not a
+# configured stream writer answers 500 (`AssertionError: self._can_write_to_receipts`).
+READERS_ONLY = engine_with(["sync", "client_reader", "federation_reader", "generic"])
+WRITER_ROUTES = ("typing", "to_device", "account_data", "receipts", "presence", "push_rules", "device_lists")
+WRITES = [
+    ("PUT", "/_matrix/client/v3/rooms/!r:x/typing/@a:x"),
+    ("PUT", "/_matrix/client/v3/sendToDevice/m.room.encrypted/1"),
+    ("PUT", "/_matrix/client/v3/user/@a:x/account_data/m.direct"),
+    ("PUT", "/_matrix/client/v3/user/@a:x/rooms/!r:x/tags/m.favourite"),
+    ("DELETE", "/_matrix/client/v3/user/@a:x/rooms/!r:x/tags/m.favourite"),
+    ("POST", "/_matrix/client/v3/rooms/!r:x/receipt/m.read/$e"),
+    ("POST", "/_matrix/client/r0/rooms/!r:x/receipt/m.fully_read/$e"),
+    ("POST", "/_matrix/client/v3/rooms/!r:x/read_markers"),
+    ("PUT", "/_matrix/client/v3/presence/@a:x/status"),
+    ("PUT", "/_matrix/client/v3/pushrules/global/override/r"),
+    ("DELETE", "/_matrix/client/v3/pushrules/global/override/r"),
+    ("POST", "/_matrix/client/v3/delete_devices"),
+    ("PUT", "/_matrix/client/v3/devices/ABC"),
+    ("DELETE", "/_matrix/client/v3/devices/ABC"),
+    ("POST", "/_matrix/client/v3/keys/upload"),
+    ("POST", "/_matrix/client/v3/keys/device_signing/upload"),
+    ("POST", "/_matrix/client/v3/keys/signatures/upload"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), WRITES)
+def test_stream_writes_never_reach_readers(method: str, path: str) -> None:
+    match = READERS_ONLY.match(method, path)
+    assert match.route is not None and match.route.name in WRITER_ROUTES
+    assert len(match.route.pools) == 1 and match.route.pools[0] == match.route.name
+    assert pool_for(READERS_ONLY, method, path) == "main"
+
+
+def test_writer_routes_chain_only_their_writer() -> None:
+    for route in RouteTable().routes:
+        if route.name in WRITER_ROUTES:
+            assert route.pools == (route.name,), route
 
 
 def test_sync_pool_beats_generic() -> None:
