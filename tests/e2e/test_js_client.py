@@ -95,7 +95,8 @@ def test_matrix_js_sdk_scenario(
     print(
         f"{launcher}: js-sdk scenario {elapsed:.1f}s, {summary['requests']} requests, statuses "
         f"{summary['statuses']}, {summary['error_count']} errors, debug headers on {debug['with']}"
-        f"/{summary['requests']}; routes {summary['routes']}; steps (ms) {summary['steps']}"
+        f"/{summary['requests']}; routes {summary['routes']}; workers {summary['workers']}; "
+        f"steps (ms) {summary['steps']}; sliding sync {summary.get('sliding_sync')}"
     )
     context = f"{json.dumps(summary, indent=1)}\n--- scenario stderr ---\n{run.stderr[-6000:]}"
     assert summary["failures"] == [], context

@@ -33,6 +33,7 @@ const config = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const BASE = config.base_url.replace(/\/$/, "");
 const MEDIA_BYTES = config.media_bytes ?? 5 * 1024 * 1024;
 const WAIT_MS = 60_000;
+const LONG_POLL_MS = 120_000; // sliding sync's server-side timeout
 const DEBUG_HEADERS = ["x-synapse-router-route", "x-synapse-router-pool", "x-synapse-router-worker"];
 
 const log = (...args) => console.error(`[scenario ${new Date().toISOString()}]`, ...args);
@@ -370,14 +371,15 @@ async function scenario() {
             if (!initial.pos || !initial.rooms?.[roomId]) {
                 throw new Error(`initial sliding sync without pos or without the room: ${JSON.stringify(initial).slice(0, 300)}`);
             }
-            // Long-poll until the response carrying Bob's message: it must come well before the
-            // timeout, woken by the message (other changes may wake an earlier poll).
+            // Long-poll until the response carrying Bob's message. It must end before the server's
+            // timeout (woken by the message, not timed out and then carrying it); other changes
+            // may wake an earlier poll.
             const wake = `wake up ${nonce}`;
             let pos = initial.pos;
             let sent = false;
             for (let polls = 1; polls <= 5; polls++) {
                 started = Date.now();
-                const pending = alice1.client.slidingSync({ ...body(), pos, timeout: 30_000, clientTimeout: 60_000 });
+                const pending = alice1.client.slidingSync({ ...body(), pos, timeout: LONG_POLL_MS, clientTimeout: 2 * LONG_POLL_MS });
                 if (!sent) {
                     await new Promise((r) => setTimeout(r, 1000));
                     await bob.client.sendTextMessage(roomId, wake);
@@ -388,7 +390,7 @@ async function scenario() {
                 pos = answer.pos;
                 const timeline = answer.rooms?.[roomId]?.timeline ?? [];
                 if (timeline.some((e) => e.content?.body === wake)) {
-                    if (ms >= 25_000) throw new Error(`the long-poll returned the message only after ${ms} ms`);
+                    if (ms >= LONG_POLL_MS / 2) throw new Error(`the long-poll timed out (${ms} ms) instead of being woken`);
                     extra.sliding_sync = { initial_ms: initialMs, woken_ms: ms, polls };
                     return;
                 }
