@@ -5,7 +5,8 @@ tests/e2e/js/scenario.mjs logs in two users and a second device, syncs with the 
 and exercises messages, typing, receipts, read markers, to-device, account data, 5 MiB of media,
 simplified sliding sync and logout; it records every response the SDK got. The router runs with
 the README's pools (sync, client_reader, room over the generic workers) and debug headers on:
-no request may fail, none may be a 5xx, and every response must carry the debug headers.
+no request may fail, none may be a 5xx, every response must carry the debug headers, and no
+Synapse process may log an ERROR during the run.
 scripts/test installs the Node packages (`npm ci`) before pytest runs.
 """
 
@@ -56,6 +57,24 @@ def _config(dep: Deployment) -> dict[str, Any]:
     }
 
 
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
+def _error_lines(path: str, offset: int) -> list[str]:
+    """ERROR lines a Synapse process logged after `offset` (its log's size before the run)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    return [line[:400] for line in text.splitlines() if " - ERROR - " in line]
+
+
 @pytest.mark.parametrize("launcher", ["mitmdump", "synapse-router"])
 def test_matrix_js_sdk_scenario(
     deployment: Deployment,
@@ -80,6 +99,7 @@ def test_matrix_js_sdk_scenario(
         )
     )
 
+    log_sizes = {name: _size(path) for name, path in deployment.logs.items()}
     started = time.monotonic()
     run = subprocess.run(
         [node, str(JS / "scenario.mjs"), str(config_path)],
@@ -105,4 +125,8 @@ def test_matrix_js_sdk_scenario(
     assert summary["requests"] > 0 and debug["without"] == 0 and debug["with"] == summary["requests"], context
     assert summary["media"]["bytes"] == MEDIA_BYTES, context
     assert run.returncode == 0, context
+    # A request can fail inside Synapse and still be answered (a partial write before an error):
+    # Synapse's own logs of the run must hold no ERROR line.
+    errors = {name: _error_lines(path, log_sizes[name]) for name, path in deployment.logs.items()}
+    assert not any(errors.values()), errors
     assert router.proc.poll() is None, router.log()[-4000:]
