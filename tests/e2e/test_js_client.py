@@ -85,9 +85,18 @@ def test_matrix_js_sdk_scenario(
 ) -> None:
     node = _node()
     router = start_router(deployment.main, _config(deployment), launcher=launcher)
-    wait_until_serving(router)
+    try:
+        wait_until_serving(router)
+        _scenario(node, deployment, router, names(launcher.replace("-", "")[:6], 2), tmp_path, launcher)
+    finally:
+        router.stop()
+
+
+def _scenario(
+    node: str, deployment: Deployment, router: Router, localparts: list[str], tmp_path: Path, launcher: str
+) -> None:
     users = {}
-    for role, localpart in zip(("alice", "bob"), names(launcher.replace("-", "")[:6], 2), strict=True):
+    for role, localpart in zip(("alice", "bob"), localparts, strict=True):
         password = os.urandom(12).hex()
         register_user(deployment.main, deployment.secret, localpart, password)
         users[role] = {"user": localpart, "password": password}
@@ -101,13 +110,17 @@ def test_matrix_js_sdk_scenario(
 
     log_sizes = {name: _size(path) for name, path in deployment.logs.items()}
     started = time.monotonic()
-    run = subprocess.run(
-        [node, str(JS / "scenario.mjs"), str(config_path)],
-        cwd=JS,
-        capture_output=True,
-        text=True,
-        timeout=SCENARIO_TIMEOUT,
-    )
+    try:
+        run = subprocess.run(
+            [node, str(JS / "scenario.mjs"), str(config_path)],
+            cwd=JS,
+            capture_output=True,
+            text=True,
+            timeout=SCENARIO_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"the js-sdk scenario ran over {SCENARIO_TIMEOUT:.0f}s:\n{stderr[-6000:]}")
     elapsed = time.monotonic() - started
     assert summary_path.exists(), f"no summary (exit {run.returncode}):\n{run.stderr[-6000:]}"
     summary = json.loads(summary_path.read_text())
@@ -129,4 +142,5 @@ def test_matrix_js_sdk_scenario(
     # Synapse's own logs of the run must hold no ERROR line.
     errors = {name: _error_lines(path, log_sizes[name]) for name, path in deployment.logs.items()}
     assert not any(errors.values()), errors
-    assert router.proc.poll() is None, router.log()[-4000:]
+    assert router.proc.poll() is None, router.log()[-4000:]  # the router is still up
+    assert "Traceback" not in router.log() and "Addon error" not in router.log(), router.log()[-8000:]
