@@ -340,6 +340,41 @@ async function scenario() {
             if (stored?.nonce !== nonce) throw new Error(`account data read back: ${JSON.stringify(stored)}`);
         });
 
+        // What a client like Element does besides the above: history, members, a redaction,
+        // profile, tags, the user directory, device names, keys, relations; then presence.
+        await step("everyday_calls", async () => {
+            const c = alice1.client;
+            const history = await c.createMessagesRequest(roomId, null, 30, sdk.Direction.Backward);
+            if (!history.chunk?.some((e) => e.event_id === bobEvent.getId())) throw new Error("/messages lacks bob's message");
+            const { chunk: members } = await c.members(roomId);
+            if (members.length !== 2) throw new Error(`/members answered ${members.length} members`);
+            await c.getStateEvent(roomId, "m.room.name", "");
+            await c.getJoinedRooms();
+            await c.fetchRoomEvent(roomId, bobEvent.getId());
+            await c.relations(roomId, bobEvent.getId(), "m.annotation");
+            const { event_id: toRedact } = await c.sendTextMessage(roomId, `oops ${nonce}`);
+            await c.redactEvent(roomId, toRedact);
+            await c.setDisplayName(`Alice ${nonce}`);
+            const profile = await bob.client.getProfileInfo(alice1.userId);
+            if (profile.displayname !== `Alice ${nonce}`) throw new Error(`profile read back: ${JSON.stringify(profile)}`);
+            await c.setRoomTag(roomId, "m.favourite", { order: 0.5 });
+            const { tags } = await c.getRoomTags(roomId);
+            if (!tags["m.favourite"]) throw new Error(`tags read back: ${JSON.stringify(tags)}`);
+            await bob.client.searchUserDirectory({ term: alice1.userId.slice(1, 8) });
+            await c.setDeviceDetails(alice1.deviceId, { display_name: `alice1 ${nonce}` });
+            await c.downloadKeysForUsers([bob.userId]);
+            await c.getMediaConfig();
+            await c.getCapabilities();
+        });
+
+        await step("presence", async () => {
+            await alice1.client.setPresence({ presence: "online", status_msg: `here ${nonce}` });
+            const own = await alice1.client.getPresence(alice1.userId);
+            if (own.presence !== "online") throw new Error(`own presence read back: ${JSON.stringify(own)}`);
+            const seen = await bob.client.getPresence(alice1.userId);
+            if (seen.presence !== "online") throw new Error(`alice's presence seen by bob: ${JSON.stringify(seen)}`);
+        });
+
         await step("media", async () => {
             const bytes = randomBytes(MEDIA_BYTES);
             const { content_uri } = await alice1.client.uploadContent(bytes, {
