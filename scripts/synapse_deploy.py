@@ -3,7 +3,7 @@
 
 For the end-to-end tests, the demo and the benchmarks. Standard library only.
 
-    python3.12 scripts/synapse_deploy.py up            [--state-dir DIR] [--timeout S]
+    python3.12 scripts/synapse_deploy.py up            [--topology T] [--state-dir DIR] [--venv DIR] [--timeout S]
     python3.12 scripts/synapse_deploy.py status        [--state-dir DIR]
     python3.12 scripts/synapse_deploy.py down          [--state-dir DIR]
     python3.12 scripts/synapse_deploy.py stop-worker  generic2 [--state-dir DIR]
@@ -25,6 +25,26 @@ answers `GET /health` with 200, and prints ONE line of JSON on stdout (progress 
      "pids": {"main": 123, "generic1": ..., "postgres": ..., "redis": ...},
      "synapse_version": "1.163.2", "python": ".../venv/bin/python", "state_dir": "..."}
 
+Topologies (`--topology`; a state directory remembers its own in STATE/topology, so later
+commands need only `--state-dir`, or nothing for the topology's default directory):
+
+    default  main + generic1..3 (any endpoint a generic worker serves); state .synapse-deploy/
+    full     every kind of process the router's route table names, as docs/workers.md sets
+             them up; state .synapse-deploy-full/, ports shifted by 100 (both can run at once):
+             writer1      stream writer of typing, to_device, account_data, receipts, presence,
+                          push_rules, device_lists, thread_subscriptions (client + replication)
+             persister1   event persister (`stream_writers.events`; replication listener only)
+             media1       media repository (synapse.app.media_repository, `media` resource;
+                          `enable_media_repo: false` and `media_instance_running_background_jobs`
+                          in the shared config) and quarantined_media_changes writer
+             initial_sync1, sync1, client_reader1 (client), federation_reader1 (federation)
+    The JSON then also has "worker_replication", "roles" and "stream_writers". `--venv DIR`
+    uses (or creates) a Synapse virtualenv elsewhere, e.g. the default deployment's, so a
+    second topology costs no second install.
+
+The JSON's "rss_kib" is the resident set of every process in KiB and their sum ("total";
+PostgreSQL's entry sums the postmaster and its backends, shared buffers counted in each).
+
 `up` is idempotent (a second `up` only re-checks and re-prints the JSON). `status` prints the
 same JSON and exits 0 when every process is running and healthy, else exits 1 and says on
 stderr what is down. `down` stops exactly the processes whose pid files are in STATE/pids
@@ -42,6 +62,8 @@ Ports (loopback only) derive from SYNAPSE_DEPLOY_BASE_PORT (default 18000):
     generic1..3             base + 81..83  18081..18083
     PostgreSQL              base - 2568  15432
     Redis                   base - 1621  16379
+    full topology: every port above + 100; worker i (1-based)
+    listens on base + 180 + i (order of "Topologies"), a stream writer's replication listener on base + 160 + i
 
 The ports of a running deployment are kept in STATE/ports.json, so `status`, `down` and the
 worker commands work whatever the environment says; a change of base takes effect at the next
@@ -92,8 +114,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_NAME = "test.local"
 HOST = "127.0.0.1"
-WORKER_NAMES = ("generic1", "generic2", "generic3")
-SYNAPSE_NAMES = ("main", *WORKER_NAMES)
 DEFAULT_BASE_PORT = 18000
 DEFAULT_TIMEOUT = 120.0
 DEFAULT_SYNAPSE_SPEC = "matrix-synapse[redis]>=1.163"
@@ -111,6 +131,97 @@ class DeployError(Exception):
     """A failure with a message meant for the person running the script."""
 
 
+# --------------------------------------------------------------------------- topologies
+
+
+@dataclass(frozen=True)
+class Worker:
+    name: str
+    role: str  # what the process is for, as the JSON's "roles" tells it
+    resources: tuple[str, ...] = ("client", "federation")  # of its HTTP listener; () for none
+    replication: bool = False  # a stream writer: a replication listener and an instance_map entry
+    app: str = "synapse.app.generic_worker"
+    config: tuple[tuple[str, Any], ...] = ()  # extra keys of its worker configuration
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The Synapse processes of a deployment. `offset` shifts every port (PostgreSQL and Redis
+    included) so that two topologies on one base port can run side by side."""
+
+    name: str
+    workers: tuple[Worker, ...]
+    offset: int
+    state_dir: str  # default state directory, relative to the repository
+    stream_writers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    shared: tuple[tuple[str, Any], ...] = ()  # extra keys of homeserver.yaml
+
+    @property
+    def worker_names(self) -> tuple[str, ...]:
+        return tuple(w.name for w in self.workers)
+
+    @property
+    def synapse_names(self) -> tuple[str, ...]:
+        return ("main", *self.worker_names)
+
+    def worker(self, name: str) -> Worker:
+        for w in self.workers:
+            if w.name == name:
+                return w
+        raise DeployError(f"no worker {name!r} in the {self.name} topology (it has {', '.join(self.worker_names)})")
+
+
+DEFAULT_TOPOLOGY = Topology(
+    name="default",
+    workers=tuple(Worker(f"generic{i}", "generic") for i in (1, 2, 3)),
+    offset=0,
+    state_dir=".synapse-deploy",
+)
+
+# Every kind of process the router's route table names, configured as docs/workers.md
+# prescribes: stream writers (several streams share one process to save memory; each is in
+# `instance_map` with a replication listener), an event persister, a media repository worker
+# (`enable_media_repo: false` in the shared configuration), an initial-sync/sync pair, a client
+# reader and a federation reader.
+WRITER_STREAMS = (
+    "typing",
+    "to_device",
+    "account_data",
+    "receipts",
+    "presence",
+    "push_rules",
+    "device_lists",
+    "thread_subscriptions",
+)
+FULL_TOPOLOGY = Topology(
+    name="full",
+    workers=(
+        Worker("writer1", "stream writer: " + ", ".join(WRITER_STREAMS), ("client",), replication=True),
+        Worker("persister1", "event persister (events stream)", (), replication=True),
+        Worker(
+            "media1",
+            "media repository, quarantined_media_changes writer",
+            ("media",),
+            replication=True,
+            app="synapse.app.media_repository",
+        ),
+        Worker("initial_sync1", "initial sync", ("client",)),
+        Worker("sync1", "sync", ("client",)),
+        Worker("client_reader1", "client reader", ("client",)),
+        Worker("federation_reader1", "federation reader", ("federation",)),
+    ),
+    offset=100,
+    state_dir=".synapse-deploy-full",
+    stream_writers=(
+        *((stream, ("writer1",)) for stream in WRITER_STREAMS),
+        ("events", ("persister1",)),
+        ("quarantined_media_changes", ("media1",)),
+    ),
+    shared=(("enable_media_repo", False), ("media_instance_running_background_jobs", "media1")),
+)
+TOPOLOGIES = {t.name: t for t in (DEFAULT_TOPOLOGY, FULL_TOPOLOGY)}
+
+
 def say(message: str) -> None:
     print(f"[synapse-deploy] {message}", file=sys.stderr, flush=True)
 
@@ -122,16 +233,19 @@ def say(message: str) -> None:
 class Ports:
     main: int
     replication: int
-    workers: tuple[tuple[str, int], ...]
+    workers: tuple[tuple[str, int], ...]  # HTTP listener (client/federation/media resources)
+    worker_replication: tuple[tuple[str, int], ...]  # stream writers' replication listeners
     postgres: int
     redis: int
 
     @classmethod
-    def from_base(cls, base: int) -> Ports:
+    def from_base(cls, base: int, topology: Topology) -> Ports:
+        base += topology.offset
         ports = cls(
             main=base + 8,
             replication=base + 93,
-            workers=tuple((name, base + 81 + i) for i, name in enumerate(WORKER_NAMES)),
+            workers=tuple((w.name, base + 81 + i) for i, w in enumerate(topology.workers) if w.resources),
+            worker_replication=tuple((w.name, base + 61 + i) for i, w in enumerate(topology.workers) if w.replication),
             postgres=base - 2568,
             redis=base - 1621,
         )
@@ -143,14 +257,22 @@ class Ports:
     def worker(self, name: str) -> int:
         return dict(self.workers)[name]
 
+    def listeners(self, name: str) -> list[int]:
+        """The ports a Synapse process listens on."""
+        if name == "main":
+            return [self.main, self.replication]
+        return [p for n, p in (*self.workers, *self.worker_replication) if n == name]
+
     def all(self) -> list[int]:
-        return [self.main, self.replication, *(p for _, p in self.workers), self.postgres, self.redis]
+        workers = [p for _, p in (*self.workers, *self.worker_replication)]
+        return [self.main, self.replication, *workers, self.postgres, self.redis]
 
     def to_json(self) -> dict[str, Any]:
         return {
             "main": self.main,
             "replication": self.replication,
             "workers": dict(self.workers),
+            "worker_replication": dict(self.worker_replication),
             "postgres": self.postgres,
             "redis": self.redis,
         }
@@ -160,7 +282,8 @@ class Ports:
         return cls(
             main=int(data["main"]),
             replication=int(data["replication"]),
-            workers=tuple((name, int(data["workers"][name])) for name in WORKER_NAMES),
+            workers=tuple((str(n), int(p)) for n, p in data["workers"].items()),
+            worker_replication=tuple((str(n), int(p)) for n, p in data.get("worker_replication", {}).items()),
             postgres=int(data["postgres"]),
             redis=int(data["redis"]),
         )
@@ -169,10 +292,12 @@ class Ports:
 @dataclass(frozen=True)
 class Layout:
     state: Path
+    topology: Topology = DEFAULT_TOPOLOGY
+    shared_venv: Path | None = None  # --venv: another deployment's Synapse install
 
     @property
     def venv(self) -> Path:
-        return self.state / "venv"
+        return self.shared_venv or self.state / "venv"
 
     @property
     def python(self) -> Path:
@@ -232,6 +357,10 @@ class Layout:
     @property
     def version_file(self) -> Path:
         return self.state / "synapse_version"
+
+    @property
+    def topology_file(self) -> Path:
+        return self.state / "topology"
 
 
 @dataclass(frozen=True)
@@ -718,6 +847,14 @@ def venv_has_synapse(layout: Layout) -> bool:
 
 
 def ensure_venv(layout: Layout) -> str:
+    # A venv may be shared by deployments (--venv): one installs it, the others wait.
+    layout.venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{layout.venv}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_venv(layout)
+
+
+def _ensure_venv(layout: Layout) -> str:
     if not venv_has_synapse(layout):
         if not layout.python.exists():
             say(f"creating virtualenv {layout.venv}")
@@ -762,7 +899,13 @@ def http_listener(port: int, resources: list[str]) -> dict[str, Any]:
 
 
 def homeserver_config(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, Any]:
-    return {
+    topology = layout.topology
+    instance_map = {"main": {"host": HOST, "port": ports.replication}}
+    instance_map |= {name: {"host": HOST, "port": port} for name, port in ports.worker_replication}
+    extra: dict[str, Any] = dict(topology.shared)
+    if topology.stream_writers:
+        extra["stream_writers"] = {stream: list(names) for stream, names in topology.stream_writers}
+    return extra | {
         "server_name": SERVER_NAME,
         "public_baseurl": f"http://{HOST}:{ports.main}/",
         "report_stats": False,
@@ -797,7 +940,7 @@ def homeserver_config(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, A
             },
         },
         "redis": {"enabled": True, "host": HOST, "port": ports.redis},
-        "instance_map": {"main": {"host": HOST, "port": ports.replication}},
+        "instance_map": instance_map,
         # Tests make dozens of users and hundreds of requests: no 429s.
         "rc_message": ratelimit(),
         "rc_registration": ratelimit(),
@@ -828,10 +971,16 @@ def homeserver_config(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, A
 
 
 def worker_config(layout: Layout, ports: Ports, name: str) -> dict[str, Any]:
-    return {
-        "worker_app": "synapse.app.generic_worker",
+    worker = layout.topology.worker(name)
+    listeners = []
+    if worker.resources:
+        listeners.append(http_listener(ports.worker(name), list(worker.resources)))
+    if worker.replication:
+        listeners.append(http_listener(dict(ports.worker_replication)[name], ["replication"]))
+    return dict(worker.config) | {
+        "worker_app": worker.app,
         "worker_name": name,
-        "worker_listeners": [http_listener(ports.worker(name), ["client", "federation"])],
+        "worker_listeners": listeners,
         "worker_log_config": str(layout.log_config(name)),
     }
 
@@ -875,9 +1024,9 @@ def write_json_yaml(path: Path, data: Mapping[str, Any], mode: int = 0o644) -> N
 
 def write_synapse_configs(layout: Layout, ports: Ports, sec: Secrets) -> None:
     write_json_yaml(layout.homeserver_yaml, homeserver_config(layout, ports, sec), mode=0o600)
-    for name in WORKER_NAMES:
+    for name in layout.topology.worker_names:
         write_json_yaml(layout.worker_yaml(name), worker_config(layout, ports, name))
-    for name in SYNAPSE_NAMES:
+    for name in layout.topology.synapse_names:
         write_json_yaml(layout.log_config(name), log_config(layout, name))
 
 
@@ -902,7 +1051,7 @@ def synapse_argv(layout: Layout, name: str) -> list[str]:
     return [
         str(layout.python),
         "-m",
-        "synapse.app.generic_worker",
+        layout.topology.worker(name).app,
         "-c",
         str(layout.homeserver_yaml),
         "-c",
@@ -911,9 +1060,7 @@ def synapse_argv(layout: Layout, name: str) -> list[str]:
 
 
 def health_urls(ports: Ports, name: str) -> list[str]:
-    if name == "main":
-        return [f"http://{HOST}:{ports.main}/health", f"http://{HOST}:{ports.replication}/health"]
-    return [f"http://{HOST}:{ports.worker(name)}/health"]
+    return [f"http://{HOST}:{port}/health" for port in ports.listeners(name)]
 
 
 def start_synapse(layout: Layout, ports: Ports, names: Sequence[str], deadline: float) -> None:
@@ -921,8 +1068,7 @@ def start_synapse(layout: Layout, ports: Ports, names: Sequence[str], deadline: 
     for name in names:
         if running_pid(layout, name):
             continue
-        listener_ports = [ports.main, ports.replication] if name == "main" else [ports.worker(name)]
-        for port in listener_ports:
+        for port in ports.listeners(name):
             if port_in_use(port):
                 raise DeployError(f"port {port} ({name}) is already taken by a process we did not start")
         pid = spawn(layout, name, synapse_argv(layout, name), cwd=layout.state)
@@ -936,13 +1082,47 @@ def start_synapse(layout: Layout, ports: Ports, names: Sequence[str], deadline: 
 # --------------------------------------------------------------------------- commands
 
 
+def rss_kib(pid: int | None) -> int:
+    """Resident set size of `pid` in KiB (0 when it is gone)."""
+    if pid is None:
+        return 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def deployment_rss(layout: Layout) -> dict[str, int]:
+    """RSS in KiB of every process of the deployment (PostgreSQL: the postmaster and its
+    backends, counted as the sum of their RSS, shared pages counted in each) and the total."""
+    rss = {name: rss_kib(running_pid(layout, name)) for name in (*layout.topology.synapse_names, "redis")}
+    postmaster = running_pid(layout, "postgres")
+    pg = 0
+    if postmaster is not None:
+        pids = [postmaster]
+        with contextlib.suppress(OSError):
+            pids += [int(c) for c in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()]
+        pg = sum(rss_kib(pid) for pid in pids)
+    rss["postgres"] = pg
+    rss["total"] = sum(rss.values())
+    return rss
+
+
 def deployment_json(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, Any]:
     version = layout.version_file.read_text().strip() if layout.version_file.exists() else None
+    topology = layout.topology
     return {
+        "topology": topology.name,
         "server_name": SERVER_NAME,
         "main": f"http://{HOST}:{ports.main}",
         "replication": f"http://{HOST}:{ports.replication}",
         "workers": {name: f"http://{HOST}:{port}" for name, port in ports.workers},
+        "worker_replication": {name: f"http://{HOST}:{port}" for name, port in ports.worker_replication},
+        "roles": {w.name: w.role for w in topology.workers},
+        "stream_writers": {stream: list(names) for stream, names in topology.stream_writers},
         "registration_shared_secret": sec.registration_shared_secret,
         "postgres": {
             "host": HOST,
@@ -955,8 +1135,9 @@ def deployment_json(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, Any
             "log": str(layout.state / "logs" / "postgres.log"),
         },
         "redis": {"host": HOST, "port": ports.redis, "log": str(layout.state / "logs" / "redis.log")},
-        "logs": {name: str(layout.log(name)) for name in SYNAPSE_NAMES},
-        "pids": {name: running_pid(layout, name) for name in (*SYNAPSE_NAMES, "postgres", "redis")},
+        "logs": {name: str(layout.log(name)) for name in topology.synapse_names},
+        "pids": {name: running_pid(layout, name) for name in (*topology.synapse_names, "postgres", "redis")},
+        "rss_kib": deployment_rss(layout),
         "synapse_version": version,
         "python": str(layout.python),
         "state_dir": str(layout.state),
@@ -969,21 +1150,21 @@ def emit(data: Mapping[str, Any]) -> None:
 
 def problems(layout: Layout, ports: Ports) -> list[str]:
     found = []
-    for name in ("postgres", "redis", *SYNAPSE_NAMES):
+    for name in ("postgres", "redis", *layout.topology.synapse_names):
         if running_pid(layout, name) is None:
             found.append(f"{name} is not running")
     if running_pid(layout, "redis") and not redis_ping(ports.redis):
         found.append(f"redis does not answer PING on {ports.redis}")
     if running_pid(layout, "postgres") and not port_in_use(ports.postgres):
         found.append(f"postgres does not accept connections on {ports.postgres}")
-    for name in SYNAPSE_NAMES:
+    for name in layout.topology.synapse_names:
         if running_pid(layout, name):
             found += [f"{name}: {url} is not 200" for url in health_urls(ports, name) if not http_ok(url)]
     return found
 
 
 def anything_running(layout: Layout) -> bool:
-    return any(running_pid(layout, name) for name in ("postgres", "redis", *SYNAPSE_NAMES))
+    return any(running_pid(layout, name) for name in ("postgres", "redis", *layout.topology.synapse_names))
 
 
 def cmd_up(layout: Layout, timeout: float) -> int:
@@ -993,7 +1174,7 @@ def cmd_up(layout: Layout, timeout: float) -> int:
         (layout.state / sub).mkdir(parents=True, exist_ok=True)
     layout.media.mkdir(exist_ok=True)
     previous = saved_ports(layout)
-    wanted = Ports.from_base(base_port_from_env())
+    wanted = Ports.from_base(base_port_from_env(), layout.topology)
     if anything_running(layout) and previous is not None:
         ports = previous
         if ports != wanted:
@@ -1014,7 +1195,7 @@ def cmd_up(layout: Layout, timeout: float) -> int:
     ensure_pg_database(bindir, ports, sec)
     start_redis(layout, redis, ports, deadline)
     start_synapse(layout, ports, ["main"], deadline)
-    start_synapse(layout, ports, WORKER_NAMES, deadline)
+    start_synapse(layout, ports, layout.topology.worker_names, deadline)
     say(f"up in {time.monotonic() - started_at:.1f}s")
     emit(deployment_json(layout, ports, sec))
     return 0
@@ -1038,7 +1219,7 @@ def cmd_down(layout: Layout) -> int:
     if not layout.state.exists():
         say(f"nothing to stop: {layout.state} does not exist")
         return 0
-    for group in (WORKER_NAMES, ("main",), ("redis",)):
+    for group in (layout.topology.worker_names, ("main",), ("redis",)):
         targets = [(name, pid) for name in group if (pid := running_pid(layout, name)) is not None]
         if targets:
             signal_and_wait(targets)
@@ -1068,18 +1249,42 @@ def cmd_start_worker(layout: Layout, name: str, timeout: float) -> int:
     return 0
 
 
+def resolve_topology(state: Path, asked: str | None) -> Topology:
+    """The topology a state directory was brought up with (STATE/topology), else the one asked
+    for, else the default; asking for another one than the directory holds is an error."""
+    try:
+        saved: str | None = (state / "topology").read_text().strip()
+    except OSError:
+        saved = None
+    if saved is not None and saved not in TOPOLOGIES:
+        raise DeployError(f"{state / 'topology'} names an unknown topology {saved!r}")
+    if saved is not None and asked is not None and saved != asked:
+        raise DeployError(f"{state} holds the {saved} topology, not {asked}: use another --state-dir")
+    return TOPOLOGIES[saved or asked or DEFAULT_TOPOLOGY.name]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         epilog="Ports, layout and JSON: see the module docstring.",
     )
     parser.add_argument("command", choices=["install", "up", "down", "status", "stop-worker", "start-worker"])
-    parser.add_argument("worker", nargs="?", choices=WORKER_NAMES, help="for stop-worker / start-worker")
-    parser.add_argument("--state-dir", type=Path, default=ROOT / ".synapse-deploy", help="default: %(default)s")
+    parser.add_argument("worker", nargs="?", help="for stop-worker / start-worker")
+    parser.add_argument(
+        "--topology",
+        choices=sorted(TOPOLOGIES),
+        help="default: the state directory's, else default (main + 3 generic workers)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help=", ".join(f"{t.name}: ROOT/{t.state_dir}" for t in TOPOLOGIES.values()) + " (default per topology)",
+    )
+    parser.add_argument("--venv", type=Path, help="Synapse virtualenv to use (and create); default STATE/venv")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="start-up deadline in seconds")
     args = parser.parse_args(argv)
     if args.command in ("stop-worker", "start-worker") and not args.worker:
-        parser.error(f"{args.command} needs a worker name: {', '.join(WORKER_NAMES)}")
+        parser.error(f"{args.command} needs a worker name")
     if args.command == "install":  # only the Debian packages (PostgreSQL, Redis); starts nothing
         try:
             ensure_system_packages()
@@ -1087,10 +1292,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"error: {e}")
             return 1
         return 0
-    layout = Layout(args.state_dir.expanduser().resolve())
+    state = args.state_dir or ROOT / TOPOLOGIES[args.topology or DEFAULT_TOPOLOGY.name].state_dir
+    state = state.expanduser().resolve()
     try:
+        topology = resolve_topology(state, args.topology)
+        venv = args.venv.expanduser().resolve() if args.venv else None
+        layout = Layout(state, topology, venv)
+        if args.worker:
+            topology.worker(args.worker)  # an unknown name is an error
         with state_lock(layout):
             if args.command == "up":
+                layout.topology_file.write_text(topology.name + "\n")
                 return cmd_up(layout, args.timeout)
             if args.command == "status":
                 return cmd_status(layout)

@@ -212,6 +212,18 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         Balance.ROOM,
     ),
     # --- media repository ---
+    # Quarantining writes the quarantined_media_changes stream: only its configured writers may
+    # (the store asserts `_can_write_quarantined_media_changes`), whatever process has media.
+    Route(
+        "quarantined_media",
+        (
+            r"^/_synapse/admin/v1/quarantine_media/",
+            r"^/_synapse/admin/v1/(?:room|user)/[^/]+/media/quarantine$",
+            r"^/_synapse/admin/v1/media/(?:un)?quarantine/",
+        ),
+        ("quarantined_media_changes",),
+        Balance.ROUND_ROBIN,
+    ),
     Route(
         "media",
         (

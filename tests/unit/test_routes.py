@@ -24,6 +24,7 @@ ALL_POOLS = [
     "push_rules",
     "device_lists",
     "thread_subscriptions",
+    "quarantined_media_changes",
 ]
 
 
@@ -109,7 +110,14 @@ CASES = [
     ("POST", "/_synapse/admin/v1/purge_media_cache?before_ts=1", "media"),
     ("GET", "/_synapse/admin/v1/room/!r:x/media", "media"),
     ("GET", "/_synapse/admin/v1/users/@a:x/media", "media"),
-    ("POST", "/_synapse/admin/v1/quarantine_media/example.org/abc", "media"),
+    ("GET", "/_synapse/admin/v1/media/example.org/abc", "media"),
+    ("GET", "/_synapse/admin/v1/media/quarantine_changes", "media"),
+    # quarantining writes a stream: its writer, never any media worker
+    ("POST", "/_synapse/admin/v1/quarantine_media/!r:x", "quarantined_media_changes"),
+    ("POST", "/_synapse/admin/v1/room/!r:x/media/quarantine", "quarantined_media_changes"),
+    ("POST", "/_synapse/admin/v1/user/@a:x/media/quarantine", "quarantined_media_changes"),
+    ("POST", "/_synapse/admin/v1/media/quarantine/example.org/abc", "quarantined_media_changes"),
+    ("POST", "/_synapse/admin/v1/media/unquarantine/example.org/abc", "quarantined_media_changes"),
     # user directory
     ("POST", "/_matrix/client/v3/user_directory/search", "user_dir"),
     # federation
@@ -230,6 +238,9 @@ def test_generic_only(method: str, path: str, pool: str) -> None:
 # configured stream writer answers 500 (`AssertionError: self._can_write_to_receipts`).
 READERS_ONLY = engine_with(["sync", "client_reader", "federation_reader", "generic"])
 WRITER_ROUTES = ("typing", "to_device", "account_data", "receipts", "presence", "push_rules", "device_lists")
+STREAM_OF_ROUTE = {name: name for name in (*WRITER_ROUTES, "thread_subscriptions")} | {
+    "quarantined_media": "quarantined_media_changes"
+}
 WRITES = [
     ("PUT", "/_matrix/client/v3/rooms/!r:x/typing/@a:x"),
     ("PUT", "/_matrix/client/v3/sendToDevice/m.room.encrypted/1"),
@@ -261,8 +272,17 @@ def test_stream_writes_never_reach_readers(method: str, path: str) -> None:
 
 def test_writer_routes_chain_only_their_writer() -> None:
     for route in RouteTable().routes:
-        if route.name in WRITER_ROUTES:
-            assert route.pools == (route.name,), route
+        if route.name in STREAM_OF_ROUTE:
+            assert route.pools == (STREAM_OF_ROUTE[route.name],), route
+
+
+def test_quarantine_reaches_its_writer_not_the_media_worker() -> None:
+    # docs/workers.md: quarantine_media "should be routed directly to one of the workers
+    # configured as stream writer for the quarantined_media_changes stream"; a media worker
+    # that is not one fails the write.
+    engine = engine_with(["media"])
+    assert pool_for(engine, "POST", "/_synapse/admin/v1/media/quarantine/x/abc") == "main"
+    assert pool_for(engine, "GET", "/_synapse/admin/v1/media/x/abc") == "media"
 
 
 def test_sync_pool_beats_generic() -> None:
