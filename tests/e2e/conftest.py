@@ -50,6 +50,25 @@ def deployment() -> Iterator[Deployment]:
                 print(f"synapse_deploy.py down failed:\n{down.stderr}", file=sys.stderr)
 
 
+@pytest.fixture(scope="session")
+def full_deployment(deployment: Deployment) -> Iterator[Deployment]:
+    """synapse_deploy's `full` topology (stream writer, event persister, media repository,
+    initial_sync/sync pair, client and federation readers) next to the default one, sharing its
+    Synapse install; brought up and down as `deployment` is."""
+    state = Path(os.environ.get("E2E_FULL_STATE_DIR", ROOT / ".synapse-deploy-full")).resolve()
+    try:
+        dep = bring_up(state, topology="full", venv=deployment.state_dir / "venv")
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
+        yield dep
+    finally:
+        if dep.started_here and os.environ.get("E2E_KEEP_DEPLOYMENT") != "1":
+            down = dep.run("down", timeout=300)
+            if down.returncode != 0:
+                print(f"synapse_deploy.py down (full) failed:\n{down.stderr}", file=sys.stderr)
+
+
 def router_config(dep: Deployment, **overrides: Any) -> dict[str, Any]:
     urls = list(dep.workers.values())
     config: dict[str, Any] = {

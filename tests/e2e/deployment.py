@@ -13,9 +13,27 @@ from typing import Any
 from tests.harness import ROOT
 
 DEPLOY = ROOT / "scripts" / "synapse_deploy.py"
-PROCESSES = ("postgres", "redis", "main", "generic1", "generic2", "generic3")
+# Every process of each topology of scripts/synapse_deploy.py (`--topology`).
+PROCESSES = {
+    "default": ("postgres", "redis", "main", "generic1", "generic2", "generic3"),
+    "full": (
+        "postgres",
+        "redis",
+        "main",
+        "writer1",
+        "persister1",
+        "media1",
+        "initial_sync1",
+        "sync1",
+        "client_reader1",
+        "federation_reader1",
+    ),
+}
 # A first `up` on a fresh machine installs PostgreSQL, Redis and Synapse: minutes, not seconds.
+# `up`'s own deadline counts from its start, the installs included (a busy 2-core machine took
+# more than synapse_deploy's default 120 s before the main process answered).
 UP_TIMEOUT = 1200.0
+UP_DEADLINE = 900.0
 
 
 @dataclass
@@ -79,24 +97,30 @@ def run_deploy(state_dir: Path, *args: str, timeout: float = 300.0) -> subproces
     )
 
 
-def bring_up(state_dir: Path) -> Deployment:
-    """The running deployment in `state_dir`, or a new one; RuntimeError if `up` fails."""
+def bring_up(state_dir: Path, topology: str = "default", venv: Path | None = None) -> Deployment:
+    """The running deployment in `state_dir`, or a new one of `topology` (with the Synapse
+    install `venv`, e.g. another deployment's; default its own); RuntimeError if `up` fails."""
     status = run_deploy(state_dir, "status", timeout=60)
     if status.returncode == 0:
         return Deployment(_description(status.stdout), state_dir, started_here=False)
-    up = run_deploy(state_dir, "up", timeout=UP_TIMEOUT)
+    args = ["up", "--topology", topology, "--timeout", str(UP_DEADLINE)]
+    if venv is not None:
+        args += ["--venv", str(venv)]
+    up = run_deploy(state_dir, *args, timeout=UP_TIMEOUT)
     if up.returncode != 0:
         raise RuntimeError(f"synapse_deploy.py up failed ({up.returncode}):\n{up.stderr[-4000:]}")
-    return Deployment(_description(up.stdout), state_dir, started_here=_nothing_running(status.stderr))
+    return Deployment(
+        _description(up.stdout), state_dir, started_here=_nothing_running(status.stderr, PROCESSES[topology])
+    )
 
 
 def _description(stdout: str) -> dict[str, Any]:
     return dict(json.loads(stdout.strip().splitlines()[-1]))
 
 
-def _nothing_running(status_stderr: str) -> bool:
+def _nothing_running(status_stderr: str, processes: tuple[str, ...]) -> bool:
     """`status` says on stderr what is down; every process down (or no deployment at all) means
     that nobody else is using this deployment."""
     if "no deployment in" in status_stderr:
         return True
-    return all(f"{name} is not running" in status_stderr for name in PROCESSES)
+    return all(f"{name} is not running" in status_stderr for name in processes)

@@ -1,13 +1,15 @@
 """A real Matrix client, matrix-js-sdk (pinned in tests/e2e/js/package-lock.json), through the
-router in front of real Synapse, under both launchers whatever SYNAPSE_ROUTER_LAUNCHER says.
+router in front of real Synapse: under both launchers whatever SYNAPSE_ROUTER_LAUNCHER says, on
+both topologies of scripts/synapse_deploy.py.
 
 tests/e2e/js/scenario.mjs logs in two users and a second device, syncs with the SDK's own loop
-and exercises messages, typing, receipts, read markers, to-device, account data, 5 MiB of media,
-simplified sliding sync and logout; it records every response the SDK got. The router runs with
-the README's pools (sync, client_reader, room over the generic workers) and debug headers on:
-no request may fail, none may be a 5xx, every response must carry the debug headers, and no
-Synapse process may log an ERROR during the run.
-scripts/test installs the Node packages (`npm ci`) before pytest runs.
+and exercises messages, typing, receipts, read markers, to-device, account data, everyday calls,
+presence, 5 MiB of media, simplified sliding sync and logout; it records every response the SDK
+got. The router runs with debug headers on and, on the default topology, the README's pools
+(sync, client_reader, room over the generic workers); on the full one, a pool for each of its
+processes (stream writers, media repository, readers). No request may fail, none may be a 5xx,
+every response must carry the debug headers, and no Synapse process may log an ERROR during the
+run. scripts/test installs the Node packages (`npm ci`) before pytest runs.
 """
 
 from __future__ import annotations
@@ -47,14 +49,62 @@ def _node() -> str:
     return node
 
 
-def _config(dep: Deployment) -> dict[str, Any]:
-    urls = list(dep.workers.values())
-    return {
-        "workers": {"sync": urls, "client_reader": urls, "room": urls},
-        "health": HEALTH,
-        "whoami": WHOAMI,
-        "debug_headers": True,
+# The router's stream-writer pools, named as Synapse names the streams.
+WRITER_POOLS = (
+    "typing",
+    "to_device",
+    "account_data",
+    "receipts",
+    "presence",
+    "push_rules",
+    "device_lists",
+    "thread_subscriptions",
+)
+
+
+def _pools(topology: str, dep: Deployment) -> dict[str, list[str]]:
+    """default: the README's pools over the generic workers. full: every pool the topology has
+    a process for, stream writers as its `stream_writers` says."""
+    w = dep.workers
+    if topology == "default":
+        urls = list(w.values())
+        return {"sync": urls, "client_reader": urls, "room": urls}
+    pools = {
+        "sync": [w["sync1"]],
+        "initial_sync": [w["initial_sync1"]],
+        "client_reader": [w["client_reader1"]],
+        "federation_reader": [w["federation_reader1"]],
+        "media": [w["media1"]],
     }
+    for stream, writers in dep.info["stream_writers"].items():
+        if stream in WRITER_POOLS:
+            pools[stream] = [w[name] for name in writers]
+    return pools
+
+
+@pytest.mark.parametrize("launcher", ["mitmdump", "synapse-router"])
+@pytest.mark.parametrize("topology", ["default", "full"])
+def test_matrix_js_sdk_scenario(
+    start_router: Callable[..., Router],
+    names: Names,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    topology: str,
+    launcher: str,
+) -> None:
+    node = _node()
+    dep: Deployment = request.getfixturevalue("deployment" if topology == "default" else "full_deployment")
+    config = {"workers": _pools(topology, dep), "health": HEALTH, "whoami": WHOAMI, "debug_headers": True}
+    router = start_router(dep.main, config, launcher=launcher)
+    try:
+        wait_until_serving(router)
+        summary = _scenario(
+            node, dep, router, names(f"{topology[0]}{launcher[0]}", 2), tmp_path, f"{topology}/{launcher}"
+        )
+        if topology == "full":  # media went to the media repository worker, through the media pool
+            assert summary["decisions"]["media"] == {dep.workers["media1"]: summary["routes"]["media"]}, summary
+    finally:
+        router.stop()
 
 
 def _size(path: str) -> int:
@@ -75,26 +125,10 @@ def _error_lines(path: str, offset: int) -> list[str]:
     return [line[:400] for line in text.splitlines() if " - ERROR - " in line]
 
 
-@pytest.mark.parametrize("launcher", ["mitmdump", "synapse-router"])
-def test_matrix_js_sdk_scenario(
-    deployment: Deployment,
-    start_router: Callable[..., Router],
-    names: Names,
-    tmp_path: Path,
-    launcher: str,
-) -> None:
-    node = _node()
-    router = start_router(deployment.main, _config(deployment), launcher=launcher)
-    try:
-        wait_until_serving(router)
-        _scenario(node, deployment, router, names(launcher.replace("-", "")[:6], 2), tmp_path, launcher)
-    finally:
-        router.stop()
-
-
 def _scenario(
-    node: str, deployment: Deployment, router: Router, localparts: list[str], tmp_path: Path, launcher: str
-) -> None:
+    node: str, deployment: Deployment, router: Router, localparts: list[str], tmp_path: Path, label: str
+) -> dict[str, Any]:
+    """Runs scenario.mjs through `router`, checks its summary and Synapse's logs; the summary."""
     users = {}
     for role, localpart in zip(("alice", "bob"), localparts, strict=True):
         password = os.urandom(12).hex()
@@ -123,10 +157,10 @@ def _scenario(
         pytest.fail(f"the js-sdk scenario ran over {SCENARIO_TIMEOUT:.0f}s:\n{stderr[-6000:]}")
     elapsed = time.monotonic() - started
     assert summary_path.exists(), f"no summary (exit {run.returncode}):\n{run.stderr[-6000:]}"
-    summary = json.loads(summary_path.read_text())
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
     debug = summary["debug_headers"]
     print(
-        f"{launcher}: js-sdk scenario {elapsed:.1f}s, {summary['requests']} requests, statuses "
+        f"{label}: js-sdk scenario {elapsed:.1f}s, {summary['requests']} requests, statuses "
         f"{summary['statuses']}, {summary['error_count']} errors, debug headers on {debug['with']}"
         f"/{summary['requests']}; routes {summary['routes']}; workers {summary['workers']}; "
         f"steps (ms) {summary['steps']}; sliding sync {summary.get('sliding_sync')}"
@@ -144,3 +178,4 @@ def _scenario(
     assert not any(errors.values()), errors
     assert router.proc.poll() is None, router.log()[-4000:]  # the router is still up
     assert "Traceback" not in router.log() and "Addon error" not in router.log(), router.log()[-8000:]
+    return summary
