@@ -38,9 +38,10 @@ commands need only `--state-dir`, or nothing for the topology's default director
                           `enable_media_repo: false` and `media_instance_running_background_jobs`
                           in the shared config) and quarantined_media_changes writer
              initial_sync1, sync1, client_reader1 (client), federation_reader1 (federation)
-    The JSON then also has "worker_replication", "roles" and "stream_writers". `--venv DIR`
+    The JSON also has "worker_replication", "roles", "resources" and "stream_writers". `--venv DIR`
     uses (or creates) a Synapse virtualenv elsewhere, e.g. the default deployment's, so a
-    second topology costs no second install.
+    second topology costs no second install (remembered in STATE/venv_path). The full topology
+    enables `experimental_features.msc4306_enabled` (thread subscriptions have endpoints).
 
 The JSON's "rss_kib" is the resident set of every process in KiB and their sum ("total";
 PostgreSQL's entry sums the postmaster and its backends, shared buffers counted in each).
@@ -217,7 +218,12 @@ FULL_TOPOLOGY = Topology(
         ("events", ("persister1",)),
         ("quarantined_media_changes", ("media1",)),
     ),
-    shared=(("enable_media_repo", False), ("media_instance_running_background_jobs", "media1")),
+    shared=(
+        ("enable_media_repo", False),
+        ("media_instance_running_background_jobs", "media1"),
+        # Thread subscriptions (MSC4306/MSC4308) have a stream writer but no endpoint without it.
+        ("experimental_features", {"msc4306_enabled": True}),
+    ),
 )
 TOPOLOGIES = {t.name: t for t in (DEFAULT_TOPOLOGY, FULL_TOPOLOGY)}
 
@@ -1122,6 +1128,7 @@ def deployment_json(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, Any
         "workers": {name: f"http://{HOST}:{port}" for name, port in ports.workers},
         "worker_replication": {name: f"http://{HOST}:{port}" for name, port in ports.worker_replication},
         "roles": {w.name: w.role for w in topology.workers},
+        "resources": {w.name: list(w.resources) for w in topology.workers},
         "stream_writers": {stream: list(names) for stream, names in topology.stream_writers},
         "registration_shared_secret": sec.registration_shared_secret,
         "postgres": {
@@ -1296,13 +1303,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = state.expanduser().resolve()
     try:
         topology = resolve_topology(state, args.topology)
+        venv_file = state / "venv_path"  # --venv given to `up`, remembered for the other commands
         venv = args.venv.expanduser().resolve() if args.venv else None
+        if venv is None and venv_file.exists():
+            venv = Path(venv_file.read_text().strip())
         layout = Layout(state, topology, venv)
         if args.worker:
             topology.worker(args.worker)  # an unknown name is an error
         with state_lock(layout):
             if args.command == "up":
                 layout.topology_file.write_text(topology.name + "\n")
+                if venv is not None:
+                    venv_file.write_text(f"{venv}\n")
                 return cmd_up(layout, args.timeout)
             if args.command == "status":
                 return cmd_status(layout)

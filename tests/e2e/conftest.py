@@ -34,8 +34,20 @@ def _state_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def deployment() -> Iterator[Deployment]:
+    yield from _deployment(_state_dir())
+
+
+@pytest.fixture(scope="session")
+def full_deployment() -> Iterator[Deployment]:
+    """The `full` topology (every kind of process the route table names), in its own state
+    directory, sharing the default deployment's Synapse install."""
+    state = Path(os.environ.get("E2E_FULL_STATE_DIR", ROOT / ".synapse-deploy-full")).resolve()
+    yield from _deployment(state, "full", _state_dir() / "venv")
+
+
+def _deployment(state: Path, topology: str = "default", venv: Path | None = None) -> Iterator[Deployment]:
     try:
-        dep = bring_up(_state_dir())
+        dep = bring_up(state, topology, venv)
     except RuntimeError as e:
         pytest.fail(str(e))
     try:
@@ -71,22 +83,26 @@ def start_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterSta
         starter.stop_all()
 
 
-@pytest.fixture(scope="session")
-def router(deployment: Deployment, start_router: Callable[..., Router]) -> Iterator[Router]:
-    r = start_router(deployment.main, router_config(deployment))
-    # Wait until the router answers through to Synapse (the addon has loaded its config).
-    deadline = time.monotonic() + 30
+def wait_until_routing(r: Router) -> None:
+    """Wait until the router answers through to Synapse (the addon has loaded its config)."""
     import httpx
 
+    deadline = time.monotonic() + 30
     while True:
         try:
             if httpx.get(f"{r.url}/_matrix/client/versions", timeout=5).status_code == 200:
-                break
+                return
         except httpx.HTTPError:
             pass
         if r.proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"router did not come up:\n{r.log()[-4000:]}")
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def router(deployment: Deployment, start_router: Callable[..., Router]) -> Iterator[Router]:
+    r = start_router(deployment.main, router_config(deployment))
+    wait_until_routing(r)
     yield r
     if r.proc.poll() is not None:
         print(f"router exited with {r.proc.returncode}:\n{r.log()[-4000:]}", file=sys.stderr)

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scripts.synapse_deploy import TOPOLOGIES
 from tests.harness import ROOT
 
 DEPLOY = ROOT / "scripts" / "synapse_deploy.py"
-PROCESSES = ("postgres", "redis", "main", "generic1", "generic2", "generic3")
 # A first `up` on a fresh machine installs PostgreSQL, Redis and Synapse: minutes, not seconds.
 UP_TIMEOUT = 1200.0
 
@@ -79,24 +79,27 @@ def run_deploy(state_dir: Path, *args: str, timeout: float = 300.0) -> subproces
     )
 
 
-def bring_up(state_dir: Path) -> Deployment:
-    """The running deployment in `state_dir`, or a new one; RuntimeError if `up` fails."""
+def bring_up(state_dir: Path, topology: str = "default", venv: Path | None = None) -> Deployment:
+    """The running deployment in `state_dir`, or a new one of `topology` (its Synapse installed
+    in `venv`, default STATE/venv); RuntimeError if `up` fails."""
     status = run_deploy(state_dir, "status", timeout=60)
     if status.returncode == 0:
         return Deployment(_description(status.stdout), state_dir, started_here=False)
-    up = run_deploy(state_dir, "up", timeout=UP_TIMEOUT)
+    options = ["--topology", topology, *(["--venv", str(venv)] if venv else [])]
+    up = run_deploy(state_dir, "up", *options, timeout=UP_TIMEOUT)
     if up.returncode != 0:
         raise RuntimeError(f"synapse_deploy.py up failed ({up.returncode}):\n{up.stderr[-4000:]}")
-    return Deployment(_description(up.stdout), state_dir, started_here=_nothing_running(status.stderr))
+    processes = ("postgres", "redis", *TOPOLOGIES[topology].synapse_names)
+    return Deployment(_description(up.stdout), state_dir, started_here=_nothing_running(status.stderr, processes))
 
 
 def _description(stdout: str) -> dict[str, Any]:
     return dict(json.loads(stdout.strip().splitlines()[-1]))
 
 
-def _nothing_running(status_stderr: str) -> bool:
+def _nothing_running(status_stderr: str, processes: tuple[str, ...]) -> bool:
     """`status` says on stderr what is down; every process down (or no deployment at all) means
     that nobody else is using this deployment."""
     if "no deployment in" in status_stderr:
         return True
-    return all(f"{name} is not running" in status_stderr for name in PROCESSES)
+    return all(f"{name} is not running" in status_stderr for name in processes)
