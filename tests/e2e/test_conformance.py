@@ -213,6 +213,7 @@ def scenario(c: Conformance) -> None:
     c.call(f"GET {v3}/login", "GET", f"{v3}/login", "client")
     c.call(f"GET {v3}/account/whoami", "GET", f"{v3}/account/whoami", "client", a)
     c.call(f"GET {v3}/capabilities", "GET", f"{v3}/capabilities", "client", a)
+    c.call(f"GET {v3}/account/3pid", "GET", f"{v3}/account/3pid", "client", a)
     c.call(f"GET {v3}/password_policy", "GET", f"{v3}/password_policy", "client")
     c.call(
         f"GET {v3}/register/available (registration disabled)",
