@@ -38,12 +38,14 @@ commands need only `--state-dir`, or nothing for the topology's default director
                           `enable_media_repo: false` and `media_instance_running_background_jobs`
                           in the shared config) and quarantined_media_changes writer
              initial_sync1, sync1, client_reader1 (client), federation_reader1 (federation)
-    The JSON then also has "worker_replication", "roles" and "stream_writers". `--venv DIR`
+    The JSON also has "worker_replication", "roles", "resources" and "stream_writers". `--venv DIR`
     uses (or creates) a Synapse virtualenv elsewhere, e.g. the default deployment's, so a
-    second topology costs no second install.
+    second topology costs no second install (remembered in STATE/venv_path). The full topology
+    enables `experimental_features.msc4306_enabled` (thread subscriptions have endpoints).
 
 The JSON's "rss_kib" is the resident set of every process in KiB and their sum ("total";
-PostgreSQL's entry sums the postmaster and its backends, shared buffers counted in each).
+PostgreSQL's entry sums the postmaster and its backends, shared buffers counted in each);
+"pss_kib" the same as proportional set sizes (shared pages shared out: no double counting).
 
 `up` is idempotent (a second `up` only re-checks and re-prints the JSON). `status` prints the
 same JSON and exits 0 when every process is running and healthy, else exits 1 and says on
@@ -217,7 +219,12 @@ FULL_TOPOLOGY = Topology(
         ("events", ("persister1",)),
         ("quarantined_media_changes", ("media1",)),
     ),
-    shared=(("enable_media_repo", False), ("media_instance_running_background_jobs", "media1")),
+    shared=(
+        ("enable_media_repo", False),
+        ("media_instance_running_background_jobs", "media1"),
+        # Thread subscriptions (MSC4306/MSC4308) have a stream writer but no endpoint without it.
+        ("experimental_features", {"msc4306_enabled": True}),
+    ),
 )
 TOPOLOGIES = {t.name: t for t in (DEFAULT_TOPOLOGY, FULL_TOPOLOGY)}
 
@@ -1082,33 +1089,33 @@ def start_synapse(layout: Layout, ports: Ports, names: Sequence[str], deadline: 
 # --------------------------------------------------------------------------- commands
 
 
-def rss_kib(pid: int | None) -> int:
-    """Resident set size of `pid` in KiB (0 when it is gone)."""
+def memory_kib(pid: int | None, field: str) -> int:
+    """`field` (VmRSS from /proc/PID/status, Pss from smaps_rollup) of `pid` in KiB; 0 when gone."""
     if pid is None:
         return 0
+    source = "status" if field.startswith("Vm") else "smaps_rollup"
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return 0
 
 
-def deployment_rss(layout: Layout) -> dict[str, int]:
-    """RSS in KiB of every process of the deployment (PostgreSQL: the postmaster and its
-    backends, counted as the sum of their RSS, shared pages counted in each) and the total."""
-    rss = {name: rss_kib(running_pid(layout, name)) for name in (*layout.topology.synapse_names, "redis")}
+def deployment_memory(layout: Layout, field: str) -> dict[str, int]:
+    """`field` in KiB of every process of the deployment and the total; PostgreSQL's entry is
+    its postmaster plus every backend (with VmRSS, their shared buffers count once per backend;
+    Pss shares them out)."""
+    mem = {name: memory_kib(running_pid(layout, name), field) for name in (*layout.topology.synapse_names, "redis")}
     postmaster = running_pid(layout, "postgres")
-    pg = 0
+    pids = [] if postmaster is None else [postmaster]
     if postmaster is not None:
-        pids = [postmaster]
         with contextlib.suppress(OSError):
             pids += [int(c) for c in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()]
-        pg = sum(rss_kib(pid) for pid in pids)
-    rss["postgres"] = pg
-    rss["total"] = sum(rss.values())
-    return rss
+    mem["postgres"] = sum(memory_kib(pid, field) for pid in pids)
+    mem["total"] = sum(mem.values())
+    return mem
 
 
 def deployment_json(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, Any]:
@@ -1122,6 +1129,7 @@ def deployment_json(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, Any
         "workers": {name: f"http://{HOST}:{port}" for name, port in ports.workers},
         "worker_replication": {name: f"http://{HOST}:{port}" for name, port in ports.worker_replication},
         "roles": {w.name: w.role for w in topology.workers},
+        "resources": {w.name: list(w.resources) for w in topology.workers},
         "stream_writers": {stream: list(names) for stream, names in topology.stream_writers},
         "registration_shared_secret": sec.registration_shared_secret,
         "postgres": {
@@ -1137,7 +1145,8 @@ def deployment_json(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, Any
         "redis": {"host": HOST, "port": ports.redis, "log": str(layout.state / "logs" / "redis.log")},
         "logs": {name: str(layout.log(name)) for name in topology.synapse_names},
         "pids": {name: running_pid(layout, name) for name in (*topology.synapse_names, "postgres", "redis")},
-        "rss_kib": deployment_rss(layout),
+        "rss_kib": deployment_memory(layout, "VmRSS"),
+        "pss_kib": deployment_memory(layout, "Pss"),
         "synapse_version": version,
         "python": str(layout.python),
         "state_dir": str(layout.state),
@@ -1296,13 +1305,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = state.expanduser().resolve()
     try:
         topology = resolve_topology(state, args.topology)
+        venv_file = state / "venv_path"  # --venv given to `up`, remembered for the other commands
         venv = args.venv.expanduser().resolve() if args.venv else None
+        if venv is None and venv_file.exists():
+            venv = Path(venv_file.read_text().strip())
         layout = Layout(state, topology, venv)
         if args.worker:
             topology.worker(args.worker)  # an unknown name is an error
         with state_lock(layout):
             if args.command == "up":
                 layout.topology_file.write_text(topology.name + "\n")
+                if venv is not None:
+                    venv_file.write_text(f"{venv}\n")
                 return cmd_up(layout, args.timeout)
             if args.command == "status":
                 return cmd_status(layout)

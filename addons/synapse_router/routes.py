@@ -230,7 +230,6 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
             r"^/_matrix/media/",
             r"^/_matrix/client/v1/media/",
             r"^/_matrix/federation/v1/media/",
-            r"^/_synapse/media/",
             r"^/_synapse/admin/v1/purge_media_cache$",
             r"^/_synapse/admin/v1/(?:room|user)/[^/]+/media",
             r"^/_synapse/admin/v1/media/",

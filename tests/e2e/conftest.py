@@ -34,8 +34,20 @@ def _state_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def deployment() -> Iterator[Deployment]:
+    yield from _deployment(_state_dir())
+
+
+@pytest.fixture(scope="session")
+def full_deployment() -> Iterator[Deployment]:
+    """The `full` topology (every kind of process the route table names), in its own state
+    directory, sharing the default deployment's Synapse install."""
+    state = Path(os.environ.get("E2E_FULL_STATE_DIR", ROOT / ".synapse-deploy-full")).resolve()
+    yield from _deployment(state, "full", _state_dir() / "venv")
+
+
+def _deployment(state: Path, topology: str = "default", venv: Path | None = None) -> Iterator[Deployment]:
     try:
-        dep = bring_up(_state_dir())
+        dep = bring_up(state, topology, venv)
     except RuntimeError as e:
         pytest.fail(str(e))
     try:
@@ -48,25 +60,6 @@ def deployment() -> Iterator[Deployment]:
             down = dep.run("down", timeout=300)
             if down.returncode != 0:
                 print(f"synapse_deploy.py down failed:\n{down.stderr}", file=sys.stderr)
-
-
-@pytest.fixture(scope="session")
-def full_deployment(deployment: Deployment) -> Iterator[Deployment]:
-    """synapse_deploy's `full` topology (stream writer, event persister, media repository,
-    initial_sync/sync pair, client and federation readers) next to the default one, sharing its
-    Synapse install; brought up and down as `deployment` is."""
-    state = Path(os.environ.get("E2E_FULL_STATE_DIR", ROOT / ".synapse-deploy-full")).resolve()
-    try:
-        dep = bring_up(state, topology="full", venv=deployment.state_dir / "venv")
-    except RuntimeError as e:
-        pytest.fail(str(e))
-    try:
-        yield dep
-    finally:
-        if dep.started_here and os.environ.get("E2E_KEEP_DEPLOYMENT") != "1":
-            down = dep.run("down", timeout=300)
-            if down.returncode != 0:
-                print(f"synapse_deploy.py down (full) failed:\n{down.stderr}", file=sys.stderr)
 
 
 def router_config(dep: Deployment, **overrides: Any) -> dict[str, Any]:
@@ -90,11 +83,11 @@ def start_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterSta
         starter.stop_all()
 
 
-def wait_until_serving(r: Router, timeout: float = 30.0) -> None:
+def wait_until_routing(r: Router) -> None:
     """Wait until the router answers through to Synapse (the addon has loaded its config)."""
     import httpx
 
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + 30
     while True:
         try:
             if httpx.get(f"{r.url}/_matrix/client/versions", timeout=5).status_code == 200:
@@ -109,7 +102,7 @@ def wait_until_serving(r: Router, timeout: float = 30.0) -> None:
 @pytest.fixture(scope="session")
 def router(deployment: Deployment, start_router: Callable[..., Router]) -> Iterator[Router]:
     r = start_router(deployment.main, router_config(deployment))
-    wait_until_serving(r)
+    wait_until_routing(r)
     yield r
     if r.proc.poll() is not None:
         print(f"router exited with {r.proc.returncode}:\n{r.log()[-4000:]}", file=sys.stderr)

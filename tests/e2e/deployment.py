@@ -10,30 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scripts.synapse_deploy import TOPOLOGIES
 from tests.harness import ROOT
 
 DEPLOY = ROOT / "scripts" / "synapse_deploy.py"
-# Every process of each topology of scripts/synapse_deploy.py (`--topology`).
-PROCESSES = {
-    "default": ("postgres", "redis", "main", "generic1", "generic2", "generic3"),
-    "full": (
-        "postgres",
-        "redis",
-        "main",
-        "writer1",
-        "persister1",
-        "media1",
-        "initial_sync1",
-        "sync1",
-        "client_reader1",
-        "federation_reader1",
-    ),
-}
 # A first `up` on a fresh machine installs PostgreSQL, Redis and Synapse: minutes, not seconds.
-# `up`'s own deadline counts from its start, the installs included (a busy 2-core machine took
-# more than synapse_deploy's default 120 s before the main process answered).
 UP_TIMEOUT = 1200.0
-UP_DEADLINE = 900.0
 
 
 @dataclass
@@ -98,20 +80,17 @@ def run_deploy(state_dir: Path, *args: str, timeout: float = 300.0) -> subproces
 
 
 def bring_up(state_dir: Path, topology: str = "default", venv: Path | None = None) -> Deployment:
-    """The running deployment in `state_dir`, or a new one of `topology` (with the Synapse
-    install `venv`, e.g. another deployment's; default its own); RuntimeError if `up` fails."""
+    """The running deployment in `state_dir`, or a new one of `topology` (its Synapse installed
+    in `venv`, default STATE/venv); RuntimeError if `up` fails."""
     status = run_deploy(state_dir, "status", timeout=60)
     if status.returncode == 0:
         return Deployment(_description(status.stdout), state_dir, started_here=False)
-    args = ["up", "--topology", topology, "--timeout", str(UP_DEADLINE)]
-    if venv is not None:
-        args += ["--venv", str(venv)]
-    up = run_deploy(state_dir, *args, timeout=UP_TIMEOUT)
+    options = ["--topology", topology, *(["--venv", str(venv)] if venv else [])]
+    up = run_deploy(state_dir, "up", *options, timeout=UP_TIMEOUT)
     if up.returncode != 0:
         raise RuntimeError(f"synapse_deploy.py up failed ({up.returncode}):\n{up.stderr[-4000:]}")
-    return Deployment(
-        _description(up.stdout), state_dir, started_here=_nothing_running(status.stderr, PROCESSES[topology])
-    )
+    processes = ("postgres", "redis", *TOPOLOGIES[topology].synapse_names)
+    return Deployment(_description(up.stdout), state_dir, started_here=_nothing_running(status.stderr, processes))
 
 
 def _description(stdout: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import pytest
 
 from tests.harness import Router
 
-from .conftest import HEALTH, WHOAMI, Names, wait_until_serving
+from .conftest import HEALTH, WHOAMI, Names, wait_until_routing
 from .deployment import Deployment
 from .matrix_helpers import register_user
 
@@ -97,7 +97,7 @@ def test_matrix_js_sdk_scenario(
     config = {"workers": _pools(topology, dep), "health": HEALTH, "whoami": WHOAMI, "debug_headers": True}
     router = start_router(dep.main, config, launcher=launcher)
     try:
-        wait_until_serving(router)
+        wait_until_routing(router)
         summary = _scenario(
             node, dep, router, names(f"{topology[0]}{launcher[0]}", 2), tmp_path, f"{topology}/{launcher}"
         )
