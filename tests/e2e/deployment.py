@@ -16,6 +16,9 @@ from tests.harness import ROOT
 DEPLOY = ROOT / "scripts" / "synapse_deploy.py"
 # A first `up` on a fresh machine installs PostgreSQL, Redis and Synapse: minutes, not seconds.
 UP_TIMEOUT = 1200.0
+# `up`'s own deadline (--timeout) counts from its start, installs included; its default of 120 s
+# ran out on a busy 2-core machine before a freshly installed main process answered /health.
+UP_DEADLINE = 900.0
 
 
 @dataclass
@@ -85,7 +88,7 @@ def bring_up(state_dir: Path, topology: str = "default", venv: Path | None = Non
     status = run_deploy(state_dir, "status", timeout=60)
     if status.returncode == 0:
         return Deployment(_description(status.stdout), state_dir, started_here=False)
-    options = ["--topology", topology, *(["--venv", str(venv)] if venv else [])]
+    options = ["--topology", topology, "--timeout", str(UP_DEADLINE), *(["--venv", str(venv)] if venv else [])]
     up = run_deploy(state_dir, "up", *options, timeout=UP_TIMEOUT)
     if up.returncode != 0:
         raise RuntimeError(f"synapse_deploy.py up failed ({up.returncode}):\n{up.stderr[-4000:]}")
