@@ -165,11 +165,16 @@ def dashboard_queries(path: Path) -> tuple[list[DashboardQuery], list[Variable]]
 
 def grouping_labels(expr: str) -> set[str]:
     """The labels an expression groups by (`by (pool, worker)`), without histograms' `le`: each
-    must be on the series it returns, so a misspelt one cannot pass as an empty label."""
+    must be a label of a metric it selects, so a misspelt one cannot pass as an empty label."""
     found = set()
     for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
         found.update(label.strip() for label in group.split(",") if label.strip())
     return found - {"le"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The router's metrics an expression selects (synapse_router_*)."""
+    return set(re.findall(r"\bsynapse_router_\w+", expr))
 
 
 def legend_labels(legend: str) -> set[str]:

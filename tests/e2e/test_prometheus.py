@@ -7,13 +7,21 @@ The traffic gives every panel something to show: syncs and long-polls (whoami re
 cache hits, a rejected token), reads on a one-worker client_reader pool, a worker stopped under
 in-flight long-polls and started again (health transitions, failovers, a retry, fallbacks to
 main), real 5xx from Synapse, clients that leave before their answer, and the connection limits
-(a silent connection, an oversized head, more connections than allowed)."""
+(a silent connection, an oversized head, more connections than allowed).
+
+It runs twice: under `mitmdump -s addons/router.py`, and under `synapse-router --processes 2`,
+whose parent serves the merged metrics of both processes, each series labelled `process`
+(what a multi-process deployment's Prometheus scrapes). A few panels' values are checked
+where they are known exactly at the end (every worker up and usable, the shared cache up),
+so a query that counts a worker once per process cannot pass either."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import socket
 import subprocess
 import time
 import uuid
@@ -25,8 +33,9 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import ROOT, Router, RouterStarter, free_port
+from tests.harness import ROOT, Router, RouterStarter
 
 from .conftest import HEALTH, WHOAMI, Names
 from .deployment import Deployment
@@ -39,6 +48,7 @@ from .prometheus import (
     dashboard_queries,
     grouping_labels,
     legend_labels,
+    metric_names,
     parse_label_values,
     start_prometheus,
     substitute,
@@ -50,6 +60,7 @@ DASHBOARD = ROOT / "config" / "grafana-dashboard.json"
 PASSWORD = "e2e-password-1"
 LIMITS = {"header_timeout": 3, "max_connections": 48}
 LONG_POLL_MS = 2000
+VICTIM_LONG_POLLS = 3  # concurrent long-polls of each user of the stopped worker: one is in flight when it stops
 # Synapse answers a read receipt with 500 on a worker that is not the `receipts` stream writer
 # (`AssertionError: self._can_write_to_receipts`): a custom route sending receipts to the
 # client_reader pool is a real misconfiguration that gives real 5xx from Synapse.
@@ -64,6 +75,12 @@ QUIET_FILTER = json.dumps(
         "account_data": {"not_types": ["*"]},
         "room": {"ephemeral": {"not_types": ["*"]}, "account_data": {"not_types": ["*"]}},
     }
+)
+
+
+# A long-poll that nothing in this test wakes: no rooms, presence or account data.
+IDLE_FILTER = json.dumps(
+    {"presence": {"not_types": ["*"]}, "account_data": {"not_types": ["*"]}, "room": {"rooms": []}}
 )
 
 
@@ -147,7 +164,7 @@ async def _reads(client: httpx.AsyncClient, user: User) -> list[httpx.Response]:
 async def _leave_long_poll(router: Router, user: User) -> None:
     """A client that sends a sync long-poll and goes away before its answer (no response)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
-    query = f"timeout=20000&since={quote(user.since)}&filter={quote(QUIET_FILTER)}"
+    query = f"timeout=20000&since={quote(user.since)}&filter={quote(IDLE_FILTER)}"
     writer.write(
         f"GET /_matrix/client/v3/sync?{query} HTTP/1.1\r\nHost: localhost\r\n"
         f"Authorization: Bearer {user.token}\r\n\r\n".encode()
@@ -157,9 +174,9 @@ async def _leave_long_poll(router: Router, user: User) -> None:
     writer.close()
 
 
-async def _connection_limits(router: Router) -> dict[str, Any]:
+async def _connection_limits(router: Router, processes: int) -> dict[str, Any]:
     """A silent connection (header_timeout), an oversized head (431), and more connections than
-    limits.max_connections (the surplus is refused)."""
+    limits.max_connections allows all processes together (the surplus is refused)."""
 
     async def silent() -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
@@ -182,7 +199,7 @@ async def _connection_limits(router: Router) -> dict[str, Any]:
     silent_task = asyncio.ensure_future(silent())
     big = await oversized()
     crowd = []
-    for _ in range(int(LIMITS["max_connections"]) + 6):
+    for _ in range(int(LIMITS["max_connections"]) * processes + 6):
         crowd.append(await asyncio.open_connection("127.0.0.1", router.port))
     await asyncio.sleep(1.0)
     for _, writer in crowd:
@@ -194,19 +211,58 @@ def _metrics_text(url: str) -> str:
     return httpx.get(url, timeout=10).text
 
 
-async def _wait_worker_up(metrics_url: str, pool: str, worker: str, up: bool, timeout: float = 60) -> None:
-    line = f'synapse_router_worker_up{{pool="{pool}",worker="{worker}"}} {1.0 if up else 0.0}'
+def _samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """`name`'s samples in the router's exposition (each process's, with --processes)."""
+    families = text_string_to_metric_families(_metrics_text(url))
+    return [(s.labels, s.value) for family in families for s in family.samples if s.name == name]
+
+
+async def _wait_for(url: str, name: str, labels: dict[str, str], value: float | None, timeout: float = 60) -> None:
+    """Until the exposition has samples of `name` with `labels`, all of them `value` if given
+    (with --processes: the sample of every process that has one)."""
+
+    def seen() -> bool:
+        found = [v for sample_labels, v in _samples(url, name) if labels.items() <= sample_labels.items()]
+        return bool(found) and (value is None or all(v == value for v in found))
+
     deadline = time.monotonic() + timeout
-    while line not in await asyncio.to_thread(_metrics_text, metrics_url):
-        assert time.monotonic() < deadline, f"never saw {line}"
+    while not await asyncio.to_thread(seen):
+        assert time.monotonic() < deadline, f"never saw {name}{labels} {value}: {_samples(url, name)}"
         await asyncio.sleep(0.25)
+
+
+def _free_ports(count: int) -> int:
+    """P with P .. P + count - 1 free (with --processes N the router serves metrics on P, process
+    i on P + i), below the kernel's ephemeral range so that no client connection takes them."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in range(max(1024, low - 9000), low - count - 1, 11):
+        try:
+            with contextlib.ExitStack() as stack:
+                for i in range(count):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port + i))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} free ports in a row")
 
 
 def _finite_points(series: list[dict[str, Any]]) -> int:
     return sum(1 for s in series for _, v in s["values"] if math.isfinite(float(v)))
 
 
+# (launcher, extra arguments, processes)
+LAUNCHES = {"mitmdump": ("mitmdump", [], 1), "lean_2_processes": ("synapse-router", ["--processes", "2"], 2)}
+# Panel values known exactly once every worker is back: {panel title: {label value: value}}
+# (the first label of the expression's grouping, "" for an ungrouped one).
+AT_END = {
+    "Workers up": {"": 1.0},
+    "Shared identity cache (Redis) up": {"": 1.0},
+}
+
+
+@pytest.mark.parametrize("launch", list(LAUNCHES))
 async def test_every_dashboard_query_returns_series_from_real_prometheus(
+    launch: str,
     deployment: Deployment,
     start_router: RouterStarter,
     names: Names,
@@ -219,7 +275,8 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
     workers = deployment.workers
     victim = sorted(workers)[0]
     victim_url = workers[victim]
-    metrics_port = free_port()
+    launcher, extra, processes = LAUNCHES[launch]
+    metrics_port = _free_ports(processes + 1)
     redis = deployment.info["redis"]
     config = {
         "workers": {"sync": list(workers.values()), "client_reader": [victim_url]},
@@ -230,16 +287,17 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
         "debug_headers": True,
         "limits": LIMITS,
     }
-    router = start_router(deployment.main, config)
+    router = start_router(deployment.main, config, extra=extra, launcher=launcher)
     _wait_routing(router)
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    usable_at_end = {"sync": float(len(workers)), "client_reader": 1.0}
     prom = start_prometheus(prometheus_dir, [f"127.0.0.1:{metrics_port}"])
     prometheus_started.append(prom)
     start = time.time()
 
     # Users whose syncs go to each worker, the victim's included.
     users: list[User] = []
-    localparts = iter(names("p", 16))
+    localparts = iter(names(f"{launcher[0]}{processes}p", 16))
     async with httpx.AsyncClient(base_url=router.url, timeout=60) as client:
         while len(users) < 4 or victim_url not in {u.worker for u in users}:
             name = next(localparts, None)
@@ -273,27 +331,42 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
             while not stop.is_set():
                 await _sync(client, user, LONG_POLL_MS)
 
-        loops = [asyncio.ensure_future(long_polls(u)) for u in users]
+        loops = [
+            asyncio.ensure_future(long_polls(u))
+            for u in users
+            for _ in range(VICTIM_LONG_POLLS if u.worker == victim_url else 1)
+        ]
         await asyncio.sleep(1.0)
         await asyncio.to_thread(deployment.stop_worker, victim)
-        await _wait_worker_up(metrics_url, "sync", victim_url, up=False)
+        await _wait_for(metrics_url, "synapse_router_worker_up", {"pool": "sync", "worker": victim_url}, 0.0)
+        await _wait_for(metrics_url, "synapse_router_retries_total", {"pool": "sync"}, None, timeout=10)
         during: list[list[int]] = []
         for _ in range(3):
             for user in users:
                 during.append([r.status_code for r in await _reads(client, user)])
             await asyncio.sleep(SCRAPE_INTERVAL)
         await asyncio.to_thread(deployment.start_worker, victim)
-        await _wait_worker_up(metrics_url, "sync", victim_url, up=True)
-        for _ in range(2):
-            for user in users:
-                await _reads(client, user)
-            await asyncio.sleep(SCRAPE_INTERVAL)
+        await _wait_for(metrics_url, "synapse_router_worker_up", {"pool": "sync", "worker": victim_url}, 1.0)
+        await _wait_for(metrics_url, "synapse_router_worker_up", {"pool": "client_reader"}, 1.0)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*loops), LONG_POLL_MS / 1000 + 30)
 
-        for _ in range(2):
-            await _leave_long_poll(router, on_victim)
-        limits = await _connection_limits(router)
+        # Clients that leave their long-polls before the answer (no response), in bursts of
+        # four so that a process sees several within one rate window, while reads go on (the
+        # ratios' denominators) until the last abandoned one has been counted.
+        async def leave() -> None:
+            for _ in range(2):
+                await asyncio.gather(*(_leave_long_poll(router, on_victim) for _ in range(4)))
+
+        leaving = asyncio.ensure_future(leave())
+        rounds = 0
+        while not leaving.done() or rounds < 3:
+            rounds = rounds + 1 if leaving.done() else 0
+            for user in users:
+                await _reads(client, user)
+            await asyncio.sleep(SCRAPE_INTERVAL)
+        await leaving
+        limits = await _connection_limits(router, processes)
         await asyncio.sleep(4 * SCRAPE_INTERVAL)  # the last changes scraped
     end = time.time()
 
@@ -329,6 +402,10 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
     pool_values = prom.label_values("pool", "synapse_router_requests_total")
     assert {"sync", "client_reader", "main"} <= set(pool_values), pool_values
 
+    def labels_of(metric: str) -> set[str]:
+        found = prom.api("series", [("match[]", metric), ("start", str(start)), ("end", str(end))])
+        return {k for series in found for k, v in series.items() if v}
+
     for q in queries:
         expr = substitute(q.expr, values)
         series = prom.query_range(expr, start, end, step=SCRAPE_INTERVAL)
@@ -337,18 +414,32 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
         if not series or points == 0:
             problems.append(f"{q.where}: {expr} -> {len(series)} series, {points} finite points")
             continue
-        present = {k for s in series for k, v in s["metric"].items() if v}
-        missing = (grouping_labels(q.expr) | legend_labels(q.legend)) - present
+        returned = {k for s in series for k, v in s["metric"].items() if v}
+        on_metrics = {k for name in metric_names(q.expr) for k in labels_of(name)}
+        missing = (legend_labels(q.legend) - returned) | (grouping_labels(q.expr) - on_metrics)
         if missing:
-            problems.append(f"{q.where}: {expr} -> series without label(s) {sorted(missing)}")
+            problems.append(f"{q.where}: {expr} -> label(s) {sorted(missing)} on none of its series")
         if any(f"${name}" in q.expr for name in values if name != "__rate_interval"):
             # The "All" value `.*` also matches a label that does not exist; `.+` does not.
             strict = substitute(q.expr, {**values, **{v.name: ".+" for v in variables}})
             if not prom.query_range(strict, start, end, step=SCRAPE_INTERVAL):
                 problems.append(f"{q.where}: {strict} -> no series (a variable's label is not on the metric)")
 
+    # Values known exactly now that every worker is back, whatever the number of processes.
+    for q in queries:
+        title = q.where.rsplit(" ", 1)[0].strip("'")
+        expected = usable_at_end if title == "Usable workers by pool" else AT_END.get(title)
+        if expected is None:
+            continue
+        result = prom.api("query", {"query": substitute(q.expr, values), "time": end})["result"]
+        grouping = sorted(grouping_labels(q.expr))
+        got = {r["metric"].get(grouping[0], "") if grouping else "": float(r["value"][1]) for r in result}
+        report.append((f"{q.where} at end", json.dumps(got), len(result), len(result)))
+        if got != expected:
+            problems.append(f"{q.where}: {q.expr} is {got} at the end, expected {expected}")
+
     width = max(len(r[0]) for r in report)
-    print(f"\ndashboard queries over {end - start:.0f}s of traffic (series, finite points):")
+    print(f"\n{launch}: dashboard queries over {end - start:.0f}s of traffic (series, finite points):")
     for where, expr, n, points in report:
         print(f"  {where:<{width}}  {n:>3} {points:>5}  {expr}")
     print(f"wall time {time.monotonic() - began:.1f}s")
