@@ -996,7 +996,6 @@ def anything_running(layout: Layout) -> bool:
 
 def cmd_up(layout: Layout, timeout: float) -> int:
     started_at = time.monotonic()
-    deadline = started_at + timeout
     for sub in ("logs", "pids", "workers", "log_config", "keys"):
         (layout.state / sub).mkdir(parents=True, exist_ok=True)
     layout.media.mkdir(exist_ok=True)
@@ -1015,6 +1014,8 @@ def cmd_up(layout: Layout, timeout: float) -> int:
         return 0
     bindir, redis = ensure_system_packages()
     ensure_venv(layout)
+    # The timeout is for starting the processes: installing (apt-get, pip) takes what it takes.
+    deadline = time.monotonic() + timeout
     write_synapse_configs(layout, ports, sec)
     ensure_signing_key(layout)
     ensure_pg_cluster(layout, bindir, sec)
