@@ -100,16 +100,13 @@ class User:
 
 
 @pytest.fixture
-def prometheus_dir(tmp_path: Path) -> Path:
-    return tmp_path / "prometheus"
-
-
-@pytest.fixture
-def prometheus_started(prometheus_dir: Path) -> Iterator[list[Prometheus]]:
-    started: list[Prometheus] = []
+def stop_at_end() -> Iterator[list[Router | Prometheus]]:
+    """What the test started, stopped when it ends (the routers too: the session's later
+    tests need no extra router holding connections to the workers)."""
+    started: list[Router | Prometheus] = []
     yield started
-    for prom in started:
-        prom.stop()
+    for process in reversed(started):
+        process.stop()
 
 
 def _wait_routing(router: Router) -> None:
@@ -266,8 +263,8 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
     deployment: Deployment,
     start_router: RouterStarter,
     names: Names,
-    prometheus_dir: Path,
-    prometheus_started: list[Prometheus],
+    tmp_path: Path,
+    stop_at_end: list[Router | Prometheus],
 ) -> None:
     began = time.monotonic()
     queries, variables = dashboard_queries(DASHBOARD)
@@ -282,20 +279,21 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
         "workers": {"sync": list(workers.values()), "client_reader": [victim_url]},
         "routes": [MISROUTED],
         "health": HEALTH,
-        "whoami": {**WHOAMI, "redis": f"redis://{redis['host']}:{redis['port']}/0"},
+        "whoami": {**WHOAMI, "redis": f"redis://{redis['host']}:{redis['port']}/1"},  # Synapse's is 0
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
         "debug_headers": True,
         "limits": LIMITS,
     }
     router = start_router(deployment.main, config, extra=extra, launcher=launcher)
+    stop_at_end.append(router)
     _wait_routing(router)
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     usable_at_end = {"sync": float(len(workers)), "client_reader": 1.0}
-    prom = start_prometheus(prometheus_dir, [f"127.0.0.1:{metrics_port}"])
-    prometheus_started.append(prom)
+    prom = start_prometheus(tmp_path / "prometheus", [f"127.0.0.1:{metrics_port}"])
+    stop_at_end.append(prom)
     start = time.time()
 
-    # Users whose syncs go to each worker, the victim's included.
+    # A few users, at least one of them with their syncs on the worker that will be stopped.
     users: list[User] = []
     localparts = iter(names(f"{launcher[0]}{processes}p", 16))
     async with httpx.AsyncClient(base_url=router.url, timeout=60) as client:
