@@ -9,8 +9,8 @@ For the end-to-end tests, the demo and the benchmarks. Standard library only.
     python3.12 scripts/synapse_deploy.py stop-worker  generic2 [--state-dir DIR]
     python3.12 scripts/synapse_deploy.py start-worker generic2 [--state-dir DIR] [--timeout S]
 
-`up` installs what is missing (Debian's postgresql and redis-server through apt-get, without
-letting the packages start their default instances; a virtualenv STATE/venv with Synapse and
+`up` installs what is missing (Debian's postgresql, redis-server and prometheus through apt-get,
+without letting the packages start their default instances; a virtualenv STATE/venv with Synapse and
 psycopg2-binary from PyPI), creates a private PostgreSQL cluster and a private Redis, writes the
 Synapse configuration, starts everything that is not already running, waits until every listener
 answers `GET /health` with 200, and prints ONE line of JSON on stdout (progress goes to stderr):
@@ -597,6 +597,12 @@ def redis_server_bin() -> Path | None:
     return Path(found) if found else None
 
 
+def prometheus_bin() -> Path | None:
+    """Debian's Prometheus server (the e2e tests start their own instance; promtool comes with it)."""
+    found = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
+    return Path(found) if found else None
+
+
 def ensure_system_packages() -> tuple[Path, Path]:
     missing = []
     bindir = pg_bindir()
@@ -604,6 +610,8 @@ def ensure_system_packages() -> tuple[Path, Path]:
         missing.append("postgresql")
     if redis_server_bin() is None:
         missing.append("redis-server")
+    if prometheus_bin() is None:
+        missing.append("prometheus")
     if missing:
         if not is_root():
             raise DeployError(f"missing Debian packages {missing}; install them (as root) and retry")
@@ -628,8 +636,8 @@ def ensure_system_packages() -> tuple[Path, Path]:
             if created_policy:
                 POLICY_RC_D.unlink(missing_ok=True)
     bindir, redis = pg_bindir(), redis_server_bin()
-    if bindir is None or redis is None:
-        raise DeployError("postgresql or redis-server still missing after apt-get install")
+    if bindir is None or redis is None or prometheus_bin() is None:
+        raise DeployError("postgresql, redis-server or prometheus still missing after apt-get install")
     return bindir, redis
 
 
@@ -1178,7 +1186,6 @@ def anything_running(layout: Layout) -> bool:
 
 def cmd_up(layout: Layout, timeout: float) -> int:
     started_at = time.monotonic()
-    deadline = started_at + timeout
     for sub in ("logs", "pids", "workers", "log_config", "keys"):
         (layout.state / sub).mkdir(parents=True, exist_ok=True)
     layout.media.mkdir(exist_ok=True)
@@ -1197,6 +1204,8 @@ def cmd_up(layout: Layout, timeout: float) -> int:
         return 0
     bindir, redis = ensure_system_packages()
     ensure_venv(layout)
+    # The timeout is for starting the processes: installing (apt-get, pip) takes what it takes.
+    deadline = time.monotonic() + timeout
     write_synapse_configs(layout, ports, sec)
     ensure_signing_key(layout)
     ensure_pg_cluster(layout, bindir, sec)
@@ -1294,7 +1303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("stop-worker", "start-worker") and not args.worker:
         parser.error(f"{args.command} needs a worker name")
-    if args.command == "install":  # only the Debian packages (PostgreSQL, Redis); starts nothing
+    if args.command == "install":  # only the Debian packages (PostgreSQL, Redis, Prometheus); starts nothing
         try:
             ensure_system_packages()
         except DeployError as e:
