@@ -164,7 +164,10 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         (rf"{_C}{_V_R0}/rooms/{_ROOM}/(?:receipt|read_markers)(?:/|$)",),
         workers_read=False,  # POST only
     ),
-    *_writer("presence", "presence", (rf"{_C}{_V_ALL}/presence/",), workers_read=True),
+    # Presence reads too: a worker that is not the presence writer answers another user's
+    # status with 500 (`WorkerPresenceHandler.is_visible` raises NotImplementedError), although
+    # docs/workers.md lists `presence/` GETs for the generic worker.
+    *_writer("presence", "presence", (rf"{_C}{_V_ALL}/presence/",), workers_read=False),
     *_writer("push_rules", "push_rules", (rf"{_C}{_V_ALL}/pushrules/",), workers_read=True),
     *_writer(
         "device_lists",

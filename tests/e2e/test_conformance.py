@@ -203,7 +203,7 @@ def scenario(c: Conformance) -> None:
     bob = register(c, f"cfb{c.run}", admin=False)
     a, b = alice["access_token"], bob["access_token"]
     a_id, b_id = alice["user_id"], bob["user_id"]
-    ua = quote(a_id)
+    ua, ub = quote(a_id), quote(b_id)
     server = c.dep.server_name
 
     # --- client-reader family (generic worker endpoints) ---
@@ -404,7 +404,9 @@ def scenario(c: Conformance) -> None:
     )
     presence = f"{v3}/presence/{ua}/status"
     c.call(f"PUT {v3}/presence/{{user}}/status", "PUT", presence, "writer:presence", a, json={"presence": "online"})
-    c.call(f"GET {v3}/presence/{{user}}/status", "GET", presence, "client", a)
+    c.call(f"GET {v3}/presence/{{user}}/status", "GET", presence, "writer:presence", a)
+    # Another user's status: only the presence writer can tell (a generic worker answers 500).
+    c.call(f"GET {v3}/presence/{{other user}}/status", "GET", f"{v3}/presence/{ub}/status", "writer:presence", a)
     c.call(f"GET {v3}/pushrules/", "GET", f"{v3}/pushrules/", "client", a)
     rule = f"{v3}/pushrules/global/override/cf.rule"
     c.call(

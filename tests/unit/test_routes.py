@@ -210,6 +210,8 @@ GENERIC_CASES = [
     ("PUT", "/_matrix/client/v3/rooms/!r:x/typing/@a:x", "main"),
     ("PUT", "/_matrix/client/v3/sendToDevice/t/1", "main"),
     ("PUT", "/_matrix/client/v3/presence/@a:x/status", "main"),
+    # presence reads as well: a non-presence worker cannot read another user's status
+    ("GET", "/_matrix/client/v3/presence/@b:x/status", "main"),
     # ... and so are those of multi-writer streams: only configured writers may write them
     ("POST", "/_matrix/client/v3/rooms/!r:x/receipt/m.read/$e", "main"),
     ("POST", "/_matrix/client/v3/rooms/!r:x/read_markers", "main"),
