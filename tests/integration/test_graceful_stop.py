@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 
+import httpx
 import pytest
 
-from tests.harness import Fleet, Router, RouterStarter
+from tests.harness import DEFAULT_LAUNCHER, Fleet, Router, RouterStarter
 
 pytestmark = pytest.mark.integration
 
@@ -152,3 +154,84 @@ def test_sigterm_answers_every_request_in_flight(fleet: Fleet, start_router: Rou
     assert "1 idle connection(s) closed; waiting up to 35s for 40 request(s) in flight" in log, log
     assert "stopped gracefully" in log
     _assert_clean_log(router)
+
+
+def _statuses(socks: list[socket.socket]) -> Counter[int | None]:
+    return Counter(_status(_until_closed(sock)) for sock in socks)
+
+
+def test_grace_over_closes_the_rest_and_exits(fleet: Fleet, start_router: RouterStarter) -> None:
+    """`shutdown.grace: 2` and requests the stand-ins answer after 30 s: past the grace they are
+    closed (unanswered), counted in the log, and the router exits 0."""
+    config = _fleet_config(fleet, grace=2)
+    router = start_router(fleet["main"].url, config)
+    socks = _in_flight(fleet, router, sync=3, initial=2, delay=30)
+    router.proc.send_signal(signal.SIGTERM)
+    assert router.proc.wait(DEADLINE) == 0
+    assert _statuses(socks) == Counter({None: 5})  # closed without an answer
+    log = router.log()
+    assert "grace of 2s over: closing 5 request(s) still in flight on 5 connection(s)" in log, log
+    _assert_clean_log(router)
+
+
+def test_second_signal_stops_at_once(fleet: Fleet, start_router: RouterStarter) -> None:
+    config = _fleet_config(fleet)
+    router = start_router(fleet["main"].url, config)
+    socks = _in_flight(fleet, router, sync=2, initial=1, delay=30)
+    router.proc.send_signal(signal.SIGTERM)
+    _wait_for(lambda: "synapse-router: stopping" in router.log(), "the stop logged")
+    router.proc.send_signal(signal.SIGINT)
+    assert router.proc.wait(DEADLINE) == 0
+    assert _statuses(socks) == Counter({None: 3})
+    log = router.log()
+    assert "second stop signal: stopping now, closing 3 request(s) still in flight" in log, log
+    _assert_clean_log(router)
+
+
+@pytest.mark.skipif(
+    DEFAULT_LAUNCHER == "mitmdump",
+    reason="mitmdump binds its listening socket without SO_REUSEPORT (asyncio.start_server(handle_stream, "
+    "host, port)) and offers no way to set it: a second mitmdump cannot bind the port the first one holds",
+)
+def test_rolling_restart_refuses_nothing(fleet: Fleet, start_router: RouterStarter) -> None:
+    """Router A serves; requests on new connections run in a loop; 20 long-polls wait on A. Router
+    B starts on the same port with `--replace A`: once it serves, A drains (its 20 long-polls
+    answered 200) and B takes every new connection: 0 refused, 0 failed."""
+    config = _fleet_config(fleet)
+    old = start_router(fleet["main"].url, config)
+    long_polls = _in_flight(fleet, old, sync=15, initial=5, delay=5)
+    outcomes: Counter[str] = Counter()
+    done = threading.Event()
+
+    def clients() -> None:
+        while not done.is_set():
+            try:
+                with httpx.Client(timeout=DEADLINE) as client:  # a new connection each time
+                    response = client.get(f"{old.url}/_matrix/client/versions")
+                outcomes[str(response.status_code)] += 1
+            except httpx.ConnectError:
+                outcomes["refused"] += 1
+            except httpx.HTTPError as e:
+                outcomes[type(e).__name__] += 1
+
+    loop = threading.Thread(target=clients)
+    loop.start()
+    try:
+        new = start_router(fleet["main"].url, config, ["--replace", str(old.proc.pid)], port=old.port, wait=False)
+        _wait_for(lambda: "synapse-router: stopping" in old.log() or old.proc.poll() is not None, "A stopping")
+        after: Counter[int] = Counter()
+        for _ in range(20):  # arriving after A's SIGTERM: B serves them
+            with httpx.Client(timeout=DEADLINE) as client:
+                after[client.get(f"{old.url}/_matrix/client/versions").status_code] += 1
+        assert after == Counter({200: 20})
+        assert _statuses(long_polls) == Counter({200: 20})
+        assert old.proc.wait(DEADLINE) == 0
+    finally:
+        done.set()
+        loop.join()
+    print(f"rolling restart: requests during the hand-over {dict(outcomes)}; after A's SIGTERM {dict(after)}")
+    assert set(outcomes) == {"200"} and outcomes["200"] > 0, outcomes
+    assert new.proc.poll() is None
+    assert "SIGTERM sent to pid" in new.log()
+    _assert_clean_log(old)
+    _assert_clean_log(new)
