@@ -50,6 +50,8 @@ class GracefulStop:
         self.config = ShutdownConfig()
         self._drain: asyncio.Task[None] | None = None
         self._handed_over: set[asyncio.Task[None]] = set()  # connections accepted while stopping
+        self._handler: Any = None  # the event loop's exception handler while stopping
+        self._previous_handler: Any = None
 
     @property
     def stopping(self) -> bool:
@@ -75,6 +77,7 @@ class GracefulStop:
     def done(self) -> None:
         if self._drain is not None and not self._drain.done():
             self._drain.cancel()
+        self._restore_exception_handler()
 
     # --- the responses of a draining router close their connections ---
 
@@ -100,6 +103,7 @@ class GracefulStop:
         loop = asyncio.get_running_loop()
         started = loop.time()
         grace = self.config.grace
+        self._ignore_closed_listener_retries()
         self._stop_listening()
         idle = self.limits.close_idle(SHUTDOWN_REASON)
         log.info(stopping_line(grace, idle, self.limits.requests_in_flight, self._connections()))
@@ -116,6 +120,32 @@ class GracefulStop:
         else:
             log.info(drained_line(loop.time() - started))
         ctx.master.shutdown()  # type: ignore[no-untyped-call]
+
+    def _ignore_closed_listener_retries(self) -> None:
+        """After accept() ran out of descriptors asyncio retries it 1 s later, once per failed
+        accept (up to 100), and Server.close() does not cancel those retries (CPython 3.12): on a
+        listener closed meanwhile each raises "Invalid file descriptor: -1", a traceback each.
+        Those, and only those, are dropped while the router drains; anything else is reported."""
+        loop = asyncio.get_running_loop()
+        previous = self._previous_handler = loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if isinstance(context.get("exception"), ValueError) and "._start_serving(" in context.get("message", ""):
+                return
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        self._handler = handler
+        loop.set_exception_handler(handler)
+
+    def _restore_exception_handler(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            if self._handler is not None and loop.get_exception_handler() is self._handler:
+                loop.set_exception_handler(self._previous_handler)
+        self._handler = None
 
     def _connections(self) -> int:
         """Client connections still open (or accepted while stopping and not yet registered)."""
