@@ -27,9 +27,11 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -74,18 +76,26 @@ class ChildSlot:
 
 
 class SharedPortLoop(asyncio.SelectorEventLoop):
-    """The event loop of a `--processes` child. Listening sockets on `shared_ports` get
-    SO_REUSEPORT, so N children can serve one port; the router's metrics listener moves to
-    port + `metrics_offset` (process i serves its own metrics on P + i)."""
+    """The event loop of every `synapse-router` process. Listening sockets on `shared_ports` get
+    SO_REUSEPORT, so N children can serve one port, and a new router can take over the port of
+    one that drains (`--replace`, a rolling restart); in a `--processes` child the router's
+    metrics listener moves to port + `metrics_offset` (process i serves its own metrics on P + i)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.shared_ports: frozenset[int] = frozenset()
+        self.lone = False  # a lone router (not a --processes child): say if the port is already served
         self.metrics_offset = 0
         self.metrics_port: Callable[[], int | None] = lambda: None
 
-    def share(self, opts: options.Options, slot: ChildSlot, router: SynapseRouter) -> None:
-        """Share the listen ports of `opts`, and serve `router`'s metrics on the slot's port."""
+    def share(self, opts: options.Options, slot: ChildSlot | None, router: SynapseRouter) -> None:
+        """Share the listen ports of `opts`; a child (`slot`) serves `router`'s metrics on its own
+        port. OptionsError if a child has no fixed listen port."""
+        if slot is None:
+            with contextlib.suppress(exceptions.OptionsError):  # an ephemeral port: nothing to share
+                self.shared_ports = listen_ports(opts)
+            self.lone = True
+            return
         self.shared_ports = listen_ports(opts)
         self.metrics_offset = slot.index + 1
         self.metrics_port = lambda: metrics_port(router)
@@ -95,6 +105,11 @@ class SharedPortLoop(asyncio.SelectorEventLoop):
     ) -> asyncio.Server:
         if port and port in self.shared_ports:
             kwargs["reuse_port"] = True
+            if self.lone and port_in_use(host, port):
+                log.warning(
+                    f"{PROG}: port {port} is already served by another process: this router shares it "
+                    "(SO_REUSEPORT) until that one stops (--replace PID stops it once this one serves)"
+                )
         elif port and self.metrics_offset and port == self.metrics_port():
             port, configured = port + self.metrics_offset, port
             log.info(f"{PROG}: metrics of this process on port {port} ({configured} + {self.metrics_offset})")
@@ -114,6 +129,22 @@ def listen_ports(opts: options.Options) -> frozenset[int]:
     return frozenset(ports)
 
 
+def port_in_use(host: Any, port: int) -> bool:
+    """Whether a socket already listens on (host, port): a bind without SO_REUSEPORT fails then
+    (SO_REUSEADDR, as asyncio's own, so that connections in TIME_WAIT do not count)."""
+    hosts = [host] if isinstance(host, str) and host else ["0.0.0.0"]
+    for address in hosts:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
 def metrics_port(router: SynapseRouter) -> int | None:
     listen = router.engine.config.metrics_listen if router.engine is not None else None
     return parse_listen(listen)[1] if listen else None
@@ -129,6 +160,21 @@ def ready_signal(slot: ChildSlot) -> Callable[[], None]:
             os.close(slot.ready_fd)
 
     return ready
+
+
+def replace(pid: int) -> Callable[[], None]:
+    """What a router started with `--replace PID` does once it serves: SIGTERM the router it
+    replaces, which then drains while this one takes every new connection on the port."""
+
+    def stop_replaced() -> None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError as e:
+            log.warning(f"{PROG}: serving; --replace {pid}: {e.strerror or e}")
+            return
+        log.info(f"{PROG}: serving; SIGTERM sent to pid {pid}, which drains (--replace)")
+
+    return stop_replaced
 
 
 def die_with_parent(parent_pid: int) -> None:
