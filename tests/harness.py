@@ -166,11 +166,13 @@ class RouterStarter:
         launcher: str = DEFAULT_LAUNCHER,
         wait: bool = True,
         wait_timeout: float = 20.0,
+        port: int | None = None,
     ) -> Router:
+        """`port`: listen there (e.g. a running router's, for a rolling restart), not on a free one."""
         n = len(self.started)
         config_path = self.work / f"router-{n}.yaml"
         config_path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
-        port = free_port()
+        port = free_port() if port is None else port
         output = self.work / f"router-{n}.log"
         with output.open("wb") as out:
             proc = subprocess.Popen(

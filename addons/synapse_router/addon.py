@@ -17,6 +17,7 @@ addons share one RouterState (state.py) and per-flow data through flowdata.py.
     Observation       responseheaders (debug headers), response, error: redaction, metrics, access log
     MetricsListener   running, done: the Prometheus endpoint
     ListenBacklog     running, done: the listening sockets' accept queue (limits.listen_backlog)
+    GracefulStop      running (SIGTERM/SIGINT), responseheaders, response, done: drain, then stop
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .addons.configuration import Applier, Configuration
 from .addons.connect_failover import ConnectFailover
 from .addons.connection_limits import ConnectionLimits
 from .addons.credentials import LogRedaction
+from .addons.graceful_stop import GracefulStop
 from .addons.health import HealthChecks
 from .addons.listen_backlog import ListenBacklog
 from .addons.metrics_listener import MetricsListener
@@ -59,6 +61,7 @@ class SynapseRouter:
         self.observation = Observation(state)
         self.metrics_listener = MetricsListener(state)
         self.listen_backlog = ListenBacklog()
+        self.graceful_stop = GracefulStop(self.limits)
         # Prepared in this order, then switched to in this order. Observation opens the access
         # log file, the one part that can fail on a valid file: last, so nothing is left open.
         appliers: list[Applier] = [
@@ -69,6 +72,7 @@ class SynapseRouter:
             self.router_sent,
             self.metrics_listener,
             self.listen_backlog,
+            self.graceful_stop,
             self.observation,
         ]
         self.configuration = Configuration(state, appliers)
@@ -85,6 +89,7 @@ class SynapseRouter:
             self.observation,
             self.metrics_listener,
             self.listen_backlog,
+            self.graceful_stop,
         ]
 
     # What tests, the launcher and interactive users look at.

@@ -74,9 +74,10 @@ class ChildSlot:
 
 
 class SharedPortLoop(asyncio.SelectorEventLoop):
-    """The event loop of a `--processes` child. Listening sockets on `shared_ports` get
-    SO_REUSEPORT, so N children can serve one port; the router's metrics listener moves to
-    port + `metrics_offset` (process i serves its own metrics on P + i)."""
+    """The event loop of every `synapse-router` process. Listening sockets on `shared_ports` get
+    SO_REUSEPORT, so N children can serve one port, and a new router can take over the port of
+    one that drains (`--replace`, a rolling restart); in a `--processes` child the router's
+    metrics listener moves to port + `metrics_offset` (process i serves its own metrics on P + i)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,8 +85,13 @@ class SharedPortLoop(asyncio.SelectorEventLoop):
         self.metrics_offset = 0
         self.metrics_port: Callable[[], int | None] = lambda: None
 
-    def share(self, opts: options.Options, slot: ChildSlot, router: SynapseRouter) -> None:
-        """Share the listen ports of `opts`, and serve `router`'s metrics on the slot's port."""
+    def share(self, opts: options.Options, slot: ChildSlot | None, router: SynapseRouter) -> None:
+        """Share the listen ports of `opts`; a child (`slot`) serves `router`'s metrics on its own
+        port. OptionsError if a child has no fixed listen port."""
+        if slot is None:
+            with contextlib.suppress(exceptions.OptionsError):  # an ephemeral port: nothing to share
+                self.shared_ports = listen_ports(opts)
+            return
         self.shared_ports = listen_ports(opts)
         self.metrics_offset = slot.index + 1
         self.metrics_port = lambda: metrics_port(router)
@@ -129,6 +135,21 @@ def ready_signal(slot: ChildSlot) -> Callable[[], None]:
             os.close(slot.ready_fd)
 
     return ready
+
+
+def replace(pid: int) -> Callable[[], None]:
+    """What a router started with `--replace PID` does once it serves: SIGTERM the router it
+    replaces, which then drains while this one takes every new connection on the port."""
+
+    def stop_replaced() -> None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError as e:
+            log.warning(f"{PROG}: serving; --replace {pid}: {e.strerror or e}")
+            return
+        log.info(f"{PROG}: serving; SIGTERM sent to pid {pid}, which drains (--replace)")
+
+    return stop_replaced
 
 
 def die_with_parent(parent_pid: int) -> None:

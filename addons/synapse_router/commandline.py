@@ -1,4 +1,4 @@
-"""`synapse-router`'s command line: mitmdump's, minus `-s`, plus `--processes N`.
+"""`synapse-router`'s command line: mitmdump's, minus `-s`, plus `--processes N` and `--replace PID`.
 
 The parser is mitmproxy's own `cmdline.mitmdump` over the options the lean addons define
 (lean.py), so `--mode`/`-m`, `--set NAME=VALUE`, `-q`, `-v`, `--listen-host`, `-p`, `--options`,
@@ -33,13 +33,21 @@ def make_parser(opts: options.Options) -> argparse.ArgumentParser:
     """mitmdump's parser over the options the lean addons define (absent ones have no flag)."""
     parser = cmdline.mitmdump(opts)  # type: ignore[no-untyped-call]
     parser.prog = PROG
-    parser.usage = "%(prog)s [--processes N] [options] [filter]"
+    parser.usage = "%(prog)s [--processes N] [--replace PID] [options] [filter]"
     parser.add_argument(
         "--processes",
         type=int,
         default=1,
         metavar="N",
         help="Serve the listen port from N router processes (Linux SO_REUSEPORT). Default 1.",
+    )
+    parser.add_argument(
+        "--replace",
+        type=int,
+        default=None,
+        metavar="PID",
+        help="Once this router serves, send SIGTERM to PID, the router on the same port it replaces, "
+        "which drains (a rolling restart: no connection refused).",
     )
     assert isinstance(parser, argparse.ArgumentParser)
     return parser
@@ -117,14 +125,15 @@ def metrics_listen(argv: Sequence[str]) -> str | None:
 
 
 def without_processes(arguments: Sequence[str]) -> list[str]:
-    """The command line without `--processes N` (what each child of the parent is given)."""
+    """The command line without `--processes N` and `--replace PID` (what each child of the
+    parent is given: the parent does both)."""
     out: list[str] = []
     skip = False
     for arg in arguments:
         if skip:
             skip = False
-        elif arg == "--processes":
+        elif arg in ("--processes", "--replace"):
             skip = True
-        elif not arg.startswith("--processes="):
+        elif not arg.startswith(("--processes=", "--replace=")):
             out.append(arg)
     return out

@@ -22,6 +22,7 @@ from .client_address import IPNetwork
 from .health import HealthConfig
 from .limits import LimitsConfig, LimitsConfigError, parse_limits
 from .routes import MAIN, Balance, Route, RouteTable
+from .shutdown import ShutdownConfig, ShutdownConfigError, parse_shutdown
 from .upstream import Upstream, parse_listen, parse_upstream_url
 
 KeyPath = tuple[str | int, ...]
@@ -74,6 +75,7 @@ class RouterConfig:
     access_log: AccessLogConfig = AccessLogConfig()
     debug_headers: bool = False  # X-Synapse-Router-* response headers naming route and worker
     limits: LimitsConfig = LimitsConfig()  # client connection timeouts and caps
+    shutdown: ShutdownConfig = ShutdownConfig()  # graceful stop: the grace period
     # The compiled route table (custom routes, then the built-in ones): compiled once, when the
     # configuration is parsed, since compiling is also what validates the patterns together.
     table: RouteTable = field(default_factory=RouteTable, compare=False, repr=False)
@@ -367,13 +369,31 @@ def _parse_limits(doc: _Doc, raw: Any) -> LimitsConfig:
         raise _section_error(doc, "limits", e.key, e.reason) from None
 
 
+def _parse_shutdown(doc: _Doc, raw: Any) -> ShutdownConfig:
+    try:
+        return parse_shutdown(raw)
+    except ShutdownConfigError as e:
+        raise _section_error(doc, "shutdown", e.key, e.reason) from None
+
+
 def _section_error(doc: _Doc, section: str, key: str | None, reason: str) -> ConfigError:
     """An error a section's own parser reported, placed at its key and line."""
     return doc.error((section, key) if key else (section,), reason)
 
 
 _TOP_KEYS = frozenset(
-    {"workers", "routes", "trusted_proxies", "whoami", "health", "metrics", "access_log", "debug_headers", "limits"}
+    {
+        "workers",
+        "routes",
+        "trusted_proxies",
+        "whoami",
+        "health",
+        "metrics",
+        "access_log",
+        "debug_headers",
+        "limits",
+        "shutdown",
+    }
 )
 
 
@@ -397,6 +417,7 @@ def parse_config(text: str) -> RouterConfig:
         access_log=_parse_access_log(doc, top.get("access_log")),
         debug_headers=_flag(doc, top.get("debug_headers", False), ("debug_headers",)),
         limits=_parse_limits(doc, top.get("limits")),
+        shutdown=_parse_shutdown(doc, top.get("shutdown")),
         table=table,
     )
 

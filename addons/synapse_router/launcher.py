@@ -6,7 +6,9 @@
 It takes mitmdump's command line (mitmproxy's own `cmdline.mitmdump` parser, so `--mode`/`-m`,
 `--set NAME=VALUE`, `-q`, `-v`, `--listen-host`, `-p`, `--options`, a trailing flow filter, ...
 mean what they mean to mitmdump) minus `-s`: the router is built in. Exits 1 with the message on a
-bad option or `router_config`, prints each flow unless `-q`, and stops cleanly on SIGINT/SIGTERM.
+bad option or `router_config`, prints each flow unless `-q`, and on SIGINT/SIGTERM drains (lets
+every request in flight finish, up to `shutdown.grace`) and exits 0. `--replace PID`: once this
+router serves, it sends SIGTERM to PID, the router on the same port it replaces (a rolling restart).
 
 This module is the entry point only (`main`, and `python -m synapse_router.launcher`, which is
 how a `--processes` parent starts its children). The rest, by concern:
@@ -14,7 +16,8 @@ how a `--processes` parent starts its children). The rest, by concern:
     lean.py            the lean Master (nine addons, hook dispatch cached per event) and `serve`,
                        which runs one router process; why, and the mitmproxy internals it uses
     commandline.py     mitmdump's command line minus `-s` plus `--processes`; applying options
-    supervisor.py      `--processes N`: the parent that starts, signals and reaps the children
+    supervisor.py      `--processes N`: the parent that starts, signals, reaps and restarts the
+                       children
     childprocess.py    what a child does differently: its slot, the shared port (SO_REUSEPORT),
                        its own metrics port, dying with the parent, telling it "serving"
     processmetrics.py  the parent's metrics endpoint: the children's metrics merged
@@ -39,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
     pre.add_argument("--processes", type=int, default=1)
+    pre.add_argument("--replace", type=int, default=None)
     pre.add_argument(CHILD_FLAG, type=ChildSlot.parse, default=None)
     known, _ = pre.parse_known_args(arguments)
     if known.launcher_child is not None:
@@ -54,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rest = without_processes(arguments)
     quiet = "-q" in rest or "--quiet" in rest
-    return Supervisor(rest, known.processes, quiet).run()
+    return Supervisor(rest, known.processes, quiet, known.replace).run()
 
 
 if __name__ == "__main__":

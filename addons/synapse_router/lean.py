@@ -54,7 +54,7 @@ from mitmproxy.addons import core, disable_h2c, dumper, errorcheck, next_layer, 
 from mitmproxy.utils import debug
 
 from .addon import SynapseRouter
-from .childprocess import ChildSlot, SharedPortLoop, die_with_parent, ready_signal
+from .childprocess import ChildSlot, SharedPortLoop, die_with_parent, ready_signal, replace
 from .commandline import PROG, apply_options, make_parser
 from .signals import on_signal
 
@@ -165,7 +165,7 @@ def serve(argv: Sequence[str], slot: ChildSlot | None = None) -> int:
     """Run one router process until SIGINT/SIGTERM (`slot`: as a child of `--processes N`);
     raises SystemExit(1) on a start-up error."""
     if slot is None:
-        asyncio.run(_serve(argv, None))
+        asyncio.run(_serve(argv, None), loop_factory=SharedPortLoop)
         return 0
     die_with_parent(slot.parent_pid)
     # SIGHUP (reload) may be forwarded before the router installs its handler: do not die of it.
@@ -178,13 +178,23 @@ async def _serve(argv: Sequence[str], slot: ChildSlot | None) -> None:
     _configure_logging()
     debug.register_info_dumpers()  # type: ignore[no-untyped-call]
     opts = options.Options()
-    lean = LeanMaster(opts, on_started=ready_signal(slot) if slot is not None else None)
+    when_started: list[Callable[[], None]] = []
+
+    def started() -> None:
+        for callback in when_started:
+            callback()
+
+    lean = LeanMaster(opts, on_started=started)
     parser = make_parser(opts)
     args = parser.parse_args(argv)
+    if slot is not None:
+        when_started.append(ready_signal(slot))
+    elif args.replace is not None:
+        when_started.append(replace(args.replace))
     loop = asyncio.get_running_loop()
     try:
         apply_options(opts, parser, args)
-        if slot is not None and isinstance(loop, SharedPortLoop):
+        if isinstance(loop, SharedPortLoop):
             loop.share(opts, slot, lean.router)
         lean.configure_router()
         if args.options:

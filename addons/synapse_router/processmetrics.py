@@ -3,7 +3,8 @@
 With `metrics.listen` on port P, process i (1-based) serves its own metrics on P + i and the
 parent serves P: every process's exposition with each sample labelled `process="i"`, plus
 `synapse_router_process_up{process}` (0 for a process that did not answer within
-SCRAPE_TIMEOUT). Counters are not summed here: `sum without (process) (...)` does that in
+SCRAPE_TIMEOUT) and `synapse_router_process_restarts_total{process}` (how often the parent
+restarted that process after it died). Counters are not summed here: `sum without (process) (...)` does that in
 PromQL, and a process that exits takes its series with it instead of making a summed counter
 go backwards. The parent serves the merge with MergedMetricsServer, on a thread of its own.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import httpx
 from mitmproxy.utils.asyncio_utils import create_task
@@ -26,13 +27,20 @@ from .metrics import METRICS_PATH, MetricsServer, parse_listen
 
 PROCESS_LABEL = "process"
 PROCESS_UP = "synapse_router_process_up"
+PROCESS_RESTARTS = "synapse_router_process_restarts"
 SCRAPE_TIMEOUT = 2.0  # seconds for each process to answer
 
 
-def merge(expositions: Sequence[tuple[str, str | None]]) -> bytes:
-    """(process label, its exposition or None if it did not answer) -> one exposition."""
+def merge(expositions: Sequence[tuple[str, str | None]], restarts: Mapping[str, int] | None = None) -> bytes:
+    """(process label, its exposition or None if it did not answer) -> one exposition;
+    `restarts`: process label -> times the parent restarted it."""
     families: dict[str, Metric] = {}
     up = Metric(PROCESS_UP, "1 if this router process answered the parent's scrape, else 0.", "gauge")
+    restarted = Metric(
+        PROCESS_RESTARTS, "Times the --processes parent restarted this router process after it died.", "counter"
+    )
+    for process, count in sorted((restarts or {}).items()):
+        restarted.samples.append(Sample(f"{PROCESS_RESTARTS}_total", {PROCESS_LABEL: process}, float(count)))
     for process, text in expositions:
         parsed = _parse(text)
         up.samples.append(Sample(PROCESS_UP, {PROCESS_LABEL: process}, 0.0 if parsed is None else 1.0))
@@ -42,7 +50,7 @@ def merge(expositions: Sequence[tuple[str, str | None]]) -> bytes:
                 merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
             merged.samples.extend(s._replace(labels={**s.labels, PROCESS_LABEL: process}) for s in family.samples)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families([up, *families.values()]))
+    registry.register(_Families([up, *([restarted] if restarts is not None else []), *families.values()]))
     return generate_latest(registry)
 
 
@@ -66,15 +74,21 @@ class _Families:
 class ProcessMetrics:
     """Renders the merged metrics of the processes serving on `host`, ports base + 1 .. base + count."""
 
-    def __init__(self, host: str, base_port: int, count: int) -> None:
+    def __init__(
+        self, host: str, base_port: int, count: int, restarts: Callable[[], Mapping[int, int]] | None = None
+    ) -> None:
         self.urls = [f"http://{_dialable(host)}:{base_port + i}{METRICS_PATH}" for i in range(1, count + 1)]
+        self.restarts = restarts  # slot index (0-based) -> restarts
         self._client: httpx.AsyncClient | None = None
 
     async def render(self) -> bytes:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=SCRAPE_TIMEOUT, trust_env=False)
         texts = await asyncio.gather(*(self._scrape(self._client, url) for url in self.urls))
-        return merge([(str(i), text) for i, text in enumerate(texts, start=1)])
+        restarts = None
+        if self.restarts is not None:
+            restarts = {str(index + 1): count for index, count in self.restarts().items()}
+        return merge([(str(i), text) for i, text in enumerate(texts, start=1)], restarts)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -99,9 +113,12 @@ class MergedMetricsServer:
     """The parent's metrics endpoint (the merge of its processes'), on a thread and event loop
     of its own: the parent's main thread waits for its children."""
 
-    def __init__(self, count: int, warn: Callable[[str], None]) -> None:
+    def __init__(
+        self, count: int, warn: Callable[[str], None], restarts: Callable[[], Mapping[int, int]] | None = None
+    ) -> None:
         self.count = count
         self.warn = warn
+        self.restarts = restarts
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="merged-metrics", daemon=True)
         self.thread.start()
@@ -133,7 +150,7 @@ class MergedMetricsServer:
         if listen is None:
             return
         host, port = parse_listen(listen)
-        source = ProcessMetrics(host, port, self.count)
+        source = ProcessMetrics(host, port, self.count, self.restarts)
         server = MetricsServer(source.render, listen)
         try:
             await server.start()

@@ -256,3 +256,12 @@ def test_asyncio_server_instances_keep_their_servers_in_a_list() -> None:
     source = inspect.getsource(mode_servers.AsyncioServerInstance)
     assert "self._servers = []" in source and "self._servers = await self.listen(" in source
     assert hasattr(mode_servers.AsyncioServerInstance, "listen")
+
+
+def test_graceful_stop_internals() -> None:
+    # addons/graceful_stop.py: accepted connections are served by `handle_stream(reader, writer)`,
+    # registered in the Proxyserver's `connections`, and asyncio.Server.close only stops listening.
+    assert params(mode_servers.ServerInstance.handle_stream)[:3] == ["self", "reader", "writer"]
+    assert "self.manager.register_connection(" in source(mode_servers.ServerInstance.handle_stream)
+    assert isinstance(proxyserver.Proxyserver().connections, dict)
+    assert "self._servers" in source(mode_servers.AsyncioServerInstance._stop)

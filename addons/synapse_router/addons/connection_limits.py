@@ -50,6 +50,7 @@ class _Conn:
 
     flows: set[str] = field(default_factory=set)
     timer: asyncio.TimerHandle | None = None
+    answered: bool = False  # a request has been answered on it (so, with no flows: idle keep-alive)
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
@@ -120,6 +121,30 @@ class ConnectionLimits:
     @property
     def open_connections(self) -> int:
         return len(self._conns)
+
+    @property
+    def requests_in_flight(self) -> int:
+        return sum(len(conn.flows) for conn in self._conns.values())
+
+    def close_idle(self, reason: str) -> int:
+        """Close every keep-alive connection with no request in flight and its last response
+        sent (not a new one still to send its first request); the number closed."""
+        closed = 0
+        for client_id, conn in list(self._conns.items()):
+            if not conn.answered or conn.flows:
+                continue
+            if (io := _client_io(client_id)) is not None and _unsent_bytes(io) == 0:
+                conn.cancel_timer()
+                _close(io, reason)
+                closed += 1
+        return closed
+
+    def close_all(self, reason: str) -> None:
+        """Close every client connection, requests in flight and all."""
+        for client_id, conn in list(self._conns.items()):
+            conn.cancel_timer()
+            if (io := _client_io(client_id)) is not None:
+                _close(io, reason)
 
     def prepare(self, config: RouterConfig) -> Callable[[], None]:
         return lambda: self.use(config.limits)
@@ -209,6 +234,7 @@ class ConnectionLimits:
         if conn is None or flow.id not in conn.flows:
             return
         conn.flows.discard(flow.id)
+        conn.answered = True
         if not conn.flows:
             conn.cancel_timer()
             conn.timer = self._start_timer(flow.client_conn.id, self.config.keepalive_timeout, KEEPALIVE_TIMEOUT)

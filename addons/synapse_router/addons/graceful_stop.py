@@ -1,0 +1,170 @@
+"""GracefulStop: SIGTERM (or a first SIGINT) drains the router instead of cutting every
+connection (`shutdown.grace`, shutdown.py); a second signal stops at once.
+
+Draining: the listening sockets are closed at once, after the connections already waiting in
+their accept queues have been accepted and handed to mitmproxy (a connection left in the queue
+of a closed listener is reset, and a new router sharing the port with SO_REUSEPORT takes every
+later one); idle keep-alive connections are closed; every request in flight is let finish and
+answered with `Connection: close`, so its connection closes after it; once no client connection
+is left (or the grace is over, and the rest are closed and counted in the log) mitmproxy is
+told to shut down, which stops the health checks, whoami and the metrics listener through their
+`done` hooks. Under mitmdump this replaces mitmproxy's own SIGINT/SIGTERM handlers (which stop
+at once) in `running`.
+
+The mitmproxy internals it uses: the Proxyserver addon's `servers` (each instance's asyncio
+servers, listen_backlog.listening_servers), `connections`, and `ServerInstance.handle_stream`,
+the coroutine mitmproxy runs for each accepted connection (tests/unit/test_mitmproxy_internals.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import ctx, http
+from mitmproxy.utils import asyncio_utils
+
+from ..config import RouterConfig
+from ..shutdown import ShutdownConfig, drained_line, grace_over_line, immediate_line, stopping_line
+from ..signals import on_signal
+from .connection_limits import ConnectionLimits
+from .listen_backlog import listening_servers
+
+log = logging.getLogger("synapse_router")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+POLL_INTERVAL = 0.05  # seconds between looks at the connections left while draining
+CLOSE_WAIT = 5.0  # seconds the connections closed at the end of the grace get to go
+SHUTDOWN_REASON = "shutdown"
+
+
+class GracefulStop:
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.config = ShutdownConfig()
+        self._drain: asyncio.Task[None] | None = None
+        self._handed_over: set[asyncio.Task[None]] = set()  # connections accepted while stopping
+
+    @property
+    def stopping(self) -> bool:
+        return self._drain is not None
+
+    def prepare(self, config: RouterConfig) -> Callable[[], None]:
+        def switch() -> None:
+            self.config = config.shutdown
+
+        return switch
+
+    def running(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for signum in STOP_SIGNALS:
+                # mitmdump's own handlers (loop.add_signal_handler) would stop at once.
+                with contextlib.suppress(RuntimeError, ValueError):
+                    loop.remove_signal_handler(signum)
+                on_signal(signum, self.stop)
+        except (RuntimeError, ValueError):
+            log.info("synapse-router: graceful stop on SIGTERM unavailable here (not the main thread)")
+
+    def done(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.cancel()
+
+    # --- the responses of a draining router close their connections ---
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if self._drain is not None and flow.response is not None:
+            flow.response.headers["connection"] = "close"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.responseheaders(flow)
+
+    # --- stopping ---
+
+    def stop(self) -> None:
+        """The first call drains; a second one stops at once."""
+        if self._drain is None:
+            self._drain = asyncio_utils.create_task(self._drain_then_shut_down(), name="graceful stop", keep_ref=True)
+            return
+        log.warning(immediate_line(self.limits.requests_in_flight, self._connections()))
+        self.limits.close_all(SHUTDOWN_REASON)
+        ctx.master.shutdown()  # type: ignore[no-untyped-call]
+
+    async def _drain_then_shut_down(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        grace = self.config.grace
+        self._stop_listening()
+        idle = self.limits.close_idle(SHUTDOWN_REASON)
+        log.info(stopping_line(grace, idle, self.limits.requests_in_flight, self._connections()))
+        deadline = started + grace
+        while self._connections() and loop.time() < deadline:
+            await asyncio.sleep(POLL_INTERVAL)
+            self.limits.close_idle(SHUTDOWN_REASON)  # answered meanwhile, or its last bytes now sent
+        if self._connections():
+            log.warning(grace_over_line(grace, self.limits.requests_in_flight, self._connections()))
+            self.limits.close_all(SHUTDOWN_REASON)
+            close_by = loop.time() + CLOSE_WAIT
+            while self._connections() and loop.time() < close_by:
+                await asyncio.sleep(POLL_INTERVAL)
+        else:
+            log.info(drained_line(loop.time() - started))
+        ctx.master.shutdown()  # type: ignore[no-untyped-call]
+
+    def _connections(self) -> int:
+        """Client connections still open (or accepted while stopping and not yet registered)."""
+        proxyserver = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]
+        registered = len(proxyserver.connections) if proxyserver is not None else 0
+        return max(registered, sum(1 for task in self._handed_over if not task.done()))
+
+    def _stop_listening(self) -> None:
+        """Close the proxy's listening sockets, first accepting what waits in their queues."""
+        proxyserver = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]
+        if proxyserver is None:
+            return
+        for instance in proxyserver.servers:
+            for server in listening_servers(instance):
+                if not isinstance(server, asyncio.Server):
+                    continue
+                for transport_socket in server.sockets:
+                    if transport_socket.type == socket.SOCK_STREAM:
+                        for conn in _accept_waiting(transport_socket.fileno()):
+                            task = asyncio_utils.create_task(
+                                _serve(instance, conn), name="connection accepted while stopping", keep_ref=True
+                            )
+                            self._handed_over.add(task)
+                            task.add_done_callback(self._handed_over.discard)
+                server.close()  # right after the last accept: nothing runs in between
+
+
+def _accept_waiting(fileno: int) -> list[socket.socket]:
+    """The connections waiting in a listening socket's accept queue, accepted."""
+    accepted = []
+    with socket.socket(fileno=os.dup(fileno)) as listening:
+        listening.setblocking(False)
+        while True:
+            try:
+                conn, _ = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # out of descriptors: the rest are reset with the listener
+                log.warning(f"synapse-router: accepting the connections queued at stop: {e.strerror or e}")
+                break
+            accepted.append(conn)
+    return accepted
+
+
+async def _serve(instance: Any, conn: socket.socket) -> None:
+    """Serve an accepted connection as mitmproxy serves those its own listener accepts."""
+    try:
+        reader, writer = await asyncio.open_connection(sock=conn)
+    except OSError:
+        conn.close()
+        return
+    await instance.handle_stream(reader, writer)

@@ -1,0 +1,237 @@
+"""Graceful stop and rolling restart (issue 15), against real router processes (either launcher,
+SYNAPSE_ROUTER_LAUNCHER): SIGTERM lets every request in flight finish, long-polls included,
+while the port is closed at once; a second router started on the same port takes every new
+connection while the first drains; past `shutdown.grace` the rest are closed and the router
+exits; a second signal stops at once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.harness import DEFAULT_LAUNCHER, Fleet, Router, RouterStarter
+
+pytestmark = pytest.mark.integration
+
+DEADLINE = 60.0  # generous: for what must happen, never a measure of how fast
+SYNC = "/_matrix/client/v3/sync?since=s1&timeout=30000&standin_delay={delay}"  # sent by the router itself
+INITIAL_SYNC = "/_matrix/client/v3/sync?standin_delay={delay}"  # forwarded by mitmproxy
+TOKENS = {f"tok{i}": f"@u{i}:example.org" for i in range(40)}
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def _fleet_config(fleet: Fleet, grace: float | None = None) -> dict:
+    fleet.add("main", whoami=TOKENS)
+    fleet.add("sync")
+    fleet.add("initial")
+    config: dict = {
+        "workers": {"sync": [fleet["sync"].url], "initial_sync": [fleet["initial"].url]},
+        "whoami": {"timeout": 10},
+        "health": {"interval": 3600},  # no health-check connection in the stand-ins' counts
+    }
+    if grace is not None:
+        config["shutdown"] = {"grace": grace}
+    return config
+
+
+def _send(port: int, path: str, token: str) -> socket.socket:
+    """A new connection with one request sent on it (so it is in flight from now on)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: matrix.example.org\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    return sock
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    """Everything the router sends until it closes the connection."""
+    received = b""
+    with sock:
+        sock.settimeout(DEADLINE)
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                return received
+            if not chunk:
+                return received
+            received += chunk
+
+
+def _read_one(sock: socket.socket) -> int | None:
+    """Read one response with a Content-Length body; its status."""
+    sock.settimeout(DEADLINE)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a response head: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed inside a response body"
+        body += chunk
+    return _status(head)
+
+
+def _status(received: bytes) -> int | None:
+    if not received.startswith(b"HTTP/1.1 "):
+        return None
+    return int(received.split(b" ", 2)[1])
+
+
+def _upstream_open(fleet: Fleet) -> int:
+    return fleet["sync"].stats()["open_connections"] + fleet["initial"].stats()["open_connections"]
+
+
+def _in_flight(fleet: Fleet, router: Router, sync: int, initial: int, delay: float) -> list[socket.socket]:
+    """`sync` long-polls and `initial` initial syncs sent, each on its own connection, and
+    waiting at the stand-ins (which answer after `delay` seconds)."""
+    socks = [_send(router.port, SYNC.format(delay=delay), f"tok{i}") for i in range(sync)]
+    socks += [_send(router.port, INITIAL_SYNC.format(delay=delay), f"tok{sync + i}") for i in range(initial)]
+    _wait_for(lambda: _upstream_open(fleet) >= sync + initial, "requests at the stand-ins")
+    return socks
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _assert_clean_log(router: Router) -> None:
+    log = router.log()
+    assert "Traceback" not in log, log
+    assert "Addon error" not in log, log
+    assert "Unhandled" not in log, log
+
+
+def test_sigterm_answers_every_request_in_flight(fleet: Fleet, start_router: RouterStarter) -> None:
+    """40 requests in flight (30 sync long-polls sent by the router, 10 initial syncs forwarded
+    by mitmproxy) at SIGTERM, the stand-ins answering 6 s later: all 40 answered 200, each with
+    `Connection: close`; the port refuses connections as soon as the stop is logged; exit 0."""
+    config = _fleet_config(fleet)
+    router = start_router(fleet["main"].url, config)
+    idle = socket.create_connection(("127.0.0.1", router.port), timeout=DEADLINE)  # an idle keep-alive one
+    idle.sendall(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: matrix.example.org\r\n\r\n")
+    assert _read_one(idle) == 200
+    socks = _in_flight(fleet, router, sync=30, initial=10, delay=6)
+
+    router.proc.send_signal(signal.SIGTERM)
+    _wait_for(lambda: "synapse-router: stopping" in router.log(), "the stop logged")
+    assert _refused(router.port)  # no new connection once stopping
+    assert _until_closed(idle) == b""  # the idle keep-alive connection is closed, unanswered
+
+    answers = [_until_closed(sock) for sock in socks]
+    statuses = Counter(_status(a) for a in answers)
+    print(f"in flight at SIGTERM: {len(socks)}, answered: {dict(statuses)}")
+    assert statuses == Counter({200: 40}), answers
+    for answer in answers:
+        head = answer.partition(b"\r\n\r\n")[0].lower()
+        assert b"\r\nconnection: close" in head
+    servers = Counter(json.loads(a.partition(b"\r\n\r\n")[2])["server"] for a in answers)
+    assert servers == Counter({"sync": 30, "initial": 10})
+    assert router.proc.wait(DEADLINE) == 0
+    log = router.log()
+    assert "1 idle connection(s) closed; waiting up to 35s for 40 request(s) in flight" in log, log
+    assert "stopped gracefully" in log
+    _assert_clean_log(router)
+
+
+def _statuses(socks: list[socket.socket]) -> Counter[int | None]:
+    return Counter(_status(_until_closed(sock)) for sock in socks)
+
+
+def test_grace_over_closes_the_rest_and_exits(fleet: Fleet, start_router: RouterStarter) -> None:
+    """`shutdown.grace: 2` and requests the stand-ins answer after 30 s: past the grace they are
+    closed (unanswered), counted in the log, and the router exits 0."""
+    config = _fleet_config(fleet, grace=2)
+    router = start_router(fleet["main"].url, config)
+    socks = _in_flight(fleet, router, sync=3, initial=2, delay=30)
+    router.proc.send_signal(signal.SIGTERM)
+    assert router.proc.wait(DEADLINE) == 0
+    assert _statuses(socks) == Counter({None: 5})  # closed without an answer
+    log = router.log()
+    assert "grace of 2s over: closing 5 request(s) still in flight on 5 connection(s)" in log, log
+    _assert_clean_log(router)
+
+
+def test_second_signal_stops_at_once(fleet: Fleet, start_router: RouterStarter) -> None:
+    config = _fleet_config(fleet)
+    router = start_router(fleet["main"].url, config)
+    socks = _in_flight(fleet, router, sync=2, initial=1, delay=30)
+    router.proc.send_signal(signal.SIGTERM)
+    _wait_for(lambda: "synapse-router: stopping" in router.log(), "the stop logged")
+    router.proc.send_signal(signal.SIGINT)
+    assert router.proc.wait(DEADLINE) == 0
+    assert _statuses(socks) == Counter({None: 3})
+    log = router.log()
+    assert "second stop signal: stopping now, closing 3 request(s) still in flight" in log, log
+    _assert_clean_log(router)
+
+
+@pytest.mark.skipif(
+    DEFAULT_LAUNCHER == "mitmdump",
+    reason="mitmdump binds its listening socket without SO_REUSEPORT (asyncio.start_server(handle_stream, "
+    "host, port)) and offers no way to set it: a second mitmdump cannot bind the port the first one holds",
+)
+def test_rolling_restart_refuses_nothing(fleet: Fleet, start_router: RouterStarter) -> None:
+    """Router A serves; requests on new connections run in a loop; 20 long-polls wait on A. Router
+    B starts on the same port with `--replace A`: once it serves, A drains (its 20 long-polls
+    answered 200) and B takes every new connection: 0 refused, 0 failed."""
+    config = _fleet_config(fleet)
+    old = start_router(fleet["main"].url, config)
+    long_polls = _in_flight(fleet, old, sync=15, initial=5, delay=5)
+    outcomes: Counter[str] = Counter()
+    done = threading.Event()
+
+    def clients() -> None:
+        while not done.is_set():
+            try:
+                with httpx.Client(timeout=DEADLINE) as client:  # a new connection each time
+                    response = client.get(f"{old.url}/_matrix/client/versions")
+                outcomes[str(response.status_code)] += 1
+            except httpx.ConnectError:
+                outcomes["refused"] += 1
+            except httpx.HTTPError as e:
+                outcomes[type(e).__name__] += 1
+
+    loop = threading.Thread(target=clients)
+    loop.start()
+    try:
+        new = start_router(fleet["main"].url, config, ["--replace", str(old.proc.pid)], port=old.port, wait=False)
+        _wait_for(lambda: "synapse-router: stopping" in old.log() or old.proc.poll() is not None, "A stopping")
+        after: Counter[int] = Counter()
+        for _ in range(20):  # arriving after A's SIGTERM: B serves them
+            with httpx.Client(timeout=DEADLINE) as client:
+                after[client.get(f"{old.url}/_matrix/client/versions").status_code] += 1
+        assert after == Counter({200: 20})
+        assert _statuses(long_polls) == Counter({200: 20})
+        assert old.proc.wait(DEADLINE) == 0
+    finally:
+        done.set()
+        loop.join()
+    print(f"rolling restart: requests during the hand-over {dict(outcomes)}; after A's SIGTERM {dict(after)}")
+    assert set(outcomes) == {"200"} and outcomes["200"] > 0, outcomes
+    assert new.proc.poll() is None
+    assert "SIGTERM sent to pid" in new.log()
+    _assert_clean_log(old)
+    _assert_clean_log(new)
