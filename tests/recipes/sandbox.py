@@ -76,17 +76,49 @@ class Sandbox:
         return ["nsenter", "-t", str(self.holder.pid), "--net", "--mount", "--"]
 
     def command(
-        self, argv: Sequence[str], env: Mapping[str, str], cwd: str = "/", unprivileged: bool = False
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str = "/",
+        unprivileged: bool = False,
+        prefix: Sequence[str] = (),
     ) -> list[str]:
         """argv run in the sandbox with exactly `env` (as a container's ENV or a unit's
-        Environment= gives it) in `cwd`; the process is argv's own (each wrapper execs)."""
+        Environment= gives it) in `cwd`, after `prefix` (run with every capability, e.g. to set
+        a resource limit); the process is argv's own (each wrapper execs)."""
         setenv = ["env", "-i", *(f"{k}={v}" for k, v in env.items())]
         chdir = ["sh", "-c", 'cd "$0" && exec "$@"', cwd]
-        return [*self._enter(), *(UNPRIVILEGED if unprivileged else []), *chdir, *setenv, *argv]
+        return [*self._enter(), *prefix, *(UNPRIVILEGED if unprivileged else []), *chdir, *setenv, *argv]
 
     def run(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         env = {"PATH": os.environ["PATH"]} if env is None else env
         return subprocess.run(self.command(argv, env), capture_output=True, text=True, timeout=60)
+
+    def popen(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str,
+        log: Path,
+        unprivileged: bool = True,
+        prefix: Sequence[str] = (),
+    ) -> subprocess.Popen[bytes]:
+        """Start argv in the sandbox, its output to `log`; the Popen's pid is argv's process."""
+        with log.open("wb") as out:
+            command = self.command(argv, env, cwd, unprivileged, prefix)
+            return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_until(
+        self, check: Sequence[str], env: Mapping[str, str], proc: subprocess.Popen[bytes], log: Path, timeout: float
+    ) -> None:
+        """Run `check` in the sandbox until it exits 0, while `proc` runs, for `timeout` seconds at most."""
+        deadline = time.monotonic() + timeout
+        while (out := self.run(check, env)).returncode != 0:
+            if proc.poll() is not None:
+                raise AssertionError(f"exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{check} failed for {timeout}s: {out.stderr}\n{log.read_text(errors='replace')}")
+            time.sleep(0.2)
 
     def get(self, url: str) -> tuple[int, str]:
         """(status, body) of a GET from inside the sandbox."""
