@@ -6,9 +6,11 @@ one port from two processes and stops them all on SIGTERM."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -276,3 +278,57 @@ def test_processes_bad_config_reported_once(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.count("workers.sync[0] (line 3)") == 1
+
+
+def test_processes_restart_a_child_that_died_and_drain_on_sigterm(fleet: Fleet, start: StartFn) -> None:
+    """SIGKILL one of two children: the parent logs it and starts a replacement in its slot,
+    which serves; the merged metrics count the restart. Then SIGTERM to the parent drains both
+    children: every long-poll in flight is answered 200 and the parent exits 0."""
+    fleet.add("main")
+    fleet.add("reader")
+    metrics = _ports_below_ephemeral_range(3)
+    config = {"workers": {"client_reader": [fleet["reader"].url]}, "metrics": {"listen": f"127.0.0.1:{metrics}"}}
+    router = start(fleet["main"].url, config, ["--processes", "2"], wait=False)
+    before = _both_serving(router)
+    killed = before[1]
+    killed_at = time.monotonic()
+    os.kill(killed, signal.SIGKILL)
+    _wait_for(lambda: "restarted (pid" in router.log(), 60, "the replacement serving")
+    restart_latency = time.monotonic() - killed_at
+    after = _children(router.proc.pid)
+    assert len(after) == 2 and before[0] in after and killed not in after, (before, after)
+    replacement = next(pid for pid in after if pid != before[0])
+    log = router.log()
+    assert f"(pid {killed}) exited (signal SIGKILL)" in log and "restarting it at once" in log, log
+    assert f"restarted (pid {replacement}) and serving; restarts of this process: 1" in log, log
+    restarts = {
+        labels["process"]: value
+        for labels, value in _samples(f"http://127.0.0.1:{metrics}/metrics", "synapse_router_process_restarts_total")
+    }
+    assert sorted(restarts.values()) == [0.0, 1.0], restarts
+    slot = next(process for process, value in restarts.items() if value == 1.0)
+    wait_for_port(metrics + int(slot), router.proc, timeout=30)  # the replacement's own metrics
+    for _ in range(40):  # new connections, spread over both processes by the kernel
+        with httpx.Client(base_url=router.url, timeout=30) as client:
+            assert served(client.get("/_matrix/client/versions"))["server"] == "reader"
+    assert _requests_total(f"http://127.0.0.1:{metrics + int(slot)}/metrics") > 0  # the replacement served
+    print(f"child killed -> replacement serving after {restart_latency:.2f}s (log seen by the test)")
+
+    results: list[int] = []
+
+    def long_poll() -> None:
+        with httpx.Client(base_url=router.url, timeout=60) as client:
+            results.append(client.get("/_matrix/client/versions?standin_delay=4").status_code)
+
+    threads = [threading.Thread(target=long_poll) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    _wait_for(lambda: fleet["reader"].stats()["open_connections"] >= 10, 60, "long-polls at the stand-in")
+    router.proc.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(90)
+    assert results == [200] * 10
+    assert router.proc.wait(60) == 0
+    assert router.log().count("restarting it") == 1  # nothing restarted while stopping
+    _wait_for(lambda: not any(_alive(pid) for pid in after), 10, "children still running")
+    assert "Traceback" not in router.log()

@@ -373,7 +373,7 @@ def test_each_hook_is_owned_by_one_addon_and_runs_in_list_order() -> None:
     owners = [type(a).__name__ for a in router.addons if hasattr(a, "requestheaders")]
     assert owners == ["ConnectionLimits", "Routing"]
     owners = [type(a).__name__ for a in router.addons if hasattr(a, "response")]
-    assert owners == ["ConnectionLimits", "WhoamiIdentity", "Observation"]
+    assert owners == ["ConnectionLimits", "WhoamiIdentity", "Observation", "GracefulStop"]
     assert [type(a).__name__ for a in router.addons if hasattr(a, "request")] == ["RouterSent"]
 
 

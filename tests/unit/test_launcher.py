@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from synapse_router.childprocess import ChildSlot
 from synapse_router.commandline import last_value, metrics_listen, without_processes
+from synapse_router.supervisor import exit_description, restart_delay
 
 
 def test_child_slot_round_trips_through_its_flag() -> None:
@@ -31,6 +32,19 @@ def test_last_value_of_a_set_option() -> None:
 def test_without_processes() -> None:
     argv = ["--processes", "3", "-q", "--processes=2", "--mode", "reverse:http://x:1@8080"]
     assert without_processes(argv) == ["-q", "--mode", "reverse:http://x:1@8080"]
+    argv = ["--replace", "123", "-q", "--replace=456", "--processes", "2"]
+    assert without_processes(argv) == ["-q"]  # the parent replaces, not each child
+
+
+def test_restart_back_off() -> None:
+    assert [restart_delay(n) for n in range(1, 9)] == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def test_exit_description() -> None:
+    assert exit_description(0) == "status 0"
+    assert exit_description(3) == "status 3"
+    assert exit_description(-9) == "signal SIGKILL"
+    assert exit_description(-15) == "signal SIGTERM"
 
 
 def test_metrics_listen_from_the_router_config_on_a_command_line(tmp_path: Path) -> None:

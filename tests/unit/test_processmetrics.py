@@ -50,6 +50,13 @@ def test_a_silent_or_foreign_process_is_down_and_has_no_series() -> None:
     assert _samples(merged, "synapse_router_requests_total") == {"1": 2.0}
 
 
+def test_restarts_counted_per_process() -> None:
+    merged = merge([("1", _metrics(1).render().decode()), ("2", None)], {"1": 0, "2": 3})
+    assert _samples(merged, "synapse_router_process_restarts_total") == {"1": 0.0, "2": 3.0}
+    assert merged.decode().count("# TYPE synapse_router_process_restarts_total counter") == 1
+    assert "synapse_router_process_restarts" not in merge([("1", None)]).decode()  # not a parent's
+
+
 def test_no_process_answering_still_renders() -> None:
     merged = merge([("1", None), ("2", None)])
     assert _samples(merged, "synapse_router_process_up") == {"1": 0.0, "2": 0.0}
