@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "config" / "Dockerfile"
 UNIT = ROOT / "config" / "synapse-router.service"
 GUIDE = ROOT / "docs" / "deployment.md"
+DOCKER_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass
@@ -38,8 +39,9 @@ class Stage:
         return value
 
     def env(self) -> dict[str, str]:
-        """ENV KEY=VALUE ... pairs, later ones win; `$NAME` refers to an earlier value."""
-        env: dict[str, str] = {}
+        """ENV KEY=VALUE ... pairs over Docker's default PATH, later ones win; `$NAME` refers to
+        an earlier value."""
+        env = {"PATH": DOCKER_DEFAULT_PATH}
         for args in self.all("ENV"):
             for pair in shlex.split(args):
                 key, _, value = pair.partition("=")
