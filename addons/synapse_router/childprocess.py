@@ -27,9 +27,11 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +84,7 @@ class SharedPortLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         super().__init__()
         self.shared_ports: frozenset[int] = frozenset()
+        self.lone = False  # a lone router (not a --processes child): say if the port is already served
         self.metrics_offset = 0
         self.metrics_port: Callable[[], int | None] = lambda: None
 
@@ -91,6 +94,7 @@ class SharedPortLoop(asyncio.SelectorEventLoop):
         if slot is None:
             with contextlib.suppress(exceptions.OptionsError):  # an ephemeral port: nothing to share
                 self.shared_ports = listen_ports(opts)
+            self.lone = True
             return
         self.shared_ports = listen_ports(opts)
         self.metrics_offset = slot.index + 1
@@ -101,6 +105,11 @@ class SharedPortLoop(asyncio.SelectorEventLoop):
     ) -> asyncio.Server:
         if port and port in self.shared_ports:
             kwargs["reuse_port"] = True
+            if self.lone and port_in_use(host, port):
+                log.warning(
+                    f"{PROG}: port {port} is already served by another process: this router shares it "
+                    "(SO_REUSEPORT) until that one stops (--replace PID stops it once this one serves)"
+                )
         elif port and self.metrics_offset and port == self.metrics_port():
             port, configured = port + self.metrics_offset, port
             log.info(f"{PROG}: metrics of this process on port {port} ({configured} + {self.metrics_offset})")
@@ -118,6 +127,22 @@ def listen_ports(opts: options.Options) -> frozenset[int]:
             )
         ports.add(port)
     return frozenset(ports)
+
+
+def port_in_use(host: Any, port: int) -> bool:
+    """Whether a socket already listens on (host, port): a bind without SO_REUSEPORT fails then
+    (SO_REUSEADDR, as asyncio's own, so that connections in TIME_WAIT do not count)."""
+    hosts = [host] if isinstance(host, str) and host else ["0.0.0.0"]
+    for address in hosts:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+    return False
 
 
 def metrics_port(router: SynapseRouter) -> int | None:

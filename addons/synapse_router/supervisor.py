@@ -173,7 +173,9 @@ class Supervisor:
             signal.signal(signum, self._forward)
         try:
             # The first process alone: a bad configuration is reported once, not N times.
-            if self._wait_ready(self._start(0)) and not self.stopping:
+            if not self._wait_ready(self._start(0)):
+                self.stopping = True  # it could not start (it said why): no restart
+            elif not self.stopping:
                 self.metrics = MergedMetricsServer(self.count, self.warn, lambda: dict(self.restarts))
                 self.metrics.serve(metrics_listen(self.argv))
                 rest = [self._start(i) for i in range(1, self.count)]

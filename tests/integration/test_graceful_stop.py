@@ -233,5 +233,6 @@ def test_rolling_restart_refuses_nothing(fleet: Fleet, start_router: RouterStart
     assert set(outcomes) == {"200"} and outcomes["200"] > 0, outcomes
     assert new.proc.poll() is None
     assert "SIGTERM sent to pid" in new.log()
+    assert f"port {old.port} is already served by another process" in new.log()
     _assert_clean_log(old)
     _assert_clean_log(new)
