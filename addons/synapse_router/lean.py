@@ -53,6 +53,7 @@ from mitmproxy import addonmanager, exceptions, hooks, master, options, optmanag
 from mitmproxy.addons import core, disable_h2c, dumper, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.utils import debug
 
+from . import sdnotify
 from .addon import SynapseRouter
 from .childprocess import ChildSlot, SharedPortLoop, die_with_parent, ready_signal, replace
 from .commandline import PROG, apply_options, make_parser
@@ -189,8 +190,10 @@ async def _serve(argv: Sequence[str], slot: ChildSlot | None) -> None:
     args = parser.parse_args(argv)
     if slot is not None:
         when_started.append(ready_signal(slot))
-    elif args.replace is not None:
-        when_started.append(replace(args.replace))
+    else:
+        when_started.append(sdnotify.ready)  # systemd Type=notify
+        if args.replace is not None:
+            when_started.append(replace(args.replace))
     loop = asyncio.get_running_loop()
     try:
         apply_options(opts, parser, args)

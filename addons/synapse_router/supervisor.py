@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
+from . import sdnotify
 from .childprocess import ChildSlot
 from .commandline import PROG, metrics_listen
 from .processmetrics import MergedMetricsServer
@@ -185,6 +186,7 @@ class Supervisor:
                 elif all(started):
                     pids = ", ".join(str(pid) for pid in self.children)
                     self.say(f"{self.count} processes serving (pids {pids})")
+                    sdnotify.ready()  # systemd Type=notify
                     if self.replace is not None:
                         self._replace(self.replace)
                 else:  # all or nothing at start-up; later, a child that dies is restarted

@@ -332,3 +332,23 @@ def test_processes_restart_a_child_that_died_and_drain_on_sigterm(fleet: Fleet, 
     assert router.log().count("restarting it") == 1  # nothing restarted while stopping
     _wait_for(lambda: not any(_alive(pid) for pid in after), 10, "children still running")
     assert "Traceback" not in router.log()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_systemd_readiness_once_serving(
+    fleet: Fleet, start: StartFn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, processes: int
+) -> None:
+    """Under a `Type=notify` unit ($NOTIFY_SOCKET), READY=1 is sent once (by the parent with
+    `--processes`) when the port serves."""
+    fleet.add("main")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_socket:
+        notify_socket.bind(str(tmp_path / "notify"))
+        notify_socket.settimeout(60)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        router = start(fleet["main"].url, {"workers": {}}, ["--processes", str(processes)], wait=False)
+        assert notify_socket.recv(64) == b"READY=1"
+        with httpx.Client(base_url=router.url, timeout=30) as client:
+            assert served(client.get("/_matrix/client/versions"))["server"] == "main"
+        notify_socket.settimeout(2)
+        with pytest.raises(TimeoutError):
+            notify_socket.recv(64)  # once, not once per process
