@@ -455,6 +455,22 @@ async def test_server_health_answers_ok_without_rendering(
     assert (await get(server.port, "/healthz")).status_code == 404
 
 
+async def test_a_second_server_shares_the_port_and_keeps_it_when_the_first_stops() -> None:
+    """A rolling restart: the new router's endpoint binds beside the old one's, and serves
+    alone once the old one has stopped."""
+    old = MetricsServer(RouterMetrics().render, "127.0.0.1:0")
+    await old.start()
+    new = MetricsServer(RouterMetrics().render, f"127.0.0.1:{old.port}")
+    try:
+        await new.start()
+        assert new.port == old.port
+        await old.stop()
+        assert (await get(new.port, "/health")).status_code == 200
+    finally:
+        await old.stop()
+        await new.stop()
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
