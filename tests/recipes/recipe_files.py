@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "config" / "Dockerfile"
-UNIT = ROOT / "config" / "synapse-router.service"
+UNIT = ROOT / "config" / "synapse-router@.service"  # a template
 GUIDE = ROOT / "docs" / "deployment.md"
 DOCKER_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
