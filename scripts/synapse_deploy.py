@@ -603,6 +603,16 @@ def prometheus_bin() -> Path | None:
     return Path(found) if found else None
 
 
+RECIPE_TOOLS = (
+    ("systemd-analyze", "systemd"),
+    ("unshare", "util-linux"),
+    ("nsenter", "util-linux"),
+    ("setpriv", "util-linux"),
+    ("prlimit", "util-linux"),
+    ("ip", "iproute2"),
+)
+
+
 def ensure_system_packages() -> tuple[Path, Path]:
     missing = []
     bindir = pg_bindir()
@@ -612,6 +622,10 @@ def ensure_system_packages() -> tuple[Path, Path]:
         missing.append("redis-server")
     if prometheus_bin() is None:
         missing.append("prometheus")
+    # What tests/recipes/ runs the deployment recipes with (usually part of Debian already).
+    for tool, package in RECIPE_TOOLS:
+        if shutil.which(tool) is None and package not in missing:
+            missing.append(package)
     if missing:
         if not is_root():
             raise DeployError(f"missing Debian packages {missing}; install them (as root) and retry")

@@ -15,6 +15,8 @@ import asyncio
 import inspect
 import logging
 import math
+import socket
+import sys
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -264,6 +266,9 @@ class RouterMetrics:
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # "text/plain; version=0.0.4; charset=utf-8"
 METRICS_PATH = "/metrics"
+HEALTH_PATH = "/health"  # liveness/readiness for an orchestrator (container HEALTHCHECK, probes)
+_PLAIN = "text/plain; charset=utf-8"
+REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 _REASONS = {
     200: "OK",
@@ -286,11 +291,18 @@ class MetricsServer:
     returns (RouterMetrics.render, or a coroutine function, e.g. the aggregate of processes).
 
     Minimal HTTP/1.1: `GET` or `HEAD /metrics` (a query string is ignored) answers 200 with the
-    exposition; another method on /metrics 405; any other path 404; an unparseable request 400
+    exposition, and `/health` 200 `OK` without rendering anything, as Synapse's `/health` does
+    (for an orchestrator's probes: this server runs on the router's event loop, or with
+    `--processes` on the parent's, and starts once the proxy listens, so an answer means the
+    router is up); another method on either path 405; any other path 404; an unparseable request 400
     (414 or 431 when too long). Every response closes its connection. A client has
     `read_timeout` seconds to send its request head and as long again to take the response;
     at most `max_connections` are open at once (more are closed at once). Rendering runs on
     the event loop (about 10 ms per thousand series, once per scrape).
+
+    On Linux the port is bound with SO_REUSEPORT, as the proxy's: in a rolling restart the new
+    router serves its metrics and `/health` beside the old one while that one drains, instead of
+    failing to bind and staying without them once the old one has gone.
     """
 
     def __init__(
@@ -325,7 +337,9 @@ class MetricsServer:
     async def start(self) -> None:
         if self._server is not None:
             return
-        self._server = await asyncio.start_server(self._handle, self.host, self._configured_port, limit=16 * 1024)
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self._configured_port, limit=16 * 1024, reuse_port=REUSE_PORT
+        )
 
     async def stop(self) -> None:
         server, self._server = self._server, None
@@ -351,7 +365,7 @@ class MetricsServer:
                 return  # a silent or vanished client gets no answer
             else:
                 status, body, head_only, extra = await self._respond(method, path)
-            ctype = CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8"
+            ctype = CONTENT_TYPE if status == 200 and path == METRICS_PATH else _PLAIN
             async with asyncio.timeout(self.read_timeout):  # a client that does not read is let go
                 await self._send(writer, status, body, head_only=head_only, ctype=ctype, extra=extra)
         except OSError:  # includes ConnectionError and TimeoutError
@@ -368,10 +382,12 @@ class MetricsServer:
 
     async def _respond(self, method: str, path: str) -> tuple[int, bytes, bool, bytes]:
         """(status, body, head only, extra header lines) for a well-formed request."""
-        if path != METRICS_PATH:
+        if path not in (METRICS_PATH, HEALTH_PATH):
             return 404, b"not found\n", method == "HEAD", b""
         if method not in ("GET", "HEAD"):
             return 405, b"method not allowed\n", False, b"Allow: GET, HEAD\r\n"
+        if path == HEALTH_PATH:
+            return 200, b"OK\n", method == "HEAD", b""
         try:
             rendered = self.render()
             body = await rendered if inspect.isawaitable(rendered) else rendered

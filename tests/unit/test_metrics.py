@@ -434,6 +434,43 @@ async def test_server_head_and_wrong_method(served: tuple[RouterMetrics, Metrics
     assert b"Allow: GET, HEAD\r\n" in post
 
 
+async def test_server_health_answers_ok_without_rendering(
+    served: tuple[RouterMetrics, MetricsServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, server = served
+
+    def broken() -> bytes:
+        raise RuntimeError("a probe must not pay for, or fail with, a scrape")
+
+    monkeypatch.setattr(server, "render", broken)
+    response = await get(server.port, "/health?probe=1")
+    assert (response.status_code, response.content) == (200, b"OK\n")
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.headers["connection"] == "close"
+    head = await raw_exchange(server.port, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+    post = await raw_exchange(server.port, b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert post.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD\r\n" in post
+    assert (await get(server.port, "/health/")).status_code == 404
+    assert (await get(server.port, "/healthz")).status_code == 404
+
+
+async def test_a_second_server_shares_the_port_and_keeps_it_when_the_first_stops() -> None:
+    """A rolling restart: the new router's endpoint binds beside the old one's, and serves
+    alone once the old one has stopped."""
+    old = MetricsServer(RouterMetrics().render, "127.0.0.1:0")
+    await old.start()
+    new = MetricsServer(RouterMetrics().render, f"127.0.0.1:{old.port}")
+    try:
+        await new.start()
+        assert new.port == old.port
+        await old.stop()
+        assert (await get(new.port, "/health")).status_code == 200
+    finally:
+        await old.stop()
+        await new.stop()
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
