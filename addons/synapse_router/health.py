@@ -26,6 +26,7 @@ class HealthConfig:
 class WorkerHealth:
     up: bool = True  # optimistic at start: checks begin at once
     drained: bool = False
+    drained_by_config: bool = False  # drained because the configuration says so (not a command)
     failures: int = 0
     successes: int = 0
     reason: str = ""  # why it is down
@@ -40,13 +41,20 @@ class WorkerStates:
         self.unusable: frozenset[str] = frozenset()  # down or drained: what routing skips
 
     def track(self, urls: Iterable[str], drained: Iterable[str] = ()) -> None:
-        """Follow exactly these workers, keeping the state of those already known; the
-        configuration's drained workers are (again) drained."""
+        """Follow exactly these workers, keeping the state of those already known. The
+        configuration's drained workers are (again) drained; a worker the previous configuration
+        drained and this one no longer does is back in rotation (a drain by command stays)."""
         wanted = set(urls)
         self.workers = {u: self.workers.get(u) or WorkerHealth(changed_at=self._clock()) for u in sorted(wanted)}
-        for url in drained:
-            if url in self.workers:
-                self.workers[url].drained = True
+        config_drained = {u for u in drained if u in wanted}
+        for url, health in self.workers.items():
+            if url in config_drained:
+                if not health.drained:
+                    health.changed_at = self._clock()
+                health.drained = health.drained_by_config = True
+            elif health.drained_by_config:
+                health.drained = health.drained_by_config = False
+                health.changed_at = self._clock()
         self._refresh()
 
     def _refresh(self) -> None:
@@ -81,6 +89,7 @@ class WorkerStates:
         health = self.workers.get(url)
         if health is None:
             raise KeyError(url)
+        health.drained_by_config = False  # a command decides now (until the next reload)
         if health.drained == drained:
             return False
         health.drained = drained

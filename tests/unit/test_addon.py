@@ -254,6 +254,30 @@ async def test_drain_moves_users_and_undrain_brings_them_back(router) -> None:
         _call(tctx, "router.drain", "http://10.9.9.9:1")
 
 
+async def test_drained_by_configuration_comes_back_when_the_configuration_says_so(router) -> None:
+    addon, tctx = router
+    path = Path(tctx.master.options.router_config)
+    drained = CONFIG.replace("http://10.0.0.2:8083,", "{url: http://10.0.0.2:8083, drained: true},")
+    path.write_text(drained)
+    _call(tctx, "router.reload")
+    assert "http://10.0.0.2:8083" in addon.workers.unusable
+    path.write_text(CONFIG)  # the flag removed: back in rotation at the reload
+    _call(tctx, "router.reload")
+    assert "http://10.0.0.2:8083" not in addon.workers.unusable
+    # A drain by command is the operator's word: a reload that does not mention it keeps it.
+    _call(tctx, "router.drain", "http://10.0.0.3:8083")
+    _call(tctx, "router.reload")
+    assert "http://10.0.0.3:8083" in addon.workers.unusable
+    # A command undrains what the configuration drained, until the next reload says otherwise.
+    path.write_text(drained)
+    _call(tctx, "router.reload")
+    _call(tctx, "router.undrain", "http://10.0.0.2:8083")
+    assert "http://10.0.0.2:8083" not in addon.workers.unusable
+    path.write_text(CONFIG)
+    _call(tctx, "router.reload")
+    assert "http://10.0.0.2:8083" not in addon.workers.unusable
+
+
 async def test_flush_and_reload(router, tmp_path: Path) -> None:
     addon, tctx = router
     assert addon.identity is not None
