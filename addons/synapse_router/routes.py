@@ -92,7 +92,9 @@ def _writer(name: str, pool: str, patterns: Sequence[str], *, workers_read: bool
     writes = Route(name, tuple(patterns), (pool,), Balance.ROUND_ROBIN)
     if not workers_read:
         return [writes]
-    reads = Route(f"{name}_read", tuple(patterns), (pool, *_CLIENT_POOLS), Balance.ROUND_ROBIN, methods=_GET)
+    # Keyed by user: one user's reads stay on one process, so a value once read never goes
+    # back to an older one while replication catches up with a write.
+    reads = Route(f"{name}_read", tuple(patterns), (pool, *_CLIENT_POOLS), Balance.USER, methods=_GET)
     return [reads, writes]
 
 

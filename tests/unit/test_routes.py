@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from synapse_router.config import parse_config
 from synapse_router.engine import Engine
-from synapse_router.routes import RouteTable, room_from_path
+from synapse_router.routes import Balance, RouteTable, room_from_path
 
 ALL_POOLS = [
     "sync",
@@ -350,3 +350,19 @@ def test_rendezvous_is_matched_as_twisted_decodes_synapse_paths(path: str) -> No
     match = RouteTable().match("GET", path)
     assert match.route is not None and match.route.name == "rendezvous" and match.route.strip_accept_encoding
     assert match.path == path  # forwarded as sent
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/_matrix/client/v3/user/@a:x/account_data/m.direct",
+        "/_matrix/client/v3/pushrules/",
+        "/_matrix/client/v3/devices",
+    ],
+)
+def test_stream_reads_on_readers_are_keyed_by_user(path: str) -> None:
+    """Reads of a stream that readers may serve stay on one process per user: with writes on
+    main and reads spread round robin, a user saw an older value after a newer one."""
+    match = READERS_ONLY.match("GET", path)
+    assert match.route is not None and match.route.name.endswith("_read")
+    assert match.route.balance is Balance.USER
