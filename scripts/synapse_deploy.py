@@ -55,7 +55,10 @@ counts as ours only while its process is alive and its working directory is insi
 runs in STATE, PostgreSQL in its data dir, Redis in STATE/redis), so a recycled pid is never
 signalled. Every process runs in its own session, detached from the caller.
 `stop-worker NAME` stops one worker; `start-worker NAME` starts it again, waits for its
-/health and prints the JSON.
+/health and prints the JSON. `router-config` prints a synapse-router configuration (YAML) whose
+pools are the deployment's processes (the JSON's "router_pools": for the default topology the
+generic workers as `sync` and `client_reader`; for the full one a pool for every kind of
+process, stream writers included).
 
 Ports (loopback only) derive from SYNAPSE_DEPLOY_BASE_PORT (default 18000):
 
@@ -157,6 +160,14 @@ class Topology:
     state_dir: str  # default state directory, relative to the repository
     stream_writers: tuple[tuple[str, tuple[str, ...]], ...] = ()
     shared: tuple[tuple[str, Any], ...] = ()  # extra keys of homeserver.yaml
+    # The router's pools for this deployment (pool -> worker names); every stream writer's
+    # stream is a pool of its own as well (`router_pools`).
+    pools: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def router_pools(self) -> dict[str, list[str]]:
+        pools = {pool: list(names) for pool, names in self.pools}
+        pools.update((stream, list(names)) for stream, names in self.stream_writers if stream != "events")
+        return pools
 
     @property
     def worker_names(self) -> tuple[str, ...]:
@@ -178,6 +189,7 @@ DEFAULT_TOPOLOGY = Topology(
     workers=tuple(Worker(f"generic{i}", "generic") for i in (1, 2, 3)),
     offset=0,
     state_dir=".synapse-deploy",
+    pools=(("sync", ("generic1", "generic2", "generic3")), ("client_reader", ("generic1", "generic2", "generic3"))),
 )
 
 # Every kind of process the router's route table names, configured as docs/workers.md
@@ -224,6 +236,16 @@ FULL_TOPOLOGY = Topology(
         ("media_instance_running_background_jobs", "media1"),
         # Thread subscriptions (MSC4306/MSC4308) have a stream writer but no endpoint without it.
         ("experimental_features", {"msc4306_enabled": True}),
+    ),
+    pools=(
+        ("sync", ("sync1",)),
+        ("initial_sync", ("initial_sync1",)),
+        ("client_reader", ("client_reader1",)),
+        ("generic", ("client_reader1",)),
+        ("room", ("client_reader1",)),
+        ("user_dir", ("client_reader1",)),
+        ("federation_reader", ("federation_reader1",)),
+        ("media", ("media1",)),
     ),
 )
 TOPOLOGIES = {t.name: t for t in (DEFAULT_TOPOLOGY, FULL_TOPOLOGY)}
@@ -1153,6 +1175,10 @@ def deployment_json(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, Any
         "roles": {w.name: w.role for w in topology.workers},
         "resources": {w.name: list(w.resources) for w in topology.workers},
         "stream_writers": {stream: list(names) for stream, names in topology.stream_writers},
+        "router_pools": {
+            pool: [f"http://{HOST}:{ports.worker(name)}" for name in names]
+            for pool, names in topology.router_pools().items()
+        },
         "registration_shared_secret": sec.registration_shared_secret,
         "postgres": {
             "host": HOST,
@@ -1262,6 +1288,27 @@ def cmd_down(layout: Layout) -> int:
     return 0
 
 
+def router_config_yaml(info: Mapping[str, Any]) -> str:
+    """A router configuration for the deployment described by `info` (its JSON)."""
+    lines = [
+        f"# synapse-router configuration for the {info['topology']} synapse_deploy topology.",
+        f"# Reverse-mode target (the main process): --mode reverse:{info['main']}@PORT",
+        "workers:",
+    ]
+    for pool, urls in info["router_pools"].items():
+        lines.append(f"  {pool}:")
+        lines += [f"    - {url}" for url in urls]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_router_config(layout: Layout) -> int:
+    ports = saved_ports(layout)
+    if ports is None:
+        raise DeployError(f"no deployment in {layout.state}: run `up` first")
+    print(router_config_yaml(deployment_json(layout, ports, load_secrets(layout))), end="")
+    return 0
+
+
 def cmd_stop_worker(layout: Layout, name: str) -> int:
     pid = running_pid(layout, name)
     if pid is None:
@@ -1300,7 +1347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         epilog="Ports, layout and JSON: see the module docstring.",
     )
-    parser.add_argument("command", choices=["install", "up", "down", "status", "stop-worker", "start-worker"])
+    parser.add_argument(
+        "command", choices=["install", "up", "down", "status", "stop-worker", "start-worker", "router-config"]
+    )
     parser.add_argument("worker", nargs="?", help="for stop-worker / start-worker")
     parser.add_argument(
         "--topology",
@@ -1347,6 +1396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return cmd_down(layout)
             if args.command == "stop-worker":
                 return cmd_stop_worker(layout, args.worker)
+            if args.command == "router-config":
+                return cmd_router_config(layout)
             return cmd_start_worker(layout, args.worker, args.timeout)
     except DeployError as e:
         say(f"error: {e}")

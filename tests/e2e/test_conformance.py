@@ -62,21 +62,10 @@ STREAM_POOLS = (
 
 
 def pools_of(dep: Deployment) -> dict[str, list[str]]:
-    """Every pool of the route table mapped to the process of the full topology that is it."""
-    w = dep.workers
-    pools = {
-        "sync": [w["sync1"]],
-        "initial_sync": [w["initial_sync1"]],
-        "client_reader": [w["client_reader1"]],
-        "generic": [w["client_reader1"]],
-        "room": [w["client_reader1"]],
-        "user_dir": [w["client_reader1"]],
-        "federation_reader": [w["federation_reader1"]],
-        "media": [w["media1"]],
-    }
-    writers = dep.info["stream_writers"]
-    for stream in STREAM_POOLS:
-        pools[stream] = [w[name] for name in writers[stream]]
+    """Every pool of the route table mapped to the process of the full topology that is it
+    (the deployment's own `router_pools`, which `synapse_deploy.py router-config` prints)."""
+    pools: dict[str, list[str]] = dep.info["router_pools"]
+    assert {*STREAM_POOLS} <= pools.keys()
     return pools
 
 
