@@ -278,6 +278,8 @@ def check_router_error(reply: Reply, status: int | tuple[int, ...], errcode: str
     if errcode is not None:
         assert error["errcode"] == errcode, reply.describe()
     assert not NONCE.findall(reply.body), reply.describe()
+    # Like Synapse's own answers, readable by a web client (Element Web reads soft_logout).
+    assert reply.header(b"access-control-allow-origin") == b"*", reply.describe()
     return error
 
 

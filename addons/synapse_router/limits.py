@@ -122,6 +122,17 @@ def header_block_size(method: str, target: str, version: str, fields: Iterable[t
     return size
 
 
+# What Synapse sends on every response (synapse/http/server.py, set_cors_headers), so that a
+# web client can read the errors the router answers itself (a 401's soft_logout, a 503's
+# Retry-After) as it reads Synapse's own.
+CORS_HEADERS: tuple[tuple[str, str], ...] = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, DELETE, OPTIONS"),
+    ("Access-Control-Allow-Headers", "X-Requested-With, Content-Type, Authorization, Date"),
+    ("Access-Control-Expose-Headers", "Synapse-Trace-Id, Server"),
+)
+
+
 def too_large_body(limit: int) -> bytes:
     """The Matrix error body of a 431 answer."""
     error = f"Request header fields too large (limit {limit} bytes)"

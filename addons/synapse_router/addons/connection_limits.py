@@ -19,6 +19,7 @@ from mitmproxy import ctx, http
 from mitmproxy.proxy.layers.http import HttpLayer
 
 from ..limits import (
+    CORS_HEADERS,
     HEADER_TIMEOUT,
     HEADER_TOO_LARGE,
     KEEPALIVE_TIMEOUT,
@@ -217,7 +218,7 @@ class ConnectionLimits:
             flow.response = http.Response.make(
                 431,
                 too_large_body(self.config.max_header_bytes),
-                {"Content-Type": "application/json", "Connection": "close"},
+                {"Content-Type": "application/json", "Connection": "close", **dict(CORS_HEADERS)},
             )
             self._count_close(HEADER_TOO_LARGE)
 
@@ -393,7 +394,9 @@ class _HeadGuard:
         body = too_large_body(self._limit)
         head = (
             b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+            b"connection: close\r\ncontent-length: %d\r\n" % len(body)
+            + b"".join(f"{name}: {value}\r\n".encode() for name, value in CORS_HEADERS)
+            + b"\r\n"
         )
         io = handler.transports.get(client)
         if io is not None and io.writer is not None and not io.writer.is_closing():

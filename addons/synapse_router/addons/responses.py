@@ -6,9 +6,11 @@ import json
 
 from mitmproxy import http
 
+from ..limits import CORS_HEADERS
+
 
 def matrix_error(status: int, errcode: str, message: str, retry_after: int | None = None) -> http.Response:
-    headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **dict(CORS_HEADERS)}
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     body = json.dumps({"errcode": errcode, "error": message} | ({"soft_logout": False} if status == 401 else {}))
