@@ -63,6 +63,7 @@ class Failure(StrEnum):
     CONNECT_ERROR = "connect_error"  # refused, unreachable: the worker is not listening
     CONNECT_TIMEOUT = "connect_timeout"  # no connection within the connect timeout
     NO_RESPONSE = "no_response"  # connected, but the whole response never arrived
+    TOO_LARGE = "too_large"  # the response is larger than this path holds (MAX_BODY)
 
 
 class NoResponse(Exception):
@@ -165,6 +166,7 @@ class UpstreamClient:
         self._owned: dict[object, _Connection] = {}  # exchange owner (a flow id) -> its connection
         self._aborts: dict[str, int] = {}  # per worker, how many times `abort` was called
         self._pooled: frozenset[str] | None = None  # workers whose connections are kept; None: all
+        self.main_url: str | None = None  # the main process: its connections are always kept
         self._tls: ssl.SSLContext | None = None
 
     async def send(
@@ -176,10 +178,13 @@ class UpstreamClient:
         connect_timeout: float,
         body: bytes = b"",
         owner: object = None,
+        resendable: bool = True,
     ) -> UpstreamResponse:
         """Send a request to a worker and read its whole response. Raises BadRequest (before
         anything is sent) if the request is not valid HTTP/1.1, NoResponse if the worker gives
-        no complete response (also when `abort` or `abandon(owner)` closed the connection)."""
+        no complete response (also when `abort` or `abandon(owner)` closed the connection).
+        A reused connection that fails is replaced by a fresh one only if `resendable`: the
+        worker may have read the request before it failed."""
         url = upstream.url
         events = _request_events(upstream, method, path, headers, body)
         aborts = self._aborts.get(url, 0)
@@ -187,8 +192,13 @@ class UpstreamClient:
         if connection is not None:
             try:
                 return await self._exchange(url, connection, events, aborts, owner)
-            except NoResponse:
-                if self._aborts.get(url, 0) != aborts or (connection.abandoned and owner is not None):
+            except NoResponse as e:
+                if (
+                    not resendable
+                    or e.failure is Failure.TOO_LARGE
+                    or self._aborts.get(url, 0) != aborts
+                    or (connection.abandoned and owner is not None)
+                ):
                     raise
                 # The worker may have closed an idle connection as we reused it: once more, fresh.
         connection = await self._connect(upstream, connect_timeout)
@@ -219,7 +229,7 @@ class UpstreamClient:
         """Pool connections only to these workers (the configured ones) from now on: idle
         connections to others are closed, and requests in flight to them keep none."""
         self._pooled = frozenset(urls)
-        for url in set(self._idle) - self._pooled:
+        for url in set(self._idle) - self._pooled - {self.main_url}:
             for connection in self._idle.pop(url):
                 connection.abort()
 
@@ -272,7 +282,8 @@ class UpstreamClient:
             response = await _read_response(connection)
         except (h11.ProtocolError, OSError) as e:
             connection.abort()
-            raise NoResponse(Failure.NO_RESPONSE, _describe(e, connection)) from e
+            failure = Failure.TOO_LARGE if connection.received > MAX_HEAD + MAX_BODY else Failure.NO_RESPONSE
+            raise NoResponse(failure, _describe(e, connection)) from e
         except BaseException:  # cancelled (the client left): the connection is mid-exchange, useless
             connection.abort()
             raise
@@ -281,7 +292,8 @@ class UpstreamClient:
             if owner is not None and self._owned.get(owner) is connection:
                 del self._owned[owner]
         reusable = connection.end_exchange()
-        if reusable and self._aborts.get(url, 0) == aborts and (self._pooled is None or url in self._pooled):
+        pooled = self._pooled is None or url in self._pooled or url == self.main_url
+        if reusable and self._aborts.get(url, 0) == aborts and pooled:
             idle = self._idle.setdefault(url, [])
             if len(idle) < MAX_IDLE_PER_WORKER:
                 idle.append(connection)
