@@ -92,6 +92,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.received = 0  # bytes of the current exchange
         self.abandoned = False  # closed because the client of its exchange left
+        self.resendable = True  # its exchange may be cut when the worker is found dead (it is resent)
         self._wakeup: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -191,7 +192,7 @@ class UpstreamClient:
         connection = self._checkout(url)
         if connection is not None:
             try:
-                return await self._exchange(url, connection, events, aborts, owner)
+                return await self._exchange(url, connection, events, aborts, owner, resendable)
             except NoResponse as e:
                 if (
                     not resendable
@@ -202,7 +203,7 @@ class UpstreamClient:
                     raise
                 # The worker may have closed an idle connection as we reused it: once more, fresh.
         connection = await self._connect(upstream, connect_timeout)
-        return await self._exchange(url, connection, events, aborts, owner)
+        return await self._exchange(url, connection, events, aborts, owner, resendable)
 
     def abandon(self, owner: object) -> bool:
         """The client of `owner`'s exchange has left: close its connection (the exchange raises
@@ -215,15 +216,18 @@ class UpstreamClient:
         return True
 
     def abort(self, url: str) -> int:
-        """Close every connection to a worker found dead, so the requests waiting on it give
-        up at once (each raises NoResponse); returns how many were in flight."""
+        """Close the connections to a worker found dead, so the requests waiting on it that
+        will be resent give up at once (each raises NoResponse); returns how many were cut."""
         self._aborts[url] = self._aborts.get(url, 0) + 1
         for connection in self._idle.pop(url, []):
             connection.abort()
+        # A request that will not be resent is left to finish: the worker may only be slow,
+        # and cutting it would turn a late answer into an error. Its connection is not kept.
         busy = self._busy.pop(url, set())
-        for connection in busy:
+        cut = [connection for connection in busy if connection.resendable]
+        for connection in cut:
             connection.abort()
-        return len(busy)
+        return len(cut)
 
     def keep_only(self, urls: Iterable[str]) -> None:
         """Pool connections only to these workers (the configured ones) from now on: idle
@@ -235,6 +239,8 @@ class UpstreamClient:
 
     def close(self) -> None:
         for url in list(self._idle) + list(self._busy):
+            for connection in self._busy.get(url, ()):
+                connection.resendable = True  # shutting down: nothing is left to finish
             self.abort(url)
 
     def idle_connections(self, url: str) -> int:
@@ -265,13 +271,14 @@ class UpstreamClient:
         return connection
 
     async def _exchange(
-        self, url: str, connection: _Connection, events: list[h11.Event], aborts: int, owner: object
+        self, url: str, connection: _Connection, events: list[h11.Event], aborts: int, owner: object, resendable: bool
     ) -> UpstreamResponse:
         """Send the request on the connection and read the response, unless the worker was
         found dead since the request began (`aborts` changed)."""
         if self._aborts.get(url, 0) != aborts:
             connection.abort()
-            raise NoResponse(Failure.NO_RESPONSE, "worker found dead while connecting")
+            raise NoResponse(Failure.CONNECT_ERROR, "worker found dead while connecting")  # nothing sent
+        connection.resendable = resendable
         busy = self._busy.setdefault(url, set())
         busy.add(connection)
         if owner is not None:

@@ -297,6 +297,36 @@ def test_abort_releases_waiting_requests_and_does_not_resend() -> None:
     run(go())
 
 
+def test_abort_leaves_a_request_that_will_not_be_resent_to_finish() -> None:
+    # A POST is never resent: cutting it when the health checks call its worker dead would turn
+    # a slow worker's late answer into an error. It finishes; its connection is not kept.
+    async def go() -> None:
+        hold = asyncio.Event()
+
+        async def script(head: bytes) -> bytes | None:
+            await hold.wait()
+            return OK
+
+        server = Server(script)
+        url = await server.start()
+        client = UpstreamClient()
+        upstream = parse_upstream_url(url)
+        once = asyncio.ensure_future(client.send(upstream, "POST", "/x", HEADERS, 1.0, b"{}", resendable=False))
+        resent = asyncio.ensure_future(send(client, url))
+        while len(server.requests) < 2:
+            await asyncio.sleep(0.01)
+        assert client.abort(url) == 1  # only the resendable one
+        with pytest.raises(NoResponse):
+            await asyncio.wait_for(resent, 5)
+        hold.set()
+        answer = await asyncio.wait_for(once, 5)
+        assert answer.status == 200
+        assert client.idle_connections(url) == 0  # the worker was found dead: not kept
+        await server.stop()
+
+    run(go())
+
+
 def test_request_headers_drop_hop_by_hop() -> None:
     given = [(b"Host", b"h"), (b"Connection", b"keep-alive"), (b"TE", b"trailers"), (b"X-Ok", b"1")]
     assert request_headers(given) == [(b"Host", b"h"), (b"X-Ok", b"1")]
