@@ -286,7 +286,7 @@ class UpstreamClient:
         try:
             assert connection.transport is not None
             connection.transport.write(b"".join(connection.h11.send(event) or b"" for event in events))
-            response = await _read_response(connection)
+            response = await _read_response(connection, events[0])
         except (h11.ProtocolError, OSError) as e:
             connection.abort()
             failure = Failure.TOO_LARGE if connection.received > MAX_HEAD + MAX_BODY else Failure.NO_RESPONSE
@@ -335,7 +335,7 @@ def _request_events(
     return events
 
 
-async def _read_response(connection: _Connection) -> UpstreamResponse:
+async def _read_response(connection: _Connection, request: h11.Event) -> UpstreamResponse:
     """One final response (informational ones skipped), its body read whole."""
     head: h11.Response | None = None
     headers_at = 0.0
@@ -361,7 +361,9 @@ async def _read_response(connection: _Connection) -> UpstreamResponse:
         raise h11.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
     body = b"".join(chunks)
     headers = [(k, v) for k, v in head.headers.raw_items() if k.lower() not in HOP_BY_HOP]
-    if not any(k.lower() == b"content-length" for k, _ in headers):
+    # The body is relayed whole: its length frames it (a HEAD, 204 or 304 answer has none to give).
+    bodiless = (isinstance(request, h11.Request) and request.method == b"HEAD") or head.status_code in (204, 304)
+    if not bodiless and not any(k.lower() == b"content-length" for k, _ in headers):
         headers.append((b"content-length", str(len(body)).encode()))
     return UpstreamResponse(head.status_code, bytes(head.reason), headers, body, headers_at)
 

@@ -120,6 +120,20 @@ def test_chunked_body_is_joined_and_given_a_length() -> None:
     run(go())
 
 
+def test_head_answer_is_not_given_a_length_of_zero() -> None:
+    # A HEAD answer describes the GET's body without carrying it: no Content-Length: 0 invented.
+    async def go() -> None:
+        server = Server(answer(b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nETag: "abc"\r\n\r\n'))
+        url = await server.start()
+        client = UpstreamClient()
+        response = await send(client, url, method="HEAD")
+        assert response.body == b"" and response.headers == [(b"ETag", b'"abc"')]
+        client.close()
+        await server.stop()
+
+    run(go())
+
+
 def test_close_delimited_body_and_http10_are_not_reused() -> None:
     async def go() -> None:
         server = Server(answer(b"HTTP/1.0 200 OK\r\nX-A: 1\r\n\r\nuntil the end"), close_after=True)
