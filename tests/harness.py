@@ -67,7 +67,7 @@ class Standin:
             self.proc.wait()
         self.proc = None
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/__standin/stats", timeout=5).json()
 
 

@@ -13,8 +13,9 @@ Query parameters steer it (they pass through the router untouched):
   standin_chunked=1    answer with Transfer-Encoding: chunked, as Synapse answers JSON
 With --whoami FILE (JSON {token: user_id}) it answers /_matrix/client/v3/account/whoami
 like Synapse: 200 {"user_id", "device_id", "is_guest"} or 401 M_UNKNOWN_TOKEN; `/health`
-answers 200 OK; `/__standin/stats` answers {"whoami_calls": N, "open_connections": M} (M: client
-connections open now, not counting the one asking). During a `standin_delay` the server
+answers 200 OK; `/__standin/stats` answers {"whoami_calls": N, "open_connections": M, "requests":
+{method: count}} (M: client connections open now, not counting the one asking; requests: every
+request received but /health, stats and whoami). During a `standin_delay` the server
 watches its connection, as Synapse does: a client that closes it meanwhile gets no answer, and
 the connection is counted closed at once. Request bodies are read in chunks and hashed, never
 held whole.
@@ -50,6 +51,7 @@ class StandinServer(ThreadingHTTPServer):
         self.whoami_delay = whoami_delay
         self.whoami_calls = 0
         self.open_connections = 0
+        self.requests: dict[str, int] = {}  # method -> requests received (not /health, stats, whoami)
         self.lock = threading.Lock()
 
 
@@ -137,8 +139,11 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body)
 
     def _handle(self) -> None:
-        size, sha = self._read_body()
         url = urlsplit(self.path)
+        if url.path not in ("/health", "/__standin/stats") and not url.path.endswith("/account/whoami"):
+            with self.server.lock:
+                self.server.requests[self.command] = self.server.requests.get(self.command, 0) + 1
+        size, sha = self._read_body()
         params = parse_qs(url.query)
         if url.path == "/health":
             body = b"OK"
@@ -154,6 +159,7 @@ class Handler(BaseHTTPRequestHandler):
                     "server": self.server.name,
                     "whoami_calls": self.server.whoami_calls,
                     "open_connections": self.server.open_connections - 1,  # not this one
+                    "requests": dict(self.server.requests),
                 }
             self._send_json(200, stats)
             return

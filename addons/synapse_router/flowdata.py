@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .engine import Decision
+from .retry import Sending
 
 if TYPE_CHECKING:
     from mitmproxy import http
@@ -18,7 +19,7 @@ METADATA_KEY = "synapse_router"
 _TOKEN = f"{METADATA_KEY}.token"  # the routed token's short hash: 8 hex digits, never a token
 _CLIENT_IP = f"{METADATA_KEY}.client_ip"
 _LOGOUT = f"{METADATA_KEY}.logout"  # (everywhere, token key) of a logout request
-_FORWARD = f"{METADATA_KEY}.forward"  # the router sends this request itself
+_FORWARD = f"{METADATA_KEY}.forward"  # the router sends this request itself: how (a Sending)
 
 
 def decision(flow: http.HTTPFlow) -> Decision | None:
@@ -65,8 +66,13 @@ def router_sends(flow: http.HTTPFlow) -> bool:
     return bool(flow.metadata.get(_FORWARD))
 
 
-def set_router_sends(flow: http.HTTPFlow, sends: bool) -> None:
-    if sends:
-        flow.metadata[_FORWARD] = True
+def sending(flow: http.HTTPFlow) -> Sending | None:
+    found = flow.metadata.get(_FORWARD)
+    return found if isinstance(found, Sending) else None
+
+
+def set_sending(flow: http.HTTPFlow, how: Sending | None) -> None:
+    if how is not None:
+        flow.metadata[_FORWARD] = how
     else:
         flow.metadata.pop(_FORWARD, None)

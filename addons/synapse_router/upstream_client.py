@@ -63,6 +63,7 @@ class Failure(StrEnum):
     CONNECT_ERROR = "connect_error"  # refused, unreachable: the worker is not listening
     CONNECT_TIMEOUT = "connect_timeout"  # no connection within the connect timeout
     NO_RESPONSE = "no_response"  # connected, but the whole response never arrived
+    TOO_LARGE = "too_large"  # the response is larger than this path holds (MAX_BODY)
 
 
 class NoResponse(Exception):
@@ -91,6 +92,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.received = 0  # bytes of the current exchange
         self.abandoned = False  # closed because the client of its exchange left
+        self.resendable = True  # its exchange may be cut when the worker is found dead (it is resent)
         self._wakeup: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -165,6 +167,7 @@ class UpstreamClient:
         self._owned: dict[object, _Connection] = {}  # exchange owner (a flow id) -> its connection
         self._aborts: dict[str, int] = {}  # per worker, how many times `abort` was called
         self._pooled: frozenset[str] | None = None  # workers whose connections are kept; None: all
+        self.main_url: str | None = None  # the main process: its connections are always kept
         self._tls: ssl.SSLContext | None = None
 
     async def send(
@@ -176,23 +179,31 @@ class UpstreamClient:
         connect_timeout: float,
         body: bytes = b"",
         owner: object = None,
+        resendable: bool = True,
     ) -> UpstreamResponse:
         """Send a request to a worker and read its whole response. Raises BadRequest (before
         anything is sent) if the request is not valid HTTP/1.1, NoResponse if the worker gives
-        no complete response (also when `abort` or `abandon(owner)` closed the connection)."""
+        no complete response (also when `abort` or `abandon(owner)` closed the connection).
+        A reused connection that fails is replaced by a fresh one only if `resendable`: the
+        worker may have read the request before it failed."""
         url = upstream.url
         events = _request_events(upstream, method, path, headers, body)
         aborts = self._aborts.get(url, 0)
         connection = self._checkout(url)
         if connection is not None:
             try:
-                return await self._exchange(url, connection, events, aborts, owner)
-            except NoResponse:
-                if self._aborts.get(url, 0) != aborts or (connection.abandoned and owner is not None):
+                return await self._exchange(url, connection, events, aborts, owner, resendable)
+            except NoResponse as e:
+                if (
+                    not resendable
+                    or e.failure is Failure.TOO_LARGE
+                    or self._aborts.get(url, 0) != aborts
+                    or (connection.abandoned and owner is not None)
+                ):
                     raise
                 # The worker may have closed an idle connection as we reused it: once more, fresh.
         connection = await self._connect(upstream, connect_timeout)
-        return await self._exchange(url, connection, events, aborts, owner)
+        return await self._exchange(url, connection, events, aborts, owner, resendable)
 
     def abandon(self, owner: object) -> bool:
         """The client of `owner`'s exchange has left: close its connection (the exchange raises
@@ -205,26 +216,31 @@ class UpstreamClient:
         return True
 
     def abort(self, url: str) -> int:
-        """Close every connection to a worker found dead, so the requests waiting on it give
-        up at once (each raises NoResponse); returns how many were in flight."""
+        """Close the connections to a worker found dead, so the requests waiting on it that
+        will be resent give up at once (each raises NoResponse); returns how many were cut."""
         self._aborts[url] = self._aborts.get(url, 0) + 1
         for connection in self._idle.pop(url, []):
             connection.abort()
+        # A request that will not be resent is left to finish: the worker may only be slow,
+        # and cutting it would turn a late answer into an error. Its connection is not kept.
         busy = self._busy.pop(url, set())
-        for connection in busy:
+        cut = [connection for connection in busy if connection.resendable]
+        for connection in cut:
             connection.abort()
-        return len(busy)
+        return len(cut)
 
     def keep_only(self, urls: Iterable[str]) -> None:
         """Pool connections only to these workers (the configured ones) from now on: idle
         connections to others are closed, and requests in flight to them keep none."""
         self._pooled = frozenset(urls)
-        for url in set(self._idle) - self._pooled:
+        for url in set(self._idle) - self._pooled - {self.main_url}:
             for connection in self._idle.pop(url):
                 connection.abort()
 
     def close(self) -> None:
         for url in list(self._idle) + list(self._busy):
+            for connection in self._busy.get(url, ()):
+                connection.resendable = True  # shutting down: nothing is left to finish
             self.abort(url)
 
     def idle_connections(self, url: str) -> int:
@@ -255,13 +271,14 @@ class UpstreamClient:
         return connection
 
     async def _exchange(
-        self, url: str, connection: _Connection, events: list[h11.Event], aborts: int, owner: object
+        self, url: str, connection: _Connection, events: list[h11.Event], aborts: int, owner: object, resendable: bool
     ) -> UpstreamResponse:
         """Send the request on the connection and read the response, unless the worker was
         found dead since the request began (`aborts` changed)."""
         if self._aborts.get(url, 0) != aborts:
             connection.abort()
-            raise NoResponse(Failure.NO_RESPONSE, "worker found dead while connecting")
+            raise NoResponse(Failure.CONNECT_ERROR, "worker found dead while connecting")  # nothing sent
+        connection.resendable = resendable
         busy = self._busy.setdefault(url, set())
         busy.add(connection)
         if owner is not None:
@@ -269,10 +286,11 @@ class UpstreamClient:
         try:
             assert connection.transport is not None
             connection.transport.write(b"".join(connection.h11.send(event) or b"" for event in events))
-            response = await _read_response(connection)
+            response = await _read_response(connection, events[0])
         except (h11.ProtocolError, OSError) as e:
             connection.abort()
-            raise NoResponse(Failure.NO_RESPONSE, _describe(e, connection)) from e
+            failure = Failure.TOO_LARGE if connection.received > MAX_HEAD + MAX_BODY else Failure.NO_RESPONSE
+            raise NoResponse(failure, _describe(e, connection)) from e
         except BaseException:  # cancelled (the client left): the connection is mid-exchange, useless
             connection.abort()
             raise
@@ -281,7 +299,8 @@ class UpstreamClient:
             if owner is not None and self._owned.get(owner) is connection:
                 del self._owned[owner]
         reusable = connection.end_exchange()
-        if reusable and self._aborts.get(url, 0) == aborts and (self._pooled is None or url in self._pooled):
+        pooled = self._pooled is None or url in self._pooled or url == self.main_url
+        if reusable and self._aborts.get(url, 0) == aborts and pooled:
             idle = self._idle.setdefault(url, [])
             if len(idle) < MAX_IDLE_PER_WORKER:
                 idle.append(connection)
@@ -316,7 +335,7 @@ def _request_events(
     return events
 
 
-async def _read_response(connection: _Connection) -> UpstreamResponse:
+async def _read_response(connection: _Connection, request: h11.Event) -> UpstreamResponse:
     """One final response (informational ones skipped), its body read whole."""
     head: h11.Response | None = None
     headers_at = 0.0
@@ -342,7 +361,9 @@ async def _read_response(connection: _Connection) -> UpstreamResponse:
         raise h11.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
     body = b"".join(chunks)
     headers = [(k, v) for k, v in head.headers.raw_items() if k.lower() not in HOP_BY_HOP]
-    if not any(k.lower() == b"content-length" for k, _ in headers):
+    # The body is relayed whole: its length frames it (a HEAD, 204 or 304 answer has none to give).
+    bodiless = (isinstance(request, h11.Request) and request.method == b"HEAD") or head.status_code in (204, 304)
+    if not bodiless and not any(k.lower() == b"content-length" for k, _ in headers):
         headers.append((b"content-length", str(len(body)).encode()))
     return UpstreamResponse(head.status_code, bytes(head.reason), headers, body, headers_at)
 

@@ -219,7 +219,9 @@ def test_main_down_worker_routes_still_answer(fleet: Fleet, start_router) -> Non
     with httpx.Client(base_url=router.url, timeout=10) as client:
         for _ in range(3):
             assert served(client.get("/_matrix/client/v3/sync?since=1"))["server"] == "sync"
-        assert client.get("/_matrix/client/versions").status_code == 502  # main's own route
+        versions = client.get("/_matrix/client/versions")  # main's own route: no process left for it
+    assert versions.status_code == 503 and versions.json()["errcode"] == "M_UNKNOWN"
+    assert versions.headers["content-type"] == "application/json" and int(versions.headers["retry-after"]) >= 1
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from synapse_router import flowdata
 from synapse_router.addon import METADATA_KEY, SynapseRouter
 from synapse_router.identity import Source
+from synapse_router.retry import Sending
 from synapse_router.tokens import short_hash, token_key
 
 CONFIG = """
@@ -100,26 +101,6 @@ async def test_cached_user_routes_without_waiting(router) -> None:
         assert flow.request.host_header == "matrix.example.org"
         assert "tok" not in (flow.comment or "")
     assert len(workers) == 1
-
-
-@pytest.mark.parametrize(
-    ("query", "router_sends"),
-    [
-        ("since=s1&timeout=30000", True),  # a long-poll: retried on another worker if its worker dies
-        ("since=s1&timeout=0", False),  # short: mitmproxy's path
-        ("timeout=30000", False),  # initial sync: answered at once, large, streamed by mitmproxy
-        ("since=s1&full_state=true&timeout=30000", False),
-    ],
-)
-async def test_only_incremental_long_polls_are_sent_by_the_router(router, query: str, router_sends: bool) -> None:
-    addon, _ = router
-    assert addon.identity is not None
-    addon.identity.users[token_key("tokA")] = "@alice:example.org"
-    flow = make_flow(f"/_matrix/client/v3/sync?{query}", {"Authorization": "Bearer tokA"})
-    flow.request.content = b""  # bodiless, as a GET is
-    hook(addon, "requestheaders", flow)
-    assert flow.metadata[METADATA_KEY].pool == "sync"
-    assert bool(flow.metadata.get(f"{METADATA_KEY}.forward")) is router_sends
 
 
 async def test_query_token_moved_to_header(router) -> None:
@@ -341,16 +322,18 @@ async def test_long_poll_token_hidden_while_in_flight_and_sent_upstream(tmp_path
     worker.close()
 
 
-async def test_long_poll_failing_over_to_main_keeps_its_token(tmp_path: Path) -> None:
+async def test_long_poll_with_no_process_left_gets_a_matrix_error(tmp_path: Path) -> None:
+    # The worker and main both refuse: the router itself answers, as Synapse would format it.
     with socket.socket() as refusing:  # bound, not listening: connections are refused
         refusing.bind(("127.0.0.1", 0))
         with _long_poll_to(tmp_path, refusing.getsockname()[1]) as (addon, flow):
             sending = hook(addon, "request", flow)
             assert sending is not None
             await asyncio.wait_for(sending, 5)
-    assert flow.response is None  # mitmproxy forwards it to main ...
-    assert (flow.request.host, flow.request.port) == ("127.0.0.1", 9)
-    assert flow.request.headers["Authorization"] == "Bearer sekrit"  # ... with its token
+    assert flow.response is not None and flow.response.status_code == 503
+    assert flow.response.json()["errcode"] == "M_UNKNOWN" and flow.response.headers["Retry-After"] == "5"
+    assert flow.response.headers["Content-Type"] == "application/json"
+    assert "sekrit" not in str(flow.request.headers)
 
 
 @pytest.mark.parametrize(
@@ -491,19 +474,38 @@ async def test_a_request_ending_on_a_removed_worker_does_not_bring_its_series_ba
     assert "10.0.0.9" not in addon.metrics.render().decode()
 
 
+SS = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
+SEND = "/_matrix/client/v3/rooms/!r:x/send/m.room.message"
+
+
 @pytest.mark.parametrize(
-    ("method", "path", "body", "router_sends"),
+    ("method", "path", "body", "how"),
     [
-        ("GET", "/_matrix/client/v3/sync?since=s1&timeout=30000", b"", True),
-        ("POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?pos=p1&timeout=30000", b"{}", True),
-        ("POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?pos=p1&timeout=0", b"{}", False),
-        ("POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?timeout=30000", b"{}", False),  # initial
-        ("POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?pos=p&timeout=9", b"x" * 70_000, False),
-        ("POST", "/_matrix/client/v3/sync?since=s1&timeout=30000", b"{}", False),
+        ("GET", "/_matrix/client/v3/sync?since=s1&timeout=30000", b"", Sending.RESEND),
+        ("GET", "/_matrix/client/v3/sync?since=s1&timeout=0", b"", Sending.RESEND),
+        ("GET", "/_matrix/client/v3/sync?timeout=30000", b"", Sending.RESEND),  # initial: handed back if huge
+        ("HEAD", "/_matrix/client/v3/profile/@a:x", b"", Sending.RESEND),
+        ("OPTIONS", "/_matrix/client/v3/profile/@a:x", b"", Sending.RESEND),
+        ("GET", "/_matrix/client/v1/media/download/x/y", b"", None),  # media streams
+        ("POST", "/_matrix/client/v1/media/upload", b"x", None),
+        ("POST", f"{SS}?pos=p1&timeout=30000", b"{}", Sending.RESEND),
+        ("POST", f"{SS}?pos=p1&timeout=0", b"{}", Sending.ONCE),
+        ("POST", f"{SS}?timeout=30000", b"{}", Sending.ONCE),  # initial
+        ("POST", f"{SS}?pos=p&timeout=9", b"x" * 70_000, Sending.ONCE),  # over the resend bound
+        ("POST", "/_matrix/client/v3/sync?since=s1&timeout=30000", b"{}", Sending.ONCE),
+        ("POST", "/_matrix/client/v3/keys/query", b"{}", Sending.ONCE),
+        ("PUT", f"{SEND}/txn1", b"{}", Sending.RESEND),
+        ("PUT", "/_matrix/client/v3/rooms/!r:x/redact/$e/txn1", b"{}", Sending.RESEND),
+        ("PUT", f"{SEND}/txn1?user_id=@b:x", b"{}", Sending.ONCE),  # appservice: no device
+        ("PUT", f"{SEND}/txn1?org.matrix.msc4140.delay=5000", b"{}", Sending.ONCE),  # delayed event
+        ("PUT", f"{SEND}/txn1", b"x" * 70_000, Sending.ONCE),
+        ("PUT", "/_matrix/client/v3/sendToDevice/m.x/txn1", b"{}", Sending.ONCE),  # deduplicated per process
+        ("PUT", "/_matrix/client/v3/rooms/!r:x/state/m.room.name/", b"{}", Sending.ONCE),
+        ("POST", "/_matrix/client/v3/keys/upload", b"x" * (2 * 1024 * 1024), None),  # streamed
     ],
 )
 def test_which_requests_the_router_sends_itself(
-    router, method: str, path: str, body: bytes, router_sends: bool
+    router, method: str, path: str, body: bytes, how: Sending | None
 ) -> None:
     addon, _ = router
     assert addon.identity is not None
@@ -511,4 +513,4 @@ def test_which_requests_the_router_sends_itself(
     flow = make_flow(path, {"Authorization": "Bearer t", "Content-Length": str(len(body))}, method=method)
     flow.request.raw_content = body
     hook(addon, "requestheaders", flow)
-    assert flowdata.router_sends(flow) is router_sends
+    assert flowdata.sending(flow) is how

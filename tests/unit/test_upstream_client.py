@@ -120,6 +120,20 @@ def test_chunked_body_is_joined_and_given_a_length() -> None:
     run(go())
 
 
+def test_head_answer_is_not_given_a_length_of_zero() -> None:
+    # A HEAD answer describes the GET's body without carrying it: no Content-Length: 0 invented.
+    async def go() -> None:
+        server = Server(answer(b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nETag: "abc"\r\n\r\n'))
+        url = await server.start()
+        client = UpstreamClient()
+        response = await send(client, url, method="HEAD")
+        assert response.body == b"" and response.headers == [(b"ETag", b'"abc"')]
+        client.close()
+        await server.stop()
+
+    run(go())
+
+
 def test_close_delimited_body_and_http10_are_not_reused() -> None:
     async def go() -> None:
         server = Server(answer(b"HTTP/1.0 200 OK\r\nX-A: 1\r\n\r\nuntil the end"), close_after=True)
@@ -292,6 +306,36 @@ def test_abort_releases_waiting_requests_and_does_not_resend() -> None:
             assert caught.value.failure is Failure.NO_RESPONSE
         assert len(server.requests) == 3  # given up on, not resent to the dead worker
         hold.set()
+        await server.stop()
+
+    run(go())
+
+
+def test_abort_leaves_a_request_that_will_not_be_resent_to_finish() -> None:
+    # A POST is never resent: cutting it when the health checks call its worker dead would turn
+    # a slow worker's late answer into an error. It finishes; its connection is not kept.
+    async def go() -> None:
+        hold = asyncio.Event()
+
+        async def script(head: bytes) -> bytes | None:
+            await hold.wait()
+            return OK
+
+        server = Server(script)
+        url = await server.start()
+        client = UpstreamClient()
+        upstream = parse_upstream_url(url)
+        once = asyncio.ensure_future(client.send(upstream, "POST", "/x", HEADERS, 1.0, b"{}", resendable=False))
+        resent = asyncio.ensure_future(send(client, url))
+        while len(server.requests) < 2:
+            await asyncio.sleep(0.01)
+        assert client.abort(url) == 1  # only the resendable one
+        with pytest.raises(NoResponse):
+            await asyncio.wait_for(resent, 5)
+        hold.set()
+        answer = await asyncio.wait_for(once, 5)
+        assert answer.status == 200
+        assert client.idle_connections(url) == 0  # the worker was found dead: not kept
         await server.stop()
 
     run(go())

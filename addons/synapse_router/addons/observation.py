@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 
 from .. import flowdata
 from ..accesslog import AccessLogFormatter, AccessRecord
@@ -75,9 +76,9 @@ class Observation:
         if decision is None:  # refused by mitmproxy's parser, or failed before routing
             credentials.redact(flow.request, None)
             return
-        self._finish(flow, decision)
+        self._finish(flow, decision, _mitmproxy_error_status(flow))
 
-    def _finish(self, flow: http.HTTPFlow, decision: Decision) -> None:
+    def _finish(self, flow: http.HTTPFlow, decision: Decision, error_status: int | None = None) -> None:
         state = self.state
         flowdata.settle_decision(flow, decision)
         if state.connecting.get(flow.client_conn.id) is flow:
@@ -86,14 +87,14 @@ class Observation:
             url = decision.upstream.url
             state.in_flight[url] = max(0, state.in_flight.get(url, 0) - 1)
         credentials.redact(flow.request, flowdata.token_label(flow))
-        self._observe(flow, decision)
+        self._observe(flow, decision, error_status)
 
-    def _observe(self, flow: http.HTTPFlow, decision: Decision) -> None:
+    def _observe(self, flow: http.HTTPFlow, decision: Decision, error_status: int | None) -> None:
         request, response = flow.request, flow.response
         upstream_seconds = None
         if not decision.refused and response is not None and response.timestamp_start and request.timestamp_end:
             upstream_seconds = max(0.0, (response.timestamp_end or response.timestamp_start) - request.timestamp_end)
-        status = response.status_code if response is not None else None
+        status = response.status_code if response is not None else error_status
         upstream = decision.upstream
         if upstream is None or upstream.url in self.state.workers.workers:
             # Not for a worker a reload removed while this request was on it: its series are
@@ -126,3 +127,13 @@ class Observation:
         if self._access_file is not None:
             self._access_file.close()
             self._access_file = None
+
+
+def _mitmproxy_error_status(flow: http.HTTPFlow) -> int | None:
+    """The status mitmproxy answers a flow it forwarded and that failed upstream before any
+    response byte: 502, with its own page (only requests whose body is streamed, or that are
+    not sent in reverse mode, take that path). None when nothing is answered: the client left,
+    the flow was killed, or the response had begun."""
+    if flow.response is not None or flow.error is None or flow.error.msg == flow.error.KILLED_MESSAGE:
+        return None
+    return 502 if flow.client_conn.state & ConnectionState.CAN_READ else None

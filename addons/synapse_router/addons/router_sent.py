@@ -1,11 +1,14 @@
-"""RouterSent: the requests the router sends itself (sync long-polls, sliding sync included,
-see Routing's `_router_may_retry`), so that a worker failing under them is invisible to the client:
+"""RouterSent: the requests the router sends itself (every request whose body it can hold, see
+retry.py), so that a worker failing under them is invisible to the client where that is safe:
 on a refused connection the request moves to the next worker, after a worker that gave no
-response it is resent once; a client that leaves abandons its exchange."""
+response a request that is safe to repeat is resent once to the next one, and every failure
+left is answered with a Matrix error (never mitmproxy's HTML page); a client that leaves
+abandons its exchange."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -16,6 +19,7 @@ from mitmproxy.utils import asyncio_utils
 from .. import flowdata, upstream_client
 from ..config import RouterConfig
 from ..engine import Decision
+from ..retry import SAFE_METHODS, Sending
 from ..state import RouterState
 from . import credentials
 from .health import HealthChecks
@@ -49,35 +53,44 @@ class RouterSent:
         self.state.upstream.close()
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        if not flowdata.router_sends(flow) or flow.response is not None:
+        how = flowdata.sending(flow)
+        if how is None or flow.response is not None:
             return None
         decision = flowdata.decision(flow)
-        return None if decision is None else self._send_with_retry(flow, decision)
+        return None if decision is None else self._send(flow, decision, how)
 
-    async def _send_with_retry(self, flow: http.HTTPFlow, decision: Decision) -> None:
-        """Send the request to its worker; on a failed connection move on to the next worker
-        (each failure marks one down, so this ends at main at the latest); after a worker that
-        gave no response, retry once. A client that leaves abandons the exchange."""
+    async def _send(self, flow: http.HTTPFlow, decision: Decision, how: Sending) -> None:
+        """Send the request to its worker (or main); on a failed connection move on to the next
+        worker (each failure marks one down, so this ends at main at the latest); after a worker
+        that gave no response, resend once if `how` allows it. Every failure is answered with a
+        Matrix error. A client that leaves abandons the exchange."""
         state = self.state
         request = flow.request
         method, path = request.method, request.path
         headers = upstream_client.request_headers(request.headers.fields)
-        body = request.raw_content or b""  # a sliding-sync POST's (small, buffered) body, to resend
+        body = request.raw_content or b""  # held (at most retry.MAX_HELD_REQUEST), to resend
         # A long-poll is in flight for up to minutes, in mitmweb's view: its token goes now.
         authorization = request.headers.get_all("authorization")
         credentials.redact(request, flowdata.token_label(flow))
-        retried = False
+        state.upstream.main_url = state.main.url if state.main is not None else None
+        resent = False
         tried: set[str] = set()
         while True:
-            upstream = decision.upstream
-            if upstream is None:  # failed over to main: mitmproxy forwards it there, token and all
-                request.headers.set_all("authorization", authorization)
-                request.path = path
+            upstream = decision.upstream or state.main
+            if upstream is None:  # not in reverse mode: mitmproxy forwards it as addressed
+                self._hand_to_mitmproxy(flow, authorization, path)
                 return
             self._sending[flow.id] = flow
             try:
                 answer = await state.upstream.send(
-                    upstream, method, path, headers, state.workers.config.connect_timeout, body, owner=flow.id
+                    upstream,
+                    method,
+                    path,
+                    headers,
+                    state.workers.config.connect_timeout,
+                    body,
+                    owner=flow.id,
+                    resendable=how is Sending.RESEND,
                 )
             except upstream_client.BadRequest:
                 flow.response = matrix_error(400, "M_INVALID_PARAM", "Invalid request header.")
@@ -86,18 +99,28 @@ class RouterSent:
                 if not flow.client_conn.state & ConnectionState.CAN_READ:
                     flow.kill()  # type: ignore[no-untyped-call]  # the client left: nothing to answer
                     return
+                if e.failure is upstream_client.Failure.TOO_LARGE:
+                    if method in SAFE_METHODS:  # fetched again on mitmproxy's path, which streams
+                        self._hand_to_mitmproxy(flow, authorization, path)
+                    else:
+                        flow.response = matrix_error(502, "M_UNKNOWN", "The response was too large to relay.")
+                    return
+                on_worker = decision.upstream is not None
                 # A refused connection takes the worker down at once. A connect timeout or a
                 # reset only moves this request: a burst filling the accept queue, or a client
                 # abandoning its long-poll, look the same; the health checks judge the worker.
-                if e.failure is upstream_client.Failure.CONNECT_ERROR:
-                    self.health.mark_down(upstream.url, str(e))
+                if e.failure is upstream_client.Failure.CONNECT_ERROR and decision.upstream is not None:
+                    self.health.mark_down(decision.upstream.url, str(e))
                 connect_failed = e.failure is not upstream_client.Failure.NO_RESPONSE
-                if not connect_failed:  # the worker may have seen the request: resend it once
-                    if retried:
+                if not connect_failed:  # the worker may have acted on the request
+                    if how is not Sending.RESEND or resent:
                         flow.response = matrix_error(502, "M_UNKNOWN", "The server gave no response.")
                         return
-                    retried = True
+                    resent = True
                     state.metrics.observe_retry(decision.pool)
+                if not on_worker:  # main was the last resort
+                    flow.response = self._unavailable(e.failure)
+                    return
                 reason = "connect" if connect_failed else "no_response"
                 decision = self.routing.fail_over(flow, decision, tried, reason, str(e))
                 continue
@@ -115,6 +138,24 @@ class RouterSent:
             )
             flow.response.raw_content = answer.body
             return
+
+    def _unavailable(self, failure: upstream_client.Failure) -> http.Response:
+        """No process could take the request: every worker of its chain and main failed."""
+        retry_after = max(1, math.ceil(self.state.workers.config.interval))
+        if failure is upstream_client.Failure.NO_RESPONSE:
+            return matrix_error(502, "M_UNKNOWN", "The server gave no response.", retry_after)
+        if failure is upstream_client.Failure.CONNECT_TIMEOUT:
+            return matrix_error(504, "M_UNKNOWN", "No Synapse process answered in time.", retry_after)
+        return matrix_error(503, "M_UNKNOWN", "No Synapse process is available.", retry_after)
+
+    def _hand_to_mitmproxy(self, flow: http.HTTPFlow, authorization: list[str], path: str) -> None:
+        """Let mitmproxy forward the request to the flow's target, token and all."""
+        flow.request.headers.set_all("authorization", authorization)
+        flow.request.path = path
+        flowdata.set_sending(flow, None)
+        decision = flowdata.decision(flow)
+        if decision is not None and decision.upstream is not None:
+            self.state.connecting[flow.client_conn.id] = flow
 
     async def _abandon_left_forever(self) -> None:
         """Close the worker connection of each router-sent exchange whose client has closed its

@@ -11,15 +11,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from mitmproxy import command, exceptions, http
 from mitmproxy.net.http import http1
 
-from .. import flowdata, tokens, wellformed
+from .. import flowdata, retry, tokens, wellformed
 from ..client_address import TrustedProxies, without_spoofable
 from ..config import RouterConfig
 from ..engine import ROUTER, Decision, Engine
 from ..identity import Resolution, Source
-from ..query import query_param
-from ..routes import INITIAL_SYNC_ROUTE, MAIN, Balance, Match, room_from_path
+from ..retry import Sending
+from ..routes import MAIN, Balance, Match, room_from_path
 from ..state import RouterState
-from ..upstream_client import RETRYABLE_METHODS
 from . import credentials
 from .responses import matrix_error
 
@@ -27,8 +26,6 @@ log = logging.getLogger("synapse_router")
 
 STREAM_THRESHOLD = 1024 * 1024  # bodies larger than this, or of unknown size, are streamed
 LOGOUT_PATH = re.compile(r"^/_matrix/client/(?:api/v1|r0|v3|unstable)/logout(/all)?$")
-SLIDING_SYNC_PATH = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
-MAX_RESENT_BODY = 64 * 1024  # a sliding-sync request body the router keeps, to resend it
 TOKEN_LABEL = re.compile(r"[0-9a-f]{8}")
 
 
@@ -96,12 +93,10 @@ class Routing:
         if upstream is not None:
             in_flight = self.state.in_flight
             in_flight[upstream.url] = in_flight.get(upstream.url, 0) + 1
-            router_sends = _router_may_retry(request, decision)
-            flowdata.set_router_sends(flow, router_sends)
-            if not router_sends:
-                self.state.connecting[flow.client_conn.id] = flow
-        else:
-            flowdata.set_router_sends(flow, False)
+        sending = _sending(request, decision) if target is not None else None
+        flowdata.set_sending(flow, sending)
+        if upstream is not None and sending is None:
+            self.state.connecting[flow.client_conn.id] = flow
         if decision.strip_accept_encoding and "accept-encoding" in request.headers:
             del request.headers["accept-encoding"]
         if decision.stream_bodies or _large_or_unknown(request, None):
@@ -250,34 +245,16 @@ def _balance_key(
     return None, "none"
 
 
-def _router_may_retry(request: http.Request, decision: Decision) -> bool:
-    """Sync-family long-polls (`timeout` > 0: what is in flight when a worker dies) that are
-    safe to resend: GET/HEAD/OPTIONS without a body, and simplified sliding sync POSTs (a
-    repeat with the same `pos` is answered the same) with a body of at most MAX_RESENT_BODY,
-    kept to resend. The router sends these itself so it can retry them; it holds their whole
-    response in memory, so initial syncs (answered at once, never held, and the largest
-    responses Synapse sends) stay on mitmproxy's path, which streams large bodies. Short
-    requests stay there too, covered by connect failover."""
-    if not (
-        decision.matched is not None
-        and decision.matched.balance is Balance.USER
-        and decision.route != INITIAL_SYNC_ROUTE
-        and "transfer-encoding" not in request.headers
-    ):
-        return False
-    length = request.headers.get("content-length", "0")
-    if request.method in RETRYABLE_METHODS:
-        if length != "0":
-            return False
-    elif not (
-        request.method == "POST"
-        and request.path.partition("?")[0] == SLIDING_SYNC_PATH
-        and length.isdigit()
-        and int(length) <= MAX_RESENT_BODY
-    ):
-        return False
-    timeout = query_param(request.path.partition("?")[2], "timeout")
-    return timeout is not None and timeout.isdigit() and int(timeout) > 0
+def _sending(request: http.Request, decision: Decision) -> Sending | None:
+    """How the router sends this request (retry.py), or None for mitmproxy's path."""
+    headers = request.headers
+    return retry.sending(
+        request.method,
+        request.path,
+        headers.get("content-length"),
+        decision.stream_bodies,
+        "transfer-encoding" in headers or "upgrade" in headers,
+    )
 
 
 def _large_or_unknown(request: http.Request, response: http.Response | None) -> bool:

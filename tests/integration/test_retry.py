@@ -1,0 +1,198 @@
+"""Which requests are resent when their worker dies before answering, which are never resent,
+and the Matrix errors the router itself answers with (retry.py), through a real router (both
+launchers) and stand-in workers that count what they receive."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from .conftest import Fleet
+
+pytestmark = pytest.mark.integration
+
+WORKERS = ["w1", "w2", "w3"]
+HEALTH = {"interval": 0.3, "timeout": 1.0, "fall": 2, "rise": 2, "connect_timeout": 1.0}
+ROOM = "!room:test.local"
+SS = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
+JSON = b'{"msgtype": "m.text", "body": "hello"}'
+
+
+@pytest.fixture
+def rooms(fleet: Fleet, start_router, tmp_path):
+    """Three room workers (also the to_device writer and the media pool) and main."""
+    fleet.add("main")
+    for name in WORKERS:
+        fleet.add(name)
+    urls = [fleet[n].url for n in WORKERS]
+    access = tmp_path / "access.log"
+    router = start_router(
+        fleet["main"].url,
+        {
+            "workers": {"room": urls, "to_device": urls, "media": urls},
+            "health": HEALTH,
+            "access_log": {"enabled": True, "format": "json", "path": str(access)},
+        },
+    )
+    return fleet, router, access
+
+
+def _worker_of_room(client: httpx.Client) -> str:
+    r = client.get(f"/_matrix/client/v3/rooms/{ROOM}/messages")
+    assert r.status_code == 200, r.text
+    return r.headers["x-standin"]
+
+
+def _kill_during(fleet: Fleet, victim: str, method: str) -> threading.Thread:
+    """SIGKILL `victim` as soon as it has received one more `method` request than now (the
+    request the test sends next, which it holds with standin_delay)."""
+    seen = fleet[victim].stats()["requests"].get(method, 0)
+
+    def kill() -> None:
+        deadline = time.monotonic() + 20
+        while fleet[victim].stats()["requests"].get(method, 0) <= seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fleet[victim].kill()
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    return killer
+
+
+def _received(fleet: Fleet, method: str) -> dict[str, int]:
+    return {n: fleet[n].stats()["requests"].get(method, 0) for n in WORKERS if fleet[n].proc is not None}
+
+
+RESENT = [
+    ("GET", f"/_matrix/client/v3/rooms/{ROOM}/messages?dir=b", b""),
+    ("HEAD", f"/_matrix/client/v3/rooms/{ROOM}/messages?dir=b", b""),
+    ("OPTIONS", f"/_matrix/client/v3/rooms/{ROOM}/messages?dir=b", b""),
+    ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/txn1", JSON),
+    ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/redact/$ev/txn2", b"{}"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), RESENT, ids=[f"{m} {p.split('/')[-2]}" for m, p, _ in RESENT])
+def test_safe_request_is_resent_to_the_next_worker_when_its_worker_dies(rooms, method, path, body) -> None:
+    fleet, router, _ = rooms
+    with httpx.Client(base_url=router.url, timeout=30) as client:
+        victim = _worker_of_room(client)
+        before = _received(fleet, method)
+        killer = _kill_during(fleet, victim, method)
+        r = client.request(
+            method, f"{path}&standin_delay=3" if "?" in path else f"{path}?standin_delay=3", content=body
+        )
+        killer.join()
+    assert r.status_code == 200, r.text
+    assert r.headers["x-standin"] != victim
+    after = _received(fleet, method)
+    # Exactly one more request of this method reached the survivors: the resend.
+    assert sum(after.values()) - sum(v for n, v in before.items() if n in after) == 1, (before, after)
+    if method not in ("HEAD",):
+        seen = r.json()
+        assert seen["method"] == method and seen["body_bytes"] == len(body)
+
+
+NEVER_RESENT = [
+    ("POST", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message", JSON),  # no txnId
+    ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/state/m.room.topic/", b'{"topic": "x"}'),
+    ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/txn3?user_id=%40b%3Atest.local", JSON),
+    ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/txn4?org.matrix.msc4140.delay=9000", JSON),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), NEVER_RESENT, ids=["post-send", "put-state", "as-user", "delayed"])
+def test_unsafe_request_is_never_resent_and_gets_a_matrix_error(rooms, method, path, body) -> None:
+    fleet, router, access = rooms
+    with httpx.Client(base_url=router.url, timeout=30) as client:
+        victim = _worker_of_room(client)
+        before = _received(fleet, method)
+        killer = _kill_during(fleet, victim, method)
+        sep = "&" if "?" in path else "?"
+        r = client.request(method, f"{path}{sep}standin_delay=3", content=body)
+        killer.join()
+        time.sleep(0.5)  # a resend, if the router made one, would have arrived
+    assert r.status_code == 502, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["errcode"] == "M_UNKNOWN" and r.json()["error"]
+    after = _received(fleet, method)
+    assert after == {n: v for n, v in before.items() if n in after}, f"resent: {before} -> {after}"
+    lines = [json.loads(line) for line in access.read_text().splitlines()]
+    assert any(line["method"] == method and line["status"] == 502 for line in lines), lines[-3:]
+
+
+def test_send_to_device_is_never_resent(fleet: Fleet, start_router) -> None:
+    # Deduplicated only in the memory of the process that received it: never resent.
+    fleet.add("main")
+    fleet.add("td1")
+    router = start_router(fleet["main"].url, {"workers": {"to_device": [fleet["td1"].url]}, "health": HEALTH})
+    path = "/_matrix/client/v3/sendToDevice/m.room_key_request/txn9?standin_delay=3"
+    with httpx.Client(base_url=router.url, timeout=30) as client:
+        killer = _kill_during(fleet, "td1", "PUT")
+        r = client.put(path, content=b'{"messages": {}}')
+        killer.join()
+        time.sleep(0.5)
+    assert r.status_code == 502 and r.json()["errcode"] == "M_UNKNOWN", r.text
+    assert fleet["main"].stats()["requests"].get("PUT", 0) == 0  # not resent to main either
+
+
+def test_media_upload_is_never_resent(fleet: Fleet, start_router, tmp_path) -> None:
+    # Media bodies are streamed by mitmproxy, never held by the router: never resent. mitmproxy
+    # answers the 502 itself (its page); the access log still records the status.
+    fleet.add("main")
+    fleet.add("m1")
+    access = tmp_path / "media-access.log"
+    router = start_router(
+        fleet["main"].url,
+        {
+            "workers": {"media": [fleet["m1"].url]},
+            "health": HEALTH,
+            "access_log": {"enabled": True, "format": "json", "path": str(access)},
+        },
+    )
+    with httpx.Client(base_url=router.url, timeout=30) as client:
+        killer = _kill_during(fleet, "m1", "POST")
+        r = client.post("/_matrix/media/v3/upload?standin_delay=3", content=b"x" * 2048)
+        killer.join()
+        time.sleep(0.5)
+    assert r.status_code == 502
+    assert fleet["main"].stats()["requests"].get("POST", 0) == 0  # not resent to main
+    lines = [json.loads(line) for line in access.read_text().splitlines()]
+    assert any(line["method"] == "POST" and line["status"] == 502 for line in lines), lines[-3:]
+
+
+def test_sliding_sync_post_and_sync_get_resent_by_user(fleet: Fleet, start_router) -> None:
+    fleet.add("main", whoami={"tok": "@u:test.local"})
+    for name in WORKERS:
+        fleet.add(name)
+    router = start_router(fleet["main"].url, {"workers": {"sync": [fleet[n].url for n in WORKERS]}, "health": HEALTH})
+    headers = {"Authorization": "Bearer tok"}
+    body = b'{"lists": {}}'
+    with httpx.Client(base_url=router.url, timeout=30, headers=headers) as client:
+        victim = client.get("/_matrix/client/v3/sync?since=s0&timeout=0").headers["x-standin"]
+        killer = _kill_during(fleet, victim, "POST")
+        post = client.post(f"{SS}?pos=p1&timeout=30000&standin_delay=3", content=body)
+        killer.join()
+        # A short (timeout=0) GET on a dead worker's user goes to the next worker at once.
+        get = client.get("/_matrix/client/v3/sync?since=s1&timeout=0")
+    assert post.status_code == 200 and post.headers["x-standin"] != victim
+    assert get.status_code == 200 and get.headers["x-standin"] == post.headers["x-standin"]
+
+
+def test_no_process_left_answers_a_matrix_error_with_retry_after(rooms) -> None:
+    fleet, router, access = rooms
+    for name in [*WORKERS, "main"]:
+        fleet[name].kill()
+    with httpx.Client(base_url=router.url, timeout=30) as client:
+        r = client.get(f"/_matrix/client/v3/rooms/{ROOM}/messages")
+        post = client.post("/_matrix/client/v3/keys/query", content=b"{}")  # main's, never sent
+    for answer in (r, post):
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["content-type"] == "application/json" and answer.headers["retry-after"] == "1"
+        assert answer.json()["errcode"] == "M_UNKNOWN"
+    lines = [json.loads(line) for line in access.read_text().splitlines()]
+    assert [line["status"] for line in lines[-2:]] == [503, 503], lines[-2:]
