@@ -371,4 +371,9 @@ async def _read_response(connection: _Connection, request: h11.Event) -> Upstrea
 def _describe(error: BaseException, connection: _Connection) -> str:
     if connection.received > MAX_HEAD + MAX_BODY:
         return f"response over {MAX_BODY} bytes"
+    if isinstance(error, h11.RemoteProtocolError):
+        # h11 words it from its own side ("... ConnectionClosed when role=SERVER"): say what happened.
+        if connection.closed:
+            return "the worker closed the connection before a complete response"
+        return f"malformed response: {error}"
     return str(error) or type(error).__name__

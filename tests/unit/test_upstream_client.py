@@ -285,6 +285,20 @@ def test_broken_responses_are_no_response(raw: bytes) -> None:
     run(go())
 
 
+def test_a_response_cut_short_is_described_from_the_routers_side() -> None:
+    """Logged as the failover reason: what happened, not h11's words ("role=SERVER")."""
+
+    async def go() -> None:
+        server = Server(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"), close_after=True)
+        url = await server.start()
+        with pytest.raises(NoResponse) as caught:
+            await asyncio.wait_for(send(UpstreamClient(), url), 5)
+        assert str(caught.value).endswith("the worker closed the connection before a complete response")
+        await server.stop()
+
+    run(go())
+
+
 def test_abort_releases_waiting_requests_and_does_not_resend() -> None:
     async def go() -> None:
         hold = asyncio.Event()
