@@ -8,7 +8,20 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "addons" / "synapse_router"
-PURE = ("config", "routes", "engine", "hrw", "pools", "tokens", "wellformed", "query", "upstream", "limits", "health")
+PURE = (
+    "config",
+    "routes",
+    "engine",
+    "hrw",
+    "pools",
+    "tokens",
+    "wellformed",
+    "query",
+    "upstream",
+    "limits",
+    "health",
+    "connect",
+)
 _IMPORT = re.compile(r"^\s*from (\.+)([\w.]*) import ([\w, ()\n]+?)(?:\)|$)", re.M)
 
 
