@@ -6,7 +6,7 @@ import asyncio
 import socket
 import subprocess
 
-from synapse_router.addons.listen_backlog import accept_per_wakeup
+from synapse_router.addons.listen_backlog import accept_count, accept_per_wakeup
 
 QUEUED = 300
 
@@ -27,7 +27,7 @@ async def accepted_in_one_turn(count: int | None) -> int:
         listening.listen(4096)
         listening.detach()
     if count is not None:
-        assert accept_per_wakeup(server, count)
+        assert accept_per_wakeup(server, lambda: count)
     clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(QUEUED)]
     try:
         assert accept_queue(port) == QUEUED  # the loop has not run since: all still queued
@@ -47,3 +47,12 @@ def test_asyncio_accepts_only_100_per_wakeup_by_default() -> None:
 
 def test_the_router_accepts_its_whole_backlog_per_wakeup() -> None:
     assert asyncio.run(accepted_in_one_turn(4096)) == QUEUED
+
+
+def test_the_count_follows_the_connections_still_admitted() -> None:
+    # A batch never runs the process out of the descriptors max_connections budgeted; at the
+    # limit, asyncio's 100 (accepted to be closed at once, as without the router).
+    assert asyncio.run(accepted_in_one_turn(accept_count(4096, 250))) == 250
+    assert accept_count(4096, 10000) == 4096
+    assert accept_count(4096, 0) == 100
+    assert accept_count(50, 0) == 50

@@ -121,6 +121,10 @@ class ConnectionLimits:
     def open_connections(self) -> int:
         return len(self._conns)
 
+    def headroom(self) -> int:
+        """Client connections still admitted before `max_connections`."""
+        return max(0, self.config.max_connections - len(self._conns))
+
     def prepare(self, config: RouterConfig) -> Callable[[], None]:
         return lambda: self.use(config.limits)
 

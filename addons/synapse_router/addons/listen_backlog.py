@@ -11,10 +11,15 @@ The same 100 is also how many connections asyncio accepts per wake-up of the lis
 router's loop runs in turns of a second or more, so at 100 per turn the kernel's queue fills
 however large it is (measured: 8,000 connections within 2 s, tens of thousands of
 ListenOverflows and a third or more of the clients unanswered; docs/benchmarks.md). So the accept
-handler is registered again with `listen_backlog` per wake-up: each turn empties the queue,
-and connections wait in the router (cheaply: a socket and a task) instead of in SYN back-off.
+handler is registered again to take up to `listen_backlog` per wake-up, but no more than the
+connections `limits.max_connections` still admits (at least asyncio's 100, as before: those
+beyond the limit are accepted to be closed at once), so a batch never runs the process out of
+descriptors that `2 x max_connections + 256` budgeted. Each turn empties the queue, and
+connections wait in the router (cheaply: a socket and a task) instead of in SYN back-off.
 That re-registration uses asyncio's selector loop internals (Python 3.12;
 tests/unit/test_mitmproxy_internals.py checks them); on another loop only the backlog is raised.
+After an accept failed for lack of descriptors, asyncio registers its own handler again with
+the count of that moment, until the servers are re-made.
 """
 
 from __future__ import annotations
@@ -35,9 +40,20 @@ from ..limits import LimitsConfig
 log = logging.getLogger("synapse_router")
 
 
+ASYNCIO_ACCEPT_COUNT = 100  # asyncio's default backlog, also its accept count per wake-up
+
+
+def accept_count(backlog: int, headroom: int) -> int:
+    """Connections to accept in one wake-up: the backlog, bounded by the connections the limits
+    still admit, and never fewer than asyncio's own count."""
+    return min(backlog, max(ASYNCIO_ACCEPT_COUNT, headroom))
+
+
 class ListenBacklog:
-    def __init__(self) -> None:
+    def __init__(self, headroom: Callable[[], int] | None = None) -> None:
+        """`headroom`: how many more client connections the router admits now."""
         self.backlog = LimitsConfig().listen_backlog
+        self.headroom = headroom or (lambda: self.backlog)
         self._servers: Any = None  # mitmproxy's Servers, once running
 
     def prepare(self, config: RouterConfig) -> Callable[[], None]:
@@ -74,7 +90,7 @@ class ListenBacklog:
                         continue
                     with socket.socket(fileno=os.dup(transport_socket.fileno())) as listening:
                         listening.listen(self.backlog)
-                accept_per_wakeup(server, self.backlog)
+                accept_per_wakeup(server, lambda: accept_count(self.backlog, self.headroom()))
 
 
 def listening_servers(instance: Any) -> list[Any]:
@@ -84,28 +100,28 @@ def listening_servers(instance: Any) -> list[Any]:
     return list(servers) if isinstance(servers, list) else []
 
 
-def accept_per_wakeup(server: asyncio.Server, count: int) -> bool:
-    """Make the event loop accept up to `count` connections each time the listening sockets of
-    `server` (serving) are readable; asyncio fixes this at the backlog given when it started
+def accept_per_wakeup(server: asyncio.Server, count: Callable[[], int]) -> bool:
+    """Make the event loop accept up to `count()` connections each time the listening sockets
+    of `server` (serving) are readable; asyncio fixes this at the backlog given when it started
     serving (100 for mitmproxy's servers). False where the loop is not asyncio's selector loop."""
     loop = getattr(server, "_loop", None)
     if not isinstance(loop, selector_events.BaseSelectorEventLoop) or not server.is_serving():
         return False
-    server._backlog = count  # type: ignore[attr-defined]  # should it ever start serving again
-    for sock in server._sockets:  # type: ignore[attr-defined]
-        if sock.type != socket.SOCK_STREAM:
-            continue
-        # Replaces the reader asyncio registered in Server._start_serving, with the same
-        # arguments except the count (`_add_reader` swaps the callback of a registered fd).
-        loop._add_reader(  # type: ignore[attr-defined]
-            sock.fileno(),
-            loop._accept_connection,  # type: ignore[attr-defined]
+    accept = loop._accept_connection  # type: ignore[attr-defined]
+
+    def on_readable(sock: socket.socket) -> None:
+        # asyncio's own handler, with the arguments Server._start_serving gave it except the count.
+        accept(
             server._protocol_factory,  # type: ignore[attr-defined]
             sock,
             server._ssl_context,  # type: ignore[attr-defined]
             server,
-            count,
+            count(),
             server._ssl_handshake_timeout,  # type: ignore[attr-defined]
             server._ssl_shutdown_timeout,  # type: ignore[attr-defined]
         )
+
+    for sock in server._sockets:  # type: ignore[attr-defined]
+        if sock.type == socket.SOCK_STREAM:
+            loop._add_reader(sock.fileno(), on_readable, sock)  # type: ignore[attr-defined]  # swaps the callback
     return True
