@@ -271,7 +271,7 @@ def test_asyncio_servers_accept_per_wakeup_as_listen_backlog_sets_it() -> None:
         selector_events.BaseSelectorEventLoop._start_serving
     )
     server_init = source(base_events.Server.__init__)
-    for attribute in ("_loop", "_sockets", "_protocol_factory", "_ssl_context", "_backlog"):
+    for attribute in ("_loop", "_sockets", "_protocol_factory", "_ssl_context"):
         assert f"self.{attribute} = " in server_init
     assert "self._ssl_handshake_timeout" in server_init and "self._ssl_shutdown_timeout" in server_init
     # mitmproxy makes its servers with asyncio's default backlog (and accept count) of 100
