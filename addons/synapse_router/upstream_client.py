@@ -29,6 +29,7 @@ from enum import StrEnum
 
 import h11
 
+from .connect import open_socket
 from .upstream import Upstream
 
 HOP_BY_HOP = frozenset(
@@ -262,12 +263,25 @@ class UpstreamClient:
         tls = self._tls_context() if upstream.scheme == "https" else None
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(timeout):
-                _, connection = await loop.create_connection(_Connection, upstream.host, upstream.port, ssl=tls)
+            sock = await open_socket(upstream.host, upstream.port, timeout)
         except TimeoutError:
             raise NoResponse(Failure.CONNECT_TIMEOUT, f"no connection within {timeout:g}s") from None
-        except (OSError, ssl.SSLError) as e:
+        except OSError as e:
             raise NoResponse(Failure.CONNECT_ERROR, e.strerror or str(e) or type(e).__name__) from e
+        try:
+            _, connection = await loop.create_connection(
+                _Connection,
+                sock=sock,
+                ssl=tls,
+                server_hostname=upstream.host if tls is not None else None,
+                ssl_handshake_timeout=timeout if tls is not None else None,
+            )
+        except (OSError, ssl.SSLError) as e:  # TimeoutError included: a TLS handshake not done in time
+            sock.close()
+            raise NoResponse(Failure.CONNECT_ERROR, e.strerror or str(e) or type(e).__name__) from e
+        except BaseException:
+            sock.close()
+            raise
         return connection
 
     async def _exchange(

@@ -21,6 +21,7 @@ PURE = (
     "limits",
     "health",
     "shutdown",
+    "connect",
 )
 _IMPORT = re.compile(r"^\s*from (\.+)([\w.]*) import ([\w, ()\n]+?)(?:\)|$)", re.M)
 

@@ -265,3 +265,23 @@ def test_graceful_stop_internals() -> None:
     assert "self.manager.register_connection(" in source(mode_servers.ServerInstance.handle_stream)
     assert isinstance(proxyserver.Proxyserver().connections, dict)
     assert "self._servers" in source(mode_servers.AsyncioServerInstance._stop)
+
+
+def test_asyncio_servers_accept_per_wakeup_as_listen_backlog_sets_it() -> None:
+    # addons/listen_backlog.py registers the accept handler again with a larger count
+    # (tests/unit/test_listen_backlog.py checks the effect): the asyncio internals it uses.
+    from asyncio import base_events, selector_events
+
+    assert params(selector_events.BaseSelectorEventLoop._accept_connection) == [
+        "self", "protocol_factory", "sock", "sslcontext", "server", "backlog",
+        "ssl_handshake_timeout", "ssl_shutdown_timeout",
+    ]  # fmt: skip
+    assert "self._add_reader(sock.fileno(), self._accept_connection," in source(
+        selector_events.BaseSelectorEventLoop._start_serving
+    )
+    server_init = source(base_events.Server.__init__)
+    for attribute in ("_loop", "_sockets", "_protocol_factory", "_ssl_context"):
+        assert f"self.{attribute} = " in server_init
+    assert "self._ssl_handshake_timeout" in server_init and "self._ssl_shutdown_timeout" in server_init
+    # mitmproxy makes its servers with asyncio's default backlog (and accept count) of 100
+    assert "asyncio.start_server(self.handle_stream, host, port)" in inspect.getsource(mode_servers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -362,9 +363,9 @@ def test_request_headers_drop_hop_by_hop() -> None:
 
 def test_connect_timeout_is_its_own_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     async def black_hole(*args: object, **kwargs: object) -> None:
-        await asyncio.sleep(60)  # a SYN nobody answers
+        await asyncio.sleep(60)  # a SYN nobody answers: the socket never connects
 
-    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "create_connection", black_hole)
+    monkeypatch.setattr(asyncio.selector_events.BaseSelectorEventLoop, "sock_connect", black_hole)
 
     async def go() -> None:
         client = UpstreamClient()
@@ -373,6 +374,24 @@ def test_connect_timeout_is_its_own_failure(monkeypatch: pytest.MonkeyPatch) -> 
                 client.send(parse_upstream_url("http://192.0.2.1:8083"), "GET", "/", HEADERS, 0.05), 5
             )
         assert caught.value.failure is Failure.CONNECT_TIMEOUT
+
+    run(go())
+
+
+def test_a_worker_connected_while_the_router_was_busy_is_used() -> None:
+    # In a reconnect storm the router's loop runs in turns of seconds: the worker accepted at
+    # once, so the late look at the connect must not fail the request over (connect.py).
+    async def go() -> None:
+        server = Server(answer(OK))
+        url = await server.start()
+        client = UpstreamClient()
+        task = asyncio.create_task(client.send(parse_upstream_url(url), "GET", "/", HEADERS, 0.05))
+        await asyncio.sleep(0)  # the connect is under way
+        time.sleep(0.3)  # the router's loop is stuck for six times the connect timeout
+        response = await task
+        assert response.status == 200
+        assert server.connections == 1
+        await server.stop()
 
     run(go())
 

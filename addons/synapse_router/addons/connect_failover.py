@@ -4,11 +4,10 @@ answer (mitmproxy itself would answer the client 502)."""
 
 from __future__ import annotations
 
-import asyncio
-
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from .. import flowdata
+from ..connect import open_socket
 from ..state import RouterState
 from ..upstream import Upstream
 from .health import HealthChecks
@@ -44,16 +43,13 @@ class ConnectFailover:
 
 
 async def probe(upstream: Upstream, timeout: float) -> str | None:
-    """None if a TCP connection to the worker opens within the timeout, else why not."""
+    """None if a TCP connection to the worker opens within the timeout (judged by the kernel,
+    not by how late this busy loop looks: connect.py), else why not."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(upstream.host, upstream.port), timeout)
+        sock = await open_socket(upstream.host, upstream.port, timeout)
     except TimeoutError:
         return f"no connection within {timeout:g}s"
     except OSError as e:
         return e.strerror or type(e).__name__
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except OSError:
-        pass
+    sock.close()
     return None

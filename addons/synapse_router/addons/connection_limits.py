@@ -147,6 +147,10 @@ class ConnectionLimits:
             if (io := _client_io(client_id)) is not None:
                 _close(io, reason)
 
+    def headroom(self) -> int:
+        """Client connections still admitted before `max_connections`."""
+        return max(0, self.config.max_connections - len(self._conns))
+
     def prepare(self, config: RouterConfig) -> Callable[[], None]:
         return lambda: self.use(config.limits)
 
@@ -394,7 +398,8 @@ class _HeadGuard:
         body = too_large_body(self._limit)
         head = (
             b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-            b"connection: close\r\ncontent-length: %d\r\n" % len(body)
+            b"connection: close\r\ncontent-length: %d\r\n"
+            % len(body)
             + b"".join(f"{name}: {value}\r\n".encode() for name, value in CORS_HEADERS)
             + b"\r\n"
         )

@@ -5,13 +5,30 @@ restarted router, or of a network blip, at once) overflows it, and the clients t
 fall into SYN back-off, seconds to minutes. Calling listen() again on a listening socket
 changes its backlog (Linux), so this raises it on the sockets mitmproxy made, under both
 launchers, whenever mitmproxy (re)starts its servers.
+
+The same 100 is also how many connections asyncio accepts per wake-up of the listening socket
+(`_accept_connection(..., backlog)`, fixed when the server starts serving). In a storm the
+router's loop runs in turns of a second or more, so at 100 per turn the kernel's queue fills
+however large it is (measured: 8,000 connections within 2 s, tens of thousands of
+ListenOverflows and a third or more of the clients unanswered; docs/benchmarks.md). So the accept
+handler is registered again to take up to `listen_backlog` per wake-up, but no more than the
+connections `limits.max_connections` still admits (at least asyncio's 100, as before: those
+beyond the limit are accepted to be closed at once), so a batch never runs the process out of
+descriptors that `2 x max_connections + 256` budgeted. Each turn empties the queue, and
+connections wait in the router (cheaply: a socket and a task) instead of in SYN back-off.
+That re-registration uses asyncio's selector loop internals (Python 3.12;
+tests/unit/test_mitmproxy_internals.py checks them); on another loop only the backlog is raised.
+After an accept failed for lack of descriptors, asyncio registers its own handler again with
+the count of that moment, until the servers are re-made.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
+from asyncio import selector_events
 from collections.abc import Callable
 from typing import Any
 
@@ -23,9 +40,20 @@ from ..limits import LimitsConfig
 log = logging.getLogger("synapse_router")
 
 
+ASYNCIO_ACCEPT_COUNT = 100  # asyncio's default backlog, also its accept count per wake-up
+
+
+def accept_count(backlog: int, headroom: int) -> int:
+    """Connections to accept in one wake-up: the backlog, bounded by the connections the limits
+    still admit, and never fewer than asyncio's own count."""
+    return min(backlog, max(ASYNCIO_ACCEPT_COUNT, headroom))
+
+
 class ListenBacklog:
-    def __init__(self) -> None:
+    def __init__(self, headroom: Callable[[], int] | None = None) -> None:
+        """`headroom`: how many more client connections the router admits now."""
         self.backlog = LimitsConfig().listen_backlog
+        self.headroom = headroom or (lambda: self.backlog)
         self._servers: Any = None  # mitmproxy's Servers, once running
 
     def prepare(self, config: RouterConfig) -> Callable[[], None]:
@@ -62,6 +90,7 @@ class ListenBacklog:
                         continue
                     with socket.socket(fileno=os.dup(transport_socket.fileno())) as listening:
                         listening.listen(self.backlog)
+                accept_per_wakeup(server, lambda: accept_count(self.backlog, self.headroom()))
 
 
 def listening_servers(instance: Any) -> list[Any]:
@@ -69,3 +98,30 @@ def listening_servers(instance: Any) -> list[Any]:
     (AsyncioServerInstance, mitmproxy 12.3; tests/unit/test_mitmproxy_internals.py checks it)."""
     servers = getattr(instance, "_servers", None)
     return list(servers) if isinstance(servers, list) else []
+
+
+def accept_per_wakeup(server: asyncio.Server, count: Callable[[], int]) -> bool:
+    """Make the event loop accept up to `count()` connections each time the listening sockets
+    of `server` (serving) are readable; asyncio fixes this at the backlog given when it started
+    serving (100 for mitmproxy's servers). False where the loop is not asyncio's selector loop."""
+    loop = getattr(server, "_loop", None)
+    if not isinstance(loop, selector_events.BaseSelectorEventLoop) or not server.is_serving():
+        return False
+    accept = loop._accept_connection  # type: ignore[attr-defined]
+
+    def on_readable(sock: socket.socket) -> None:
+        # asyncio's own handler, with the arguments Server._start_serving gave it except the count.
+        accept(
+            server._protocol_factory,  # type: ignore[attr-defined]
+            sock,
+            server._ssl_context,  # type: ignore[attr-defined]
+            server,
+            count(),
+            server._ssl_handshake_timeout,  # type: ignore[attr-defined]
+            server._ssl_shutdown_timeout,  # type: ignore[attr-defined]
+        )
+
+    for sock in server._sockets:  # type: ignore[attr-defined]
+        if sock.type == socket.SOCK_STREAM:
+            loop._add_reader(sock.fileno(), on_readable, sock)  # type: ignore[attr-defined]  # swaps the callback
+    return True
