@@ -12,10 +12,12 @@ import pytest
 from mitmproxy import addonmanager, exceptions, http
 from mitmproxy.addons.anticache import AntiCache
 from mitmproxy.addons.block import Block
+from mitmproxy.addons.errorcheck import ErrorCheckHandler
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 from synapse_router import flowdata
 from synapse_router.addon import METADATA_KEY, SynapseRouter
+from synapse_router.addons.configuration import Configuration
 from synapse_router.identity import Source
 from synapse_router.retry import Sending
 from synapse_router.tokens import short_hash, token_key
@@ -257,6 +259,29 @@ async def test_drained_by_configuration_comes_back_when_the_configuration_says_s
     path.write_text(CONFIG)
     _call(tctx, "router.reload")
     assert "http://10.0.0.2:8083" not in addon.workers.unusable
+
+
+async def test_a_sighup_during_start_up_waits_for_its_end(router, caplog: pytest.LogCaptureFixture) -> None:
+    """mitmproxy exits 1 on an error logged during start-up: a bad file sent with an early
+    SIGHUP must not stop the router (found by an outside trial: exit 1 within ~2 s of
+    `listening at`). The reload happens, and is reported, once start-up is over."""
+    addon, tctx = router
+    configuration = next(a for a in addon.addons if isinstance(a, Configuration))
+    Path(tctx.master.options.router_config).write_text("workers: [broken\n")
+    startup_check = ErrorCheckHandler()
+    startup_check.install()
+    try:
+        configuration.reload_when_started()
+        await asyncio.sleep(0.3)
+        assert startup_check.has_errored == []
+    finally:
+        startup_check.uninstall()
+    for _ in range(20):
+        await asyncio.sleep(0.1)
+        if any(r.levelname == "ERROR" and "reload of" in r.getMessage() for r in caplog.records):
+            break
+    else:
+        raise AssertionError("the reload deferred past start-up never happened")
 
 
 async def test_flush_and_reload(router, tmp_path: Path) -> None:

@@ -5,12 +5,14 @@ then), and only when all are prepared are the parts swapped in, one after anothe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from mitmproxy import command, ctx, exceptions
+from mitmproxy.addons.errorcheck import ErrorCheckHandler
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from ..config import ConfigError, RouterConfig, load_config
@@ -56,9 +58,17 @@ class Configuration:
     def running(self) -> None:
         # `kill -HUP` reloads the configuration, as nginx does: mitmdump has no console.
         try:
-            on_signal(signal.SIGHUP, self.reload)
+            on_signal(signal.SIGHUP, self.reload_when_started)
         except (RuntimeError, ValueError):
             log.info("synapse-router: SIGHUP reload unavailable here; use the router.reload command")
+
+    def reload_when_started(self) -> None:
+        """SIGHUP: reload, but not while mitmproxy still watches its start-up (it exits 1 on an
+        error logged then, so a bad file sent with an early SIGHUP would stop the router)."""
+        if _starting_up():
+            asyncio.get_running_loop().call_later(0.1, self.reload_when_started)
+            return
+        self.reload()
 
     @command.command("router.reload")
     def reload(self) -> None:
@@ -98,3 +108,8 @@ def reverse_target(modes: Sequence[str]) -> Upstream | None:
             scheme = mode.scheme if mode.scheme in ("http", "https") else "http"
             return parse_upstream_url(f"{scheme}://{shown}:{port}")
     return None
+
+
+def _starting_up() -> bool:
+    """mitmproxy's ErrorCheck (`Error logged during startup, exiting...`) still listening."""
+    return any(isinstance(handler, ErrorCheckHandler) for handler in logging.getLogger().handlers)
