@@ -26,6 +26,7 @@ A session prints `hostile: N inputs, M responses checked, K cross-delivered` at 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import re
 import socket
@@ -918,3 +919,28 @@ def test_repro_8_encoded_rendezvous_and_absolute_form(env: Env) -> None:
     assert seen is None or "127.0.0.1" not in seen["path"], f"the worker saw its own address: {seen}"
     unrecognized(ex, nonce)
     env.follow_ups()
+
+
+def test_router_answers_to_head_carry_no_body(env: Env) -> None:
+    """A router-made answer to HEAD is headers only: a body after it would be read as the
+    start of the next response on the kept-alive connection (found by an outside trial:
+    `illegal status line: b'{"errcode": ...}HTTP/1.1 ...'`)."""
+    cases = [
+        ("/_matrix/client/v3/sync?access_token=tok-%00-1", [], 401),
+        ("/_matrix/client/v3/joined_rooms", [("Authorization", "Bearer tok-alice-1")] * 2, 400),
+    ]
+    connection = http.client.HTTPConnection("127.0.0.1", env.router.port, timeout=30)
+    try:
+        for path, headers, status in cases:
+            connection.putrequest("HEAD", path)
+            for name, value in headers:
+                connection.putheader(name, value)
+            connection.endheaders()
+            head = connection.getresponse()
+            assert head.status == status and head.read() == b""
+            assert head.getheader("access-control-allow-origin") == "*"
+            connection.request("GET", "/_matrix/client/versions")
+            after = connection.getresponse()
+            assert after.status == 200 and b"versions" in after.read()
+    finally:
+        connection.close()

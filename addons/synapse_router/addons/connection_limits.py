@@ -32,6 +32,7 @@ from ..limits import (
     raise_nofile_limit,
     too_large_body,
 )
+from .responses import respond
 
 if TYPE_CHECKING:
     from mitmproxy import connection
@@ -219,10 +220,13 @@ class ConnectionLimits:
             request.method, request.authority + request.path, request.http_version, request.headers.fields
         )
         if size > self.config.max_header_bytes and flow.response is None:
-            flow.response = http.Response.make(
-                431,
-                too_large_body(self.config.max_header_bytes),
-                {"Content-Type": "application/json", "Connection": "close", **dict(CORS_HEADERS)},
+            respond(
+                flow,
+                http.Response.make(
+                    431,
+                    too_large_body(self.config.max_header_bytes),
+                    {"Content-Type": "application/json", "Connection": "close", **dict(CORS_HEADERS)},
+                ),
             )
             self._count_close(HEADER_TOO_LARGE)
 

@@ -15,3 +15,12 @@ def matrix_error(status: int, errcode: str, message: str, retry_after: int | Non
         headers["Retry-After"] = str(retry_after)
     body = json.dumps({"errcode": errcode, "error": message} | ({"soft_logout": False} if status == 401 else {}))
     return http.Response.make(status, body.encode(), headers)
+
+
+def respond(flow: http.HTTPFlow, response: http.Response) -> None:
+    """Answer the flow with a response the router made. A HEAD gets the headers only (its
+    Content-Length still the body's, as RFC 9110 allows): a body after a HEAD answer would be
+    read as the start of the next response on a kept-alive connection."""
+    if flow.request.method == "HEAD":
+        response.raw_content = b""
+    flow.response = response

@@ -23,7 +23,7 @@ from ..retry import SAFE_METHODS, Sending
 from ..state import RouterState
 from . import credentials
 from .health import HealthChecks
-from .responses import matrix_error
+from .responses import matrix_error, respond
 from .routing import Routing
 
 CLIENT_SWEEP_INTERVAL = 1.0  # seconds between checks for clients that left a router-sent request
@@ -93,7 +93,7 @@ class RouterSent:
                     resendable=how is Sending.RESEND,
                 )
             except upstream_client.BadRequest:
-                flow.response = matrix_error(400, "M_INVALID_PARAM", "Invalid request header.")
+                respond(flow, matrix_error(400, "M_INVALID_PARAM", "Invalid request header."))
                 return
             except upstream_client.NoResponse as e:
                 if not flow.client_conn.state & ConnectionState.CAN_READ:
@@ -103,7 +103,7 @@ class RouterSent:
                     if method in SAFE_METHODS:  # fetched again on mitmproxy's path, which streams
                         self._hand_to_mitmproxy(flow, authorization, path)
                     else:
-                        flow.response = matrix_error(502, "M_UNKNOWN", "The response was too large to relay.")
+                        respond(flow, matrix_error(502, "M_UNKNOWN", "The response was too large to relay."))
                     return
                 on_worker = decision.upstream is not None
                 # A refused connection takes the worker down at once. A connect timeout or a
@@ -114,12 +114,12 @@ class RouterSent:
                 connect_failed = e.failure is not upstream_client.Failure.NO_RESPONSE
                 if not connect_failed:  # the worker may have acted on the request
                     if how is not Sending.RESEND or resent:
-                        flow.response = matrix_error(502, "M_UNKNOWN", "The server gave no response.")
+                        respond(flow, matrix_error(502, "M_UNKNOWN", "The server gave no response."))
                         return
                     resent = True
                     state.metrics.observe_retry(decision.pool)
                 if not on_worker:  # main was the last resort
-                    flow.response = self._unavailable(e.failure)
+                    respond(flow, self._unavailable(e.failure))
                     return
                 reason = "connect" if connect_failed else "no_response"
                 decision = self.routing.fail_over(flow, decision, tried, reason, str(e))

@@ -20,7 +20,7 @@ from ..retry import Sending
 from ..routes import MAIN, Balance, Match, room_from_path
 from ..state import RouterState
 from . import credentials
-from .responses import matrix_error
+from .responses import matrix_error, respond
 
 log = logging.getLogger("synapse_router")
 
@@ -196,7 +196,7 @@ class Routing:
         decision = Decision(route, ROUTER, None, "none", refused=refused.errcode)
         flowdata.set_client_ip(flow, client_ip)
         flowdata.set_decision(flow, decision)
-        flow.response = matrix_error(refused.status, refused.errcode, str(refused))
+        respond(flow, matrix_error(refused.status, refused.errcode, str(refused)))
         flow.comment = decision.summary()
         flow.marked = ":no_entry:"
         credentials.redact(flow.request, None)
