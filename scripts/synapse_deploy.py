@@ -57,7 +57,7 @@ signalled. Every process runs in its own session, detached from the caller.
 `stop-worker NAME` stops one worker; `start-worker NAME` starts it again, waits for its
 /health and prints the JSON. `router-config` prints a synapse-router configuration (YAML) whose
 pools are the deployment's processes (the JSON's "router_pools": for the default topology the
-generic workers as `sync` and `client_reader`; for the full one a pool for every kind of
+generic workers as `sync`, `client_reader`, `room` and `generic`; for the full one a pool for every kind of
 process, stream writers included).
 
 Ports (loopback only) derive from SYNAPSE_DEPLOY_BASE_PORT (default 18000):
@@ -189,7 +189,7 @@ DEFAULT_TOPOLOGY = Topology(
     workers=tuple(Worker(f"generic{i}", "generic") for i in (1, 2, 3)),
     offset=0,
     state_dir=".synapse-deploy",
-    pools=(("sync", ("generic1", "generic2", "generic3")), ("client_reader", ("generic1", "generic2", "generic3"))),
+    pools=tuple((pool, ("generic1", "generic2", "generic3")) for pool in ("sync", "client_reader", "room", "generic")),
 )
 
 # Every kind of process the router's route table names, configured as docs/workers.md

@@ -134,6 +134,17 @@ async def _sync(client: httpx.AsyncClient, user: User, timeout_ms: int = 0) -> h
     return response
 
 
+async def _new_device(client: httpx.AsyncClient, user: User) -> None:
+    """A second login of the user and one request with its token: a whoami call, now. Spread
+    over the traffic, so that every process's whoami histogram grows between scrapes (a rate
+    needs two samples; calls all made before a process's first scrape give none)."""
+    login = {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user.user_id}}
+    response = await client.post("/_matrix/client/v3/login", json={**login, "password": PASSWORD})
+    assert response.status_code == 200, response.text
+    device = User(user.user_id, response.json()["access_token"])
+    assert (await _sync(client, device)).status_code == 200, device.statuses  # routed by user
+
+
 async def _reads(client: httpx.AsyncClient, user: User) -> list[httpx.Response]:
     """Requests of several routes: room (main here), client_reader, receipts (misrouted)."""
     txn = uuid.uuid4().hex
@@ -317,6 +328,7 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
             for user in users:
                 before.append([r.status_code for r in await _reads(client, user)])
                 await _sync(client, user)
+                await _new_device(client, user)
             assert (await _sync(client, bogus)).status_code == 401
             await asyncio.sleep(SCRAPE_INTERVAL)
         assert all(s[-1] == 500 for s in before), f"a receipt on {victim} did not fail as Synapse does: {before}"
