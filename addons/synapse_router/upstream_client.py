@@ -94,6 +94,7 @@ class _Connection(asyncio.Protocol):
         self.received = 0  # bytes of the current exchange
         self.abandoned = False  # closed because the client of its exchange left
         self.resendable = True  # its exchange may be cut when the worker is found dead (it is resent)
+        self.cut = False  # closed by the router because its worker was found dead
         self._wakeup: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -227,6 +228,7 @@ class UpstreamClient:
         busy = self._busy.pop(url, set())
         cut = [connection for connection in busy if connection.resendable]
         for connection in cut:
+            connection.cut = True
             connection.abort()
         return len(cut)
 
@@ -387,6 +389,8 @@ def _describe(error: BaseException, connection: _Connection) -> str:
         return f"response over {MAX_BODY} bytes"
     if isinstance(error, h11.RemoteProtocolError):
         # h11 words it from its own side ("... ConnectionClosed when role=SERVER"): say what happened.
+        if connection.cut:
+            return "cut by the router: the health checks found the worker dead while it waited"
         if connection.closed:
             return "the worker closed the connection before a complete response"
         return f"malformed response: {error}"

@@ -319,6 +319,7 @@ def test_abort_releases_waiting_requests_and_does_not_resend() -> None:
             with pytest.raises(NoResponse) as caught:
                 await asyncio.wait_for(task, 5)
             assert caught.value.failure is Failure.NO_RESPONSE
+            assert "health checks found the worker dead" in str(caught.value)  # not "the worker closed"
         assert len(server.requests) == 3  # given up on, not resent to the dead worker
         hold.set()
         await server.stop()
