@@ -8,14 +8,13 @@ untouched both ways: no Accept-Encoding is added, nothing is decoded.
 
 Framing is h11's (the HTTP/1.1 library mitmproxy itself depends on), not ours: it writes the
 request and reads the response's framing (Content-Length, chunked, close-delimited). Every
-header the router writes is validated first, in one pass over all of them, by
-`wellformed.fields_writable` (h11's own field rules and no control byte: no CR, LF or NUL can
-reach a worker, so a client cannot smuggle a second request onto a connection that other
-users' requests share); h11 is then told the fields are checked (`_parsed=True`), so they are
-not validated twice, and still checks the method, the target, Host, Content-Length and
-Transfer-Encoding itself. A connection
-goes back to the pool only after a complete, well-framed exchange with nothing unread, and
-is checked again before reuse: a worker that sent bytes nobody asked for is closed.
+header the router writes is validated once, by `wellformed.fields_writable` (h11's own field
+rules and no control byte: no CR, LF or NUL can reach a worker, so a client cannot smuggle a
+second request onto a connection that other users' requests share); h11 is then told the
+fields are checked (`_parsed=True`) and still checks the method, the target, Host,
+Content-Length and Transfer-Encoding itself. A connection goes back to the pool only after a
+complete, well-framed exchange with nothing unread, and is checked again before reuse: a
+worker that sent bytes nobody asked for is closed.
 
 Connections are kept alive per worker (an `asyncio.Protocol` per connection feeding h11, no
 stream layer in between); httpx on this path cost 1.1-2.4 ms of CPU per request, several
