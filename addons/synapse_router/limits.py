@@ -36,8 +36,9 @@ import json
 import logging
 import math
 import resource
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +114,11 @@ def parse_limits(raw: object) -> LimitsConfig:
     )
 
 
-def header_block_size(method: str, target: str, version: str, fields: Iterable[tuple[bytes, bytes]]) -> int:
+def header_block_size(method: str, target: str, version: str, fields: Sequence[tuple[bytes, bytes]]) -> int:
     """The size of a request head as sent: `METHOD target VERSION\\r\\n`, `name: value\\r\\n`
     per field and the blank line (the optional whitespace a client may add is not counted)."""
-    size = len(method) + len(target) + len(version) + 4 + 2
-    for name, value in fields:
-        size += len(name) + len(value) + 4
-    return size
+    fixed = len(method) + len(target) + len(version) + 6 + 4 * len(fields)
+    return fixed + sum(map(len, chain.from_iterable(fields)))
 
 
 # What Synapse sends on every response (synapse/http/server.py, set_cors_headers), so that a

@@ -6,12 +6,15 @@ sends the request itself: if the worker refuses the connection, times out connec
 fails before its whole response arrived, the request goes to the next worker. Bytes pass
 untouched both ways: no Accept-Encoding is added, nothing is decoded.
 
-Framing is h11's (the HTTP/1.1 library mitmproxy itself depends on), not ours: it validates
-every request line and header the router writes (no CR, LF or NUL can reach a worker, so a
-client cannot smuggle a second request onto a connection that other users' requests share)
-and reads the response's framing (Content-Length, chunked, close-delimited). A connection
-goes back to the pool only after a complete, well-framed exchange with nothing unread, and
-is checked again before reuse: a worker that sent bytes nobody asked for is closed.
+Framing is h11's (the HTTP/1.1 library mitmproxy itself depends on), not ours: it writes the
+request and reads the response's framing (Content-Length, chunked, close-delimited). Every
+header the router writes is validated once, by `wellformed.fields_writable` (h11's own field
+rules and no control byte: no CR, LF or NUL can reach a worker, so a client cannot smuggle a
+second request onto a connection that other users' requests share); h11 is then told the
+fields are checked (`_parsed=True`) and still checks the method, the target, Host,
+Content-Length and Transfer-Encoding itself. A connection goes back to the pool only after a
+complete, well-framed exchange with nothing unread, and is checked again before reuse: a
+worker that sent bytes nobody asked for is closed.
 
 Connections are kept alive per worker (an `asyncio.Protocol` per connection feeding h11, no
 stream layer in between); httpx on this path cost 1.1-2.4 ms of CPU per request, several
@@ -26,11 +29,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import chain
 
 import h11
 
 from .connect import open_socket
 from .upstream import Upstream
+from .wellformed import fields_writable
 
 HOP_BY_HOP = frozenset(
     {
@@ -49,6 +54,7 @@ RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_HEAD = 64 * 1024  # bytes of status line and headers; more is not an HTTP response we relay
 MAX_BODY = 64 * 1024 * 1024  # a response held in memory; a larger one is not relayed on this path
 MAX_IDLE_PER_WORKER = 256
+_END = h11.EndOfMessage()  # immutable: one for every request
 
 
 @dataclass(slots=True)
@@ -333,7 +339,8 @@ class UpstreamClient:
 def _request_events(
     upstream: Upstream, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> list[h11.Event]:
-    """The request as h11 events; h11 validates the method, target and every header here."""
+    """The request as h11 events. The fields are validated here (fields_writable), the method,
+    target, Host and Content-Length by h11."""
     fields = [(k, v) for k, v in headers if k.lower() != b"content-length"]
     if not any(k.lower() == b"host" for k, _ in fields):
         default_port = 443 if upstream.scheme == "https" else 80
@@ -341,13 +348,18 @@ def _request_events(
         fields.append((b"Host", host.encode()))
     if body or method not in RETRYABLE_METHODS:
         fields.append((b"Content-Length", str(len(body)).encode()))
+    if not fields_writable(fields):
+        raise BadRequest("invalid header field")
     try:
-        events: list[h11.Event] = [h11.Request(method=method, target=path, headers=fields)]
-    except h11.LocalProtocolError as e:
+        # _parsed=True: h11 skips its per-field regexes (fields_writable applied the same rules
+        # and more), keeps every other check, and wants bytes.
+        request = h11.Request(method=method.encode("ascii"), target=path.encode("ascii"), headers=fields, _parsed=True)
+    except (h11.LocalProtocolError, UnicodeEncodeError) as e:
         raise BadRequest(str(e)) from None
+    events: list[h11.Event] = [request]
     if body:
         events.append(h11.Data(data=body))
-    events.append(h11.EndOfMessage())
+    events.append(_END)
     return events
 
 
@@ -357,6 +369,8 @@ async def _read_response(connection: _Connection, request: h11.Event) -> Upstrea
     headers_at = 0.0
     chunks: list[bytes] = []
     state = connection.h11
+    if not connection.received and not connection.closed:
+        await connection.wait_for_data()  # nothing to parse yet: h11 would only say NEED_DATA
     while True:
         event = state.next_event()
         if event is h11.NEED_DATA:
@@ -373,10 +387,11 @@ async def _read_response(connection: _Connection, request: h11.Event) -> Upstrea
         elif not isinstance(event, h11.InformationalResponse):  # PAUSED: cannot happen before our next request
             raise h11.RemoteProtocolError(f"unexpected {event!r}")
     assert head is not None
-    if sum(len(k) + len(v) + 4 for k, v in head.headers.raw_items()) > MAX_HEAD:
+    raw = head.headers.raw_items()
+    if sum(map(len, chain.from_iterable(raw))) + 4 * len(raw) > MAX_HEAD:
         raise h11.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
     body = b"".join(chunks)
-    headers = [(k, v) for k, v in head.headers.raw_items() if k.lower() not in HOP_BY_HOP]
+    headers = [(k, v) for k, v in raw if k.lower() not in HOP_BY_HOP]
     # The body is relayed whole: its length frames it (a HEAD, 204 or 304 answer has none to give).
     bodiless = (isinstance(request, h11.Request) and request.method == b"HEAD") or head.status_code in (204, 304)
     if not bodiless and not any(k.lower() == b"content-length" for k, _ in headers):

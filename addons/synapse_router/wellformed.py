@@ -50,3 +50,19 @@ def check_request(
             hosts += 1
     if hosts > 1:  # RFC 9112 3.2: a server must refuse it; proxies would pick different ones
         raise Refused(400, "M_INVALID_PARAM", "More than one Host header.")
+
+
+# What the router's own HTTP client writes (upstream_client.py): h11's rules for a field sent
+# (a name is a token; a value is visible characters and obs-text, with runs of spaces and tabs
+# only between them: no leading or trailing whitespace), and no other control byte either, as
+# check_request. h11 is then told not to check the fields again.
+_FIELD_VALUE_WRITABLE = re.compile(rb"(?:[^\x00-\x20\x7f]+(?:[ \t]+[^\x00-\x20\x7f]+)*)?")
+
+
+def fields_writable(fields: list[tuple[bytes, bytes]]) -> bool:
+    """Whether every header field may be written as it is: everything h11 refuses to send is
+    refused here, and control bytes h11 would let through too."""
+    for name, value in fields:
+        if _FIELD_NAME.fullmatch(name) is None or _FIELD_VALUE_WRITABLE.fullmatch(value) is None:
+            return False
+    return True

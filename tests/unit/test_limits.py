@@ -210,7 +210,7 @@ async def test_oversized_head_answered_431_and_closed() -> None:
         limits.done()
 
 
-async def test_timers_run_only_while_no_request_is_in_flight() -> None:
+async def test_deadlines_run_only_while_no_request_is_in_flight() -> None:
     limits = ConnectionLimits(None, LimitsConfig(header_timeout=60, keepalive_timeout=75))
     with taddons.context(limits, Proxyserver()):
         first, second = tflow.tflow(), tflow.tflow()
@@ -218,25 +218,53 @@ async def test_timers_run_only_while_no_request_is_in_flight() -> None:
         conn_id = first.client_conn.id
         limits.client_connected(first.client_conn)
         state = limits._conns[conn_id]
-        assert state.timer is not None  # header_timeout from connecting
-        header_deadline = state.timer.when()
+        assert state.deadline is not None and state.reason == "header_timeout"  # from connecting
+        assert state.timer is not None and state.timer.when() == state.deadline
+        header_deadline = state.deadline
         limits.requestheaders(first)
         limits.requestheaders(second)  # (pipelined)
-        assert state.timer is None
+        assert state.deadline is None
         limits.response(first)
-        assert state.timer is None  # the second is still in flight
+        assert state.deadline is None  # the second is still in flight
         limits.error(second)
-        assert state.timer is not None  # idle now: keepalive_timeout
-        assert state.timer.when() - header_deadline > 10
+        assert state.deadline is not None and state.reason == "keepalive_timeout"  # idle now
+        assert state.deadline - header_deadline > 10
+        # The header timer is not moved per exchange: it fires first and waits for the deadline.
+        assert state.timer is not None and state.timer.when() == header_deadline
         limits.error(second)  # reported twice: no harm
         upgraded = tflow.tflow(resp=True)
         upgraded.client_conn = first.client_conn
         upgraded.response.status_code = 101
         limits.requestheaders(upgraded)
         limits.response(upgraded)
-        assert state.timer is None  # an upgraded connection is never idle-timed
+        assert state.deadline is None  # an upgraded connection is never idle-timed
         limits.client_disconnected(first.client_conn)
         assert limits.open_connections == 0
+        assert state.timer is None
+        limits.done()
+
+
+async def test_a_timer_fired_early_waits_for_the_latest_deadline() -> None:
+    """Requests on a keep-alive connection push its deadline later without a new timer; the
+    timer that fires before the deadline is set again for it and closes nothing."""
+    limits = ConnectionLimits(None, LimitsConfig(header_timeout=0.1, keepalive_timeout=0.3))
+    proxyserver = Proxyserver()
+    with taddons.context(limits, proxyserver):
+        flow = tflow.tflow()
+        client = flow.client_conn
+        task = asyncio.get_running_loop().create_task(asyncio.sleep(60))
+        fake_handler = type("H", (), {})()
+        fake_handler.client = client
+        fake_handler.transports = {client: server.ConnectionIO(handler=task, reader=None, writer=None)}
+        proxyserver.connections[client.id] = fake_handler
+        limits.client_connected(client)
+        limits.requestheaders(flow)
+        limits.response(flow)  # idle: closed 0.3 s from now, the header timer (0.1 s) still set
+        await asyncio.sleep(0.15)
+        assert not task.done()  # the header timer fired early and waited
+        assert limits._conns[client.id].timer is not None
+        await asyncio.sleep(0.4)
+        assert task.cancelled()
         limits.done()
 
 

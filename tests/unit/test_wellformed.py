@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
+import h11
 import pytest
-from synapse_router.wellformed import Refused, check_request
+from h11._headers import normalize_and_validate
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from synapse_router.wellformed import TOKEN_PATTERN, Refused, check_request, fields_writable
 
 OK_FIELDS = [(b"Host", b"matrix.example"), (b"User-Agent", b"Element/1.0 (\xc3\xa9)"), (b"X-Tab", b"a\tb")]
 
@@ -65,3 +71,28 @@ def test_other_http_versions_are_refused(version: str) -> None:
         check_request("GET", "", "/", OK_FIELDS, version)
     assert (caught.value.status, caught.value.errcode) == (505, "M_UNRECOGNIZED")
     check_request("GET", "", "/", OK_FIELDS, "HTTP/1.0")
+
+
+# Bytes that matter to the field rules: separators, whitespace, controls, obs-text.
+_FIELD_BYTES = st.sampled_from([b"a", b"Z", b"-", b":", b"\n", b"\r", b"\t", b" ", b"\x00", b"\x01", b"\x7f", b"\xe9"])
+_FIELDS = st.lists(
+    st.tuples(st.lists(_FIELD_BYTES, max_size=4).map(b"".join), st.lists(_FIELD_BYTES, max_size=6).map(b"".join)),
+    max_size=4,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(fields=_FIELDS)
+def test_fields_writable_refuses_all_h11_refuses_and_every_control_byte(fields: list[tuple[bytes, bytes]]) -> None:
+    try:
+        normalize_and_validate(fields)
+        h11_refuses = False
+    except h11.LocalProtocolError:
+        h11_refuses = True
+    if h11_refuses:
+        assert not fields_writable(fields)
+    if fields_writable(fields):
+        assert not any(re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", v) for _, v in fields)
+        assert all(re.fullmatch(TOKEN_PATTERN.encode(), n) for n, _ in fields)
+    elif not h11_refuses:  # refused beyond h11: only for a control byte h11 lets through
+        assert any(re.search(rb"[\x01-\x08\x0e-\x1f\x7f]", v) for _, v in fields)

@@ -48,9 +48,15 @@ log = logging.getLogger("synapse_router.limits")
 
 @dataclass(slots=True)
 class _Conn:
-    """A client connection's state: the flows in flight on it and its running timer."""
+    """A client connection's state: the flows in flight on it, when it is closed if it stays
+    without a request (loop time; None while a request is in flight) and why, and the timer
+    that checks. The timer is not moved per exchange: when it fires before the deadline (the
+    connection had requests since), it is set again for the deadline. So a busy keep-alive
+    connection costs one timer per timeout period, not a timer made and cancelled per request."""
 
     flows: set[str] = field(default_factory=set)
+    deadline: float | None = None
+    reason: str = HEADER_TIMEOUT
     timer: asyncio.TimerHandle | None = None
     answered: bool = False  # a request has been answered on it (so, with no flows: idle keep-alive)
 
@@ -199,7 +205,7 @@ class ConnectionLimits:
             self._refused.hit()
             return
         conn = self._conns[client.id] = _Conn()
-        conn.timer = self._start_timer(client.id, self.config.header_timeout, HEADER_TIMEOUT)
+        self._set_deadline(client.id, conn, self.config.header_timeout, HEADER_TIMEOUT)
         _HeadGuard.install(client.id, self.config.max_header_bytes, self._head_too_large)
 
     def client_disconnected(self, client: connection.Client) -> None:
@@ -213,7 +219,7 @@ class ConnectionLimits:
         conn = self._conns.get(flow.client_conn.id)
         if conn is None:
             return
-        conn.cancel_timer()
+        conn.deadline = None  # in flight: no timeout (the timer, if it fires, finds none)
         conn.flows.add(flow.id)
         request = flow.request
         size = header_block_size(
@@ -245,29 +251,43 @@ class ConnectionLimits:
         conn.flows.discard(flow.id)
         conn.answered = True
         if not conn.flows:
-            conn.cancel_timer()
-            conn.timer = self._start_timer(flow.client_conn.id, self.config.keepalive_timeout, KEEPALIVE_TIMEOUT)
+            self._set_deadline(flow.client_conn.id, conn, self.config.keepalive_timeout, KEEPALIVE_TIMEOUT)
 
     # --- timers ---
 
-    def _start_timer(self, client_id: str, delay: float, reason: str) -> asyncio.TimerHandle | None:
+    def _set_deadline(self, client_id: str, conn: _Conn, delay: float, reason: str) -> None:
+        """Close the connection `delay` seconds from now unless a request arrives first. A
+        timer is made only if none would fire by then."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (a unit test calling a hook directly)
-            return None
-        return loop.call_later(delay, self._expire, client_id, reason)
-
-    def _expire(self, client_id: str, reason: str) -> None:
-        conn = self._conns.get(client_id)
-        if conn is None or conn.flows:
             return
-        conn.timer = None
+        deadline = conn.deadline = loop.time() + delay
+        conn.reason = reason
+        timer = conn.timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            conn.timer = loop.call_at(deadline, self._expire, client_id)
+
+    def _expire(self, client_id: str) -> None:
+        conn = self._conns.get(client_id)
+        if conn is None:
+            return
+        timer, conn.timer = conn.timer, None
+        if conn.deadline is None or conn.flows:
+            return  # in flight: the deadline is set again when it ends
+        if timer is not None and conn.deadline > timer.when():
+            # Requests came and went since this timer was set: wait for the latest deadline.
+            conn.timer = asyncio.get_running_loop().call_at(conn.deadline, self._expire, client_id)
+            return
+        reason = conn.reason
         io = _client_io(client_id)
         if io is None:
             return
         if reason == KEEPALIVE_TIMEOUT and _unsent_bytes(io) > 0:
             # The last response is still being sent to a slow client: not idle yet.
-            conn.timer = self._start_timer(client_id, self.config.keepalive_timeout, reason)
+            self._set_deadline(client_id, conn, self.config.keepalive_timeout, reason)
             return
         log.debug(f"synapse-router: closing client connection {client_id}: {reason}")
         self._count_close(reason)
