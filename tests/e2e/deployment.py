@@ -4,6 +4,8 @@ scripts/bench_e2e.py see it: its JSON description plus the commands that act on 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -64,6 +66,12 @@ class Deployment:
         result = self.run("stop-worker", name, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"stop-worker {name} failed:\n{result.stderr}")
+
+    def kill_worker(self, name: str) -> None:
+        """SIGKILL, as a crash: the requests in flight on it are cut (a SIGTERM lets Synapse
+        answer some of them first)."""
+        self.stopped_workers.add(name)
+        os.kill(int((self.state_dir / "pids" / f"{name}.pid").read_text().split()[0]), signal.SIGKILL)
 
     def start_worker(self, name: str) -> None:
         result = self.run("start-worker", name, timeout=180)

@@ -347,15 +347,19 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
             for _ in range(VICTIM_LONG_POLLS if u.worker == victim_url else 1)
         ]
         await asyncio.sleep(1.0)
-        await asyncio.to_thread(deployment.stop_worker, victim)
-        await _wait_for(metrics_url, "synapse_router_worker_up", {"pool": "sync", "worker": victim_url}, 0.0)
-        await _wait_for(metrics_url, "synapse_router_retries_total", {"pool": "sync"}, None, timeout=10)
-        during: list[list[int]] = []
-        for _ in range(3):
-            for user in users:
-                during.append([r.status_code for r in await _reads(client, user)])
-            await asyncio.sleep(SCRAPE_INTERVAL)
-        await asyncio.to_thread(deployment.start_worker, victim)
+        # SIGKILL, so that the long-polls in flight on it are cut and resent (with a SIGTERM,
+        # Synapse may answer them first: then only new requests fail over, no retry is seen).
+        deployment.kill_worker(victim)
+        try:
+            await _wait_for(metrics_url, "synapse_router_worker_up", {"pool": "sync", "worker": victim_url}, 0.0)
+            await _wait_for(metrics_url, "synapse_router_retries_total", {"pool": "sync"}, None, timeout=10)
+            during: list[list[int]] = []
+            for _ in range(3):
+                for user in users:
+                    during.append([r.status_code for r in await _reads(client, user)])
+                await asyncio.sleep(SCRAPE_INTERVAL)
+        finally:  # the tests after this one need every worker
+            await asyncio.to_thread(deployment.start_worker, victim)
         await _wait_for(metrics_url, "synapse_router_worker_up", {"pool": "sync", "worker": victim_url}, 1.0)
         await _wait_for(metrics_url, "synapse_router_worker_up", {"pool": "client_reader"}, 1.0)
         stop.set()
