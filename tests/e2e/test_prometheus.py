@@ -347,6 +347,10 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
             for _ in range(VICTIM_LONG_POLLS if u.worker == victim_url else 1)
         ]
         await asyncio.sleep(1.0)
+        # And one long-poll certain to be waiting on the victim when it dies (the 2 s ones may
+        # all be between two polls, or answered at once by an event).
+        held = asyncio.ensure_future(_sync(client, on_victim, 15000))
+        await asyncio.sleep(2.0)
         # SIGKILL, so that the long-polls in flight on it are cut and resent (with a SIGTERM,
         # Synapse may answer them first: then only new requests fail over, no retry is seen).
         deployment.kill_worker(victim)
@@ -363,7 +367,7 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
         await _wait_for(metrics_url, "synapse_router_worker_up", {"pool": "sync", "worker": victim_url}, 1.0)
         await _wait_for(metrics_url, "synapse_router_worker_up", {"pool": "client_reader"}, 1.0)
         stop.set()
-        await asyncio.wait_for(asyncio.gather(*loops), LONG_POLL_MS / 1000 + 30)
+        await asyncio.wait_for(asyncio.gather(*loops, held), LONG_POLL_MS / 1000 + 30)
 
         # Clients that leave their long-polls before the answer (no response), in bursts of
         # four so that a process sees several within one rate window, while reads go on (the
