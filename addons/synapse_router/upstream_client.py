@@ -34,6 +34,7 @@ from itertools import chain
 import h11
 
 from .connect import open_socket
+from .retry import SAFE_METHODS
 from .upstream import Upstream
 from .wellformed import fields_writable
 
@@ -50,7 +51,6 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_HEAD = 64 * 1024  # bytes of status line and headers; more is not an HTTP response we relay
 MAX_BODY = 64 * 1024 * 1024  # a response held in memory; a larger one is not relayed on this path
 MAX_IDLE_PER_WORKER = 256
@@ -346,7 +346,7 @@ def _request_events(
         default_port = 443 if upstream.scheme == "https" else 80
         host = upstream.url.partition("://")[2] if upstream.port != default_port else upstream.host
         fields.append((b"Host", host.encode()))
-    if body or method not in RETRYABLE_METHODS:
+    if body or method not in SAFE_METHODS:
         fields.append((b"Content-Length", str(len(body)).encode()))
     if not fields_writable(fields):
         raise BadRequest("invalid header field")

@@ -24,7 +24,6 @@ from .responses import matrix_error, respond
 
 log = logging.getLogger("synapse_router")
 
-STREAM_THRESHOLD = 1024 * 1024  # bodies larger than this, or of unknown size, are streamed
 LOGOUT_PATH = re.compile(r"^/_matrix/client/(?:api/v1|r0|v3|unstable)/logout(/all)?$")
 TOKEN_LABEL = re.compile(r"[0-9a-f]{8}")
 
@@ -262,4 +261,4 @@ def _large_or_unknown(request: http.Request, response: http.Response | None) -> 
         size = http1.expected_http_body_size(request, response)
     except ValueError:
         return False
-    return size is None or size == -1 or size > STREAM_THRESHOLD
+    return size is None or size == -1 or size > retry.MAX_HELD_REQUEST
