@@ -6,15 +6,20 @@ sends the request itself: if the worker refuses the connection, times out connec
 fails before its whole response arrived, the request goes to the next worker. Bytes pass
 untouched both ways: no Accept-Encoding is added, nothing is decoded.
 
-Framing is h11's (the HTTP/1.1 library mitmproxy itself depends on), not ours: it writes the
-request and reads the response's framing (Content-Length, chunked, close-delimited). Every
-header the router writes is validated once, by `wellformed.fields_writable` (h11's own field
-rules and no control byte: no CR, LF or NUL can reach a worker, so a client cannot smuggle a
-second request onto a connection that other users' requests share); h11 is then told the
-fields are checked (`_parsed=True`) and still checks the method, the target, Host,
-Content-Length and Transfer-Encoding itself. A connection goes back to the pool only after a
-complete, well-framed exchange with nothing unread, and is checked again before reuse: a
-worker that sent bytes nobody asked for is closed.
+Framing is h11's (the HTTP/1.1 library mitmproxy itself depends on), not ours: h11 writes the
+request head and parses the response's status line and header fields, decides its framing
+(Content-Length, chunked, close-delimited; none for HEAD, 204, 304) and reads its body. The
+pieces are the ones mitmproxy's own HTTP/1 layer uses (h11's receive buffer and body readers;
+mitmproxy pins h11's exact version), without h11's connection state machine: one request per
+exchange and nothing pipelined needs no state machine, and it cost more than half the client's
+instructions per exchange (docs/benchmarks.md). Every header the router writes is validated
+once, by `wellformed.fields_writable` (h11's own field rules and no control byte: no CR, LF or
+NUL can reach a worker, so a client cannot smuggle a second request onto a connection that other
+users' requests share); h11 then checks the method, the target, Host, Content-Length and
+Transfer-Encoding. A connection goes back to the pool only after a complete, well-framed
+exchange that leaves the connection open (no `Connection: close`, not HTTP/1.0, not
+close-delimited) with nothing unread, and is checked again before reuse: a worker that sent
+bytes nobody asked for is closed.
 
 Connections are kept alive per worker (an `asyncio.Protocol` per connection feeding h11, no
 stream layer in between); httpx on this path cost 1.1-2.4 ms of CPU per request, several
@@ -25,13 +30,15 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from enum import StrEnum
-from itertools import chain
 
 import h11
+from h11._readers import ChunkedReader, ContentLengthReader, Http10Reader
+from h11._receivebuffer import ReceiveBuffer
+from h11._writers import write_request
+from mitmproxy import http
+from mitmproxy.net.http import http1, validate
 
 from .connect import open_socket
 from .retry import SAFE_METHODS
@@ -54,16 +61,11 @@ HOP_BY_HOP = frozenset(
 MAX_HEAD = 64 * 1024  # bytes of status line and headers; more is not an HTTP response we relay
 MAX_BODY = 64 * 1024 * 1024  # a response held in memory; a larger one is not relayed on this path
 MAX_IDLE_PER_WORKER = 256
-_END = h11.EndOfMessage()  # immutable: one for every request
 
 
-@dataclass(slots=True)
-class UpstreamResponse:
-    status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    headers_at: float  # when the response headers arrived (epoch seconds)
+# What a response's framing depends on in the request: only whether it answers a HEAD.
+_HEAD = http.Request.make("HEAD", "http://upstream/")
+_NOT_HEAD = http.Request.make("GET", "http://upstream/")
 
 
 class Failure(StrEnum):
@@ -91,12 +93,13 @@ def request_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes,
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection to a worker: bytes in go straight into h11."""
+    """One keep-alive connection to a worker: bytes in go straight into its receive buffer."""
 
     def __init__(self) -> None:
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self.buffer = ReceiveBuffer()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.keep_alive = True  # False once a response said the connection ends with it
         self.received = 0  # bytes of the current exchange
         self.abandoned = False  # closed because the client of its exchange left
         self.resendable = True  # its exchange may be cut when the worker is found dead (it is resent)
@@ -112,7 +115,7 @@ class _Connection(asyncio.Protocol):
         if self.received > MAX_HEAD + MAX_BODY:
             self.abort()
             return
-        self.h11.receive_data(data)
+        self.buffer += data
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -123,9 +126,7 @@ class _Connection(asyncio.Protocol):
         self._end()
 
     def _end(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.h11.receive_data(b"")
+        self.closed = True
         self._wake()
 
     def _wake(self) -> None:
@@ -138,32 +139,21 @@ class _Connection(asyncio.Protocol):
         self._end()
 
     def reusable(self) -> bool:
-        """Idle, open, and nothing received since its last exchange ended."""
-        state = self.h11
+        """Open, kept alive by its last response, and nothing received since that ended."""
         return (
             not self.closed
+            and self.keep_alive
             and self.transport is not None
             and not self.transport.is_closing()
-            and state.our_state is h11.IDLE
-            and state.their_state is h11.IDLE
-            and not state.trailing_data[0]
+            and not self.buffer
         )
 
     async def wait_for_data(self) -> None:
-        """Until more bytes (or the end) arrived."""
-        if self.closed:  # h11 has seen the end and still needs data: cannot happen
+        """Until more bytes (or the end) arrived; raises if the end already did."""
+        if self.closed:
             raise h11.RemoteProtocolError("connection closed mid-message")
         self._wakeup = asyncio.get_running_loop().create_future()
         await self._wakeup
-
-    def end_exchange(self) -> bool:
-        """After a response: ready the connection for the next one; False if it cannot be."""
-        state = self.h11
-        if state.our_state is not h11.DONE or state.their_state is not h11.DONE:
-            return False
-        state.start_next_cycle()
-        self.received = 0
-        return self.reusable()
 
 
 class UpstreamClient:
@@ -188,19 +178,19 @@ class UpstreamClient:
         body: bytes = b"",
         owner: object = None,
         resendable: bool = True,
-    ) -> UpstreamResponse:
+    ) -> http.Response:
         """Send a request to a worker and read its whole response. Raises BadRequest (before
         anything is sent) if the request is not valid HTTP/1.1, NoResponse if the worker gives
         no complete response (also when `abort` or `abandon(owner)` closed the connection).
         A reused connection that fails is replaced by a fresh one only if `resendable`: the
         worker may have read the request before it failed."""
         url = upstream.url
-        events = _request_events(upstream, method, path, headers, body)
+        request = _request_bytes(upstream, method, path, headers, body)
         aborts = self._aborts.get(url, 0)
         connection = self._checkout(url)
         if connection is not None:
             try:
-                return await self._exchange(url, connection, events, aborts, owner, resendable)
+                return await self._exchange(url, connection, request, method, aborts, owner, resendable)
             except NoResponse as e:
                 if (
                     not resendable
@@ -211,7 +201,7 @@ class UpstreamClient:
                     raise
                 # The worker may have closed an idle connection as we reused it: once more, fresh.
         connection = await self._connect(upstream, connect_timeout)
-        return await self._exchange(url, connection, events, aborts, owner, resendable)
+        return await self._exchange(url, connection, request, method, aborts, owner, resendable)
 
     def abandon(self, owner: object) -> bool:
         """The client of `owner`'s exchange has left: close its connection (the exchange raises
@@ -293,8 +283,15 @@ class UpstreamClient:
         return connection
 
     async def _exchange(
-        self, url: str, connection: _Connection, events: list[h11.Event], aborts: int, owner: object, resendable: bool
-    ) -> UpstreamResponse:
+        self,
+        url: str,
+        connection: _Connection,
+        request: bytes,
+        method: str,
+        aborts: int,
+        owner: object,
+        resendable: bool,
+    ) -> http.Response:
         """Send the request on the connection and read the response, unless the worker was
         found dead since the request began (`aborts` changed)."""
         if self._aborts.get(url, 0) != aborts:
@@ -307,12 +304,14 @@ class UpstreamClient:
             self._owned[owner] = connection
         try:
             assert connection.transport is not None
-            connection.transport.write(b"".join(connection.h11.send(event) or b"" for event in events))
-            response = await _read_response(connection, events[0])
-        except (h11.ProtocolError, OSError) as e:
+            connection.received = 0
+            connection.transport.write(request)
+            response = await _read_response(connection, method)
+        except (ValueError, h11.ProtocolError, OSError) as e:  # ValueError: mitmproxy's parser
+            detail = _describe(e, connection)  # before abort: it tells whether the worker closed first
             connection.abort()
             failure = Failure.TOO_LARGE if connection.received > MAX_HEAD + MAX_BODY else Failure.NO_RESPONSE
-            raise NoResponse(failure, _describe(e, connection)) from e
+            raise NoResponse(failure, detail) from e
         except BaseException:  # cancelled (the client left): the connection is mid-exchange, useless
             connection.abort()
             raise
@@ -320,7 +319,7 @@ class UpstreamClient:
             busy.discard(connection)
             if owner is not None and self._owned.get(owner) is connection:
                 del self._owned[owner]
-        reusable = connection.end_exchange()
+        reusable = connection.reusable()
         pooled = self._pooled is None or url in self._pooled or url == self.main_url
         if reusable and self._aborts.get(url, 0) == aborts and pooled:
             idle = self._idle.setdefault(url, [])
@@ -336,11 +335,11 @@ class UpstreamClient:
         return self._tls
 
 
-def _request_events(
+def _request_bytes(
     upstream: Upstream, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
-) -> list[h11.Event]:
-    """The request as h11 events. The fields are validated here (fields_writable), the method,
-    target, Host and Content-Length by h11."""
+) -> bytes:
+    """The request as written on the wire. The fields are validated here (fields_writable), the
+    method, target, Host and Content-Length by h11."""
     fields = [(k, v) for k, v in headers if k.lower() != b"content-length"]
     if not any(k.lower() == b"host" for k, _ in fields):
         default_port = 443 if upstream.scheme == "https" else 80
@@ -356,57 +355,78 @@ def _request_events(
         request = h11.Request(method=method.encode("ascii"), target=path.encode("ascii"), headers=fields, _parsed=True)
     except (h11.LocalProtocolError, UnicodeEncodeError) as e:
         raise BadRequest(str(e)) from None
-    events: list[h11.Event] = [request]
-    if body:
-        events.append(h11.Data(data=body))
-    events.append(_END)
-    return events
+    parts: list[bytes] = []
+    write_request(request, parts.append)
+    parts.append(body)  # framed by its Content-Length
+    return b"".join(parts)
 
 
-async def _read_response(connection: _Connection, request: h11.Event) -> UpstreamResponse:
-    """One final response (informational ones skipped), its body read whole."""
-    head: h11.Response | None = None
-    headers_at = 0.0
-    chunks: list[bytes] = []
-    state = connection.h11
-    if not connection.received and not connection.closed:
-        await connection.wait_for_data()  # nothing to parse yet: h11 would only say NEED_DATA
+async def _read_response(connection: _Connection, method: str) -> http.Response:
+    """One final response (informational ones skipped), its body read whole. The head is read,
+    validated and framed as mitmproxy reads a worker's response on its own path (its `http1`
+    functions, `validate_headers` as with `validate_inbound_headers`), the body by h11's readers."""
+    buffer = connection.buffer
     while True:
-        event = state.next_event()
-        if event is h11.NEED_DATA:
+        size = len(buffer)
+        lines = buffer.maybe_extract_lines()
+        if lines is None:
+            if size > MAX_HEAD:
+                raise ValueError(f"response head over {MAX_HEAD} bytes")
             await connection.wait_for_data()
             continue
-        if isinstance(event, h11.Response):
-            head, headers_at = event, time.time()
-        elif isinstance(event, h11.Data):
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
+        if size - len(buffer) > MAX_HEAD:
+            raise ValueError(f"response head over {MAX_HEAD} bytes")
+        if not lines:
+            raise ValueError("no status line")
+        response = http1.read_response_head([bytes(line) for line in lines])
+        if response.status_code >= 200:
             break
-        elif isinstance(event, h11.ConnectionClosed):
-            raise h11.RemoteProtocolError("connection closed before the whole response")
-        elif not isinstance(event, h11.InformationalResponse):  # PAUSED: cannot happen before our next request
-            raise h11.RemoteProtocolError(f"unexpected {event!r}")
-    assert head is not None
-    raw = head.headers.raw_items()
-    if sum(map(len, chain.from_iterable(raw))) + 4 * len(raw) > MAX_HEAD:
-        raise h11.RemoteProtocolError(f"response head over {MAX_HEAD} bytes")
+        if response.status_code == 101:  # nobody asked to switch protocols (Upgrade is not relayed)
+            raise ValueError("unexpected 101 Switching Protocols")
+    validate.validate_headers(response)
+    fields = response.headers.fields
+    transfer_encoding = response.headers.get("transfer-encoding")
+    if transfer_encoding is not None and validate.parse_transfer_encoding(transfer_encoding) != "chunked":
+        raise ValueError(f"transfer-encoding {transfer_encoding!r}: the body would be relayed still encoded")
+    expected = http1.expected_http_body_size(_HEAD if method == "HEAD" else _NOT_HEAD, response)
+    reader = (
+        ChunkedReader() if expected is None else Http10Reader() if expected == -1 else ContentLengthReader(expected)
+    )
+    chunks: list[bytes] = []
+    while True:
+        part = reader(buffer)
+        if part is None:
+            if not connection.closed:
+                await connection.wait_for_data()
+                continue
+            part = reader.read_eof()  # the end of a close-delimited body; raises for any other
+        if type(part) is h11.Data:
+            chunks.append(part.data)
+        else:
+            break
+    closes = http1.connection_close(response.data.http_version, response.headers)  # type: ignore[no-untyped-call]
+    connection.keep_alive = expected != -1 and not closes
     body = b"".join(chunks)
-    headers = [(k, v) for k, v in raw if k.lower() not in HOP_BY_HOP]
     # The body is relayed whole: its length frames it (a HEAD, 204 or 304 answer has none to give).
-    bodiless = (isinstance(request, h11.Request) and request.method == b"HEAD") or head.status_code in (204, 304)
-    if not bodiless and not any(k.lower() == b"content-length" for k, _ in headers):
-        headers.append((b"content-length", str(len(body)).encode()))
-    return UpstreamResponse(head.status_code, bytes(head.reason), headers, body, headers_at)
+    relayed = tuple((k, v) for k, v in fields if k.lower() not in HOP_BY_HOP)
+    if expected != 0 and not any(k.lower() == b"content-length" for k, _ in relayed):
+        relayed += ((b"content-length", str(len(body)).encode()),)
+    if relayed != fields:
+        response.headers.fields = relayed
+    response.data.http_version = b"HTTP/1.1"  # as it is relayed, framed by its length
+    response.raw_content = body
+    return response
 
 
 def _describe(error: BaseException, connection: _Connection) -> str:
     if connection.received > MAX_HEAD + MAX_BODY:
         return f"response over {MAX_BODY} bytes"
-    if isinstance(error, h11.RemoteProtocolError):
-        # h11 words it from its own side ("... ConnectionClosed when role=SERVER"): say what happened.
-        if connection.cut:
-            return "cut by the router: the health checks found the worker dead while it waited"
-        if connection.closed:
-            return "the worker closed the connection before a complete response"
+    if connection.cut:
+        return "cut by the router: the health checks found the worker dead while it waited"
+    # The readers raise LocalProtocolError for what they cannot parse, RemoteProtocolError for
+    # a connection that ended early (h11's connection would have said "remote" for both).
+    if isinstance(error, h11.RemoteProtocolError) and connection.closed:
+        return "the worker closed the connection before a complete response"
+    if isinstance(error, (h11.ProtocolError, ValueError)):
         return f"malformed response: {error}"
     return str(error) or type(error).__name__

@@ -96,3 +96,27 @@ def test_fields_writable_refuses_all_h11_refuses_and_every_control_byte(fields: 
         assert all(re.fullmatch(TOKEN_PATTERN.encode(), n) for n, _ in fields)
     elif not h11_refuses:  # refused beyond h11: only for a control byte h11 lets through
         assert any(re.search(rb"[\x01-\x08\x0e-\x1f\x7f]", v) for _, v in fields)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(fields=_FIELDS, hosts=st.integers(min_value=0, max_value=2))
+def test_check_request_refuses_exactly_what_the_field_rules_refuse(
+    fields: list[tuple[bytes, bytes]], hosts: int
+) -> None:
+    # The rules as regexes, one field at a time: what check_request's byte-set checks must equal.
+    fields = fields + [(b"Host", b"a.example")] * hosts
+    bad_field = any(
+        re.fullmatch(TOKEN_PATTERN.encode(), n) is None or re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", v) for n, v in fields
+    )
+    many_hosts = sum(n.lower() == b"host" for n, _ in fields) > 1
+    try:
+        check_request("GET", "", "/", fields)
+        refused = None
+    except Refused as e:
+        refused = str(e)
+    if bad_field:
+        assert refused == "Invalid header field."
+    elif many_hosts:
+        assert refused == "More than one Host header."
+    else:
+        assert refused is None

@@ -126,17 +126,8 @@ class RouterSent:
                 continue
             finally:
                 self._sending.pop(flow.id, None)
-            flow.response = http.Response(
-                http_version=b"HTTP/1.1",
-                status_code=answer.status,
-                reason=answer.reason,
-                headers=http.Headers(answer.headers),
-                content=None,
-                trailers=None,
-                timestamp_start=answer.headers_at,
-                timestamp_end=time.time(),
-            )
-            flow.response.raw_content = answer.body
+            answer.timestamp_end = time.time()
+            flow.response = answer
             return
 
     def _unavailable(self, failure: upstream_client.Failure) -> http.Response:
