@@ -20,6 +20,7 @@ _TOKEN = f"{METADATA_KEY}.token"  # the routed token's short hash: 8 hex digits,
 _CLIENT_IP = f"{METADATA_KEY}.client_ip"
 _LOGOUT = f"{METADATA_KEY}.logout"  # (everywhere, token key) of a logout request
 _FORWARD = f"{METADATA_KEY}.forward"  # the router sends this request itself: how (a Sending)
+_REDACTED = f"{METADATA_KEY}.redacted"  # the request's credentials are labels now
 
 
 def decision(flow: http.HTTPFlow) -> Decision | None:
@@ -76,3 +77,14 @@ def set_sending(flow: http.HTTPFlow, how: Sending | None) -> None:
         flow.metadata[_FORWARD] = how
     else:
         flow.metadata.pop(_FORWARD, None)
+
+
+def redacted(flow: http.HTTPFlow) -> bool:
+    return flow.metadata.get(_REDACTED) is True
+
+
+def set_redacted(flow: http.HTTPFlow, value: bool) -> None:
+    if value:
+        flow.metadata[_REDACTED] = True
+    else:
+        flow.metadata.pop(_REDACTED, None)

@@ -7,23 +7,46 @@ import re
 
 from mitmproxy import http
 
-from .. import tokens
+from .. import flowdata, tokens
 from ..query import query_param
 
 
-def redact(request: http.Request, header_label: str | None) -> None:
+def redact(flow: http.HTTPFlow) -> None:
     """Replace each Authorization header (however malformed; a bearer token keeps its short
     label, the routed token's when there is one, as the access log shows it) and each
-    access_token parameter of a request by a label."""
-    values = request.headers.get_all("authorization")
-    if values:
-        request.headers.set_all("authorization", [tokens.redact_authorization(v, header_label) for v in values])
+    access_token parameter of the flow's request by a label. Once per flow: a flow redacted
+    is marked so, until `restore` gives its credentials back."""
+    if flowdata.redacted(flow):
+        return
+    flowdata.set_redacted(flow, True)
+    request = flow.request
+    label = flowdata.token_label(flow)
+    fields = request.headers.fields
+    # One pass over the fields: mitmproxy's Headers.get_all/set_all each walk them in Python.
+    names = [name.lower() for name, _ in fields]
+    if b"authorization" in names:
+        request.headers.fields = tuple(
+            (name, _redacted_authorization(value, label)) if lowered == b"authorization" else (name, value)
+            for lowered, (name, value) in zip(names, fields, strict=True)
+        )
     path, sep, query = request.path.partition("?")
     if not sep or ("access" not in query and "%" not in query):
         return  # no access_token parameter, not even a percent-encoded name
     if any(tokens.is_token_param(p) for p in query.split("&")):
-        label = tokens.short_hash(tokens.token_key(query_param(query, tokens.TOKEN_PARAM) or ""))
-        request.path = f"{path}?{tokens.redact_query_token(query, label)}"
+        query_label = tokens.short_hash(tokens.token_key(query_param(query, tokens.TOKEN_PARAM) or ""))
+        request.path = f"{path}?{tokens.redact_query_token(query, query_label)}"
+
+
+def restore(flow: http.HTTPFlow, fields: tuple[tuple[bytes, bytes], ...], path: str) -> None:
+    """Give the request back the header fields and path it had before `redact`."""
+    flow.request.headers.fields = fields
+    flow.request.path = path
+    flowdata.set_redacted(flow, False)
+
+
+def _redacted_authorization(value: bytes, label: str | None) -> bytes:
+    shown = tokens.redact_authorization(value.decode("utf-8", "surrogateescape"), label)
+    return shown.encode("utf-8", "surrogateescape")
 
 
 # A token as it may appear in a log line: an access_token parameter or a bearer credential.

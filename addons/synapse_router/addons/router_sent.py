@@ -67,18 +67,18 @@ class RouterSent:
         state = self.state
         request = flow.request
         method, path = request.method, request.path
-        headers = upstream_client.request_headers(request.headers.fields)
+        fields = request.headers.fields  # as sent, and given back if mitmproxy is to send it
+        headers = upstream_client.request_headers(fields)
         body = request.raw_content or b""  # held (at most retry.MAX_HELD_REQUEST), to resend
         # A long-poll is in flight for up to minutes, in mitmweb's view: its token goes now.
-        authorization = request.headers.get_all("authorization")
-        credentials.redact(request, flowdata.token_label(flow))
+        credentials.redact(flow)
         state.upstream.main_url = state.main.url if state.main is not None else None
         resent = False
         tried: set[str] = set()
         while True:
             upstream = decision.upstream or state.main
             if upstream is None:  # not in reverse mode: mitmproxy forwards it as addressed
-                self._hand_to_mitmproxy(flow, authorization, path)
+                self._hand_to_mitmproxy(flow, fields, path)
                 return
             self._sending[flow.id] = flow
             try:
@@ -101,7 +101,7 @@ class RouterSent:
                     return
                 if e.failure is upstream_client.Failure.TOO_LARGE:
                     if method in SAFE_METHODS:  # fetched again on mitmproxy's path, which streams
-                        self._hand_to_mitmproxy(flow, authorization, path)
+                        self._hand_to_mitmproxy(flow, fields, path)
                     else:
                         respond(flow, matrix_error(502, "M_UNKNOWN", "The response was too large to relay."))
                     return
@@ -139,10 +139,9 @@ class RouterSent:
             return matrix_error(504, "M_UNKNOWN", "No Synapse process answered in time.", retry_after)
         return matrix_error(503, "M_UNKNOWN", "No Synapse process is available.", retry_after)
 
-    def _hand_to_mitmproxy(self, flow: http.HTTPFlow, authorization: list[str], path: str) -> None:
+    def _hand_to_mitmproxy(self, flow: http.HTTPFlow, fields: tuple[tuple[bytes, bytes], ...], path: str) -> None:
         """Let mitmproxy forward the request to the flow's target, token and all."""
-        flow.request.headers.set_all("authorization", authorization)
-        flow.request.path = path
+        credentials.restore(flow, fields, path)
         flowdata.set_sending(flow, None)
         decision = flowdata.decision(flow)
         if decision is not None and decision.upstream is not None:

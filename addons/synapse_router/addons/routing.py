@@ -75,6 +75,8 @@ class Routing:
         decision = flowdata.decision(flow)
         if decision is None or flow.response is None:
             return
+        if flow.response.raw_content is not None:
+            return  # already whole: an answer the router sent or made itself
         if decision.stream_bodies or _large_or_unknown(flow.request, flow.response):
             flow.response.stream = True
 
@@ -84,11 +86,10 @@ class Routing:
         upstream = decision.upstream
         target = upstream or self.state.main
         if target is not None:
-            host_header = request.host_header
-            request.scheme = target.scheme
-            request.host = target.host
-            request.port = target.port
-            request.host_header = host_header
+            # The target itself, not through mitmproxy's host/port setters: they rewrite the Host
+            # header, which must stay the client's (an origin-form request has no authority).
+            data = request.data
+            data.scheme, data.host, data.port = target.scheme.encode(), target.host, target.port
         if upstream is not None:
             in_flight = self.state.in_flight
             in_flight[upstream.url] = in_flight.get(upstream.url, 0) + 1
@@ -98,7 +99,7 @@ class Routing:
             self.state.connecting[flow.client_conn.id] = flow
         if decision.strip_accept_encoding and "accept-encoding" in request.headers:
             del request.headers["accept-encoding"]
-        if decision.stream_bodies or _large_or_unknown(request, None):
+        if decision.stream_bodies or _large_or_unknown_request(request):
             request.stream = True
         flowdata.set_decision(flow, decision)
         flow.comment = decision.summary()
@@ -198,7 +199,7 @@ class Routing:
         respond(flow, matrix_error(refused.status, refused.errcode, str(refused)))
         flow.comment = decision.summary()
         flow.marked = ":no_entry:"
-        credentials.redact(flow.request, None)
+        credentials.redact(flow)
 
     def _set_forwarding_headers(self, flow: http.HTTPFlow) -> str:
         headers = flow.request.headers
@@ -246,14 +247,26 @@ def _balance_key(
 
 def _sending(request: http.Request, decision: Decision) -> Sending | None:
     """How the router sends this request (retry.py), or None for mitmproxy's path."""
-    headers = request.headers
+    fields = request.headers.fields
+    names = [name.lower() for name, _ in fields]  # one pass, not one of mitmproxy's lookups each
+    content_length = None
+    if b"content-length" in names:  # all of them, joined, as Headers.get gives them
+        values = [value for lowered, (_, value) in zip(names, fields, strict=True) if lowered == b"content-length"]
+        content_length = b", ".join(values).decode("latin-1")
     return retry.sending(
         request.method,
         request.path,
-        headers.get("content-length"),
+        content_length,
         decision.stream_bodies,
-        "transfer-encoding" in headers or "upgrade" in headers,
+        b"transfer-encoding" in names or b"upgrade" in names,
     )
+
+
+def _large_or_unknown_request(request: http.Request) -> bool:
+    fields = request.headers.fields
+    if not any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in fields):
+        return False  # no body (the common case, decided without mitmproxy's header lookups)
+    return _large_or_unknown(request, None)
 
 
 def _large_or_unknown(request: http.Request, response: http.Response | None) -> bool:
