@@ -20,6 +20,7 @@ _TOKEN = f"{METADATA_KEY}.token"  # the routed token's short hash: 8 hex digits,
 _CLIENT_IP = f"{METADATA_KEY}.client_ip"
 _LOGOUT = f"{METADATA_KEY}.logout"  # (everywhere, token key) of a logout request
 _FORWARD = f"{METADATA_KEY}.forward"  # the router sends this request itself: how (a Sending)
+_UPLOAD_CUT = f"{METADATA_KEY}.upload_cut"  # answered while the client was still sending its body
 
 
 def decision(flow: http.HTTPFlow) -> Decision | None:
@@ -76,3 +77,11 @@ def set_sending(flow: http.HTTPFlow, how: Sending | None) -> None:
         flow.metadata[_FORWARD] = how
     else:
         flow.metadata.pop(_FORWARD, None)
+
+
+def upload_cut(flow: http.HTTPFlow) -> bool:
+    return flow.metadata.get(_UPLOAD_CUT) is True
+
+
+def set_upload_cut(flow: http.HTTPFlow) -> None:
+    flow.metadata[_UPLOAD_CUT] = True
