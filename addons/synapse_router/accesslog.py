@@ -56,6 +56,9 @@ class AccessRecord:
     total_ms: float | None = None
     user_id: str | None = None  # written only with include_user
     token_hash: str | None = None  # tokens.short_hash(key): 8 hex digits, never a token
+    # The answer was written while the client was still sending its body, and the connection
+    # closed with the rest unread: the client may have seen a reset instead of `status`.
+    upload_cut: bool = False
 
     def set_decision(self, decision: RoutingFacts) -> None:
         """Copy the routing fields of a decision (its summary, no token, no user id)."""
@@ -118,6 +121,7 @@ class AccessLogFormatter:
             ("fallbacks", list(record.fallbacks)),
             ("failover", record.failover),
             ("token_hash", token_hash),
+            ("upload", "cut" if record.upload_cut else None),
             ("user_id", record.user_id if self.include_user else None),
         ]
         return {k: v for k, v in candidates if v is not None and v != "" and v != []}

@@ -14,6 +14,7 @@ addons share one RouterState (state.py) and per-flow data through flowdata.py.
     Routing           requestheaders, responseheaders; router.explain
     RouterSent        request, running, done: long-polls the router sends (and retries) itself
     ConnectFailover   server_connect: probe before mitmproxy connects
+    StreamedErrors    error: a Matrix 502, not mitmproxy's page, when a forwarded request's worker fails
     Observation       responseheaders (debug headers), response, error: redaction, metrics, access log
     MetricsListener   running, done: the Prometheus endpoint
     ListenBacklog     running, done: the listening sockets' accept queue (limits.listen_backlog)
@@ -36,6 +37,7 @@ from .addons.observation import Observation
 from .addons.required_options import MIN_TCP_TIMEOUT, REQUIRED_OPTIONS, RequiredOptions
 from .addons.router_sent import RouterSent
 from .addons.routing import Routing
+from .addons.streamed_errors import StreamedErrors
 from .addons.whoami import WhoamiIdentity
 from .engine import Engine
 from .flowdata import METADATA_KEY
@@ -86,6 +88,7 @@ class SynapseRouter:
             self.routing,
             self.router_sent,
             ConnectFailover(state, self.routing, self.health),
+            StreamedErrors(),
             self.observation,
             self.metrics_listener,
             self.listen_backlog,

@@ -21,6 +21,7 @@ _CLIENT_IP = f"{METADATA_KEY}.client_ip"
 _LOGOUT = f"{METADATA_KEY}.logout"  # (everywhere, token key) of a logout request
 _FORWARD = f"{METADATA_KEY}.forward"  # the router sends this request itself: how (a Sending)
 _REDACTED = f"{METADATA_KEY}.redacted"  # the request's credentials are labels now
+_UPLOAD_CUT = f"{METADATA_KEY}.upload_cut"  # answered while the client was still sending its body
 
 
 def decision(flow: http.HTTPFlow) -> Decision | None:
@@ -88,3 +89,11 @@ def set_redacted(flow: http.HTTPFlow, value: bool) -> None:
         flow.metadata[_REDACTED] = True
     else:
         flow.metadata.pop(_REDACTED, None)
+
+
+def upload_cut(flow: http.HTTPFlow) -> bool:
+    return flow.metadata.get(_UPLOAD_CUT) is True
+
+
+def set_upload_cut(flow: http.HTTPFlow) -> None:
+    flow.metadata[_UPLOAD_CUT] = True

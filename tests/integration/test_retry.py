@@ -5,6 +5,7 @@ launchers) and stand-in workers that count what they receive."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -141,8 +142,8 @@ def test_send_to_device_is_never_resent(fleet: Fleet, start_router) -> None:
 
 
 def test_media_upload_is_never_resent(fleet: Fleet, start_router, tmp_path) -> None:
-    # Media bodies are streamed by mitmproxy, never held by the router: never resent. mitmproxy
-    # answers the 502 itself (its page); the access log still records the status.
+    # Media bodies are streamed by mitmproxy, never held by the router: never resent. The worker
+    # dies after the whole body was sent: a Matrix 502 (not mitmproxy's page), in the access log.
     fleet.add("main")
     fleet.add("m1")
     access = tmp_path / "media-access.log"
@@ -160,9 +161,52 @@ def test_media_upload_is_never_resent(fleet: Fleet, start_router, tmp_path) -> N
         killer.join()
         time.sleep(0.5)
     assert r.status_code == 502
+    assert r.headers["content-type"] == "application/json", r.text
+    assert r.json()["errcode"] == "M_UNKNOWN", r.text
     assert fleet["main"].stats()["requests"].get("POST", 0) == 0  # not resent to main
     lines = [json.loads(line) for line in access.read_text().splitlines()]
-    assert any(line["method"] == "POST" and line["status"] == 502 for line in lines), lines[-3:]
+    posts = [line for line in lines if line["method"] == "POST"]
+    assert [(line["status"], "upload" in line) for line in posts] == [(502, False)], lines[-3:]
+
+
+def test_chunked_upload_whose_worker_dies_mid_upload_gets_a_matrix_error(fleet: Fleet, start_router, tmp_path) -> None:
+    """A chunked request (streamed by mitmproxy, never held) whose worker is killed while the
+    client is still sending: the client gets the router's Matrix 502 with CORS headers and
+    nothing else (not mitmproxy's HTML page), and the access log says that the upload was cut
+    under the answer."""
+    fleet.add("main")
+    fleet.add("w1")
+    access = tmp_path / "chunked-access.log"
+    router = start_router(
+        fleet["main"].url,
+        {
+            "workers": {"room": [fleet["w1"].url]},
+            "health": HEALTH,
+            "access_log": {"enabled": True, "format": "json", "path": str(access)},
+        },
+    )
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /_matrix/client/v3/rooms/{ROOM}/join HTTP/1.1\r\nHost: test.local\r\n"
+            'Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\n'.encode()
+        )
+        deadline = time.monotonic() + 10
+        while fleet["w1"].stats()["requests"].get("POST", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fleet["w1"].kill()  # mid-upload: the chunked body has no end yet
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    assert lines[0] == "HTTP/1.1 502 Bad Gateway", received
+    assert headers["content-type"] == "application/json" and headers["access-control-allow-origin"] == "*", headers
+    assert len(body) == int(headers["content-length"]), received  # one answer, no page after it
+    assert json.loads(body)["errcode"] == "M_UNKNOWN", body
+    time.sleep(0.3)
+    logged = [json.loads(line) for line in access.read_text().splitlines()]
+    assert [(line["method"], line["status"], line.get("upload")) for line in logged] == [("POST", 502, "cut")], logged
 
 
 def test_sliding_sync_post_and_sync_get_resent_by_user(fleet: Fleet, start_router) -> None:

@@ -9,11 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from synapse_router.accesslog import (
+    FORMATS,
     MAX_PATH,
     AccessLogConfig,
     AccessLogConfigError,
     AccessLogFormatter,
     AccessRecord,
+    LogFormat,
     format_time,
     logfmt_value,
     parse_access_log_config,
@@ -206,6 +208,16 @@ def test_json_keeps_unicode_and_escapes_controls() -> None:
     assert len(line.splitlines()) == 1
     line.encode("utf-8")
     assert json.loads(line)["path"] == path
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_answer_written_under_an_unfinished_upload_is_marked(fmt: LogFormat) -> None:
+    record = AccessRecord(time=T0, client_ip="::1", method="POST", path="/up", status=502, upload_cut=True)
+    line = AccessLogFormatter(fmt, False).format(record)
+    fields = json.loads(line) if fmt == "json" else parse_logfmt(line)
+    assert fields["upload"] == "cut" and str(fields["status"]) == "502"
+    plain = AccessLogFormatter(fmt, False).format(AccessRecord(time=T0, client_ip="::1", method="POST", path="/up"))
+    assert "upload" not in plain
 
 
 def test_json_omits_empty_fields() -> None:

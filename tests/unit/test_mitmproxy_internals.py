@@ -285,3 +285,23 @@ def test_asyncio_servers_accept_per_wakeup_as_listen_backlog_sets_it() -> None:
     assert "self._ssl_handshake_timeout" in server_init and "self._ssl_shutdown_timeout" in server_init
     # mitmproxy makes its servers with asyncio's default backlog (and accept count) of 100
     assert "asyncio.start_server(self.handle_stream, host, port)" in inspect.getsource(mode_servers)
+
+
+def test_a_flow_killed_in_the_error_hook_gets_no_error_page() -> None:
+    """StreamedErrors (addons/streamed_errors.py) writes its Matrix 502 in the `error` hook and
+    kills the flow: mitmproxy must run that hook before it hands the failure to the client's
+    HTTP/1 layer (which writes the HTML page), must check for a kill between the two, and a
+    killed flow's error (ErrorCode.KILL) must map to no page."""
+    from mitmproxy.proxy.layers.http import HttpStream
+    from mitmproxy.proxy.layers.http._events import ErrorCode
+
+    handle = source(HttpStream.handle_protocol_error)
+    hook, killed, forward = (
+        handle.index("yield HttpErrorHook(self.flow)"),
+        handle.index("self.check_killed(False)"),
+        handle.index("yield SendHttp(event, self.context.client)"),
+    )
+    assert hook < killed < forward
+    assert 'ResponseProtocolError(self.stream_id, "killed", ErrorCode.KILL)' in source(HttpStream.check_killed)
+    assert ErrorCode.KILL.http_status_code() is None
+    assert ErrorCode.GENERIC_SERVER_ERROR.http_status_code() == 502

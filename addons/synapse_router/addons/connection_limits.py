@@ -2,7 +2,7 @@
 on client connections: header and keep-alive timers, oversized heads, the connection cap, and
 descriptor exhaustion that never floods the log.
 
-The mitmproxy internals it needs are in `_client_io` and `_HeadGuard` (see there);
+The mitmproxy internals it needs are in `client_io` and `_HeadGuard` (see there);
 tests/unit/test_limits.py fails if an upgrade removes them.
 """
 
@@ -141,7 +141,7 @@ class ConnectionLimits:
         for client_id, conn in list(self._conns.items()):
             if not conn.answered or conn.flows:
                 continue
-            if (io := _client_io(client_id)) is not None and _unsent_bytes(io) == 0:
+            if (io := client_io(client_id)) is not None and _unsent_bytes(io) == 0:
                 conn.cancel_timer()
                 _close(io, reason)
                 closed += 1
@@ -151,7 +151,7 @@ class ConnectionLimits:
         """Close every client connection, requests in flight and all."""
         for client_id, conn in list(self._conns.items()):
             conn.cancel_timer()
-            if (io := _client_io(client_id)) is not None:
+            if (io := client_io(client_id)) is not None:
                 _close(io, reason)
 
     def headroom(self) -> int:
@@ -282,7 +282,7 @@ class ConnectionLimits:
             conn.timer = asyncio.get_running_loop().call_at(conn.deadline, self._expire, client_id)
             return
         reason = conn.reason
-        io = _client_io(client_id)
+        io = client_io(client_id)
         if io is None:
             return
         if reason == KEEPALIVE_TIMEOUT and _unsent_bytes(io) > 0:
@@ -356,7 +356,7 @@ def _connection_handler(client_id: str) -> Any:
     return proxyserver.connections.get(client_id) if proxyserver is not None else None
 
 
-def _client_io(client_id: str) -> Any:
+def client_io(client_id: str) -> Any:
     """The ConnectionIO (task, reader, writer) of a live client connection, or None."""
     handler = _connection_handler(client_id)
     return handler.transports.get(handler.client) if handler is not None else None

@@ -115,6 +115,7 @@ class Observation:
             total_ms=(time.time() - request.timestamp_start) * 1000,
             user_id=decision.key if decision.key_kind == "user" else None,
             token_hash=flowdata.token_label(flow),
+            upload_cut=flowdata.upload_cut(flow),
         )
         record.set_decision(decision)
         line = self._access.format(record)
@@ -131,9 +132,10 @@ class Observation:
 
 def _mitmproxy_error_status(flow: http.HTTPFlow) -> int | None:
     """The status mitmproxy answers a flow it forwarded and that failed upstream before any
-    response byte: 502, with its own page (only requests whose body is streamed, or that are
-    not sent in reverse mode, take that path). None when nothing is answered: the client left,
-    the flow was killed, or the response had begun."""
+    response byte, where StreamedErrors could not answer instead: 502, with its own page. None
+    when nothing is answered: the client left (or can no longer be written to), the flow was
+    killed, or the response had begun."""
     if flow.response is not None or flow.error is None or flow.error.msg == flow.error.KILLED_MESSAGE:
         return None
-    return 502 if flow.client_conn.state & ConnectionState.CAN_READ else None
+    open_both_ways = flow.client_conn.state & ConnectionState.OPEN == ConnectionState.OPEN
+    return 502 if open_both_ways else None

@@ -1,0 +1,58 @@
+"""StreamedErrors: a Matrix error instead of mitmproxy's HTML 502 page when the worker fails
+under a request mitmproxy forwards (a streamed body: media, over 1 MiB or of unknown length)
+before any response byte reached the client.
+
+mitmproxy 12 has no hook to replace that page: `HttpStream.handle_protocol_error` runs the
+`error` hook and then hands the failure to the client's HTTP/1 layer, which writes the page
+(`_http1.make_error_response`) and closes the connection. So in the `error` hook the router
+writes its own answer on the client's connection (the same internals ConnectionLimits uses for
+its 431, see `connection_limits.client_io`) and kills the flow: for a killed flow mitmproxy
+closes the connection without a page. The connection is closed either way; an answer written
+while the client is still uploading is marked for the access log (`upload_cut`): closing with
+the rest of the upload unread resets the connection, and a client that writes its whole body
+before reading may see that reset instead of the answer.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http
+from mitmproxy.connection import ConnectionState
+from mitmproxy.net.http import http1
+
+from .. import flowdata
+from .connection_limits import client_io
+from .responses import matrix_error
+
+
+class StreamedErrors:
+    def error(self, flow: http.HTTPFlow) -> None:
+        if (
+            flowdata.decision(flow) is None
+            or flow.response is not None
+            or flow.error is None
+            or flow.error.msg == flow.error.KILLED_MESSAGE
+            or not flow.live
+        ):
+            return
+        # The worker's side failed (closed, reset, refused) while the client is still there:
+        # what mitmproxy answers with its page. A client that left, or one that sent a bad
+        # body while the worker is fine, is mitmproxy's to handle (nothing is answered).
+        client = flow.client_conn
+        if client.state & ConnectionState.CAN_READ != ConnectionState.CAN_READ:
+            return
+        if not client.state & ConnectionState.CAN_WRITE or flow.server_conn.state & ConnectionState.CAN_READ:
+            return
+        io = client_io(client.id)
+        writer = getattr(io, "writer", None)
+        if writer is None or writer.is_closing():
+            return
+        response = matrix_error(502, "M_UNKNOWN", "The server gave no response.")
+        response.headers["Connection"] = "close"
+        if flow.request.method == "HEAD":
+            response.raw_content = b""
+        writer.write(http1.assemble_response(response))  # type: ignore[no-untyped-call]
+        if flow.request.timestamp_end is None:
+            flowdata.set_upload_cut(flow)
+        flow.comment = f"{flow.comment} | answered 502: {flow.error.msg}"  # kill() replaces the error
+        flow.response = response
+        flow.kill()  # type: ignore[no-untyped-call]  # mitmproxy closes the connection, no page
