@@ -43,7 +43,7 @@ from mitmproxy.net.http import http1, validate
 from .connect import open_socket
 from .retry import SAFE_METHODS
 from .upstream import Upstream
-from .wellformed import fields_writable
+from .wellformed import fields_valid, fields_writable
 
 HOP_BY_HOP = frozenset(
     {
@@ -385,6 +385,10 @@ async def _read_response(connection: _Connection, method: str) -> http.Response:
             raise ValueError("unexpected 101 Switching Protocols")
     validate.validate_headers(response)
     fields = response.headers.fields
+    # mitmproxy's parser keeps a bare CR or a NUL in a value; relayed, a client could read a
+    # line break there (response splitting). Only what a client may safely read goes back.
+    if not fields_valid(fields) or not fields_valid(((b"reason", response.data.reason),)):
+        raise ValueError("a control byte in the response head")
     transfer_encoding = response.headers.get("transfer-encoding")
     if transfer_encoding is not None and validate.parse_transfer_encoding(transfer_encoding) != "chunked":
         raise ValueError(f"transfer-encoding {transfer_encoding!r}: the body would be relayed still encoded")

@@ -67,6 +67,12 @@ def _joined(fields: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, bytes] | None
     return joined, values
 
 
+def fields_valid(fields: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Every name a token, no value with a control byte but tab (what check_request asks of a
+    client's fields, and the router of a worker's response it relays)."""
+    return _joined(fields) is not None
+
+
 # What the router's own HTTP client writes (upstream_client.py): h11's rules for a field sent
 # (a name is a token; a value is visible characters and obs-text, with runs of spaces and tabs
 # only between them: no leading or trailing whitespace), and no other control byte either, as
