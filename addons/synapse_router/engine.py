@@ -116,7 +116,8 @@ class Engine:
         assert failed.upstream is not None
         again = self.select(failed.matched, failed.key, failed.key_kind, unusable | {failed.upstream.url}, in_flight)
         again.identity = failed.identity
-        again.failover = f"{failed.upstream.url} -> {again.worker}: {reason}"
+        hop = f"{failed.upstream.url} -> {again.worker}: {reason}"
+        again.failover = f"{failed.failover}; {hop}" if failed.failover else hop  # every hop, in order
         return again
 
     def explain(

@@ -30,6 +30,7 @@ class WorkerHealth:
     failures: int = 0
     successes: int = 0
     reason: str = ""  # why it is down
+    unreachable: bool = False  # down because its connections failed (refused, reset): not just slow
     changed_at: float = 0.0
 
 
@@ -60,8 +61,9 @@ class WorkerStates:
     def _refresh(self) -> None:
         self.unusable = frozenset(u for u, h in self.workers.items() if not h.up or h.drained)
 
-    def record_check(self, url: str, ok: bool, reason: str = "") -> bool:
-        """An active check's result; True when the worker changed state."""
+    def record_check(self, url: str, ok: bool, reason: str = "", unreachable: bool = False) -> bool:
+        """An active check's result (`unreachable`: the check's connection failed, it did not
+        merely time out or answer an error); True when the worker changed state."""
         health = self.workers.get(url)
         if health is None:
             return False
@@ -74,7 +76,7 @@ class WorkerStates:
             health.successes = 0
             health.failures += 1
             if health.up and health.failures >= self.config.fall:
-                return self._set(health, up=False, reason=reason)
+                return self._set(health, up=False, reason=reason, unreachable=unreachable)
         return False
 
     def mark_down(self, url: str, reason: str) -> bool:
@@ -83,7 +85,7 @@ class WorkerStates:
         if health is None:
             return False
         health.successes = 0
-        return health.up and self._set(health, up=False, reason=reason)
+        return health.up and self._set(health, up=False, reason=reason, unreachable=True)
 
     def set_drained(self, url: str, drained: bool) -> bool:
         health = self.workers.get(url)
@@ -97,9 +99,10 @@ class WorkerStates:
         self._refresh()
         return True
 
-    def _set(self, health: WorkerHealth, up: bool, reason: str) -> bool:
+    def _set(self, health: WorkerHealth, up: bool, reason: str, unreachable: bool = False) -> bool:
         health.up = up
         health.reason = reason
+        health.unreachable = unreachable and not up
         health.changed_at = self._clock()
         self._refresh()
         return True

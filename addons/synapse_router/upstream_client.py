@@ -29,9 +29,12 @@ times what mitmproxy spends on a whole proxied request (docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
+import time
 from collections.abc import Iterable
 from enum import StrEnum
+from functools import partial
 
 import h11
 from h11._readers import ChunkedReader, ContentLengthReader, Http10Reader
@@ -76,11 +79,13 @@ class Failure(StrEnum):
 
 
 class NoResponse(Exception):
-    """The worker gave no (complete) response; `failure` says at which step."""
+    """The worker gave no (complete) response; `failure` says at which step, `refused` whether
+    a connection to it was refused on the way (it is not listening)."""
 
-    def __init__(self, failure: Failure, detail: str) -> None:
+    def __init__(self, failure: Failure, detail: str, refused: bool = False) -> None:
         super().__init__(detail)
         self.failure = failure
+        self.refused = refused or failure is Failure.CONNECT_ERROR
 
 
 class BadRequest(ValueError):
@@ -95,7 +100,9 @@ def request_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes,
 class _Connection(asyncio.Protocol):
     """One keep-alive connection to a worker: bytes in go straight into its receive buffer."""
 
-    def __init__(self) -> None:
+    def __init__(self, url: str, heard: dict[str, float]) -> None:
+        self._url = url
+        self._heard = heard  # the client's: per worker, when it last sent any byte
         self.buffer = ReceiveBuffer()
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -111,6 +118,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        self._heard[self._url] = time.monotonic()
         self.received += len(data)
         if self.received > MAX_HEAD + MAX_BODY:
             self.abort()
@@ -164,6 +172,7 @@ class UpstreamClient:
         self._busy: dict[str, set[_Connection]] = {}
         self._owned: dict[object, _Connection] = {}  # exchange owner (a flow id) -> its connection
         self._aborts: dict[str, int] = {}  # per worker, how many times `abort` was called
+        self._heard: dict[str, float] = {}  # per worker, when it last sent a byte (monotonic)
         self._pooled: frozenset[str] | None = None  # workers whose connections are kept; None: all
         self.main_url: str | None = None  # the main process: its connections are always kept
         self._tls: ssl.SSLContext | None = None
@@ -188,6 +197,7 @@ class UpstreamClient:
         request = _request_bytes(upstream, method, path, headers, body)
         aborts = self._aborts.get(url, 0)
         connection = self._checkout(url)
+        reused_failed: NoResponse | None = None
         if connection is not None:
             try:
                 return await self._exchange(url, connection, request, method, aborts, owner, resendable)
@@ -200,7 +210,16 @@ class UpstreamClient:
                 ):
                     raise
                 # The worker may have closed an idle connection as we reused it: once more, fresh.
-        connection = await self._connect(upstream, connect_timeout)
+                reused_failed = e
+        try:
+            connection = await self._connect(upstream, connect_timeout)
+        except NoResponse as e:
+            if reused_failed is None:
+                raise
+            # The request went out on the reused connection: the worker may have acted on it,
+            # so this is a request without a response (resent only if safe), not a connect error.
+            detail = f"{reused_failed}; then connecting again: {e}"
+            raise NoResponse(Failure.NO_RESPONSE, detail, refused=e.refused) from e
         return await self._exchange(url, connection, request, method, aborts, owner, resendable)
 
     def abandon(self, owner: object) -> bool:
@@ -213,12 +232,15 @@ class UpstreamClient:
         connection.abort()
         return True
 
-    def abort(self, url: str) -> int:
-        """Close the connections to a worker found dead, so the requests waiting on it that
-        will be resent give up at once (each raises NoResponse); returns how many were cut."""
+    def abort(self, url: str, cut_busy: bool = True) -> int:
+        """A worker is down: close its idle connections, keep none of those in use, and (with
+        `cut_busy`, for a worker found dead) close those whose requests will be resent, so they
+        give up at once (each raises NoResponse); returns how many were cut."""
         self._aborts[url] = self._aborts.get(url, 0) + 1
         for connection in self._idle.pop(url, []):
             connection.abort()
+        if not cut_busy:
+            return 0
         # A request that will not be resent is left to finish: the worker may only be slow,
         # and cutting it would turn a late answer into an error. Its connection is not kept.
         busy = self._busy.pop(url, set())
@@ -241,6 +263,12 @@ class UpstreamClient:
             for connection in self._busy.get(url, ()):
                 connection.resendable = True  # shutting down: nothing is left to finish
             self.abort(url)
+
+    def silent_for(self, url: str) -> float:
+        """Seconds since the worker last sent a byte on any of the router's connections to it
+        (infinite if never): a busy worker keeps answering something, a wedged one nothing."""
+        heard = self._heard.get(url)
+        return math.inf if heard is None else time.monotonic() - heard
 
     def idle_connections(self, url: str) -> int:
         return len(self._idle.get(url, ()))
@@ -268,7 +296,7 @@ class UpstreamClient:
             raise NoResponse(Failure.CONNECT_ERROR, e.strerror or str(e) or type(e).__name__) from e
         try:
             _, connection = await loop.create_connection(
-                _Connection,
+                partial(_Connection, upstream.url, self._heard),
                 sock=sock,
                 ssl=tls,
                 server_hostname=upstream.host if tls is not None else None,

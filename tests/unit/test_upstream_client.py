@@ -529,3 +529,71 @@ def test_abandon_closes_the_owners_connection_without_a_retry() -> None:
         await server.stop()
 
     run(go())
+
+
+def test_abort_without_cut_leaves_requests_on_a_busy_worker_to_finish() -> None:
+    # Marked down for slow health checks while it still answers: nothing in flight is cut, and
+    # its connections are not kept for later requests.
+    async def go() -> None:
+        hold = asyncio.Event()
+
+        async def script(head: bytes) -> bytes | None:
+            await hold.wait()
+            return OK
+
+        server = Server(script)
+        url = await server.start()
+        client = UpstreamClient()
+        waiting = [asyncio.ensure_future(send(client, url)) for _ in range(2)]
+        while len(server.requests) < 2:
+            await asyncio.sleep(0.01)
+        assert client.abort(url, cut_busy=False) == 0
+        hold.set()
+        for task in waiting:
+            assert (await asyncio.wait_for(task, 5)).status_code == 200
+        assert client.idle_connections(url) == 0
+        await server.stop()
+
+    run(go())
+
+
+def test_silent_for_counts_from_the_workers_last_byte() -> None:
+    async def go() -> None:
+        server = Server(answer(OK))
+        url = await server.start()
+        client = UpstreamClient()
+        assert client.silent_for(url) == float("inf")
+        await send(client, url)
+        assert 0 <= client.silent_for(url) < 5
+        await asyncio.sleep(0.2)
+        assert client.silent_for(url) >= 0.2
+        await server.stop()
+
+    run(go())
+
+
+def test_a_reused_connection_failing_then_a_refused_reconnect_is_no_response() -> None:
+    # The request went out on the kept-alive connection before the worker died: it may have
+    # been acted on, so it is a request without a response (resent only if safe, counted as a
+    # retry), and the worker is known to refuse connections.
+    async def go() -> None:
+        answers = iter([OK])
+
+        async def script(head: bytes) -> bytes | None:
+            return next(answers, None)  # the second request: closed unanswered, as by a crash
+
+        server = Server(script)
+        url = await server.start()
+        client = UpstreamClient()
+        await send(client, url)
+        assert client.idle_connections(url) == 1
+        assert server.server is not None
+        server.server.close()  # no longer listening: reconnecting is refused
+        with pytest.raises(NoResponse) as caught:
+            await asyncio.wait_for(send(client, url), 5)
+        assert caught.value.failure is Failure.NO_RESPONSE
+        assert caught.value.refused
+        assert "then connecting again" in str(caught.value)
+        assert len(server.requests) == 2
+
+    run(go())

@@ -62,7 +62,11 @@ class HealthChecks:
             self.changed(url)
 
     def changed(self, url: str) -> None:
-        """A worker changed state: say so, and release the requests waiting on a dead one."""
+        """A worker changed state: say so; its kept-alive connections go. The requests waiting on
+        it are cut (and resent) if it is dead or wedged: its connections failed, or it has sent
+        nothing on any of them for as long as its health checks have been failing. A worker
+        that timed out its checks but still answers requests is busy (a storm of initial
+        syncs): cutting would throw away work done and pile it onto the others."""
         health = self.state.workers.workers.get(url)
         if health is None:
             return
@@ -71,7 +75,10 @@ class HealthChecks:
             log.info(f"synapse-router: worker {url} is UP")
         else:
             log.warning(f"synapse-router: worker {url} is DOWN: {health.reason}")
-            self.state.upstream.abort(url)
+            config = self.state.workers.config
+            failing_for = config.timeout + (config.fall - 1) * config.interval
+            wedged = self.state.upstream.silent_for(url) >= failing_for
+            self.state.upstream.abort(url, cut_busy=health.unreachable or wedged)
 
     def publish(self, config: RouterConfig | None = None) -> None:
         """The per-worker gauges; a worker no longer configured loses its series."""
@@ -142,8 +149,8 @@ class HealthChecks:
     async def _check_all(self, config: HealthConfig) -> None:
         urls = list(self.state.workers.workers)
         results = await asyncio.gather(*(check_worker(self._client(), url, config) for url in urls))
-        for url, (ok, reason) in zip(urls, results, strict=True):
-            if self.state.workers.record_check(url, ok, reason):
+        for url, (ok, reason, unreachable) in zip(urls, results, strict=True):
+            if self.state.workers.record_check(url, ok, reason, unreachable):
                 self.changed(url)
 
     def _client(self) -> httpx.AsyncClient:
@@ -161,14 +168,17 @@ class HealthChecks:
         return None
 
 
-async def check_worker(client: httpx.AsyncClient, url: str, config: HealthConfig) -> tuple[bool, str]:
-    """One active check: GET <url><path> must answer 200 within the timeout."""
+async def check_worker(client: httpx.AsyncClient, url: str, config: HealthConfig) -> tuple[bool, str, bool]:
+    """One active check: GET <url><path> must answer 200 within the timeout. Returns (ok, why
+    not, whether the connection itself failed: refused, reset, closed unanswered)."""
     try:
         response = await client.get(url + config.path, timeout=config.timeout)
     except httpx.TimeoutException:
-        return False, "health check timed out"
+        return False, "health check timed out", False
+    except (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as e:
+        return False, f"health check failed: {type(e).__name__}", True
     except httpx.HTTPError as e:
-        return False, f"health check failed: {type(e).__name__}"
+        return False, f"health check failed: {type(e).__name__}", False
     if response.status_code != 200:
-        return False, f"health check answered {response.status_code}"
-    return True, ""
+        return False, f"health check answered {response.status_code}", False
+    return True, "", False

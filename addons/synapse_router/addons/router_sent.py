@@ -109,7 +109,7 @@ class RouterSent:
                 # A refused connection takes the worker down at once. A connect timeout or a
                 # reset only moves this request: a burst filling the accept queue, or a client
                 # abandoning its long-poll, look the same; the health checks judge the worker.
-                if e.failure is upstream_client.Failure.CONNECT_ERROR and decision.upstream is not None:
+                if e.refused and decision.upstream is not None:
                     self.health.mark_down(decision.upstream.url, str(e))
                 connect_failed = e.failure is not upstream_client.Failure.NO_RESPONSE
                 if not connect_failed:  # the worker may have acted on the request
