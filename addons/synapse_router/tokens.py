@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
-from .query import query_values
+from .query import pairs, query_values
 from .wellformed import TOKEN, Refused
 
 TOKEN_PARAM = "access_token"
@@ -104,12 +104,13 @@ def is_token_param(pair: str) -> bool:
 
 
 def remove_query_token(query: str) -> str:
-    """The query string without its access_token parameter(s), otherwise byte-for-byte kept."""
-    return "&".join(p for p in query.split("&") if not is_token_param(p))
+    """The query string without its access_token parameter(s), the other pairs byte for byte
+    (joined by `&`, which Synapse reads as it reads `;`)."""
+    return "&".join(p for p in pairs(query) if not is_token_param(p))
 
 
 def redact_query_token(query: str, label: str) -> str:
-    return "&".join(f"{TOKEN_PARAM}=<redacted:{label}>" if is_token_param(p) else p for p in query.split("&"))
+    return "&".join(f"{TOKEN_PARAM}=<redacted:{label}>" if is_token_param(p) else p for p in pairs(query))
 
 
 def redact_authorization(value: str, label: str | None) -> str:
@@ -120,5 +121,7 @@ def redact_authorization(value: str, label: str | None) -> str:
             scheme, _, rest = value.partition(" ")
             label = short_hash(token_key(rest.strip() or scheme))
         return f"Bearer <redacted:{label}>"
-    scheme = value.partition(" ")[0]
-    return f"{scheme} <redacted>" if TOKEN.fullmatch(scheme) else "<redacted>"
+    scheme, separator, _ = value.partition(" ")
+    # A lone word may be the credential itself (`Authorization: <token>`): only a word followed
+    # by credentials is shown, as the scheme it is.
+    return f"{scheme} <redacted>" if separator and TOKEN.fullmatch(scheme) else "<redacted>"

@@ -151,6 +151,8 @@ def test_redaction_removes_the_token(secret: str) -> None:
         ("X-Matrix origin=a,key=b,sig=secret", "X-Matrix <redacted>"),
         ("Basic c2VjcmV0", "Basic <redacted>"),
         ("\x01secret", "<redacted>"),
+        ("syt_secret_without_scheme", "<redacted>"),  # a lone word may be the token itself
+        ("Basic\tc2VjcmV0", "<redacted>"),
     ],
 )
 def test_authorization_redaction_keeps_only_the_scheme(value: str, shown: str) -> None:
@@ -160,3 +162,17 @@ def test_authorization_redaction_keeps_only_the_scheme(value: str, shown: str) -
 @pytest.mark.parametrize("query", ["user_id=notauser", "user_id=a%3Ab", "user_id=%40a%3Ax&user_id=%40b%3Ax"])
 def test_appservice_user_id_must_be_one_user_id(query: str) -> None:
     assert refused("Bearer as_token", query) == (400, "M_INVALID_PARAM")
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["foo=1;access_token=syt_semicolon", "access_token=syt_semicolon;foo=1", "a=1&b=2;access%5Ftoken=syt_semicolon"],
+)
+def test_a_token_after_a_semicolon_is_a_token_as_twisted_splits_on_both(query: str) -> None:
+    # Synapse reads Twisted's request.args, whose parse_qs splits on `&` and `;`.
+    found = tokens.find_token([], query)
+    assert found is not None and found.token == "syt_semicolon" and found.from_query
+    assert "syt_semicolon" not in tokens.remove_query_token(query)
+    assert "syt_semicolon" not in tokens.redact_query_token(query, "abcd")
+    with pytest.raises(tokens.Refused):
+        tokens.find_token(["Bearer syt_other"], query)

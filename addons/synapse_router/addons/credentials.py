@@ -8,7 +8,7 @@ import re
 from mitmproxy import http
 
 from .. import flowdata, tokens
-from ..query import query_param
+from ..query import pairs, query_param
 
 
 def redact(flow: http.HTTPFlow) -> None:
@@ -32,7 +32,7 @@ def redact(flow: http.HTTPFlow) -> None:
     path, sep, query = request.path.partition("?")
     if not sep or ("access" not in query and "%" not in query):
         return  # no access_token parameter, not even a percent-encoded name
-    if any(tokens.is_token_param(p) for p in query.split("&")):
+    if any(tokens.is_token_param(p) for p in pairs(query)):
         query_label = tokens.short_hash(tokens.token_key(query_param(query, tokens.TOKEN_PARAM) or ""))
         request.path = f"{path}?{tokens.redact_query_token(query, query_label)}"
 
