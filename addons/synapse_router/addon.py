@@ -14,7 +14,7 @@ addons share one RouterState (state.py) and per-flow data through flowdata.py.
     Routing           requestheaders, responseheaders; router.explain
     RouterSent        request, running, done: long-polls the router sends (and retries) itself
     ConnectFailover   server_connect: probe before mitmproxy connects
-    StreamedErrors    error: a Matrix 502, not mitmproxy's page, when a forwarded request's worker fails
+    StreamedErrors    error/responseheaders: a Matrix 502/503, not mitmproxy's page or a bad head, on its path
     Observation       responseheaders (debug headers), response, error: redaction, metrics, access log
     MetricsListener   running, done: the Prometheus endpoint
     ListenBacklog     running, done: the listening sockets' accept queue (limits.listen_backlog)
@@ -88,7 +88,7 @@ class SynapseRouter:
             self.routing,
             self.router_sent,
             ConnectFailover(state, self.routing, self.health),
-            StreamedErrors(),
+            StreamedErrors(state),
             self.observation,
             self.metrics_listener,
             self.listen_backlog,

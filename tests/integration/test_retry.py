@@ -234,9 +234,69 @@ def test_no_process_left_answers_a_matrix_error_with_retry_after(rooms) -> None:
     with httpx.Client(base_url=router.url, timeout=30) as client:
         r = client.get(f"/_matrix/client/v3/rooms/{ROOM}/messages")
         post = client.post("/_matrix/client/v3/keys/query", content=b"{}")  # main's, never sent
-    for answer in (r, post):
+        media = client.post("/_matrix/media/v3/upload", content=b"abc")  # streamed by mitmproxy
+    for answer in (r, post, media):
         assert answer.status_code == 503, answer.text
         assert answer.headers["content-type"] == "application/json" and answer.headers["retry-after"] == "1"
         assert answer.json()["errcode"] == "M_UNKNOWN"
     lines = [json.loads(line) for line in access.read_text().splitlines()]
     assert [line["status"] for line in lines[-2:]] == [503, 503], lines[-2:]
+
+
+class _ScriptedWorker:
+    """A worker that answers /health like Synapse and every other request with fixed bytes,
+    then closes: a broken or hostile worker."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            if head.startswith(b"GET /health"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK")
+            else:
+                conn.sendall(self.answer)
+
+
+BAD_HEADS = {
+    "101 unasked": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\nRAW TUNNEL",
+    "1xx then 200": b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    "bare CR": b"HTTP/1.1 200 OK\r\nX-A: b\rSet-Cookie: x=y\r\nContent-Length: 2\r\n\r\n{}",
+}
+
+
+@pytest.mark.parametrize("answer", list(BAD_HEADS.values()), ids=list(BAD_HEADS))
+def test_a_worker_head_mitmproxy_would_relay_badly_gets_a_matrix_error(fleet: Fleet, start_router, answer) -> None:
+    """On mitmproxy's path (media downloads are streamed): an unasked 101 would turn the
+    client's connection into a tunnel past the router, a 1xx would be taken for the final
+    answer (the 200 then read as the next request's), a bare CR relayed could be read as a
+    line break. Each is answered with a Matrix 502 and the connection closed."""
+    fleet.add("main")
+    worker = _ScriptedWorker(answer)
+    router = start_router(fleet["main"].url, {"workers": {"media": [worker.url]}, "health": HEALTH})
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(b"GET /_matrix/media/v3/download/test.local/abc HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 "), received
+    assert b"Set-Cookie" not in received and b"RAW TUNNEL" not in received, received
+    assert json.loads(body)["errcode"] == "M_UNKNOWN", received

@@ -15,16 +15,39 @@ before reading may see that reset instead of the answer.
 
 from __future__ import annotations
 
+import math
+
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 
 from .. import flowdata
+from ..state import RouterState
+from ..wellformed import fields_valid
 from .connection_limits import client_io
 from .responses import matrix_error
 
 
 class StreamedErrors:
+    def __init__(self, state: RouterState) -> None:
+        self.state = state
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """A worker's answer mitmproxy would relay but must not: an informational or 101 answer
+        nobody asked for (mitmproxy would take a 1xx for the final answer, desynchronising the
+        connection, or turn it into a raw tunnel past the router), or a head with a control
+        byte in a field (a bare CR a client could read as a line break). The router-sent path
+        refuses the same as malformed."""
+        response = flow.response
+        if response is None or response.raw_content is not None or flowdata.decision(flow) is None:
+            return  # not a worker's answer on mitmproxy's path (the router sent or made it)
+        status = response.status_code
+        upgrade = status == 101 and "upgrade" in flow.request.headers
+        if (status >= 200 or upgrade) and fields_valid(response.headers.fields):
+            return
+        why = f"the worker answered {status}" if status < 200 else "a control byte in the worker's response head"
+        self._answer_and_kill(flow, matrix_error(502, "M_UNKNOWN", "The server gave an invalid response."), why)
+
     def error(self, flow: http.HTTPFlow) -> None:
         if (
             flowdata.decision(flow) is None
@@ -42,17 +65,28 @@ class StreamedErrors:
             return
         if not client.state & ConnectionState.CAN_WRITE or flow.server_conn.state & ConnectionState.CAN_READ:
             return
-        io = client_io(client.id)
+        if flow.server_conn.timestamp_tcp_setup is None:  # never connected: every process refused
+            retry_after = max(1, math.ceil(self.state.workers.config.interval))
+            response = matrix_error(503, "M_UNKNOWN", "No Synapse process is available.", retry_after)
+        else:
+            response = matrix_error(502, "M_UNKNOWN", "The server gave no response.")
+        self._answer_and_kill(flow, response, flow.error.msg)
+
+    @staticmethod
+    def _answer_and_kill(flow: http.HTTPFlow, response: http.Response, why: str) -> None:
+        """Write `response` on the client's connection and kill the flow: mitmproxy then closes
+        the connection and writes nothing of its own."""
+        io = client_io(flow.client_conn.id)
         writer = getattr(io, "writer", None)
         if writer is None or writer.is_closing():
+            flow.kill()  # type: ignore[no-untyped-call]
             return
-        response = matrix_error(502, "M_UNKNOWN", "The server gave no response.")
         response.headers["Connection"] = "close"
         if flow.request.method == "HEAD":
             response.raw_content = b""
         writer.write(http1.assemble_response(response))  # type: ignore[no-untyped-call]
         if flow.request.timestamp_end is None:
             flowdata.set_upload_cut(flow)
-        flow.comment = f"{flow.comment} | answered 502: {flow.error.msg}"  # kill() replaces the error
+        flow.comment = f"{flow.comment} | answered {response.status_code}: {why}"  # kill() replaces the error
         flow.response = response
         flow.kill()  # type: ignore[no-untyped-call]  # mitmproxy closes the connection, no page
