@@ -36,5 +36,5 @@ def query_values(query: str, name: str) -> list[str]:
 
 def query_param(query: str, name: str) -> str | None:
     """The first value of `name` in `query` (decoded), or None if absent."""
-    values = query_values(query, name) if query and name in query or "%" in query else []
+    values = query_values(query, name) if (query and name in query) or "%" in query else []
     return values[0] if values else None
