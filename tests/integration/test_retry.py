@@ -279,6 +279,8 @@ BAD_HEADS = {
     "101 unasked": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\nRAW TUNNEL",
     "1xx then 200": b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
     "bare CR": b"HTTP/1.1 200 OK\r\nX-A: b\rSet-Cookie: x=y\r\nContent-Length: 2\r\n\r\n{}",
+    "bare CR in the reason": b"HTTP/1.1 200 O\rSet-Cookie: x=y\r\nContent-Length: 2\r\n\r\n{}",
+    "101 to an upgrade": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nRAW TUNNEL",
 }
 
 
@@ -292,7 +294,10 @@ def test_a_worker_head_mitmproxy_would_relay_badly_gets_a_matrix_error(fleet: Fl
     worker = _ScriptedWorker(answer)
     router = start_router(fleet["main"].url, {"workers": {"media": [worker.url]}, "health": HEALTH})
     with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
-        sock.sendall(b"GET /_matrix/media/v3/download/test.local/abc HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        sock.sendall(
+            b"GET /_matrix/media/v3/download/test.local/abc HTTP/1.1\r\nHost: test.local\r\n"
+            b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"  # asked or not, no upgrade passes
+        )
         received = b""
         while chunk := sock.recv(65536):
             received += chunk

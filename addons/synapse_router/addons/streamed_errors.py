@@ -34,16 +34,16 @@ class StreamedErrors:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """A worker's answer mitmproxy would relay but must not: an informational or 101 answer
-        nobody asked for (mitmproxy would take a 1xx for the final answer, desynchronising the
-        connection, or turn it into a raw tunnel past the router), or a head with a control
-        byte in a field (a bare CR a client could read as a line break). The router-sent path
-        refuses the same as malformed."""
+        (mitmproxy would take a 1xx for the final answer, desynchronising the connection, or
+        turn it into a raw tunnel past the router; Synapse serves no WebSocket or other
+        upgrade), or a head with a control byte in a field or the reason phrase (a bare CR a
+        client could read as a line break). The router-sent path refuses the same."""
         response = flow.response
         if response is None or response.raw_content is not None or flowdata.decision(flow) is None:
             return  # not a worker's answer on mitmproxy's path (the router sent or made it)
         status = response.status_code
-        upgrade = status == 101 and "upgrade" in flow.request.headers
-        if (status >= 200 or upgrade) and fields_valid(response.headers.fields):
+        head_valid = fields_valid(response.headers.fields) and fields_valid(((b"reason", response.data.reason),))
+        if status >= 200 and head_valid:
             return
         why = f"the worker answered {status}" if status < 200 else "a control byte in the worker's response head"
         self._answer_and_kill(flow, matrix_error(502, "M_UNKNOWN", "The server gave an invalid response."), why)
