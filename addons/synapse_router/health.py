@@ -7,6 +7,7 @@ once; only active checks bring it back, so a flapping worker is not retried blin
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,6 +21,12 @@ class HealthConfig:
     fall: int = 2  # consecutive failed checks that take a worker down
     rise: int = 2  # consecutive good checks that bring it back
     connect_timeout: float = 2.0  # seconds to connect to a worker before failing over
+
+    @property
+    def retry_after(self) -> int:
+        """Seconds a client is told to wait when no process can take its request: one round of
+        checks, after which a worker may be back."""
+        return max(1, math.ceil(self.interval))
 
 
 @dataclass(slots=True)

@@ -46,7 +46,7 @@ from mitmproxy.net.http import http1, validate
 from .connect import open_socket
 from .retry import SAFE_METHODS
 from .upstream import Upstream
-from .wellformed import fields_valid, fields_writable
+from .wellformed import fields_writable, head_relayable
 
 HOP_BY_HOP = frozenset(
     {
@@ -415,7 +415,7 @@ async def _read_response(connection: _Connection, method: str) -> http.Response:
     fields = response.headers.fields
     # mitmproxy's parser keeps a bare CR or a NUL in a value; relayed, a client could read a
     # line break there (response splitting). Only what a client may safely read goes back.
-    if not fields_valid(fields) or not fields_valid(((b"reason", response.data.reason),)):
+    if not head_relayable(response.data.reason, fields):
         raise ValueError("a control byte in the response head")
     transfer_encoding = response.headers.get("transfer-encoding")
     if transfer_encoding is not None and validate.parse_transfer_encoding(transfer_encoding) != "chunked":

@@ -67,10 +67,11 @@ def _joined(fields: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, bytes] | None
     return joined, values
 
 
-def fields_valid(fields: Sequence[tuple[bytes, bytes]]) -> bool:
-    """Every name a token, no value with a control byte but tab (what check_request asks of a
-    client's fields, and the router of a worker's response it relays)."""
-    return _joined(fields) is not None
+def head_relayable(reason: bytes, fields: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether a worker's response head may go to a client as it is: check_request's rules for
+    its fields, and no control byte but tab in its reason phrase (a bare CR there or in a value
+    is a line break to some clients)."""
+    return _joined(fields) is not None and not reason.translate(None, _VALUE_BYTES)
 
 
 # What the router's own HTTP client writes (upstream_client.py): h11's rules for a field sent

@@ -17,6 +17,10 @@ def matrix_error(status: int, errcode: str, message: str, retry_after: int | Non
     return http.Response.make(status, body.encode(), headers)
 
 
+def no_process_available(retry_after: int) -> http.Response:
+    return matrix_error(503, "M_UNKNOWN", "No Synapse process is available.", retry_after)
+
+
 def respond(flow: http.HTTPFlow, response: http.Response) -> None:
     """Answer the flow with a response the router made. A HEAD gets the headers only (its
     Content-Length still the body's, as RFC 9110 allows): a body after a HEAD answer would be

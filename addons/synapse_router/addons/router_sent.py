@@ -8,7 +8,6 @@ abandons its exchange."""
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -23,7 +22,7 @@ from ..retry import SAFE_METHODS, Sending
 from ..state import RouterState
 from . import credentials
 from .health import HealthChecks
-from .responses import matrix_error, respond
+from .responses import matrix_error, no_process_available, respond
 from .routing import Routing
 
 CLIENT_SWEEP_INTERVAL = 1.0  # seconds between checks for clients that left a router-sent request
@@ -132,12 +131,12 @@ class RouterSent:
 
     def _unavailable(self, failure: upstream_client.Failure) -> http.Response:
         """No process could take the request: every worker of its chain and main failed."""
-        retry_after = max(1, math.ceil(self.state.workers.config.interval))
+        retry_after = self.state.workers.config.retry_after
         if failure is upstream_client.Failure.NO_RESPONSE:
             return matrix_error(502, "M_UNKNOWN", "The server gave no response.", retry_after)
         if failure is upstream_client.Failure.CONNECT_TIMEOUT:
             return matrix_error(504, "M_UNKNOWN", "No Synapse process answered in time.", retry_after)
-        return matrix_error(503, "M_UNKNOWN", "No Synapse process is available.", retry_after)
+        return no_process_available(retry_after)
 
     def _hand_to_mitmproxy(self, flow: http.HTTPFlow, fields: tuple[tuple[bytes, bytes], ...], path: str) -> None:
         """Let mitmproxy forward the request to the flow's target, token and all."""

@@ -99,7 +99,8 @@ class Routing:
             self.state.connecting[flow.client_conn.id] = flow
         if decision.strip_accept_encoding and "accept-encoding" in request.headers:
             del request.headers["accept-encoding"]
-        if decision.stream_bodies or _large_or_unknown_request(request):
+        # A request the router sends has a held body of known, bounded length: never streamed.
+        if decision.stream_bodies or (sending is None and _large_or_unknown_request(request)):
             request.stream = True
         flowdata.set_decision(flow, decision)
         flow.comment = decision.summary()

@@ -15,17 +15,15 @@ before reading may see that reset instead of the answer.
 
 from __future__ import annotations
 
-import math
-
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 
 from .. import flowdata
 from ..state import RouterState
-from ..wellformed import fields_valid
+from ..wellformed import head_relayable
 from .connection_limits import client_io
-from .responses import matrix_error
+from .responses import matrix_error, no_process_available, respond
 
 
 class StreamedErrors:
@@ -42,8 +40,7 @@ class StreamedErrors:
         if response is None or response.raw_content is not None or flowdata.decision(flow) is None:
             return  # not a worker's answer on mitmproxy's path (the router sent or made it)
         status = response.status_code
-        head_valid = fields_valid(response.headers.fields) and fields_valid(((b"reason", response.data.reason),))
-        if status >= 200 and head_valid:
+        if status >= 200 and head_relayable(response.data.reason, response.headers.fields):
             return
         why = f"the worker answered {status}" if status < 200 else "a control byte in the worker's response head"
         self._answer_and_kill(flow, matrix_error(502, "M_UNKNOWN", "The server gave an invalid response."), why)
@@ -66,8 +63,7 @@ class StreamedErrors:
         if not client.state & ConnectionState.CAN_WRITE or flow.server_conn.state & ConnectionState.CAN_READ:
             return
         if flow.server_conn.timestamp_tcp_setup is None:  # never connected: every process refused
-            retry_after = max(1, math.ceil(self.state.workers.config.interval))
-            response = matrix_error(503, "M_UNKNOWN", "No Synapse process is available.", retry_after)
+            response = no_process_available(self.state.workers.config.retry_after)
         else:
             response = matrix_error(502, "M_UNKNOWN", "The server gave no response.")
         self._answer_and_kill(flow, response, flow.error.msg)
@@ -82,11 +78,9 @@ class StreamedErrors:
             flow.kill()  # type: ignore[no-untyped-call]
             return
         response.headers["Connection"] = "close"
-        if flow.request.method == "HEAD":
-            response.raw_content = b""
+        respond(flow, response)  # the flow's answer, bodiless for a HEAD
         writer.write(http1.assemble_response(response))  # type: ignore[no-untyped-call]
         if flow.request.timestamp_end is None:
             flowdata.set_upload_cut(flow)
         flow.comment = f"{flow.comment} | answered {response.status_code}: {why}"  # kill() replaces the error
-        flow.response = response
         flow.kill()  # type: ignore[no-untyped-call]  # mitmproxy closes the connection, no page
