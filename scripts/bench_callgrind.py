@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 
 import h11
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_launcher import COMMON, TOKEN, WORKLOADS, add_standin  # noqa: E402
+from scripts.bench_launcher import COMMON, TOKEN, WORKLOADS, bench_upstreams  # noqa: E402
 from tests.harness import Fleet, free_port, router_command, wait_for_port  # noqa: E402
 
 VARIANTS = {"lean launcher": "synapse-router", "mitmdump + addon": "mitmdump"}
@@ -144,19 +143,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp:
         work = Path(args.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        fleet = Fleet(work)
-        before = Path(tmp) / "before" if args.before else None
-        if before is not None:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before], check=True
-            )
-        try:
-            add_standin(fleet, "main", whoami={TOKEN: "@bench:example.org"})
-            add_standin(fleet, "client_reader")
-            add_standin(fleet, "sync")
-            config = work / "router.yaml"
-            workers = {"client_reader": [fleet["client_reader"].url], "sync": [fleet["sync"].url]}
-            config.write_text(yaml.safe_dump({"workers": workers, "health": {"interval": 3600}}))
+        with bench_upstreams(work, Path(tmp), args.before, {"interval": 3600}) as (fleet, config, before):
             for workload in args.workloads:
                 for variant in args.variants:
                     for ref in ([before] if before is not None else []) + [None]:
@@ -164,10 +151,6 @@ def main() -> None:
                         results[(workload, variant, ref is not None)] = ir
                         label = f"{variant} ({args.before})" if ref is not None else variant
                         print(f"  {workload} {label}: {ir:,.0f} instructions/request", flush=True)
-        finally:
-            fleet.stop()
-            if before is not None:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
     print()
     print(f"{'workload':<9} {'proxy':<17} {'before Ir/req':>14} {'after Ir/req':>13} {'change':>7}")
     for workload in args.workloads:

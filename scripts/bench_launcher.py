@@ -41,6 +41,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +77,31 @@ BEFORE_VARIANTS = ["mitmdump + addon (before)", "mitmdump + addon", "lean launch
 
 def add_standin(fleet: Fleet, name: str, whoami: dict[str, str] | None = None) -> Standin:
     return fleet.add(name, whoami=whoami)
+
+
+@contextmanager
+def bench_upstreams(
+    work: Path, scratch: Path, before_ref: str | None, health: dict[str, float] | None = None
+) -> Iterator[tuple[Fleet, Path, Path | None]]:
+    """The stand-ins every variant runs against (main, which knows the bench token,
+    client_reader and sync), the router configuration for them, and with `before_ref` a git
+    worktree of that commit (in `scratch`); stopped and removed afterwards."""
+    fleet = Fleet(work)
+    before = scratch / "before" if before_ref else None
+    if before is not None:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), before_ref], check=True)
+    try:
+        add_standin(fleet, "main", whoami={TOKEN: "@bench:example.org"})
+        add_standin(fleet, "client_reader")
+        add_standin(fleet, "sync")
+        config = work / "router.yaml"
+        workers = {"client_reader": [fleet["client_reader"].url], "sync": [fleet["sync"].url]}
+        config.write_text(yaml.safe_dump({"workers": workers} | ({"health": health} if health else {})))
+        yield fleet, config, before
+    finally:
+        fleet.stop()
+        if before is not None:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
 
 
 @dataclass
@@ -274,20 +301,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-launcher-") as tmp:
         work = Path(args.keep_logs or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        fleet = Fleet(work)
-        before = Path(tmp) / "before" if args.before else None
-        if before is not None:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before], check=True
-            )
-            print(f"before: {args.before} = {_git('rev-parse', '--short', args.before)}, after: this checkout")
-        try:
-            add_standin(fleet, "main", whoami={TOKEN: "@bench:example.org"})
-            add_standin(fleet, "client_reader")
-            add_standin(fleet, "sync")
-            config = work / "router.yaml"
-            workers = {"client_reader": [fleet["client_reader"].url], "sync": [fleet["sync"].url]}
-            config.write_text(yaml.safe_dump({"workers": workers}))
+        with bench_upstreams(work, Path(tmp), args.before) as (fleet, config, before):
+            if args.before:
+                print(f"before: {args.before} = {_git('rev-parse', '--short', args.before)}, after: this checkout")
             example = {v: command_for(v, fleet["main"], fleet["client_reader"], config, 8080, before) for v in variants}
             print("proxies (port and paths of this run):")
             for variant, cmd in example.items():
@@ -306,10 +322,6 @@ def main() -> None:
                             f"{result.cpu_ms_per_req:.3f} CPU ms/req",
                             flush=True,
                         )
-        finally:
-            fleet.stop()
-            if before is not None:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
     print()
     print(table(results))
     print()
