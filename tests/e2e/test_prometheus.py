@@ -122,6 +122,24 @@ def _wait_routing(router: Router) -> None:
         time.sleep(0.2)
 
 
+def _wait_worker_up(metrics_port: int, url: str) -> None:
+    """Until the router counts `url` up: a worker restarted by an earlier test (test_failover
+    kills and restarts one) may still be starting, and a router that found it refusing keeps
+    it down for `rise` checks, so no user would be routed to it (a CI failure)."""
+    deadline = time.monotonic() + 60
+    wanted = f'worker="{url}"'
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            text = ""
+        lines = [line for line in text.splitlines() if line.startswith("synapse_router_worker_up{") and wanted in line]
+        if lines and all(line.endswith(" 1.0") for line in lines):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"the router never counted {url} up")
+
+
 async def _sync(client: httpx.AsyncClient, user: User, timeout_ms: int = 0) -> httpx.Response:
     params = {"timeout": str(timeout_ms), "filter": QUIET_FILTER}
     if user.since:
@@ -298,6 +316,7 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
     router = start_router(deployment.main, config, extra=extra, launcher=launcher)
     stop_at_end.append(router)
     _wait_routing(router)
+    _wait_worker_up(metrics_port, victim_url)
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     usable_at_end = {"sync": float(len(workers)), "client_reader": 1.0}
     prom = start_prometheus(tmp_path / "prometheus", [f"127.0.0.1:{metrics_port}"])
