@@ -108,6 +108,15 @@ def _check_router_config(specs: Sequence[str]) -> None:
 def metrics_listen(argv: Sequence[str]) -> str | None:
     """`metrics.listen` of the router_config that `--set` gives on a command line, if any (a
     bad file is the children's to report)."""
+    try:
+        return configured_metrics_listen(argv)
+    except ConfigError:
+        return None
+
+
+def configured_metrics_listen(argv: Sequence[str]) -> str | None:
+    """`metrics.listen` of the router_config that `--set` gives on a command line (None: no
+    file, or no metrics); raises ConfigError if the file cannot be read or is invalid."""
     specs = []
     arguments = iter(argv)
     for arg in arguments:
@@ -116,12 +125,7 @@ def metrics_listen(argv: Sequence[str]) -> str | None:
         elif arg.startswith("--set="):
             specs.append(arg.removeprefix("--set="))
     path = last_value(specs, "router_config")
-    if not path:
-        return None
-    try:
-        return load_config(path).metrics_listen
-    except ConfigError:
-        return None
+    return load_config(path).metrics_listen if path else None
 
 
 def without_processes(arguments: Sequence[str]) -> list[str]:

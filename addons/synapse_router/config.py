@@ -424,7 +424,12 @@ def parse_config(text: str) -> RouterConfig:
 
 def load_config(path: str | Path) -> RouterConfig:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError((), f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError((), f"{path} is not UTF-8 text (byte {raw[e.start]:#04x})", line) from None
     return parse_config(text)

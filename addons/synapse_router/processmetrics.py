@@ -17,12 +17,13 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import httpx
-from mitmproxy.utils.asyncio_utils import create_task
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from .config import ConfigError
+from .listener import SwitchedListener
 from .metrics import METRICS_PATH, MetricsServer, parse_listen
 
 PROCESS_LABEL = "process"
@@ -109,53 +110,73 @@ def _dialable(host: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0") else host
 
 
+class _MergedServer:
+    """The merged endpoint on one address: its scrapes of the processes and its HTTP server."""
+
+    def __init__(self, listen: str, count: int, restarts: Callable[[], Mapping[int, int]] | None) -> None:
+        self.listen = listen
+        host, port = parse_listen(listen)
+        self._source = ProcessMetrics(host, port, count, restarts)
+        self._server = MetricsServer(self._source.render, listen)
+
+    async def start(self) -> None:
+        try:
+            await self._server.start()
+        except OSError:
+            await self._source.close()
+            raise
+
+    async def stop(self) -> None:
+        await self._server.stop()
+        await self._source.close()
+
+
 class MergedMetricsServer:
     """The parent's metrics endpoint (the merge of its processes'), on a thread and event loop
-    of its own: the parent's main thread waits for its children."""
+    of its own: the parent's main thread waits for its children. `reload` asks for the address
+    the configuration names now; one task serves the last one asked for (listener.py), and a
+    configuration that cannot be read keeps the endpoint where it is."""
 
     def __init__(
         self, count: int, warn: Callable[[str], None], restarts: Callable[[], Mapping[int, int]] | None = None
     ) -> None:
         self.count = count
         self.warn = warn
-        self.restarts = restarts
         self.loop = asyncio.new_event_loop()
+        self.listener = SwitchedListener(
+            lambda listen: _MergedServer(listen, count, restarts), warn, what="merged metrics of the processes"
+        )
         self.thread = threading.Thread(target=self.loop.run_forever, name="merged-metrics", daemon=True)
         self.thread.start()
-        self._server: MetricsServer | None = None
-        self._source: ProcessMetrics | None = None
 
     def serve(self, listen: str | None) -> None:
         """Serve the merged metrics on `listen` (None: not at all) from now on."""
-        self.loop.call_soon_threadsafe(self._start_serving, listen)
+        self.loop.call_soon_threadsafe(self.listener.want, listen)
+
+    def reload(self, configured: Callable[[], str | None]) -> None:
+        """Serve where `configured()` says (it reads the configuration, on this server's thread:
+        a signal handler only asks); if it raises ConfigError, stay where it is."""
+        self.loop.call_soon_threadsafe(self._reload, configured)
+
+    def _reload(self, configured: Callable[[], str | None]) -> None:
+        try:
+            listen = configured()
+        except ConfigError as e:
+            self.warn(f"configuration not reloaded by the parent ({e}); its metrics stay as they are")
+            return
+        self.listener.want(listen)
+
+    def served(self, timeout: float = 10.0) -> str | None:
+        """The address served once the last request was acted on (for tests and logs)."""
+
+        async def settle() -> str | None:
+            await self.listener.settled()
+            return self.listener.listen
+
+        return asyncio.run_coroutine_threadsafe(settle(), self.loop).result(timeout=timeout)
 
     def stop(self) -> None:
         with contextlib.suppress(TimeoutError):  # the parent exits anyway; the thread is a daemon
-            asyncio.run_coroutine_threadsafe(self._serve(None), self.loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(self.listener.close(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
-
-    def _start_serving(self, listen: str | None) -> None:
-        create_task(self._serve(listen), name=f"merged metrics on {listen}", keep_ref=True)
-
-    async def _serve(self, listen: str | None) -> None:
-        if self._server is not None and self._server.listen == listen:
-            return
-        if self._server is not None:
-            await self._server.stop()
-            self._server = None
-        if self._source is not None:
-            await self._source.close()
-            self._source = None
-        if listen is None:
-            return
-        host, port = parse_listen(listen)
-        source = ProcessMetrics(host, port, self.count, self.restarts)
-        server = MetricsServer(source.render, listen)
-        try:
-            await server.start()
-        except OSError as e:
-            self.warn(f"merged metrics of the processes not served on {listen}: {e.strerror or e}")
-            await source.close()
-            return
-        self._server, self._source = server, source

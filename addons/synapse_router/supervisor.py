@@ -33,11 +33,12 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import FrameType
 
 from . import sdnotify
 from .childprocess import ChildSlot
-from .commandline import PROG, metrics_listen
+from .commandline import PROG, configured_metrics_listen, metrics_listen
 from .processmetrics import MergedMetricsServer
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -96,10 +97,12 @@ class Supervisor:
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
     def _forward(self, signum: int, _frame: FrameType | None) -> None:
+        """The signal handler: it may run nested (two quick SIGHUPs), so it only asks; the
+        configuration is read where it is acted on, once per ask, the last file winning."""
         if signum != signal.SIGHUP:
             self.stopping = True
         elif self.metrics is not None:
-            self.metrics.serve(metrics_listen(self.argv))
+            self.metrics.reload(partial(configured_metrics_listen, self.argv))
         for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)

@@ -352,3 +352,69 @@ def test_systemd_readiness_once_serving(
         notify_socket.settimeout(2)
         with pytest.raises(TimeoutError):
             notify_socket.recv(64)  # once, not once per process
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"# caf\xe9: a Latin-1 comment\nworkers: {}\n", "is not UTF-8 text (byte 0xe9)"),
+        (b"workers: {\n  sync: [\n", "invalid YAML"),  # a YAML typo
+    ],
+    ids=["not-utf8", "yaml-typo"],
+)
+def test_processes_reload_of_a_bad_file_keeps_everything_serving(
+    fleet: Fleet, start: StartFn, content: bytes, said: str
+) -> None:
+    """SIGHUP with a file that cannot be read as a configuration: the parent and every child
+    keep running on the last good one, and the merged /metrics and /health answer throughout
+    (the parent used to stop them on a YAML error, and die on a non-UTF-8 byte, taking its
+    children down with it). A good file after it is applied."""
+    fleet.add("main")
+    fleet.add("reader")
+    metrics = _ports_below_ephemeral_range(6)
+    config = {"workers": {"client_reader": [fleet["reader"].url]}, "metrics": {"listen": f"127.0.0.1:{metrics}"}}
+    router = start(fleet["main"].url, config, ["--processes", "2"], wait=False)
+    children = _both_serving(router)
+    _wait_for(lambda: _answers(f"http://127.0.0.1:{metrics}/health"), 30, "merged /health served")
+
+    router.config_path.write_bytes(content)
+    router.proc.send_signal(signal.SIGHUP)
+    _wait_for(lambda: router.log().count("keeping the running configuration") >= 2, 30, "both children refuse it")
+    assert said in router.log()
+    time.sleep(1)  # the parent acts on its own thread: give it the time to do something wrong
+    assert router.proc.poll() is None, router.log()
+    assert all(_alive(pid) for pid in children)
+    assert _answers(f"http://127.0.0.1:{metrics}/health")
+    assert _answers(f"http://127.0.0.1:{metrics}/metrics")
+    with httpx.Client(base_url=router.url, timeout=30) as client:
+        assert served(client.get("/_matrix/client/versions"))["server"] == "reader"
+
+    config["metrics"] = {"listen": f"127.0.0.1:{metrics + 3}"}
+    router.config_path.write_text(yaml.safe_dump(config))
+    router.proc.send_signal(signal.SIGHUP)
+    _wait_for(lambda: _answers(f"http://127.0.0.1:{metrics + 3}/metrics"), 30, "moved by the good file")
+    _wait_for(lambda: not _answers(f"http://127.0.0.1:{metrics}/metrics"), 10, "the old address let go")
+
+
+def test_processes_reload_to_a_busy_port_keeps_the_merged_endpoint(fleet: Fleet, start: StartFn) -> None:
+    """A reload that names a port another program holds: the parent's merged /metrics and
+    /health stay where they were (it used to stop the old listener first, leaving none)."""
+    fleet.add("main")
+    metrics = _ports_below_ephemeral_range(3)
+    config = {"workers": {}, "metrics": {"listen": f"127.0.0.1:{metrics}"}}
+    router = start(fleet["main"].url, config, ["--processes", "2"], wait=False)
+    _both_serving(router)
+    _wait_for(lambda: _answers(f"http://127.0.0.1:{metrics}/metrics"), 30, "merged metrics served")
+    busy = fleet["main"].port
+    router.config_path.write_text(yaml.safe_dump({"workers": {}, "metrics": {"listen": f"127.0.0.1:{busy}"}}))
+    router.proc.send_signal(signal.SIGHUP)
+    _wait_for(lambda: "merged metrics of the processes" in router.log(), 30, "the failed bind reported")
+    assert _answers(f"http://127.0.0.1:{metrics}/metrics")
+    assert _answers(f"http://127.0.0.1:{metrics}/health")
