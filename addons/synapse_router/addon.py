@@ -55,6 +55,7 @@ class SynapseRouter:
 
     def __init__(self) -> None:
         self.state = state = RouterState()
+        state.metrics.bind_in_flight(lambda: {url: state.in_flight.get(url, 0) for url in state.workers.workers})
         self.limits = ConnectionLimits(state.metrics)
         self.identity_addon = WhoamiIdentity(state)
         self.health = HealthChecks(state)

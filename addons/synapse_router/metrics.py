@@ -17,10 +17,12 @@ import logging
 import math
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .identity import Source
 from .limits import CLOSE_REASONS
@@ -61,6 +63,31 @@ def status_class(status: int | None) -> str:
 
 def _seconds(value: float) -> float:
     return value if value > 0 else 0.0  # a clock step backwards must not observe a negative time
+
+
+class _InFlight(Collector):
+    """Requests in flight per worker, read from the router's own count at each scrape (a
+    worker that left the configuration leaves with it: no stale series)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[str, int]] = dict
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        for worker, count in sorted(self.source().items()):
+            family.add_metric([worker], float(count))
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "synapse_router_worker_in_flight",
+            "Requests in flight to each worker of the configuration, as the router counts them (least_conn's count).",
+            labels=["worker"],
+        )
 
 
 class RouterMetrics:
@@ -164,6 +191,8 @@ class RouterMetrics:
             "Failed accepts for want of file descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).",
             registry=r,
         )
+        self._in_flight = _InFlight()
+        r.register(self._in_flight)
         # The fixed vocabularies start at zero, so rate() and ratios work from the first scrape.
         for reason in CLOSE_REASONS:
             self.limit_closes_total.labels(reason)
@@ -233,6 +262,12 @@ class RouterMetrics:
         # through its `_metrics` mapping (stable since 0.4).
         for labels in [k for k in list(self.requests_total._metrics) if k[1:3] == (pool, worker)]:
             self.requests_total.remove(*labels)
+
+    def bind_in_flight(self, fn: Callable[[], Mapping[str, int]]) -> None:
+        """Report `fn()` (worker URL -> requests in flight to it) at each scrape, as
+        `synapse_router_worker_in_flight{worker}` (HAProxy's `scur`): the count least_conn
+        balances on, so a count that drifts is seen."""
+        self._in_flight.source = fn
 
     def bind_client_connections(self, fn: Callable[[], int]) -> None:
         """Report `fn()` as the open client connections at each scrape."""

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Callable
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import wait_for_port
 
 from .conftest import Fleet, free_port, served
 
@@ -171,3 +174,48 @@ def test_debug_headers_on_chunked_responses_as_synapse_sends_them(
     assert response.json()["server"] == worker
     assert response.headers["x-synapse-router-worker"] == fleet[worker].url
     assert response.headers["x-synapse-router-route"]
+
+
+def test_requests_in_flight_per_worker_on_metrics(fleet: Fleet, start_router) -> None:
+    """`synapse_router_worker_in_flight{worker}` counts the requests held on each worker (both
+    sending paths: a router-sent long-poll and a streamed media download), back to 0 after."""
+    fleet.add("main", whoami=TOKENS)
+    fleet.add("sync1")
+    fleet.add("media1")
+    metrics_port = free_port()
+    config = {
+        "workers": {"sync": [fleet["sync1"].url], "media": [fleet["media1"].url]},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+    }
+    router = start_router(fleet["main"].url, config)
+    sync1, media1 = fleet["sync1"].url, fleet["media1"].url
+    token = list(TOKENS)[0]
+
+    def in_flight() -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        return {
+            labels["worker"]: value
+            for (name, labels_set), value in _samples(text).items()
+            if name == "synapse_router_worker_in_flight"
+            for labels in [dict(labels_set)]
+        }
+
+    def request(path: str) -> None:
+        httpx.get(router.url + path, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    wait_for_port(metrics_port, router.proc)
+    assert in_flight() == {sync1: 0.0, media1: 0.0}
+    held = [
+        threading.Thread(target=request, args=(f"/_matrix/client/v3/sync?since=s{i}&timeout=3000&standin_delay=3",))
+        for i in range(3)
+    ]
+    held.append(threading.Thread(target=request, args=("/_matrix/media/v3/download/x/y?standin_delay=3",)))
+    for thread in held:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while in_flight() != {sync1: 3.0, media1: 1.0}:
+        assert time.monotonic() < deadline, in_flight()
+        time.sleep(0.1)
+    for thread in held:
+        thread.join()
+    assert in_flight() == {sync1: 0.0, media1: 0.0}
