@@ -33,6 +33,8 @@ class RouterState:
     workers: WorkerStates = field(default_factory=WorkerStates)
     identity: IdentityResolver | None = None
     in_flight: dict[str, int] = field(default_factory=dict)  # worker URL -> requests in flight
+    # (pool, worker URL) pairs of the configuration, whose series the metrics export
+    published: frozenset[tuple[str, str]] = frozenset()
     upstream: UpstreamClient = field(default_factory=UpstreamClient)  # requests the router sends itself
     # client connection id -> the flow waiting for its upstream connection (mitmproxy's path)
     connecting: dict[str, http.HTTPFlow] = field(default_factory=dict)

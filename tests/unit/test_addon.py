@@ -499,6 +499,24 @@ async def test_a_request_ending_on_a_removed_worker_does_not_bring_its_series_ba
     assert "10.0.0.9" not in addon.metrics.render().decode()
 
 
+
+async def test_a_request_ending_on_a_worker_moved_to_another_pool_does_not_bring_its_old_series_back(
+    router,
+) -> None:
+    addon, tctx = router
+    path = Path(tctx.master.options.router_config)
+    flow = make_flow("/_matrix/client/v3/rooms/!r:x/messages")  # client_reader: 10.0.0.9
+    hook(addon, "requestheaders", flow)
+    assert flow.request.host == "10.0.0.9"
+    moved = CONFIG.replace("  client_reader: [http://10.0.0.9:8083]\n", "  room: [http://10.0.0.9:8083]\n")
+    path.write_text(moved)
+    _call(tctx, "router.reload")  # while the request is in flight: the worker is still configured
+    flow.response = tutils.tresp()
+    hook(addon, "response", flow)
+    rendered = addon.metrics.render().decode()
+    assert 'pool="room",worker="http://10.0.0.9:8083"' in rendered
+    assert 'pool="client_reader",worker="http://10.0.0.9:8083"' not in rendered
+
 SS = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
 SEND = "/_matrix/client/v3/rooms/!r:x/send/m.room.message"
 

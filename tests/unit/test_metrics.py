@@ -692,6 +692,7 @@ def _exercise(m: RouterMetrics) -> None:
     m.observe_identity("cache")
     m.bind_cache_size(lambda: 3)
     m.set_worker_state("sync", W1, up=True, drained=False)
+    m.bind_in_flight(lambda: {W1: 2})
     m.observe_failover("sync", "connect")
     m.observe_retry("sync")
     m.observe_fallback("initial_sync", "initial_sync")

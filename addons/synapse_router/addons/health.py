@@ -25,7 +25,6 @@ class HealthChecks:
         self.state = state
         self._http: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
-        self._published: set[tuple[str, str]] = set()  # (pool, worker) series the metrics export
 
     def prepare(self, config: RouterConfig) -> Callable[[], None]:
         def switch() -> None:
@@ -84,16 +83,16 @@ class HealthChecks:
         """The per-worker gauges; a worker no longer configured loses its series."""
         engine = self.state.engine
         pools = config.pools if config is not None else engine.config.pools if engine is not None else {}
-        published = set()
+        published: set[tuple[str, str]] = set()
         for name, workers in pools.items():
             for worker in workers:
                 health = self.state.workers.workers.get(worker.url)
                 if health is not None:
                     self.state.metrics.set_worker_state(name, worker.url, health.up, health.drained)
                     published.add((name, worker.url))
-        for pool, url in self._published - published:
+        for pool, url in self.state.published - published:
             self.state.metrics.remove_worker(pool, url)
-        self._published = published
+        self.state.published = frozenset(published)
 
     # --- commands (mitmproxy console / mitmweb: `:router.drain ...`) ---
 

@@ -96,9 +96,9 @@ class Observation:
             upstream_seconds = max(0.0, (response.timestamp_end or response.timestamp_start) - request.timestamp_end)
         status = response.status_code if response is not None else error_status
         upstream = decision.upstream
-        if upstream is None or upstream.url in self.state.workers.workers:
-            # Not for a worker a reload removed while this request was on it: its series are
-            # gone from the metrics and must not come back (the access log still has the line).
+        if upstream is None or (decision.pool, upstream.url) in self.state.published:
+            # Not for a worker a reload removed from this pool while this request was on it:
+            # its series are gone and must not come back (the access log still has the line).
             self.state.metrics.observe_request(
                 decision.route, decision.pool, decision.worker, request.method, status, upstream_seconds
             )
