@@ -499,7 +499,6 @@ async def test_a_request_ending_on_a_removed_worker_does_not_bring_its_series_ba
     assert "10.0.0.9" not in addon.metrics.render().decode()
 
 
-
 async def test_a_request_ending_on_a_worker_moved_to_another_pool_does_not_bring_its_old_series_back(
     router,
 ) -> None:
@@ -516,6 +515,7 @@ async def test_a_request_ending_on_a_worker_moved_to_another_pool_does_not_bring
     rendered = addon.metrics.render().decode()
     assert 'pool="room",worker="http://10.0.0.9:8083"' in rendered
     assert 'pool="client_reader",worker="http://10.0.0.9:8083"' not in rendered
+
 
 SS = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
 SEND = "/_matrix/client/v3/rooms/!r:x/send/m.room.message"
