@@ -1,7 +1,8 @@
 """SynapseRouter: the router as mitmproxy sees it, a composition of small addons, one job each.
 
 mitmproxy calls a parent addon's hooks and then its `addons`, in list order, so this list is
-the order in which each hook runs (for a request: limits, then routing, then the router's own
+the order in which each hook runs (a part that raises is logged and the later ones still run:
+addons/isolation.py) (for a request: limits, then routing, then the router's own
 upstream path or connect failover, then, once answered, logout eviction and observation). The
 addons share one RouterState (state.py) and per-flow data through flowdata.py.
 
@@ -31,6 +32,7 @@ from .addons.connection_limits import ConnectionLimits
 from .addons.credentials import LogRedaction
 from .addons.graceful_stop import GracefulStop
 from .addons.health import HealthChecks
+from .addons.isolation import isolate_hooks
 from .addons.listen_backlog import ListenBacklog
 from .addons.metrics_listener import MetricsListener
 from .addons.observation import Observation
@@ -95,6 +97,7 @@ class SynapseRouter:
             self.listen_backlog,
             self.graceful_stop,
         ]
+        isolate_hooks(self.addons)  # one part failing on an event does not skip the later ones
 
     # What tests, the launcher and interactive users look at.
     @property

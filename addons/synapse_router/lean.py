@@ -55,6 +55,7 @@ from mitmproxy.utils import debug
 
 from . import sdnotify
 from .addon import SynapseRouter
+from .addons.isolation import report
 from .childprocess import ChildSlot, SharedPortLoop, die_with_parent, ready_signal, replace
 from .commandline import PROG, apply_options, make_parser
 from .signals import on_signal
@@ -98,7 +99,9 @@ class HookCachingAddonManager(addonmanager.AddonManager):
     calling each event's hook functions from a list built once per event name, instead of a
     traverse + getattr per addon and a `safecall` context manager per call. Same semantics for
     this chain: addons in chain order, awaitables awaited, AddonHalt stops the event,
-    OptionsError propagates, any other exception is logged as "Addon error". The lists are
+    OptionsError propagates, any other exception is logged (where it was raised, not its message,
+    which may quote a client's bytes) and the next hook runs, which is what mitmproxy's
+    safecall does for the router too, since its parts are isolated (addons/isolation.py). The lists are
     rebuilt after an addon is added or removed; no addon here grows or drops hooks at run time."""
 
     def __init__(self, master: Any) -> None:
@@ -133,7 +136,7 @@ class HookCachingAddonManager(addonmanager.AddonManager):
             except exceptions.OptionsError:
                 raise
             except Exception as e:
-                log.error(f"Addon error: {e}", exc_info=True)
+                report(f"{getattr(func, '__qualname__', func)}", e)
 
 
 class LeanMaster(master.Master):

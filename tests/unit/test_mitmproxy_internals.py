@@ -17,12 +17,14 @@ import pytest
 from mitmproxy import addonmanager, exceptions, hooks, log, master, options, optmanager
 from mitmproxy.addons import core, disable_h2c, dumper, errorcheck, next_layer, proxyserver, termlog, tlsconfig
 from mitmproxy.proxy import mode_servers
+from mitmproxy.proxy.layers.http import HttpResponseHook
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.tools import cmdline
 from mitmproxy.tools import main as mitmproxy_main
 from mitmproxy.utils import asyncio_utils, debug
+from synapse_router.addons.isolation import isolate_hooks
 from synapse_router.childprocess import SharedPortLoop
-from synapse_router.lean import LeanMaster, StartupCheck
+from synapse_router.lean import HookCachingAddonManager, LeanMaster, StartupCheck
 
 
 def params(func: Callable[..., Any]) -> list[str]:
@@ -112,16 +114,57 @@ def test_addon_manager_iter_hooks_yields_addon_and_function_including_sub_addons
     assert found == [(parent, parent.running), (parent.sub, parent.sub.running)]
 
 
-def test_safecall_semantics_the_caching_manager_reproduces() -> None:
-    """HookCachingAddonManager.trigger_event claims mitmproxy's semantics: AddonHalt stops the
-    event, OptionsError propagates, anything else is logged as "Addon error"."""
-    trigger = source(addonmanager.AddonManager.trigger_event)
-    assert "safecall()" in trigger and "AddonHalt" in trigger and "invoke_addon(" in trigger
-    safecall = source(addonmanager.safecall)
-    assert "exceptions.AddonHalt, exceptions.OptionsError" in safecall
-    assert 'f"Addon error: {value}"' in safecall
-    invoke = source(addonmanager.AddonManager.invoke_addon)
-    assert "inspect.isawaitable(" in invoke and "event.args()" in invoke
+@pytest.mark.parametrize("manager_class", [addonmanager.AddonManager, HookCachingAddonManager])
+async def test_both_managers_run_every_part_after_one_that_raises_and_stop_at_addon_halt(
+    manager_class: type[addonmanager.AddonManager], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The router's parts are isolated (addons/isolation.py), so mitmproxy's AddonManager (whose
+    safecall would skip the later children of a parent) and the lean launcher's caching manager
+    call the same hooks in the same order: a part that raises is logged without its message and
+    the later parts run (sync and async hooks alike); AddonHalt still stops the event."""
+    calls: list[str] = []
+
+    class Part:
+        def __init__(self, name: str, fail: type[BaseException] | None = None, is_async: bool = False) -> None:
+            self.name, self.fail, self.is_async = name, fail, is_async
+
+        def response(self, flow: object) -> Any:
+            if self.is_async:
+                return self._later()
+            self._act()
+            return None
+
+        async def _later(self) -> None:
+            await asyncio.sleep(0)
+            self._act()
+
+        def _act(self) -> None:
+            calls.append(self.name)
+            if self.fail is not None:
+                raise self.fail("Bearer syt_secret_in_message")
+
+    class Parent:
+        def __init__(self, parts: list[Part]) -> None:
+            self.addons = parts
+            isolate_hooks(parts)
+
+    after = Part("after")
+    manager = manager_class(type("FakeMaster", (), {"options": options.Options()})())
+    manager.chain = [Parent([Part("a", RuntimeError), Part("b", KeyError, is_async=True), Part("c")]), after]
+    await manager.trigger_event(HttpResponseHook(None))  # type: ignore[arg-type]
+    assert calls == ["a", "b", "c", "after"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert [e.split(" at ")[0] for e in errors] == [
+        "synapse-router: Part.response failed with RuntimeError",
+        "synapse-router: Part.response failed with KeyError",
+    ]
+    assert not any("secret" in e for e in errors)
+
+    calls.clear()
+    manager = manager_class(type("FakeMaster", (), {"options": options.Options()})())
+    manager.chain = [Parent([Part("a"), Part("halt", exceptions.AddonHalt), Part("c")]), after]
+    await manager.trigger_event(HttpResponseHook(None))  # type: ignore[arg-type]
+    assert calls == ["a", "halt"]
 
 
 # --- the addon classes ---
