@@ -33,6 +33,9 @@ class RouterState:
     workers: WorkerStates = field(default_factory=WorkerStates)
     identity: IdentityResolver | None = None
     in_flight: dict[str, int] = field(default_factory=dict)  # worker URL -> requests in flight
+    # client connection id -> flow id -> its flows that have a decision and are not over yet:
+    # what Observation finishes when the client goes without a response or error hook for them
+    unfinished: dict[str, dict[str, http.HTTPFlow]] = field(default_factory=dict)
     # (pool, worker URL) pairs of the configuration, whose series the metrics export
     published: frozenset[tuple[str, str]] = frozenset()
     upstream: UpstreamClient = field(default_factory=UpstreamClient)  # requests the router sends itself

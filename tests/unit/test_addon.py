@@ -557,3 +557,26 @@ def test_which_requests_the_router_sends_itself(
     flow.request.raw_content = body
     hook(addon, "requestheaders", flow)
     assert flowdata.sending(flow) is how
+
+
+def test_a_flow_ended_by_neither_response_nor_error_is_ended_when_its_client_goes(router) -> None:
+    """mitmproxy's HTTP layer can fail without calling `error` (a chunked body with trailers in
+    mitmproxy 12): the flow's in-flight count and registration go when its client does."""
+    addon, _ = router
+    flow = make_flow("/_matrix/client/v3/rooms/!r:x/messages")  # client_reader: 10.0.0.9
+    other = make_flow("/_matrix/client/v3/rooms/!r:x/messages")  # another client, still there
+    hook(addon, "requestheaders", flow)
+    hook(addon, "requestheaders", other)
+    url = "http://10.0.0.9:8083"
+    assert addon.state.in_flight[url] == 2
+    hook(addon, "client_disconnected", flow.client_conn)
+    assert addon.state.in_flight[url] == 1
+    assert flow.client_conn.id not in addon.state.unfinished
+    assert 'synapse_router_requests_total{method="GET",pool="client_reader",route="room_read",status_class="error"' in (
+        addon.metrics.render().decode()
+    )
+    other.response = tutils.tresp()
+    hook(addon, "response", other)
+    assert addon.state.in_flight[url] == 0 and addon.state.unfinished == {}
+    hook(addon, "client_disconnected", other.client_conn)  # already over: nothing counted twice
+    assert addon.state.in_flight[url] == 0

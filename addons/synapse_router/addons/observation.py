@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from mitmproxy import http
+from mitmproxy import connection, http
 from mitmproxy.connection import ConnectionState
 
 from .. import flowdata
@@ -78,8 +78,22 @@ class Observation:
             return
         self._finish(flow, decision, _mitmproxy_error_status(flow))
 
+    def client_disconnected(self, client: connection.Client) -> None:
+        """The client has gone: a flow of its that neither `response` nor `error` ended (mitmproxy
+        failing inside its HTTP layer, say) is ended now, so its in-flight count, connection
+        registration and access-log line are not lost."""
+        for flow in list(self.state.unfinished.pop(client.id, {}).values()):
+            decision = flowdata.decision(flow)
+            if decision is not None:
+                self._finish(flow, decision)
+
     def _finish(self, flow: http.HTTPFlow, decision: Decision, error_status: int | None = None) -> None:
         state = self.state
+        flows = state.unfinished.get(flow.client_conn.id)
+        if flows is not None:
+            flows.pop(flow.id, None)
+            if not flows:
+                del state.unfinished[flow.client_conn.id]
         flowdata.settle_decision(flow, decision)
         if state.connecting.get(flow.client_conn.id) is flow:
             del state.connecting[flow.client_conn.id]

@@ -103,6 +103,7 @@ class Routing:
         if decision.stream_bodies or (sending is None and _large_or_unknown_request(request)):
             request.stream = True
         flowdata.set_decision(flow, decision)
+        self.state.unfinished.setdefault(flow.client_conn.id, {})[flow.id] = flow
         flow.comment = decision.summary()
         if decision.failover or decision.fallbacks:
             flow.marked = ":warning:"  # stands out in mitmweb's flow list
@@ -197,6 +198,7 @@ class Routing:
         decision = Decision(route, ROUTER, None, "none", refused=refused.errcode)
         flowdata.set_client_ip(flow, client_ip)
         flowdata.set_decision(flow, decision)
+        self.state.unfinished.setdefault(flow.client_conn.id, {})[flow.id] = flow
         respond(flow, matrix_error(refused.status, refused.errcode, str(refused)))
         flow.comment = decision.summary()
         flow.marked = ":no_entry:"
