@@ -25,13 +25,16 @@ class Decision:
     strip_accept_encoding: bool = False
     stream_bodies: bool = False
     refused: str = ""  # the errcode, when the router answered itself instead of passing it on
+    # A stream writer's write whose configured writer pool has no usable worker: answered 503
+    # by the router (main, not being the writer, would fail it).
+    writer_down: bool = False
     # To choose again after a failure: the route and key (in memory only, never shown).
     matched: Route | None = field(default=None, repr=False)
     key: str | None = field(default=None, repr=False)
 
     @property
     def worker(self) -> str:
-        if self.refused:
+        if self.refused or self.writer_down:
             return ROUTER
         return self.upstream.url if self.upstream else MAIN
 
@@ -39,6 +42,8 @@ class Decision:
         """One line for a flow comment: no token, no user id."""
         if self.refused:
             return f"{self.route} -> refused by the router: {self.refused}"
+        if self.writer_down:
+            return f"{self.route} -> no usable writer ({', '.join(self.fallbacks)}): 503 from the router"
         text = f"{self.route} -> {self.pool} {self.worker} [key={self.key_kind}"
         if self.identity:
             text += f" identity={self.identity}"
@@ -59,6 +64,7 @@ class Decision:
             "fallbacks": list(self.fallbacks),
             "failover": self.failover,
             "refused": self.refused,
+            "writer_down": self.writer_down,
         }
 
 
@@ -108,6 +114,8 @@ class Engine:
                 decision.pool, decision.upstream = name, upstream
                 return decision
             decision.fallbacks.append(f"{name}:no usable worker")
+        if route.writer and any(name in self.pools for name in route.pools):
+            decision.writer_down, decision.pool = True, ROUTER
         return decision
 
     def failover(self, failed: Decision, unusable: Set[str], in_flight: Mapping[str, int], reason: str) -> Decision:

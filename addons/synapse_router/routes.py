@@ -45,6 +45,9 @@ class Route:
     strip_accept_encoding: bool = False
     stream_bodies: bool = False
     builtin: bool = True
+    # A stream writer's writes: when its pool is configured and has no usable worker, no other
+    # process can take them (main is not the writer then), so the router answers 503.
+    writer: bool = False
     regex: re.Pattern[str] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,7 +92,7 @@ def _writer(name: str, pool: str, patterns: Sequence[str], *, workers_read: bool
     multi-writer streams (receipts, device_lists) accept writes only on *configured*
     `stream_writers` (a generic worker asserts `_can_write_to_receipts`). `workers_read`: Synapse
     lets any worker serve the GETs (docs/workers.md lists them for the generic worker)."""
-    writes = Route(name, tuple(patterns), (pool,), Balance.ROUND_ROBIN)
+    writes = Route(name, tuple(patterns), (pool,), Balance.ROUND_ROBIN, writer=True)
     if not workers_read:
         return [writes]
     # Keyed by user: one user's reads stay on one process, so a value once read never goes
@@ -191,6 +194,7 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         ),
         ("thread_subscriptions",),
         Balance.ROUND_ROBIN,
+        writer=True,
     ),
     # --- room-scoped: all requests of a room on one worker (pagination requires it) ---
     Route(
@@ -228,6 +232,7 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         ),
         ("quarantined_media_changes",),
         Balance.ROUND_ROBIN,
+        writer=True,
     ),
     Route(
         "media",

@@ -366,3 +366,36 @@ def test_stream_reads_on_readers_are_keyed_by_user(path: str) -> None:
     match = READERS_ONLY.match("GET", path)
     assert match.route is not None and match.route.name.endswith("_read")
     assert match.route.balance is Balance.USER
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "writer_pool"),
+    [
+        ("PUT", "/_matrix/client/v3/rooms/!r:x/typing/@a:x", "typing"),
+        ("PUT", "/_matrix/client/v3/sendToDevice/m.x/t1", "to_device"),
+        ("POST", "/_matrix/client/v3/rooms/!r:x/receipt/m.read/$e", "receipts"),
+        ("PUT", "/_matrix/client/v3/user/@a:x/account_data/m.x", "account_data"),
+        ("POST", "/_matrix/client/v3/keys/upload", "device_lists"),
+        ("PUT", "/_matrix/client/v3/presence/@a:x/status", "presence"),
+    ],
+)
+def test_a_write_with_its_writer_pool_down_is_not_sent_to_main(method: str, path: str, writer_pool: str) -> None:
+    engine = Engine(parse_config(f"workers:\n  {writer_pool}: [http://127.0.0.1:1]\n"))
+    decision = engine.select(engine.match(method, path).route, "k", "user", {"http://127.0.0.1:1"}, {})
+    assert decision.writer_down and decision.upstream is None
+    assert decision.pool == "router" and decision.worker == "router"
+    assert "no usable writer" in decision.summary()
+    up = engine.select(engine.match(method, path).route, "k", "user", set(), {})
+    assert not up.writer_down and up.upstream is not None and up.pool == writer_pool
+    # no writer pool configured: main is the writer
+    plain = Engine(parse_config("workers: {}\n"))
+    assert not plain.select(plain.match(method, path).route, "k", "user", set(), {}).writer_down
+
+
+def test_reads_of_a_writer_stream_fall_back_when_the_writer_is_down() -> None:
+    engine = Engine(
+        parse_config("workers:\n  account_data: [http://127.0.0.1:1]\n  client_reader: [http://127.0.0.1:2]\n")
+    )
+    route = engine.match("GET", "/_matrix/client/v3/user/@a:x/account_data/m.x").route
+    decision = engine.select(route, "k", "user", {"http://127.0.0.1:1"}, {})
+    assert not decision.writer_down and decision.upstream is not None and decision.pool == "client_reader"

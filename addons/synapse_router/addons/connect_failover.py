@@ -36,7 +36,10 @@ class ConnectFailover:
             # Each failover excludes the failed worker, so this ends at main at the latest.
             if not error.startswith("no connection within"):
                 self.health.mark_down(upstream.url, f"connect failed: {error}")
-            decision = self.routing.fail_over(flow, decision, tried, "connect", error)
+            decision = self.routing.fail_over(flow, decision, tried, "connect", error, answer=False)
+        if decision.writer_down:  # no writer left: the connection fails, StreamedErrors answers 503
+            data.server.error = "no usable stream writer"
+            return
         target = decision.upstream or state.main
         if target is not None:
             data.server.address = (target.host, target.port)

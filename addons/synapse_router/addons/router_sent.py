@@ -122,6 +122,8 @@ class RouterSent:
                     return
                 reason = "connect" if connect_failed else "no_response"
                 decision = self.routing.fail_over(flow, decision, tried, reason, str(e))
+                if flow.response is not None:  # answered by the router: no writer left
+                    return
                 continue
             finally:
                 self._sending.pop(flow.id, None)

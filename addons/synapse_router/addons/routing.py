@@ -20,7 +20,7 @@ from ..retry import Sending
 from ..routes import MAIN, Balance, Match, room_from_path
 from ..state import RouterState
 from . import credentials
-from .responses import matrix_error, respond
+from .responses import matrix_error, no_process_available, respond
 
 log = logging.getLogger("synapse_router")
 
@@ -80,8 +80,18 @@ class Routing:
         if decision.stream_bodies or _large_or_unknown(flow.request, flow.response):
             flow.response.stream = True
 
-    def apply(self, flow: http.HTTPFlow, decision: Decision) -> None:
-        """Point the flow at its worker (or main), keeping the client's Host."""
+    def apply(self, flow: http.HTTPFlow, decision: Decision, answer: bool = True) -> None:
+        """Point the flow at its worker (or main), keeping the client's Host; a stream writer's
+        write with no usable writer is answered 503 instead (`answer` False: by the caller)."""
+        if decision.writer_down:
+            flowdata.set_sending(flow, None)
+            flowdata.set_decision(flow, decision)
+            self.state.unfinished.setdefault(flow.client_conn.id, {})[flow.id] = flow
+            if answer:
+                respond(flow, no_process_available(self.state.workers.config.retry_after))
+            flow.comment = decision.summary()
+            flow.marked = ":warning:"
+            return
         request = flow.request
         upstream = decision.upstream
         target = upstream or self.state.main
@@ -109,10 +119,11 @@ class Routing:
             flow.marked = ":warning:"  # stands out in mitmweb's flow list
 
     def fail_over(
-        self, flow: http.HTTPFlow, failed: Decision, tried: set[str], reason: str, detail: str = ""
+        self, flow: http.HTTPFlow, failed: Decision, tried: set[str], reason: str, detail: str = "", answer: bool = True
     ) -> Decision:
         """Move a request off a failed worker, never back to one it already tried. `reason` is
-        a short fixed word (a metric label)."""
+        a short fixed word (a metric label). A write left without a writer is answered 503
+        (`answer` False: the caller answers it)."""
         state = self.state
         assert state.engine is not None and failed.upstream is not None
         tried.add(failed.upstream.url)
@@ -121,7 +132,7 @@ class Routing:
         why = f"{reason} ({detail})" if detail else reason
         decision = state.engine.failover(failed, state.workers.unusable | tried, state.in_flight, why)
         log.info(f"synapse-router: {failed.route}: failover {decision.failover}")
-        self.apply(flow, decision)
+        self.apply(flow, decision, answer)
         return decision
 
     @command.command("router.explain")
