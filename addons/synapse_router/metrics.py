@@ -301,7 +301,8 @@ class RouterMetrics:
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # "text/plain; version=0.0.4; charset=utf-8"
 METRICS_PATH = "/metrics"
-HEALTH_PATH = "/health"  # liveness/readiness for an orchestrator (container HEALTHCHECK, probes)
+HEALTH_PATH = "/health"  # liveness for an orchestrator (container HEALTHCHECK, liveness probes)
+READY_PATH = "/ready"  # readiness: 503 from the moment a stop begins, and while main is unreachable
 _PLAIN = "text/plain; charset=utf-8"
 REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
@@ -313,7 +314,11 @@ _REASONS = {
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
+
+# Why the router should get no new traffic (None: it should): what `/ready` asks.
+Readiness = Callable[[], str | None | Awaitable[str | None]]
 
 
 class _BadRequest(Exception):
@@ -329,7 +334,9 @@ class MetricsServer:
     exposition, and `/health` 200 `OK` without rendering anything, as Synapse's `/health` does
     (for an orchestrator's probes: this server runs on the router's event loop, or with
     `--processes` on the parent's, and starts once the proxy listens, so an answer means the
-    router is up); another method on either path 405; any other path 404; an unparseable request 400
+    router is up), and `/ready` 200 `OK` or 503 with the reason `ready()` gives (a stop has
+    begun, main is unreachable: a load balancer should send elsewhere); another method 405;
+    any other path 404; an unparseable request 400
     (414 or 431 when too long). Every response closes its connection. A client has
     `read_timeout` seconds to send its request head and as long again to take the response;
     at most `max_connections` are open at once (more are closed at once). Rendering runs on
@@ -348,8 +355,10 @@ class MetricsServer:
         read_timeout: float = 10.0,
         max_connections: int = 64,
         max_header_lines: int = 100,
+        ready: Readiness | None = None,
     ) -> None:
         self.listen = listen
+        self.ready = ready
         self.host, self._configured_port = parse_listen(listen)
         self.render = render
         self.read_timeout = read_timeout
@@ -417,11 +426,16 @@ class MetricsServer:
 
     async def _respond(self, method: str, path: str) -> tuple[int, bytes, bool, bytes]:
         """(status, body, head only, extra header lines) for a well-formed request."""
-        if path not in (METRICS_PATH, HEALTH_PATH):
+        if path not in (METRICS_PATH, HEALTH_PATH, READY_PATH):
             return 404, b"not found\n", method == "HEAD", b""
         if method not in ("GET", "HEAD"):
             return 405, b"method not allowed\n", False, b"Allow: GET, HEAD\r\n"
         if path == HEALTH_PATH:
+            return 200, b"OK\n", method == "HEAD", b""
+        if path == READY_PATH:
+            reason = await self._not_ready()
+            if reason is not None:
+                return 503, f"not ready: {reason}\n".encode(), method == "HEAD", b""
             return 200, b"OK\n", method == "HEAD", b""
         try:
             rendered = self.render()
@@ -430,6 +444,16 @@ class MetricsServer:
             log.warning("metrics server: rendering the metrics failed", exc_info=True)
             return 500, b"internal server error\n", method == "HEAD", b""
         return 200, body, method == "HEAD", b""
+
+    async def _not_ready(self) -> str | None:
+        if self.ready is None:
+            return None
+        try:
+            answer = self.ready()
+            return await answer if inspect.isawaitable(answer) else answer
+        except Exception:
+            log.warning("metrics server: the readiness check failed", exc_info=True)
+            return "readiness unknown"
 
     async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str]:
         """Read the request line and headers; return (method, path without query)."""

@@ -24,7 +24,7 @@ from prometheus_client.samples import Sample
 
 from .config import ConfigError
 from .listener import SwitchedListener
-from .metrics import METRICS_PATH, MetricsServer, parse_listen
+from .metrics import METRICS_PATH, READY_PATH, MetricsServer, parse_listen
 
 PROCESS_LABEL = "process"
 PROCESS_UP = "synapse_router_process_up"
@@ -91,6 +91,25 @@ class ProcessMetrics:
             restarts = {str(index + 1): count for index, count in self.restarts().items()}
         return merge([(str(i), text) for i, text in enumerate(texts, start=1)], restarts)
 
+    async def not_ready(self) -> str | None:
+        """Why the processes should get no new traffic: the first one that is not ready (or
+        does not answer), or None when every one is."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=SCRAPE_TIMEOUT, trust_env=False)
+        client = self._client
+
+        async def ask(i: int, url: str) -> str | None:
+            try:
+                response = await client.get(url.removesuffix(METRICS_PATH) + READY_PATH)
+            except httpx.HTTPError:
+                return f"process {i} does not answer"
+            if response.status_code == 200:
+                return None
+            return f"process {i} " + response.text.strip()[:200]
+
+        answers = await asyncio.gather(*(ask(i, url) for i, url in enumerate(self.urls, start=1)))
+        return next((a for a in answers if a is not None), None)
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
@@ -113,11 +132,21 @@ def _dialable(host: str) -> str:
 class _MergedServer:
     """The merged endpoint on one address: its scrapes of the processes and its HTTP server."""
 
-    def __init__(self, listen: str, count: int, restarts: Callable[[], Mapping[int, int]] | None) -> None:
+    def __init__(
+        self,
+        listen: str,
+        count: int,
+        restarts: Callable[[], Mapping[int, int]] | None,
+        stopping: Callable[[], bool],
+    ) -> None:
         self.listen = listen
         host, port = parse_listen(listen)
         self._source = ProcessMetrics(host, port, count, restarts)
-        self._server = MetricsServer(self._source.render, listen)
+        self._stopping = stopping
+        self._server = MetricsServer(self._source.render, listen, ready=self._not_ready)
+
+    async def _not_ready(self) -> str | None:
+        return "stopping" if self._stopping() else await self._source.not_ready()
 
     async def start(self) -> None:
         try:
@@ -138,13 +167,19 @@ class MergedMetricsServer:
     configuration that cannot be read keeps the endpoint where it is."""
 
     def __init__(
-        self, count: int, warn: Callable[[str], None], restarts: Callable[[], Mapping[int, int]] | None = None
+        self,
+        count: int,
+        warn: Callable[[str], None],
+        restarts: Callable[[], Mapping[int, int]] | None = None,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.count = count
         self.warn = warn
         self.loop = asyncio.new_event_loop()
         self.listener = SwitchedListener(
-            lambda listen: _MergedServer(listen, count, restarts), warn, what="merged metrics of the processes"
+            lambda listen: _MergedServer(listen, count, restarts, stopping),
+            warn,
+            what="merged metrics of the processes",
         )
         self.thread = threading.Thread(target=self.loop.run_forever, name="merged-metrics", daemon=True)
         self.thread.start()

@@ -36,8 +36,18 @@ class RouterState:
     # client connection id -> flow id -> its flows that have a decision and are not over yet:
     # what Observation finishes when the client goes without a response or error hook for them
     unfinished: dict[str, dict[str, http.HTTPFlow]] = field(default_factory=dict)
+    stopping: bool = False  # a graceful stop has begun: not ready for new traffic
+    main_reachable: bool | None = None  # main's health checks: None until judged
     # (pool, worker URL) pairs of the configuration, whose series the metrics export
     published: frozenset[tuple[str, str]] = frozenset()
     upstream: UpstreamClient = field(default_factory=UpstreamClient)  # requests the router sends itself
     # client connection id -> the flow waiting for its upstream connection (mitmproxy's path)
     connecting: dict[str, http.HTTPFlow] = field(default_factory=dict)
+
+    def not_ready(self) -> str | None:
+        """Why this router should get no new traffic (`/ready`), or None."""
+        if self.stopping:
+            return "stopping"
+        if self.main_reachable is False:
+            return "main unreachable"
+        return None

@@ -180,7 +180,9 @@ class Supervisor:
             if not self._wait_ready(self._start(0)):
                 self.stopping = True  # it could not start (it said why): no restart
             elif not self.stopping:
-                self.metrics = MergedMetricsServer(self.count, self.warn, lambda: dict(self.restarts))
+                self.metrics = MergedMetricsServer(
+                    self.count, self.warn, lambda: dict(self.restarts), stopping=lambda: self.stopping
+                )
                 self.metrics.serve(metrics_listen(self.argv))
                 rest = [self._start(i) for i in range(1, self.count)]
                 started = [self._wait_ready(child) for child in rest]  # every pipe read and closed

@@ -100,7 +100,7 @@ def test_traefik_keeps_qr_login_rendezvous_uncompressed() -> None:
 def test_traefik_checks_health_and_forwards_to_the_router() -> None:
     balancer = snippet_with("http")["http"]["services"]["synapse-router"]["loadBalancer"]
     assert balancer["servers"] == [{"url": f"http://synapse-router:{final_stage_port('http')}"}]
-    assert balancer["healthCheck"]["path"] == "/health"
+    assert balancer["healthCheck"]["path"] == "/ready"  # readiness: 503 once a stop begins
     assert balancer["healthCheck"]["port"] == final_stage_port("metrics")
 
 
@@ -126,8 +126,8 @@ def test_kubernetes_deployment_matches_the_image_and_the_grace() -> None:
     assert pod["terminationGracePeriodSeconds"] > int(sleep[1]) + DEFAULT_GRACE
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": final_stage_port("http"), "metrics": final_stage_port("metrics")}
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/health", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "metrics"}
     image_cmd = final.exec_form("CMD")
     assert [a for a in container["args"] if not a.startswith("reverse:")] == [
         a for a in image_cmd if not a.startswith("reverse:")

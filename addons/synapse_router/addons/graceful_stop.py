@@ -33,6 +33,7 @@ from mitmproxy.utils import asyncio_utils
 from ..config import RouterConfig
 from ..shutdown import ShutdownConfig, drained_line, grace_over_line, immediate_line, stopping_line
 from ..signals import on_signal
+from ..state import RouterState
 from .connection_limits import ConnectionLimits
 from .listen_backlog import listening_servers
 
@@ -45,8 +46,9 @@ SHUTDOWN_REASON = "shutdown"
 
 
 class GracefulStop:
-    def __init__(self, limits: ConnectionLimits) -> None:
+    def __init__(self, limits: ConnectionLimits, state: RouterState) -> None:
         self.limits = limits
+        self.state = state
         self.config = ShutdownConfig()
         self._drain: asyncio.Task[None] | None = None
         self._handed_over: set[asyncio.Task[None]] = set()  # connections accepted while stopping
@@ -93,6 +95,7 @@ class GracefulStop:
     def stop(self) -> None:
         """The first call drains; a second one stops at once."""
         if self._drain is None:
+            self.state.stopping = True  # `/ready` answers 503 from now on
             self._drain = asyncio_utils.create_task(self._drain_then_shut_down(), name="graceful stop", keep_ref=True)
             return
         log.warning(immediate_line(self.limits.requests_in_flight, self._connections()))

@@ -25,6 +25,7 @@ class HealthChecks:
         self.state = state
         self._http: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
+        self._main_streak = 0  # main's checks: > 0 passed in a row, < 0 failed in a row
 
     def prepare(self, config: RouterConfig) -> Callable[[], None]:
         def switch() -> None:
@@ -147,10 +148,34 @@ class HealthChecks:
 
     async def _check_all(self, config: HealthConfig) -> None:
         urls = list(self.state.workers.workers)
-        results = await asyncio.gather(*(check_worker(self._client(), url, config) for url in urls))
-        for url, (ok, reason, unreachable) in zip(urls, results, strict=True):
+        main = self.state.main
+        checks = [check_worker(self._client(), url, config) for url in urls]
+        if main is not None:
+            checks.append(check_worker(self._client(), main.url, config))
+        results = await asyncio.gather(*checks)
+        for url, (ok, reason, unreachable) in zip(urls, results, strict=False):
             if self.state.workers.record_check(url, ok, reason, unreachable):
                 self.changed(url)
+        if main is not None:
+            ok, reason, _ = results[-1]
+            self._record_main(ok, reason, config)
+
+    def _record_main(self, ok: bool, reason: str, config: HealthConfig) -> None:
+        """Main is never taken out of routing (it is the last resort); its checks only decide
+        readiness: unreachable after `fall` failures in a row, reachable after `rise` passes."""
+        if ok:
+            self._main_streak = max(self._main_streak, 0) + 1
+        else:
+            self._main_streak = min(self._main_streak, 0) - 1
+        was = self.state.main_reachable
+        if self._main_streak >= config.rise or (was is None and ok):
+            self.state.main_reachable = True
+        elif -self._main_streak >= config.fall:
+            self.state.main_reachable = False
+        if self.state.main_reachable is False and was is not False:
+            log.warning(f"synapse-router: main is unreachable ({reason}): not ready")
+        elif self.state.main_reachable and was is False:
+            log.info("synapse-router: main is reachable again: ready")
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:

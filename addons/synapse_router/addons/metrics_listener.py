@@ -21,7 +21,7 @@ class MetricsListener:
         self.state = state
         self.listen: str | None = None  # what the configuration asks for
         self._listener = SwitchedListener(
-            lambda listen: MetricsServer(self.state.metrics.render, listen),
+            lambda listen: MetricsServer(self.state.metrics.render, listen, ready=self.state.not_ready),
             lambda message: log.error(f"synapse-router: {message}"),
             lambda message: log.info(f"synapse-router: {message}"),
         )
