@@ -109,6 +109,7 @@ class _RelayConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._ticket: bytes | None = None
         self._task: asyncio.Task[None] | None = None
+        self._answering = False  # a request is being answered (its task may have run eagerly)
         self._answer: Answer | None = None
         self._writable: asyncio.Future[None] | None = None
         self._paused = False
@@ -156,7 +157,7 @@ class _RelayConnection(asyncio.Protocol):
 
     def _next_events(self) -> None:
         """Read the request: its ticket from the head, its body dropped; at its end, answer."""
-        if self._task is not None:
+        if self._answering:
             return  # answering: the next request (if any) is read once this one is done
         try:
             while True:
@@ -164,7 +165,12 @@ class _RelayConnection(asyncio.Protocol):
                 if isinstance(event, h11.Request):
                     self._ticket = dict(event.headers).get(HEADER.lower().encode())
                 elif isinstance(event, h11.EndOfMessage):
-                    self._task = asyncio.get_running_loop().create_task(self._answer_request())
+                    # mitmproxy runs its loop with asyncio's eager task factory: the task may
+                    # run (even to its end) before create_task returns.
+                    self._answering = True
+                    task = asyncio.get_running_loop().create_task(self._answer_request())
+                    if not task.done():
+                        self._task = task
                     return
                 elif event is h11.NEED_DATA or event is h11.PAUSED:
                     return
@@ -188,6 +194,7 @@ class _RelayConnection(asyncio.Protocol):
             transport.write(self._h11.send(head) + self._h11.send(h11.Data(data=body)))
             transport.write(self._h11.send(h11.EndOfMessage()))
             transport.close()
+            self._answering = False
             return
         self._answer = answer
         try:
@@ -211,6 +218,7 @@ class _RelayConnection(asyncio.Protocol):
             return
         finally:
             self._task = None
+            self._answering = False
         self._answer = None
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             with contextlib.suppress(h11.ProtocolError):
