@@ -147,7 +147,9 @@ def test_an_answer_already_streaming_is_never_resent(fleet: Fleet, start_router,
         victim = client.get(MESSAGES).headers["x-standin"]
         before = _received(fleet, names, "GET")
         with pytest.raises(httpx.RemoteProtocolError):
-            _fetch(client, "GET", f"{MESSAGES}?standin_bytes={size}&standin_cut_on={victim}&standin_cut_after={8 * MIB}")
+            _fetch(
+                client, "GET", f"{MESSAGES}?standin_bytes={size}&standin_cut_on={victim}&standin_cut_after={8 * MIB}"
+            )
     time.sleep(0.5)
     after = _received(fleet, names, "GET")
     assert sum(after.values()) - sum(before.values()) == 1, (before, after)
