@@ -8,7 +8,8 @@ addon, from a git worktree), N clients at once each fetch an M MiB answer throug
 loopback stand-in worker (`tests/standin.py`, chunked as Synapse answers JSON), first N GETs of
 `/rooms/{id}/messages` (a request the router sends itself, resent on failure), then N POSTs to
 `/rooms/{id}/send/...` (sent once). nginx keeps its default proxy_buffers (8 x 4 KiB) and
-`proxy_max_temp_file_size 0`, so it holds answers in memory only, as the router does. Every body is read to its end and its length checked.
+`proxy_max_temp_file_size 0`, so it holds answers in memory only, as the router does. Every
+body is read to its end and its length checked.
 Printed per proxy and method: the process's RSS before the load (after one warm-up request),
 its peak RSS (VmHWM; for nginx the sum over master and worker), the peak growth divided by the
 number of exchanges, and the wall time. The router runs with its default limits
@@ -116,7 +117,7 @@ async def load(port: int, clients: int, method: str, size: int) -> list[int | Ba
 
 
 @contextmanager
-def proxy(kind: str, fleet: Fleet, work: Path, before: Path | None) -> Iterator[tuple[int, int]]:
+def proxy(kind: str, before: Path | None, fleet: Fleet, work: Path) -> Iterator[tuple[int, int]]:
     """Start one proxy in front of the stand-in; yields (its port, its pid)."""
     port = free_port()
     config = work / "router.yaml"
@@ -198,19 +199,22 @@ def main() -> None:
         before = None
         if args.before:
             before = work / "before"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before], check=True)
+            add = ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before]
+            subprocess.run(add, check=True)
         fleet = Fleet(work)
         try:
             fleet.add("main")
             fleet.add("w1")
             kinds = ["synapse-router", "mitmdump", "nginx"] + (["before"] if before else [])
             print(f"{args.clients} concurrent {args.mib} MiB answers per method, each on its own connection")
-            print("| proxy | method | clients | RSS before MiB | peak RSS MiB | peak growth per exchange MiB | seconds |")
+            columns = ("proxy", "method", "clients", "RSS before MiB", "peak RSS MiB", "peak growth per exchange MiB")
+            print("| " + " | ".join(columns) + " | seconds |")
             print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
             for kind in kinds:
                 clients = args.before_clients if kind == "before" else args.clients
                 for method in ("GET", "POST"):
-                    with proxy("mitmdump" if kind == "before" else kind, fleet, work, before) as (port, pid):
+                    variant = ("mitmdump", before) if kind == "before" else (kind, None)
+                    with proxy(*variant, fleet, work) as (port, pid):
                         name = "nginx" if kind == "nginx" else kind
                         asyncio.run(load(port, 1, method, 1024))  # warm up: routes, connections
                         start_rss = rss_kib(name, pid)
@@ -237,4 +241,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a SIGTERM still stops what it started
     main()
