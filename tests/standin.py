@@ -15,6 +15,8 @@ Query parameters steer it (they pass through the router untouched):
   standin_cut_on=NAME&standin_cut_after=K  (with standin_bytes) the server named NAME sends the
                        head and K bytes of the body, then closes the connection (a worker dying
                        mid-answer); the others answer whole
+  standin_early_status=C  answer status C (a Matrix error) before reading the request body,
+                       then half-close, drain for 2 s and close (a 413 for an upload over a limit)
 The body of standin_bytes=N is `bytes(range(256))` repeated: its SHA-256 is `pattern_sha256(N)`.
 With --whoami FILE (JSON {token: user_id}) it answers /_matrix/client/v3/account/whoami
 like Synapse: 200 {"user_id", "device_id", "is_guest"} or 401 M_UNKNOWN_TOKEN; `/health`
@@ -148,8 +150,21 @@ class Handler(BaseHTTPRequestHandler):
         if url.path not in ("/health", "/__standin/stats") and not url.path.endswith("/account/whoami"):
             with self.server.lock:
                 self.server.requests[self.command] = self.server.requests.get(self.command, 0) + 1
-        size, sha = self._read_body()
         params = parse_qs(url.query)
+        if early := params.get("standin_early_status"):  # answer before reading the body, and close
+            self.close_connection = True
+            self._send_json(int(early[0]), {"errcode": "M_TOO_LARGE", "error": "too large"}, {"Connection": "close"})
+            # Half-closed, and what the client still sends read for a moment: a close with
+            # unread bytes would be a reset, which can overtake the answer.
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(2)
+            try:
+                while self.connection.recv(65536):
+                    pass
+            except OSError:
+                pass
+            return
+        size, sha = self._read_body()
         if url.path == "/health":
             body = b"OK"
             self.send_response(200)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -207,3 +208,19 @@ def test_a_long_poll_is_not_cut_before_its_own_timeout(fleet: Fleet, start_route
         # Past its own time and the read timeout, it is cut: 504.
         r = client.request(method, f"{path}&standin_delay=8", content=body)
         assert r.status_code == 504, r.text
+
+
+def test_a_workers_early_413_during_a_streamed_upload_reaches_the_client(fleet: Fleet, start_router, tmp_path) -> None:
+    # Kept: an upload over 1 MiB is streamed by mitmproxy, and a worker refusing it before
+    # reading it answers the client itself.
+    router, _ = _start(fleet, start_router, tmp_path, ["w1"])
+    head = (f"POST {SEND}?standin_early_status=413 HTTP/1.1\r\nHost: x\r\nContent-Length: {20 * MIB}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", router.port), timeout=20) as sock:
+        sock.sendall(head + b"x" * 65536)  # the head and a first part; the rest never comes
+        received = b""
+        while b"\r\n\r\n" not in received:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    assert received.startswith(b"HTTP/1.1 413 "), received[:200]
