@@ -117,11 +117,13 @@ async def load(port: int, clients: int, method: str, size: int) -> list[int | Ba
 
 
 @contextmanager
-def proxy(kind: str, before: Path | None, fleet: Fleet, work: Path) -> Iterator[tuple[int, int]]:
+def proxy(
+    kind: str, before: Path | None, fleet: Fleet, work: Path, limits: dict[str, int]
+) -> Iterator[tuple[int, int]]:
     """Start one proxy in front of the stand-in; yields (its port, its pid)."""
     port = free_port()
     config = work / "router.yaml"
-    config.write_text(yaml.safe_dump({"workers": {"room": [fleet["w1"].url]}}))
+    config.write_text(yaml.safe_dump({"workers": {"room": [fleet["w1"].url]}} | ({"limits": limits} if limits else {})))
     log = (work / f"{kind}.log").open("wb")
     main = fleet["main"].url
     if kind == "nginx":
@@ -192,7 +194,15 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=60)
     parser.add_argument("--before", help="also run mitmdump with this commit's addon (e.g. main)")
     parser.add_argument("--before-clients", type=int, default=12, help="clients for --before (it holds each answer)")
+    parser.add_argument("--only", nargs="*", help="proxies to run: synapse-router mitmdump nginx before")
+    parser.add_argument("--response-buffer", type=int, help="the router's limits.response_buffer (bytes)")
+    parser.add_argument("--buffer-budget", type=int, help="the router's limits.buffer_budget (bytes)")
     args = parser.parse_args()
+    limits = {
+        key: value
+        for key, value in (("response_buffer", args.response_buffer), ("buffer_budget", args.buffer_budget))
+        if value is not None
+    }
     size = args.mib * MIB
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as scratch:
         work = Path(scratch)
@@ -206,7 +216,10 @@ def main() -> None:
             fleet.add("main")
             fleet.add("w1")
             kinds = ["synapse-router", "mitmdump", "nginx"] + (["before"] if before else [])
+            kinds = [kind for kind in kinds if not args.only or kind in args.only]
             print(f"{args.clients} concurrent {args.mib} MiB answers per method, each on its own connection")
+            if limits:
+                print(f"router limits: {limits}")
             columns = ("proxy", "method", "clients", "RSS before MiB", "peak RSS MiB", "peak growth per exchange MiB")
             print("| " + " | ".join(columns) + " | seconds |")
             print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -214,7 +227,7 @@ def main() -> None:
                 clients = args.before_clients if kind == "before" else args.clients
                 for method in ("GET", "POST"):
                     variant = ("mitmdump", before) if kind == "before" else (kind, None)
-                    with proxy(*variant, fleet, work) as (port, pid):
+                    with proxy(*variant, fleet, work, limits) as (port, pid):
                         name = "nginx" if kind == "nginx" else kind
                         asyncio.run(load(port, 1, method, 1024))  # warm up: routes, connections
                         start_rss = rss_kib(name, pid)
