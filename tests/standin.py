@@ -10,7 +10,14 @@ Query parameters steer it (they pass through the router untouched):
   standin_bytes=N      answer with N bytes of body, streamed in chunks (a media download)
   standin_status=C     answer with status C
   standin_hang=1       accept, read the request, never answer (a wedged worker)
-  standin_chunked=1    answer with Transfer-Encoding: chunked, as Synapse answers JSON
+  standin_chunked=1    answer with Transfer-Encoding: chunked, as Synapse answers JSON (also
+                       with standin_bytes: N bytes in chunks of 256 KiB)
+  standin_cut_on=NAME&standin_cut_after=K  (with standin_bytes) the server named NAME sends the
+                       head and K bytes of the body, then closes the connection (a worker dying
+                       mid-answer); the others answer whole
+  standin_early_status=C  answer status C (a Matrix error) before reading the request body,
+                       then half-close, drain for 2 s and close (a 413 for an upload over a limit)
+The body of standin_bytes=N is `bytes(range(256))` repeated: its SHA-256 is `pattern_sha256(N)`.
 With --whoami FILE (JSON {token: user_id}) it answers /_matrix/client/v3/account/whoami
 like Synapse: 200 {"user_id", "device_id", "is_guest"} or 401 M_UNKNOWN_TOKEN; `/health`
 answers 200 OK; `/__standin/stats` answers {"whoami_calls": N, "open_connections": M, "requests":
@@ -143,8 +150,21 @@ class Handler(BaseHTTPRequestHandler):
         if url.path not in ("/health", "/__standin/stats") and not url.path.endswith("/account/whoami"):
             with self.server.lock:
                 self.server.requests[self.command] = self.server.requests.get(self.command, 0) + 1
-        size, sha = self._read_body()
         params = parse_qs(url.query)
+        if early := params.get("standin_early_status"):  # answer before reading the body, and close
+            self.close_connection = True
+            self._send_json(int(early[0]), {"errcode": "M_TOO_LARGE", "error": "too large"}, {"Connection": "close"})
+            # Half-closed, and what the client still sends read for a moment: a close with
+            # unread bytes would be a reset, which can overtake the answer.
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(2)
+            try:
+                while self.connection.recv(65536):
+                    pass
+            except OSError:
+                pass
+            return
+        size, sha = self._read_body()
         if url.path == "/health":
             body = b"OK"
             self.send_response(200)
@@ -174,7 +194,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         status = int(params.get("standin_status", ["200"])[0])
         if n := params.get("standin_bytes"):
-            self._send_bytes(int(n[0]))
+            cut = None
+            if params.get("standin_cut_on", [""])[0] == self.server.name:
+                cut = int(params.get("standin_cut_after", ["0"])[0])
+            self._send_bytes(int(n[0]), bool(params.get("standin_chunked")), cut)
             return
         self._send_json(
             status,
@@ -207,17 +230,47 @@ class Handler(BaseHTTPRequestHandler):
         as_user = parse_qs(urlsplit(self.path).query).get("user_id")
         self._send_json(200, {"user_id": as_user[0] if as_user else user, "device_id": "DEV", "is_guest": False})
 
-    def _send_bytes(self, n: int) -> None:
+    def _send_bytes(self, n: int, chunked: bool = False, cut: int | None = None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(n))
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(n))
+        self.send_header("X-Standin", self.server.name)
         self.end_headers()
+        if self.command == "HEAD":
+            return
         block = bytes(range(256)) * (CHUNK // 256)
+        sent = 0
         while n > 0:
-            self.wfile.write(block[: min(n, len(block))])
-            n -= len(block)
+            part = block[: min(n, len(block))]
+            if cut is not None and sent + len(part) > cut:
+                part = part[: cut - sent]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part) if chunked and part else part)
+                self.wfile.flush()
+                # Closed, as a killed process's connection is (a FIN after what was sent).
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.connection.close()
+                self.close_connection = True
+                return
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+            sent += len(part)
+            n -= len(part)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _handle
+
+
+def pattern_sha256(n: int) -> str:
+    """The SHA-256 of a standin_bytes=N body."""
+    digest = hashlib.sha256()
+    block = bytes(range(256)) * (CHUNK // 256)
+    while n > 0:
+        digest.update(block[: min(n, len(block))])
+        n -= len(block)
+    return digest.hexdigest()
 
 
 def main() -> None:

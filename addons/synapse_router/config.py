@@ -317,7 +317,7 @@ def _parse_whoami(doc: _Doc, raw: Any) -> WhoamiConfig:
     )
 
 
-_HEALTH_KEYS = frozenset({"path", "interval", "timeout", "fall", "rise", "connect_timeout"})
+_HEALTH_KEYS = frozenset({"path", "interval", "timeout", "fall", "rise", "connect_timeout", "read_timeout"})
 
 
 def _parse_health(doc: _Doc, raw: Any) -> HealthConfig:
@@ -340,6 +340,7 @@ def _parse_health(doc: _Doc, raw: Any) -> HealthConfig:
         fall=count("fall", d.fall),
         rise=count("rise", d.rise),
         connect_timeout=seconds("connect_timeout", d.connect_timeout),
+        read_timeout=seconds("read_timeout", d.read_timeout),
     )
 
 

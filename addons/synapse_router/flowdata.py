@@ -22,6 +22,8 @@ _LOGOUT = f"{METADATA_KEY}.logout"  # (everywhere, token key) of a logout reques
 _FORWARD = f"{METADATA_KEY}.forward"  # the router sends this request itself: how (a Sending)
 _REDACTED = f"{METADATA_KEY}.redacted"  # the request's credentials are labels now
 _UPLOAD_CUT = f"{METADATA_KEY}.upload_cut"  # answered while the client was still sending its body
+_RELAYED = f"{METADATA_KEY}.relayed"  # a router-sent answer streamed through the relay
+_STREAMED_BYTES = f"{METADATA_KEY}.streamed_bytes"  # body bytes of a relayed answer sent on
 
 
 def decision(flow: http.HTTPFlow) -> Decision | None:
@@ -97,3 +99,20 @@ def upload_cut(flow: http.HTTPFlow) -> bool:
 
 def set_upload_cut(flow: http.HTTPFlow) -> None:
     flow.metadata[_UPLOAD_CUT] = True
+
+
+def relayed(flow: http.HTTPFlow) -> bool:
+    return flow.metadata.get(_RELAYED) is True
+
+
+def set_relayed(flow: http.HTTPFlow) -> None:
+    flow.metadata[_RELAYED] = True
+
+
+def streamed_bytes(flow: http.HTTPFlow) -> int | None:
+    found = flow.metadata.get(_STREAMED_BYTES)
+    return found if isinstance(found, int) else None
+
+
+def add_streamed_bytes(flow: http.HTTPFlow, size: int) -> None:
+    flow.metadata[_STREAMED_BYTES] = flow.metadata.get(_STREAMED_BYTES, 0) + size

@@ -21,6 +21,9 @@ class HealthConfig:
     fall: int = 2  # consecutive failed checks that take a worker down
     rise: int = 2  # consecutive good checks that bring it back
     connect_timeout: float = 2.0  # seconds to connect to a worker before failing over
+    # Seconds the router waits for a worker's next bytes on a request it sent (nginx's
+    # proxy_read_timeout); a long-poll's own `timeout` is added while it waits for the head.
+    read_timeout: float = 60.0
 
     @property
     def retry_after(self) -> int:

@@ -1,6 +1,7 @@
 """Resource limits on client connections, as nginx's: the `limits` key of the configuration.
 
-    limits: {header_timeout: 60, keepalive_timeout: 75, max_header_bytes: 65536, max_connections: 10000}
+    limits: {header_timeout: 60, keepalive_timeout: 75, max_header_bytes: 65536, max_connections: 10000,
+             response_buffer: 262144, buffer_budget: 67108864}
 
 - `header_timeout`: a new connection whose first request's headers are not complete within
   this many seconds of connecting is closed (nginx's `client_header_timeout`: a total for the
@@ -19,6 +20,11 @@
 - `max_connections`: client connections one router process holds at most; beyond, a new
   client is closed at once, counted in `synapse_router_client_connections_refused_total`, and
   reported in at most one log line per 10 s.
+- `response_buffer`: bytes of a worker's answer body the router holds for one request it sends
+  itself (so that a safe request can still be resent while nothing of its answer reached the
+  client); a longer answer is streamed to the client from there on (upstream_client.py, relay.py).
+- `buffer_budget`: bytes all those held answer bodies of one process may take together; beyond,
+  a new answer is streamed as soon as its head is read (no buffer, so no resend after its head).
 
 Start-up raises the soft open-files limit (RLIMIT_NOFILE) to the hard one and warns once if
 `max_connections` does not fit in it (each client connection may hold an upstream one too).
@@ -67,6 +73,8 @@ class LimitsConfig:
     # Connections the kernel queues before the router accepts them (the kernel caps it at
     # net.core.somaxconn); asyncio's default, 100, overflows in a reconnect storm.
     listen_backlog: int = 4096
+    response_buffer: int = 256 * 1024  # answer body bytes held per router-sent request
+    buffer_budget: int = 64 * 1024 * 1024  # answer body bytes held by all of them together
 
 
 class LimitsConfigError(ValueError):
@@ -78,7 +86,15 @@ class LimitsConfigError(ValueError):
         super().__init__(f"limits.{key}: {reason}" if key else f"limits: {reason}")
 
 
-_KEYS = ("header_timeout", "keepalive_timeout", "max_header_bytes", "max_connections", "listen_backlog")
+_KEYS = (
+    "header_timeout",
+    "keepalive_timeout",
+    "max_header_bytes",
+    "max_connections",
+    "listen_backlog",
+    "response_buffer",
+    "buffer_budget",
+)
 
 
 def parse_limits(raw: object) -> LimitsConfig:
@@ -111,6 +127,9 @@ def parse_limits(raw: object) -> LimitsConfig:
         max_header_bytes=count("max_header_bytes", d.max_header_bytes, 1024),
         max_connections=count("max_connections", d.max_connections, 1),
         listen_backlog=count("listen_backlog", d.listen_backlog, 1),
+        # 0: every answer with a body is streamed from its head on (no resend after the head).
+        response_buffer=count("response_buffer", d.response_buffer, 0),
+        buffer_budget=count("buffer_budget", d.buffer_budget, 0),
     )
 
 

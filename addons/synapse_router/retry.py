@@ -30,6 +30,7 @@ from .query import query_param
 
 MAX_HELD_REQUEST = 1024 * 1024  # a request body the router holds (mitmproxy streams larger ones)
 MAX_RESENT_BODY = 64 * 1024  # a request body the router keeps to resend
+MAX_LONG_POLL = 3600.0  # seconds of a client's `timeout` the router waits beyond its read timeout
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SLIDING_SYNC_PATH = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
 _TXN_PUT = re.compile(r"^/_matrix/client/(?:api/v1|r0|v3|unstable)/rooms/[^/]+/(?:send|redact)/[^/]+/[^/]+$")
@@ -70,3 +71,14 @@ def sending(
     ):
         return Sending.RESEND
     return Sending.ONCE
+
+
+def head_timeout(path: str, read_timeout: float) -> float:
+    """How long the router waits for a worker's answer head: its read timeout, plus the
+    long-poll `timeout` (milliseconds) the client asked for (/sync, /events, sliding sync...),
+    at most MAX_LONG_POLL, so a long-poll is never cut before its own time is up."""
+    _, _, query = path.partition("?")
+    timeout = query_param(query, "timeout") if query else None
+    if timeout is None or not timeout.isdigit() or len(timeout) > 12:
+        return read_timeout
+    return read_timeout + min(int(timeout) / 1000, MAX_LONG_POLL)

@@ -24,6 +24,14 @@ bytes nobody asked for is closed.
 Connections are kept alive per worker (an `asyncio.Protocol` per connection feeding h11, no
 stream layer in between); httpx on this path cost 1.1-2.4 ms of CPU per request, several
 times what mitmproxy spends on a whole proxied request (docs/benchmarks.md).
+
+Memory per exchange is bounded whatever the answer's size: the worker's connection stops
+being read while more than READ_HIGH bytes wait in its receive buffer; an answer body is held
+whole only up to `response_buffer` bytes and while the process-wide `BufferBudget` allows it.
+A longer answer is returned as a `StreamedAnswer` (its checked head, the body so far, and the
+rest read on demand: relay.py passes it to mitmproxy, which streams it to the client). Until
+then nothing of the answer has left the router, so the request can still be resent. Every
+wait for the worker's next bytes is bounded by a read timeout (nginx's proxy_read_timeout).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import asyncio
 import math
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 from functools import partial
 
@@ -62,7 +70,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 MAX_HEAD = 64 * 1024  # bytes of status line and headers; more is not an HTTP response we relay
-MAX_BODY = 64 * 1024 * 1024  # a response held in memory; a larger one is not relayed on this path
+READ_HIGH = 64 * 1024  # unread bytes of a worker connection beyond which it is not read
 MAX_IDLE_PER_WORKER = 256
 
 
@@ -75,7 +83,7 @@ class Failure(StrEnum):
     CONNECT_ERROR = "connect_error"  # refused, unreachable: the worker is not listening
     CONNECT_TIMEOUT = "connect_timeout"  # no connection within the connect timeout
     NO_RESPONSE = "no_response"  # connected, but the whole response never arrived
-    TOO_LARGE = "too_large"  # the response is larger than this path holds (MAX_BODY)
+    READ_TIMEOUT = "read_timeout"  # connected, sent; the worker sent nothing for the read timeout
 
 
 class NoResponse(Exception):
@@ -86,6 +94,25 @@ class NoResponse(Exception):
         super().__init__(detail)
         self.failure = failure
         self.refused = refused or failure is Failure.CONNECT_ERROR
+
+
+class BufferBudget:
+    """Bytes of answer bodies held by all exchanges of a process, and their limit: an exchange
+    takes bytes before holding them and gives them back once they are sent on or dropped."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.refused = 0  # answers streamed from their head on because the budget was spent
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held = max(0, self.held - size)
 
 
 class BadRequest(ValueError):
@@ -111,6 +138,7 @@ class _Connection(asyncio.Protocol):
         self.abandoned = False  # closed because the client of its exchange left
         self.resendable = True  # its exchange may be cut when the worker is found dead (it is resent)
         self.cut = False  # closed by the router because its worker was found dead
+        self.paused = False  # not read: READ_HIGH bytes wait in the buffer
         self._wakeup: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -120,10 +148,10 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._heard[self._url] = time.monotonic()
         self.received += len(data)
-        if self.received > MAX_HEAD + MAX_BODY:
-            self.abort()
-            return
         self.buffer += data
+        if len(self.buffer) > READ_HIGH and not self.paused and self.transport is not None:
+            self.paused = True  # until its reader wants more (wait_for_data): bounded memory
+            self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -156,12 +184,27 @@ class _Connection(asyncio.Protocol):
             and not self.buffer
         )
 
-    async def wait_for_data(self) -> None:
-        """Until more bytes (or the end) arrived; raises if the end already did."""
+    async def wait_for_data(self, timeout: float | None) -> None:
+        """Until more bytes (or the end) arrived; raises if the end already did, TimeoutError
+        if nothing arrived within `timeout` seconds (None: no limit)."""
         if self.closed:
             raise h11.RemoteProtocolError("connection closed mid-message")
-        self._wakeup = asyncio.get_running_loop().create_future()
-        await self._wakeup
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        wakeup = self._wakeup = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _expire, wakeup, timeout)
+        try:
+            await wakeup
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+def _expire(wakeup: asyncio.Future[None], timeout: float) -> None:
+    if not wakeup.done():
+        wakeup.set_exception(TimeoutError(f"the worker sent nothing for {timeout:g}s"))
 
 
 class UpstreamClient:
@@ -176,6 +219,13 @@ class UpstreamClient:
         self._pooled: frozenset[str] | None = None  # workers whose connections are kept; None: all
         self.main_url: str | None = None  # the main process: its connections are always kept
         self._tls: ssl.SSLContext | None = None
+        self.response_buffer = 256 * 1024  # answer body bytes one exchange holds (limits.response_buffer)
+        self.budget = BufferBudget(64 * 1024 * 1024)  # what all exchanges hold (limits.buffer_budget)
+
+    def set_buffers(self, response_buffer: int, budget: int) -> None:
+        """New limits (a reload): bytes held now stay counted against the new budget."""
+        self.response_buffer = response_buffer
+        self.budget.limit = budget
 
     async def send(
         self,
@@ -187,12 +237,18 @@ class UpstreamClient:
         body: bytes = b"",
         owner: object = None,
         resendable: bool = True,
-    ) -> http.Response:
-        """Send a request to a worker and read its whole response. Raises BadRequest (before
-        anything is sent) if the request is not valid HTTP/1.1, NoResponse if the worker gives
-        no complete response (also when `abort` or `abandon(owner)` closed the connection).
+        read_timeout: float | None = None,
+        head_timeout: float | None = None,
+    ) -> http.Response | StreamedAnswer:
+        """Send a request to a worker and read its response: whole if its body fits the
+        response buffer (and the budget), else its head and the body so far, as a StreamedAnswer
+        whose rest is read on demand. Raises BadRequest (before anything is sent) if the request
+        is not valid HTTP/1.1, NoResponse if the worker gives no (complete) response (also when
+        `abort` or `abandon(owner)` closed the connection, and after `head_timeout` seconds
+        without the head's next bytes, `read_timeout` for the body's: Failure.READ_TIMEOUT).
         A reused connection that fails is replaced by a fresh one only if `resendable`: the
         worker may have read the request before it failed."""
+        timeouts = (head_timeout if head_timeout is not None else read_timeout, read_timeout)
         url = upstream.url
         request = _request_bytes(upstream, method, path, headers, body)
         aborts = self._aborts.get(url, 0)
@@ -200,11 +256,11 @@ class UpstreamClient:
         reused_failed: NoResponse | None = None
         if connection is not None:
             try:
-                return await self._exchange(url, connection, request, method, aborts, owner, resendable)
+                return await self._exchange(url, connection, request, method, aborts, owner, resendable, timeouts)
             except NoResponse as e:
                 if (
                     not resendable
-                    or e.failure is Failure.TOO_LARGE
+                    or e.failure is Failure.READ_TIMEOUT
                     or self._aborts.get(url, 0) != aborts
                     or (connection.abandoned and owner is not None)
                 ):
@@ -220,7 +276,7 @@ class UpstreamClient:
             # so this is a request without a response (resent only if safe), not a connect error.
             detail = f"{reused_failed}; then connecting again: {e}"
             raise NoResponse(Failure.NO_RESPONSE, detail, refused=e.refused) from e
-        return await self._exchange(url, connection, request, method, aborts, owner, resendable)
+        return await self._exchange(url, connection, request, method, aborts, owner, resendable, timeouts)
 
     def abandon(self, owner: object) -> bool:
         """The client of `owner`'s exchange has left: close its connection (the exchange raises
@@ -242,10 +298,13 @@ class UpstreamClient:
         if not cut_busy:
             return 0
         # A request that will not be resent is left to finish: the worker may only be slow,
-        # and cutting it would turn a late answer into an error. Its connection is not kept.
-        busy = self._busy.pop(url, set())
+        # and cutting it would turn a late answer into an error (its wait is bounded by the
+        # read timeout). It stays in the bookkeeping, so `close` still reaches it; its
+        # connection is not kept (the abort count changed).
+        busy = self._busy.get(url, set())
         cut = [connection for connection in busy if connection.resendable]
         for connection in cut:
+            busy.discard(connection)
             connection.cut = True
             connection.abort()
         return len(cut)
@@ -259,7 +318,7 @@ class UpstreamClient:
                 connection.abort()
 
     def close(self) -> None:
-        for url in list(self._idle) + list(self._busy):
+        for url in set(self._idle) | set(self._busy):
             for connection in self._busy.get(url, ()):
                 connection.resendable = True  # shutting down: nothing is left to finish
             self.abort(url)
@@ -319,7 +378,8 @@ class UpstreamClient:
         aborts: int,
         owner: object,
         resendable: bool,
-    ) -> http.Response:
+        timeouts: tuple[float | None, float | None],
+    ) -> http.Response | StreamedAnswer:
         """Send the request on the connection and read the response, unless the worker was
         found dead since the request began (`aborts` changed)."""
         if self._aborts.get(url, 0) != aborts:
@@ -330,32 +390,48 @@ class UpstreamClient:
         busy.add(connection)
         if owner is not None:
             self._owned[owner] = connection
+        release = partial(self._release, url, connection, aborts, owner)
         try:
             assert connection.transport is not None
             connection.received = 0
             connection.transport.write(request)
-            response = await _read_response(connection, method)
+            response = await _read_response(connection, method, timeouts, self.response_buffer, self.budget)
+        except TimeoutError as e:  # before OSError, of which it is one
+            connection.abort()
+            release()
+            raise NoResponse(Failure.READ_TIMEOUT, str(e)) from e
         except (ValueError, h11.ProtocolError, OSError) as e:  # ValueError: mitmproxy's parser
             detail = _describe(e, connection)  # before abort: it tells whether the worker closed first
             connection.abort()
-            failure = Failure.TOO_LARGE if connection.received > MAX_HEAD + MAX_BODY else Failure.NO_RESPONSE
-            raise NoResponse(failure, detail) from e
+            release()
+            raise NoResponse(Failure.NO_RESPONSE, detail) from e
         except BaseException:  # cancelled (the client left): the connection is mid-exchange, useless
             connection.abort()
+            release()
             raise
-        finally:
+        if isinstance(response, _Partial):  # still busy: the rest is read as it is relayed
+            return StreamedAnswer(response, connection, timeouts[1], self.budget, release)
+        release()
+        return response
+
+    def _release(self, url: str, connection: _Connection, aborts: int, owner: object) -> None:
+        """The exchange is over (complete, failed or given up): out of the bookkeeping, and
+        back to the pool only if the connection can carry another exchange."""
+        busy = self._busy.get(url)
+        if busy is not None:
             busy.discard(connection)
-            if owner is not None and self._owned.get(owner) is connection:
-                del self._owned[owner]
+        if owner is not None and self._owned.get(owner) is connection:
+            del self._owned[owner]
+        if connection.closed:
+            return
         reusable = connection.reusable()
         pooled = self._pooled is None or url in self._pooled or url == self.main_url
         if reusable and self._aborts.get(url, 0) == aborts and pooled:
             idle = self._idle.setdefault(url, [])
             if len(idle) < MAX_IDLE_PER_WORKER:
                 idle.append(connection)
-                return response
+                return
         connection.abort()
-        return response
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
@@ -389,10 +465,119 @@ def _request_bytes(
     return b"".join(parts)
 
 
-async def _read_response(connection: _Connection, method: str) -> http.Response:
-    """One final response (informational ones skipped), its body read whole. The head is read,
-    validated and framed as mitmproxy reads a worker's response on its own path (its `http1`
-    functions, `validate_headers` as with `validate_inbound_headers`), the body by h11's readers."""
+class _Partial:
+    """An answer whose body did not fit the buffer: its head (hop-by-hop fields out, as
+    relayed), the h11 head that writes it, the body held so far (`held` bytes of which are
+    taken from the budget) and the reader of the rest."""
+
+    __slots__ = ("response", "head", "chunks", "held", "reader")
+
+    def __init__(
+        self,
+        response: http.Response,
+        head: h11.Response,
+        chunks: list[bytes],
+        held: int,
+        reader: ChunkedReader | ContentLengthReader | Http10Reader,
+    ) -> None:
+        self.response = response
+        self.head = head
+        self.chunks = chunks
+        self.held = held
+        self.reader = reader
+
+
+class StreamedAnswer:
+    """A worker's answer too long to hold: its head, checked, and its body read on demand by
+    `next_chunk` (the connection is read only while the consumer asks, so at most READ_HIGH
+    bytes and one read wait in it). Once anything of it was sent on, it is never resent. The
+    exchange stays busy (and `abandon`/`abort`/`close` reach it) until the body ended or
+    `close` gave it up."""
+
+    def __init__(
+        self,
+        partial_: _Partial,
+        connection: _Connection,
+        read_timeout: float | None,
+        budget: BufferBudget,
+        release: Callable[[], None],
+    ) -> None:
+        self.response = partial_.response
+        self.head = partial_.head
+        self._chunks = partial_.chunks
+        self._held = partial_.held
+        self._reader = partial_.reader
+        self._connection = connection
+        self._read_timeout = read_timeout
+        self._budget = budget
+        self._release: Callable[[], None] | None = release
+        connection.resendable = False  # a worker found dead no longer cuts it for a resend
+
+    async def next_chunk(self) -> bytes | None:
+        """The body's next bytes, None at its end. Raises NoResponse when the worker fails
+        (closes early, sends a malformed body, sends nothing for the read timeout)."""
+        if self._chunks:
+            chunk = self._chunks.pop(0)
+            if self._held:  # sent on now: out of the budget
+                given = min(self._held, len(chunk))
+                self._budget.give(given)
+                self._held -= given
+            return chunk
+        connection = self._connection
+        try:
+            while True:
+                part = self._reader(connection.buffer)
+                if part is None:
+                    if not connection.closed:
+                        await connection.wait_for_data(self._read_timeout)
+                        continue
+                    part = self._reader.read_eof()
+                if type(part) is h11.Data:
+                    if part.data:
+                        return bytes(part.data)
+                    continue
+                break
+        except TimeoutError as e:
+            self.close()
+            raise NoResponse(Failure.READ_TIMEOUT, str(e)) from e
+        except (ValueError, h11.ProtocolError, OSError) as e:
+            detail = _describe(e, connection)
+            self.close()
+            raise NoResponse(Failure.NO_RESPONSE, detail) from e
+        closes = http1.connection_close(self.response.data.http_version, self.response.headers)  # type: ignore[no-untyped-call]
+        connection.keep_alive = not isinstance(self._reader, Http10Reader) and not closes
+        self._finish()
+        return None
+
+    def close(self) -> None:
+        """Give up the rest (the client left, or the body failed): the connection is closed."""
+        if self._release is not None:
+            self._connection.abort()
+        self._finish()
+
+    def _finish(self) -> None:
+        self._budget.give(self._held)
+        self._held = 0
+        self._chunks.clear()
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+
+async def _read_response(
+    connection: _Connection,
+    method: str,
+    timeouts: tuple[float | None, float | None],
+    limit: int,
+    budget: BufferBudget,
+) -> http.Response | _Partial:
+    """One final response (informational ones skipped), its body read whole if it is at most
+    `limit` bytes and the budget allows holding it, else the head and what was read (a
+    _Partial). The head is read, validated and framed as mitmproxy reads a worker's response
+    on its own path (its `http1` functions, `validate_headers` as with
+    `validate_inbound_headers`), the body by h11's readers. `timeouts`: the longest waits for
+    the head's and for the body's next bytes."""
+    head_timeout, read_timeout = timeouts
     buffer = connection.buffer
     while True:
         size = len(buffer)
@@ -400,7 +585,7 @@ async def _read_response(connection: _Connection, method: str) -> http.Response:
         if lines is None:
             if size > MAX_HEAD:
                 raise ValueError(f"response head over {MAX_HEAD} bytes")
-            await connection.wait_for_data()
+            await connection.wait_for_data(head_timeout)
             continue
         if size - len(buffer) > MAX_HEAD:
             raise ValueError(f"response head over {MAX_HEAD} bytes")
@@ -424,23 +609,39 @@ async def _read_response(connection: _Connection, method: str) -> http.Response:
     reader = (
         ChunkedReader() if expected is None else Http10Reader() if expected == -1 else ContentLengthReader(expected)
     )
+    relayed = tuple((k, v) for k, v in fields if k.lower() not in HOP_BY_HOP)
     chunks: list[bytes] = []
-    while True:
-        part = reader(buffer)
-        if part is None:
-            if not connection.closed:
-                await connection.wait_for_data()
-                continue
-            part = reader.read_eof()  # the end of a close-delimited body; raises for any other
-        if type(part) is h11.Data:
+    held = 0
+    handed_on = False  # a _Partial returned: its held bytes stay taken until relayed
+    try:
+        while True:
+            part = reader(buffer)
+            if part is None:
+                if not connection.closed:
+                    await connection.wait_for_data(read_timeout)
+                    continue
+                part = reader.read_eof()  # the end of a close-delimited body; raises for any other
+            if type(part) is not h11.Data:
+                break
+            size = len(part.data)
+            if held + size > limit or not budget.take(size):
+                if held + size <= limit:
+                    budget.refused += 1
+                chunks.append(bytes(part.data))  # at most one read beyond the buffer
+                head = _h11_head(response, relayed)
+                if relayed != fields:
+                    response.headers.fields = relayed
+                handed_on = True
+                return _Partial(response, head, chunks, held, reader)
+            held += size
             chunks.append(part.data)
-        else:
-            break
+    finally:
+        if not handed_on:  # whole now (the flow holds it), or failed
+            budget.give(held)
     closes = http1.connection_close(response.data.http_version, response.headers)  # type: ignore[no-untyped-call]
     connection.keep_alive = expected != -1 and not closes
     body = b"".join(chunks)
     # The body is relayed whole: its length frames it (a HEAD, 204 or 304 answer has none to give).
-    relayed = tuple((k, v) for k, v in fields if k.lower() not in HOP_BY_HOP)
     if expected != 0 and not any(k.lower() == b"content-length" for k, _ in relayed):
         relayed += ((b"content-length", str(len(body)).encode()),)
     if relayed != fields:
@@ -450,9 +651,16 @@ async def _read_response(connection: _Connection, method: str) -> http.Response:
     return response
 
 
+def _h11_head(response: http.Response, fields: tuple[tuple[bytes, bytes], ...]) -> h11.Response:
+    """The head as h11 writes it on to the client (relay.py); h11's field rules are checked
+    now, before anything of the answer is committed (ValueError: a malformed response)."""
+    try:
+        return h11.Response(status_code=response.status_code, headers=list(fields), reason=response.data.reason)
+    except h11.LocalProtocolError as e:
+        raise ValueError(f"response head not relayable: {e}") from None
+
+
 def _describe(error: BaseException, connection: _Connection) -> str:
-    if connection.received > MAX_HEAD + MAX_BODY:
-        return f"response over {MAX_BODY} bytes"
     if connection.cut:
         return "cut by the router: the health checks found the worker dead while it waited"
     # The readers raise LocalProtocolError for what they cannot parse, RemoteProtocolError for

@@ -124,7 +124,7 @@ class Observation:
             method=request.method,
             path=request.path,
             status=status,
-            bytes_sent=len(response.raw_content) if response is not None and response.raw_content is not None else None,
+            bytes_sent=_bytes_sent(flow),
             upstream_ms=upstream_seconds * 1000 if upstream_seconds is not None else None,
             total_ms=(time.time() - request.timestamp_start) * 1000,
             user_id=decision.key if decision.key_kind == "user" else None,
@@ -142,6 +142,17 @@ class Observation:
         if self._access_file is not None:
             self._access_file.close()
             self._access_file = None
+
+
+def _bytes_sent(flow: http.HTTPFlow) -> int | None:
+    """Body bytes sent to the client: a whole answer's, or a relayed one's as counted while it
+    was streamed (None for other streamed answers: not counted)."""
+    response = flow.response
+    if response is None:
+        return None
+    if response.raw_content is not None:
+        return len(response.raw_content)
+    return flowdata.streamed_bytes(flow)
 
 
 def _mitmproxy_error_status(flow: http.HTTPFlow) -> int | None:

@@ -3,7 +3,10 @@ retry.py), so that a worker failing under them is invisible to the client where 
 on a refused connection the request moves to the next worker, after a worker that gave no
 response a request that is safe to repeat is resent once to the next one, and every failure
 left is answered with a Matrix error (never mitmproxy's HTML page); a client that leaves
-abandons its exchange."""
+abandons its exchange. An answer too long to hold (upstream_client.StreamedAnswer) is handed to
+mitmproxy through the loopback relay (relay.py), which streams it: from then on it is never
+resent. Every wait for the worker is bounded by `health.read_timeout` (plus a long-poll's own
+`timeout` while it waits for the head): then 504."""
 
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from mitmproxy.utils import asyncio_utils
 from .. import flowdata, upstream_client
 from ..config import RouterConfig
 from ..engine import Decision
-from ..retry import SAFE_METHODS, Sending
+from ..relay import HEADER as RELAY_HEADER
+from ..relay import Relay
+from ..retry import Sending, head_timeout
 from ..state import RouterState
 from . import credentials
 from .health import HealthChecks
@@ -35,9 +40,14 @@ class RouterSent:
         self.health = health
         self._sending: dict[str, http.HTTPFlow] = {}  # flows in flight on this path, by flow id
         self._sweep: asyncio.Task[None] | None = None
+        self.relay = Relay()
 
     def prepare(self, config: RouterConfig) -> Callable[[], None]:
-        return lambda: self.state.upstream.keep_only(config.worker_urls())
+        def switch() -> None:
+            self.state.upstream.keep_only(config.worker_urls())
+            self.state.upstream.set_buffers(config.limits.response_buffer, config.limits.buffer_budget)
+
+        return switch
 
     def running(self) -> None:
         if self._sweep is None:
@@ -49,6 +59,7 @@ class RouterSent:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
+        self.relay.close()
         self.state.upstream.close()
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -72,6 +83,8 @@ class RouterSent:
         # A long-poll is in flight for up to minutes, in mitmweb's view: its token goes now.
         credentials.redact(flow)
         state.upstream.main_url = state.main.url if state.main is not None else None
+        health = state.workers.config
+        timeouts = {"read_timeout": health.read_timeout, "head_timeout": head_timeout(path, health.read_timeout)}
         resent = False
         tried: set[str] = set()
         while True:
@@ -90,6 +103,7 @@ class RouterSent:
                     body,
                     owner=flow.id,
                     resendable=how is Sending.RESEND,
+                    **timeouts,
                 )
             except upstream_client.BadRequest:
                 respond(flow, matrix_error(400, "M_INVALID_PARAM", "Invalid request header."))
@@ -98,11 +112,8 @@ class RouterSent:
                 if not flow.client_conn.state & ConnectionState.CAN_READ:
                     flow.kill()  # type: ignore[no-untyped-call]  # the client left: nothing to answer
                     return
-                if e.failure is upstream_client.Failure.TOO_LARGE:
-                    if method in SAFE_METHODS:  # fetched again on mitmproxy's path, which streams
-                        self._hand_to_mitmproxy(flow, fields, path)
-                    else:
-                        respond(flow, matrix_error(502, "M_UNKNOWN", "The response was too large to relay."))
+                if e.failure is upstream_client.Failure.READ_TIMEOUT:  # not resent: it may be slow
+                    respond(flow, matrix_error(504, "M_UNKNOWN", "The server did not answer in time."))
                     return
                 on_worker = decision.upstream is not None
                 # A refused connection takes the worker down at once. A connect timeout or a
@@ -127,9 +138,31 @@ class RouterSent:
                 continue
             finally:
                 self._sending.pop(flow.id, None)
+            if isinstance(answer, upstream_client.StreamedAnswer):
+                await self._hand_to_relay(flow, answer)
+                return
             answer.timestamp_end = time.time()
             flow.response = answer
             return
+
+    async def _hand_to_relay(self, flow: http.HTTPFlow, answer: upstream_client.StreamedAnswer) -> None:
+        """Let mitmproxy forward the (redacted) request to the relay, which answers it with the
+        worker's answer as it arrives; mitmproxy streams that to the client (Routing)."""
+        try:
+            port = await self.relay.start()
+        except OSError:
+            answer.close()
+            respond(flow, matrix_error(502, "M_UNKNOWN", "The server gave no response."))
+            return
+        if not flow.live or not flow.client_conn.state & ConnectionState.CAN_READ:
+            answer.close()
+            flow.kill()  # type: ignore[no-untyped-call]  # the client left meanwhile
+            return
+        data = flow.request.data
+        data.scheme, data.host, data.port = b"http", self.relay.host, port
+        flow.request.headers[RELAY_HEADER] = self.relay.hand(answer)
+        flowdata.set_sending(flow, None)
+        flowdata.set_relayed(flow)
 
     def _unavailable(self, failure: upstream_client.Failure) -> http.Response:
         """No process could take the request: every worker of its chain and main failed."""

@@ -77,6 +77,14 @@ class Routing:
             return
         if flow.response.raw_content is not None:
             return  # already whole: an answer the router sent or made itself
+        if flowdata.relayed(flow):  # a router-sent answer too long to hold: streamed, counted
+
+            def count(chunk: bytes) -> bytes:
+                flowdata.add_streamed_bytes(flow, len(chunk))
+                return chunk
+
+            flow.response.stream = count
+            return
         if decision.stream_bodies or _large_or_unknown(flow.request, flow.response):
             flow.response.stream = True
 
