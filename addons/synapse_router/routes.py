@@ -178,7 +178,7 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         "device_lists",
         "device_lists",
         (
-            rf"{_C}(?:r0|v3)/delete_devices$",
+            rf"{_C}{_V_R0}/delete_devices$",
             rf"{_C}{_V_ALL}/devices(?:/|$)",
             rf"{_C}{_V_R0}/keys/upload",
             rf"{_C}{_V_ALL}/keys/device_signing/upload$",

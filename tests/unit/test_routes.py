@@ -73,6 +73,8 @@ CASES = [
     ("GET", "/_matrix/client/v3/pushrules/", "push_rules"),
     ("PUT", "/_matrix/client/v3/pushrules/global/override/rule1", "push_rules"),
     ("POST", "/_matrix/client/v3/delete_devices", "device_lists"),
+    # Synapse registers DeleteDevicesRestServlet on `(r0|v3|unstable)` (found by `routes audit`)
+    ("POST", "/_matrix/client/unstable/delete_devices", "device_lists"),
     ("GET", "/_matrix/client/v3/devices", "device_lists"),
     ("PUT", "/_matrix/client/v3/devices/ABCDEF", "device_lists"),
     ("POST", "/_matrix/client/v3/keys/upload", "device_lists"),
@@ -256,6 +258,7 @@ WRITES = [
     ("PUT", "/_matrix/client/v3/pushrules/global/override/r"),
     ("DELETE", "/_matrix/client/v3/pushrules/global/override/r"),
     ("POST", "/_matrix/client/v3/delete_devices"),
+    ("POST", "/_matrix/client/unstable/delete_devices"),
     ("PUT", "/_matrix/client/v3/devices/ABC"),
     ("DELETE", "/_matrix/client/v3/devices/ABC"),
     ("POST", "/_matrix/client/v3/keys/upload"),
