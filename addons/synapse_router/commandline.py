@@ -34,6 +34,11 @@ def make_parser(opts: options.Options) -> argparse.ArgumentParser:
     parser = cmdline.mitmdump(opts)  # type: ignore[no-untyped-call]
     parser.prog = PROG
     parser.usage = "%(prog)s [--processes N] [--replace PID] [options] [filter]"
+    parser.epilog = (
+        "Subcommands (each with its own --help): `routes audit` checks the route table against the installed "
+        "Synapse; `config from-synapse` and `config check` derive and check the router configuration from "
+        "Synapse's. A first word that is not an option is a subcommand, never a flow filter."
+    )
     parser.add_argument(
         "--processes",
         type=int,

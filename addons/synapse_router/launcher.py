@@ -2,6 +2,9 @@
 
     synapse-router --mode reverse:http://MAIN:8008@8080 --set router_config=config/router.yaml
     synapse-router --processes 4 --mode reverse:http://MAIN:8008@8080 --set router_config=...
+    synapse-router routes audit --synapse-python SYNAPSE_VENV/bin/python
+    synapse-router config from-synapse homeserver.yaml worker1.yaml ... > router.yaml
+    synapse-router config check router.yaml --synapse homeserver.yaml worker1.yaml ...
 
 It takes mitmdump's command line (mitmproxy's own `cmdline.mitmdump` parser, so `--mode`/`-m`,
 `--set NAME=VALUE`, `-q`, `-v`, `--listen-host`, `-p`, `--options`, a trailing flow filter, ...
@@ -21,6 +24,8 @@ how a `--processes` parent starts its children). The rest, by concern:
     childprocess.py    what a child does differently: its slot, the shared port (SO_REUSEPORT),
                        its own metrics port, dying with the parent, telling it "serving"
     processmetrics.py  the parent's metrics endpoint: the children's metrics merged
+    subcommands.py     `routes audit` (audit.py, synapse_introspect.py) and `config from-synapse|check`
+                       (synapse_config.py): a first word that is not an option is a subcommand
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from collections.abc import Sequence
 from .childprocess import CHILD_FLAG, ChildSlot
 from .commandline import PROG, without_processes
 from .lean import LeanMaster, serve
+from .subcommands import is_subcommand
+from .subcommands import main as subcommand_main
 from .supervisor import Supervisor
 
 __all__ = ["LeanMaster", "main"]  # LeanMaster: also where tests/unit/test_limits.py imports it from
@@ -40,6 +47,8 @@ __all__ = ["LeanMaster", "main"]  # LeanMaster: also where tests/unit/test_limit
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point `synapse-router`."""
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if is_subcommand(arguments):  # `routes audit`, `config ...`; any other word: exit 2, no proxy
+        return subcommand_main(arguments)
     pre = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
     pre.add_argument("--processes", type=int, default=1)
     pre.add_argument("--replace", type=int, default=None)
