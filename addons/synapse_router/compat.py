@@ -9,6 +9,7 @@ from __future__ import annotations
 # `re._parser` (Python's `sre_parse`): the parse tree of a regular expression. Python has no
 # public API for it; `routes audit` walks it to make a path that a Synapse servlet regex
 # matches (audit.py). Present, with this shape, from Python 3.11 on.
+import re
 from re import _parser  # type: ignore[attr-defined]
 from typing import Any
 
@@ -16,7 +17,10 @@ from typing import Any
 def parse_regex(pattern: str) -> tuple[list[tuple[Any, Any]], dict[int, str]]:
     """The parse tree of `pattern` as (opcode name, argument) pairs, and its group names by
     group number. Raises ValueError (re.error) for an invalid pattern."""
-    parsed = _parser.parse(pattern)
+    try:
+        parsed = _parser.parse(pattern)
+    except re.error as e:  # not a ValueError
+        raise ValueError(f"invalid regular expression {pattern!r}: {e}") from None
     names = {number: name for name, number in parsed.state.groupdict.items()}
     return _plain(parsed), names
 
