@@ -594,6 +594,13 @@ def render(rows: list[Row]) -> str:
         "= any process with a client listener, `federation` likewise, `media` = media repository",
         "workers, `writer:<stream>` = the stream's configured `stream_writers`, `main` = main only).",
         "",
+        "Beyond one request per family, `synapse-router routes audit` checks every servlet Synapse",
+        "registers (each kind of process's resources, each servlet's regex, turned into sample paths)",
+        "against the route table, no Synapse process started: a path sent to a kind of process that does not",
+        "register it for that method, a stream-writer write sent anywhere but its writer pool, or a",
+        "servlet no route nor main covers is reported. `tests/e2e/test_audit.py` runs it against the",
+        'Synapse `synapse_deploy.py` installs and requires none (README, "Auditing the route table").',
+        "",
         "| Request | Route | Pool chain | Served by | Status | Synapse allows |",
         "|---|---|---|---|---|---|",
     ]
