@@ -169,6 +169,11 @@ def parse_servlets(data: Mapping[str, Any]) -> tuple[str, list[Servlet]]:
         ]
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"not the output of synapse_introspect.py: {e!r}") from None
+    for s in servlets:
+        try:
+            re.compile(s.pattern)
+        except re.error as e:
+            raise ValueError(f"servlet {s.servlet}: invalid regular expression {s.pattern!r}: {e}") from None
     return version, servlets
 
 

@@ -143,9 +143,14 @@ def _listeners(path: str | Path, raw: Any, instance: Any) -> tuple[Listener, ...
         if listener.get("type", "http") != "http" or "port" not in listener:
             continue  # metrics, manhole, unix sockets: not for the router
         names: set[str] = set()
-        for resource in listener.get("resources") or []:
-            if isinstance(resource, dict):
-                names.update(str(n) for n in resource.get("names") or [])
+        resources = listener.get("resources") or []
+        if not isinstance(resources, list):
+            raise SynapseConfigError(f"{where}.resources: expected a list")
+        for j, resource in enumerate(resources):
+            listed = resource.get("names") if isinstance(resource, dict) else None
+            if not isinstance(listed, list):
+                raise SynapseConfigError(f"{where}.resources[{j}].names: expected a list of resource names")
+            names.update(str(n) for n in listed)
         names.discard("replication")
         if not names:
             continue
@@ -153,6 +158,8 @@ def _listeners(path: str | Path, raw: Any, instance: Any) -> tuple[Listener, ...
         if isinstance(port, bool) or not isinstance(port, int):
             raise SynapseConfigError(f"{where}.port: expected a port number")
         binds = listener.get("bind_addresses") or [listener.get("bind_address", "")]
+        if not isinstance(binds, list):
+            raise SynapseConfigError(f"{where}.bind_addresses: expected a list of addresses")
         host = str(binds[0]) if binds else ""
         if host in WILDCARD:
             host = str(instance.get("host")) if isinstance(instance, dict) and instance.get("host") else "localhost"

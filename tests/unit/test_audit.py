@@ -113,6 +113,18 @@ def test_the_builtin_table_against_synapse_1_163_2() -> None:
     assert report.ok, "\n".join(report.lines())
 
 
-def test_parse_servlets_refuses_other_json() -> None:
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"processes": []},
+        {"synapse_version": "1", "processes": []},
+        {"synapse_version": "1", "processes": {"main": ["x"]}},
+        {
+            "synapse_version": "1",
+            "processes": {"main": [{"method": "GET", "pattern": "(", "servlet": "S", "mount": ""}]},
+        },
+    ],
+)
+def test_parse_servlets_refuses_other_json(data: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        parse_servlets({"processes": []})
+        parse_servlets(data)

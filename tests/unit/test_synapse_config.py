@@ -3,6 +3,7 @@ files scripts/synapse_deploy.py writes for its full topology (written here, noth
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,28 @@ def test_worker_names_and_listeners_choose_pools(tmp_path: Path) -> None:
         "generic": ["http://10.0.0.7:8083"],
         "federation_reader": ["http://10.0.0.8:8083"],
     }
+
+
+@pytest.mark.parametrize(
+    ("listener", "key"),
+    [
+        ({"type": "http", "port": 1, "resources": "client"}, "worker_listeners[0].resources: expected a list"),
+        ({"type": "http", "port": 1, "resources": [{"names": "client"}]}, "resources[0].names: expected a list"),
+        ({"type": "http", "port": "x", "resources": [{"names": ["client"]}]}, "worker_listeners[0].port"),
+        (
+            {"type": "http", "port": 1, "bind_addresses": "::", "resources": [{"names": ["client"]}]},
+            "worker_listeners[0].bind_addresses",
+        ),
+    ],
+)
+def test_malformed_listeners_are_named(tmp_path: Path, listener: dict[str, object], key: str) -> None:
+    hs = tmp_path / "hs.yaml"
+    hs.write_text("{}\n")
+    worker = tmp_path / "w.yaml"
+    worker.write_text(
+        yaml.safe_dump(
+            {"worker_app": "synapse.app.generic_worker", "worker_name": "w1", "worker_listeners": [listener]}
+        )
+    )
+    with pytest.raises(SynapseConfigError, match=re.escape(key)):
+        read_deployment(hs, [worker])
