@@ -11,6 +11,11 @@ Query parameters steer it (they pass through the router untouched):
   standin_status=C     answer with status C
   standin_hang=1       accept, read the request, never answer (a wedged worker)
   standin_chunked=1    answer with Transfer-Encoding: chunked, as Synapse answers JSON
+  standin_login=1      answer as Synapse answers /login, /register and /refresh: {"user_id",
+                       "device_id", "access_token", "refresh_token", "expires_in_ms"} (the
+                       tokens are LOGIN_ACCESS_TOKEN and LOGIN_REFRESH_TOKEN) with a
+                       Set-Cookie of LOGIN_COOKIE, chunked, nothing of the request echoed
+  standin_plain=1      answer {"server"} only: nothing of the request echoed
 With --whoami FILE (JSON {token: user_id}) it answers /_matrix/client/v3/account/whoami
 like Synapse: 200 {"user_id", "device_id", "is_guest"} or 401 M_UNKNOWN_TOKEN; `/health`
 answers 200 OK; `/__standin/stats` answers {"whoami_calls": N, "open_connections": M, "requests":
@@ -173,6 +178,19 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         status = int(params.get("standin_status", ["200"])[0])
+        if params.get("standin_login"):
+            answer = {
+                "user_id": "@alice:test",
+                "device_id": "DEV",
+                "access_token": LOGIN_ACCESS_TOKEN,
+                "refresh_token": LOGIN_REFRESH_TOKEN,
+                "expires_in_ms": 300000,
+            }
+            self._send_json(status, answer, {"Set-Cookie": f"session={LOGIN_COOKIE}; Path=/; HttpOnly"}, chunked=True)
+            return
+        if params.get("standin_plain"):
+            self._send_json(status, {"server": self.server.name})
+            return
         if n := params.get("standin_bytes"):
             self._send_bytes(int(n[0]))
             return
@@ -218,6 +236,11 @@ class Handler(BaseHTTPRequestHandler):
             n -= len(block)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _handle
+
+
+LOGIN_ACCESS_TOKEN = "syt_YWxpY2U_standinAnswerSecret_0a1b2c"
+LOGIN_REFRESH_TOKEN = "syr_YWxpY2U_standinRefreshSecret_3d4e5f"
+LOGIN_COOKIE = "standinCookieSecret_6a7b8c"
 
 
 def main() -> None:

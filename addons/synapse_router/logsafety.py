@@ -189,3 +189,24 @@ def _redact_json(value: object) -> tuple[object, bool]:
 # redaction, tokens.redact_authorization).
 SECRET_REQUEST_HEADERS = frozenset({b"cookie", b"proxy-authorization"})
 SECRET_RESPONSE_HEADERS = frozenset({b"set-cookie"})
+WITHHELD_NAME = b"invalid-name-withheld"
+WITHHELD_VALUE = b"<withheld: refused by the HTTP parser>"
+_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CODING = rb"\s*(?:chunked|identity|gzip|x-gzip|deflate|compress|br|zstd)\s*"
+_CODINGS = re.compile(rb"(?i)" + _CODING + rb"(?:," + _CODING + rb")*")
+
+
+def shown_field(name: bytes, value: bytes) -> tuple[bytes, bytes] | None:
+    """What may be shown of a header field that HTTP's grammar or mitmproxy's framing checks
+    refuse (its bytes are what mitmproxy's error would quote): None for a field that is well
+    formed; a field whose name is not a token (a space before the colon, a control byte) is
+    withheld whole; a Content-Length that is not digits and a Transfer-Encoding that is not a
+    list of known codings keep their name only."""
+    if not _FIELD_NAME.fullmatch(name):
+        return WITHHELD_NAME, WITHHELD_VALUE
+    lowered = name.lower()
+    if lowered == b"content-length" and not value.strip(b" \t").isdigit():
+        return name, WITHHELD_VALUE
+    if lowered == b"transfer-encoding" and not _CODINGS.fullmatch(value):
+        return name, WITHHELD_VALUE
+    return None

@@ -24,12 +24,9 @@ def redact(flow: http.HTTPFlow) -> None:
     request = flow.request
     label = flowdata.token_label(flow)
     fields = request.headers.fields
-    # One pass over the fields: mitmproxy's Headers.get_all/set_all each walk them in Python.
-    names = [name.lower() for name, _ in fields]
-    if b"authorization" in names or any(n in logsafety.SECRET_REQUEST_HEADERS for n in names):
-        request.headers.fields = tuple(
-            (name, _redacted_field(lowered, value, label)) for lowered, (name, value) in zip(names, fields, strict=True)
-        )
+    shown_fields = tuple(_shown_field(name, value, label) for name, value in fields)
+    if shown_fields != fields:
+        request.headers.fields = shown_fields
     path, sep, query = request.path.partition("?")
     if not sep or ("access" not in query and "%" not in query):
         return  # no access_token parameter, not even a percent-encoded name
@@ -45,13 +42,14 @@ def restore(flow: http.HTTPFlow, fields: tuple[tuple[bytes, bytes], ...], path: 
     flowdata.set_redacted(flow, False)
 
 
-def _redacted_field(lowered: bytes, value: bytes, label: str | None) -> bytes:
+def _shown_field(name: bytes, value: bytes, label: str | None) -> tuple[bytes, bytes]:
+    lowered = name.lower()
     if lowered == b"authorization":
         shown = tokens.redact_authorization(value.decode("utf-8", "surrogateescape"), label)
-        return shown.encode("utf-8", "surrogateescape")
+        return name, shown.encode("utf-8", "surrogateescape")
     if lowered in logsafety.SECRET_REQUEST_HEADERS or lowered in logsafety.SECRET_RESPONSE_HEADERS:
-        return logsafety.REDACTED.encode()
-    return value
+        return name, logsafety.REDACTED.encode()
+    return logsafety.shown_field(name, value) or (name, value)
 
 
 def redact_answered(flow: http.HTTPFlow) -> None:
@@ -98,10 +96,7 @@ def shown(flow: http.HTTPFlow) -> http.HTTPFlow:
     redact_answered(copy)
     response = copy.response
     if response is not None:
-        response.headers.fields = tuple(
-            (name, logsafety.REDACTED.encode() if name.lower() in logsafety.SECRET_RESPONSE_HEADERS else value)
-            for name, value in response.headers.fields
-        )
+        response.headers.fields = tuple(_shown_field(name, value, None) for name, value in response.headers.fields)
         if response.raw_content:
             body = _shown_body(response)
             if body is not None:
