@@ -148,6 +148,23 @@ def shown_body(body: bytes) -> bytes | None:
         document = json.loads(body)
     except (ValueError, RecursionError):
         return _withheld_body(body, "not JSON")
+    return _redacted_document(body, document)
+
+
+def redacted_json(body: bytes) -> bytes | None:
+    """`body` with its secret fields' values replaced if it is JSON (of at most 1 MiB) with
+    any; else None."""
+    if not body or len(body) > MAX_SHOWN_BODY or not _MAY_SPELL_SECRET.search(body):
+        return None
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    shown = _redacted_document(body, document)
+    return None if shown is None or shown.startswith(b"<body withheld") else shown
+
+
+def _redacted_document(body: bytes, document: object) -> bytes | None:
     if not _MAY_SPELL_SECRET.search(body):
         return None
     try:
@@ -156,7 +173,7 @@ def shown_body(body: bytes) -> bytes | None:
         return _withheld_body(body, "nested too deeply")
     if not changed:
         return None
-    return json.dumps(redacted, ensure_ascii=False).encode()
+    return json.dumps(redacted, ensure_ascii=False, indent=2).encode()
 
 
 def _withheld_body(body: bytes, why: str) -> bytes:
