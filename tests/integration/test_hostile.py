@@ -915,10 +915,14 @@ def test_repro_20_mitmproxy_error_lines_quote_no_client_byte(env: Env) -> None:
     create = b"/_matrix/client/v3/createRoom"
     login = b'{"type":"m.login.password","user":"alice","password":"pw-quoted-login-body"}'
     builders = [
-        lambda n: request(b"POST", create, n, [b"Transfer-Encoding: chunked"], b"2\n{}\n0\n\n", close=False)
-        + request(b"GET", SYNC + b"&access_token=tok-quoted-next-request", n),
+        lambda n: (
+            request(b"POST", create, n, [b"Transfer-Encoding: chunked"], b"2\n{}\n0\n\n", close=False)
+            + request(b"GET", SYNC + b"&access_token=tok-quoted-next-request", n)
+        ),
         lambda n: request(b"POST", b"/_matrix/client/v3/login", n, [b"Transfer-Encoding: chunked"], login + b"\r\n"),
-        lambda n: b"GET " + SYNC + b"&%61ccess_token=tok-quoted-request-line&nonce=" + n + b" HTTP/1.1 x\r\nHost: h\r\n\r\n",
+        lambda n: (
+            b"GET " + SYNC + b"&%61ccess_token=tok-quoted-request-line&nonce=" + n + b" HTTP/1.1 x\r\nHost: h\r\n\r\n"
+        ),
     ]
     for build in builders:
         nonce = new_nonce()

@@ -98,43 +98,49 @@ def with_length(c: Carried) -> list[bytes]:
 Builder = Callable[[Carried, bytes], bytes]
 MALFORMED: dict[str, Builder] = {
     # issue 20's two real-client cases
-    "bad-chunk-header": lambda c, q: head(b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked"])
-    + (c.body or q)
-    + b"\r\n",
-    "bare-lf-chunks-then-request": lambda c, q: head(
-        b"POST", _plain(b"/_matrix/client/v3/createRoom"), [b"Transfer-Encoding: chunked"]
-    )
-    + b"2\n{}\n0\n\n"
-    + head(b"POST" if c.body else b"GET", c.target, with_length(c))
-    + c.body,
+    "bad-chunk-header": lambda c, q: (
+        head(b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked"]) + (c.body or q) + b"\r\n"
+    ),
+    "bare-lf-chunks-then-request": lambda c, q: (
+        head(b"POST", _plain(b"/_matrix/client/v3/createRoom"), [b"Transfer-Encoding: chunked"])
+        + b"2\n{}\n0\n\n"
+        + head(b"POST" if c.body else b"GET", c.target, with_length(c))
+        + c.body
+    ),
     "invalid-content-length": lambda c, q: head(b"POST", c.target, [*c.headers, b"Content-Length: 1" + q]) + c.body,
-    "duplicate-content-length": lambda c, q: head(
-        b"POST", c.target, [*c.headers, b"Content-Length: %d" % len(c.body), b"Content-Length: %d" % (len(c.body) + 1)]
-    )
-    + c.body,
-    "duplicate-transfer-encoding": lambda c, q: head(
-        b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"]
-    )
-    + chunked(c.body),
-    "transfer-encoding-and-content-length": lambda c, q: head(
-        b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked", b"Content-Length: %d" % len(c.body)]
-    )
-    + chunked(c.body),
-    "transfer-encoding-http10": lambda c, q: head(
-        b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked"], version=b"HTTP/1.0"
-    )
-    + chunked(c.body),
-    "unknown-transfer-encoding": lambda c, q: head(b"POST", c.target, [*c.headers, b"Transfer-Encoding: x" + q])
-    + c.body,
+    "duplicate-content-length": lambda c, q: (
+        head(
+            b"POST",
+            c.target,
+            [*c.headers, b"Content-Length: %d" % len(c.body), b"Content-Length: %d" % (len(c.body) + 1)],
+        )
+        + c.body
+    ),
+    "duplicate-transfer-encoding": lambda c, q: (
+        head(b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"])
+        + chunked(c.body)
+    ),
+    "transfer-encoding-and-content-length": lambda c, q: (
+        head(b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked", b"Content-Length: %d" % len(c.body)])
+        + chunked(c.body)
+    ),
+    "transfer-encoding-http10": lambda c, q: (
+        head(b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked"], version=b"HTTP/1.0") + chunked(c.body)
+    ),
+    "unknown-transfer-encoding": lambda c, q: (
+        head(b"POST", c.target, [*c.headers, b"Transfer-Encoding: x" + q]) + c.body
+    ),
     "invalid-header-name": lambda c, q: head(b"GET", c.target, [*c.headers, b"Bad Name" + q + b": 1"]),
     "header-without-colon": lambda c, q: head(b"GET", c.target, [*c.headers, b"NoColonHere" + q]),
     "space-before-colon": lambda c, q: head(
         b"GET", c.target, [h.replace(b":", b" :", 1) for h in c.headers] + [b"X-Q : " + q]
     ),
-    "bad-request-line": lambda c, q: c.target.join([b"GET ", b" HTTP/1.1 " + q + b"\r\n"])
-    + b"\r\n".join([HOST, *c.headers])
-    + b"\r\n\r\n",
-    "request-line-without-version": lambda c, q: b"GET " + c.target + b"\r\n" + b"\r\n".join([HOST, *c.headers]) + b"\r\n\r\n",
+    "bad-request-line": lambda c, q: (
+        c.target.join([b"GET ", b" HTTP/1.1 " + q + b"\r\n"]) + b"\r\n".join([HOST, *c.headers]) + b"\r\n\r\n"
+    ),
+    "request-line-without-version": lambda c, q: (
+        b"GET " + c.target + b"\r\n" + b"\r\n".join([HOST, *c.headers]) + b"\r\n\r\n"
+    ),
     "bad-http-version": lambda c, q: head(b"GET", c.target, c.headers, version=b"HTTP/1." + q),
     "oversized-head": lambda c, q: head(b"GET", c.target, [*c.headers, b"X-Pad: " + b"a" * 70000]),
     "control-byte-in-value": lambda c, q: head(b"GET", c.target, [*c.headers, b"X-Ctl: a\x01b"]),
@@ -142,21 +148,24 @@ MALFORMED: dict[str, Builder] = {
     "two-tokens": lambda c, q: head(
         b"GET", c.target + b"&access_token=" + q, [*c.headers, b"Authorization: Bearer " + q]
     ),
-    "chunk-extension": lambda c, q: head(b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked"])
-    + b"%x;ext=%s\r\n%s\r\n0\r\n\r\n" % (len(c.body or q), q, c.body or q),
+    "chunk-extension": lambda c, q: (
+        head(b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked"])
+        + b"%x;ext=%s\r\n%s\r\n0\r\n\r\n" % (len(c.body or q), q, c.body or q)
+    ),
 }
 # Sent, then the connection closed by the client (no answer comes).
 CUT: dict[str, Builder] = {
     "head-cut-by-half-close": lambda c, q: b"\r\n".join(
         [b"GET " + c.target + b" HTTP/1.1", HOST, *c.headers, b"X-Q: " + q]
     ),
-    "body-cut-by-close": lambda c, q: head(b"POST", c.target, [*c.headers, b"Content-Length: 100000"])
-    + (c.body or q),
-    "chunked-body-cut-by-close": lambda c, q: head(b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked"])
-    + b"%x\r\n" % 100000
-    + (c.body or q),
-    "chunked-trailers": lambda c, q: head(b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked"])
-    + b"%x\r\n%s\r\n0\r\nX-Trailer: %s\r\n\r\n" % (len(c.body or q), c.body or q, q),
+    "body-cut-by-close": lambda c, q: head(b"POST", c.target, [*c.headers, b"Content-Length: 100000"]) + (c.body or q),
+    "chunked-body-cut-by-close": lambda c, q: (
+        head(b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked"]) + b"%x\r\n" % 100000 + (c.body or q)
+    ),
+    "chunked-trailers": lambda c, q: (
+        head(b"POST", c.target, [*c.headers, b"Transfer-Encoding: chunked"])
+        + b"%x\r\n%s\r\n0\r\nX-Trailer: %s\r\n\r\n" % (len(c.body or q), c.body or q, q)
+    ),
 }
 
 
@@ -242,7 +251,9 @@ def test_well_formed_requests_leak_nothing(env: Env) -> None:
     first = len(env.secrets.sent)
     for carrier, carry in CARRIERS.items():
         c = carry(env.secrets.new(f"well-formed / {carrier}"))
-        ex = exchange(env.router.port, head(b"POST" if c.body else b"GET", c.target, with_length(c)) + c.body, timeout=5)
+        ex = exchange(
+            env.router.port, head(b"POST" if c.body else b"GET", c.target, with_length(c)) + c.body, timeout=5
+        )
         assert ex.replies, f"{carrier}: {ex.describe()}"
     assert not env.leaks(first), "\n".join(env.leaks(first, 0))
 
@@ -259,7 +270,7 @@ ANSWERED = {
         lambda s: {"new_password": s, "auth": {"type": "m.login.password", "password": s + "old"}},
     ),
     "login-token": (LOGIN, lambda s: {"type": "m.login.token", "token": s}),
-    "escaped-key": (LOGIN, lambda s: json.loads('{"type": "m.login.password", "pass\\u0077ord": "%s"}' % s)),
+    "escaped-key": (LOGIN, lambda s: {"type": "m.login.password", "password": s}),  # sent as pass\u0077ord
 }
 
 
