@@ -134,6 +134,9 @@ _IN_LOG = re.compile(r"(?i)(access(?:_|%5f)token=)[^&\s'\"]+|(bearer[ \t]+)[^\s'
 CHATTY_LOGGERS = ("httpx", "httpcore", "hpack", "h11")
 
 
+_JUDGED = "synapse_router_judged"
+
+
 class _ProxyLogFilter(logging.Filter):
     """On the loggers of mitmproxy's proxy layers: every record's text through the allow-list
     (logsafety.safe_message), and a traceback without the exception's text."""
@@ -143,9 +146,12 @@ class _ProxyLogFilter(logging.Filter):
         self._only = only  # judge only the records whose text starts so
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, _JUDGED, False):
+            return True  # by another instance (a reloaded script's, a test's)
         message = record.getMessage()
         if self._only is not None and not message.startswith(self._only):
             return True
+        setattr(record, _JUDGED, True)
         shown = logsafety.safe_message(message)
         exc_info = record.exc_info
         if shown != message or exc_info:
