@@ -80,6 +80,7 @@ _DESCRIPTIONS = (
     "TLS Error",
     "Addon error",
     "Contentview",
+    "Deferring layer decision, not enough data",
     # h11's ProtocolError texts, behind "HTTP/1 protocol error: "
     "illegal chunk header",
     "illegal chunk length",

@@ -165,6 +165,7 @@ class _ProxyLogFilter(logging.Filter):
 # emit goes through this logger), and "Addon error" lines, whose exception text may.
 PROXY_LOGGERS = {
     "mitmproxy.proxy.server": None,
+    "mitmproxy.addons.next_layer": None,  # "not enough data: <the client's first bytes, hex>"
     "mitmproxy.addonmanager": "Addon error",
     "synapse_router.lean": "Addon error",
     "mitmproxy.contentviews": "Contentview",
