@@ -12,6 +12,11 @@ Query parameters steer it (they pass through the router untouched):
   standin_hang=1       accept, read the request, never answer (a wedged worker)
   standin_chunked=1    answer with Transfer-Encoding: chunked, as Synapse answers JSON (also
                        with standin_bytes: N bytes in chunks of 256 KiB)
+  standin_login=1      answer as Synapse answers /login, /register and /refresh: {"user_id",
+                       "device_id", "access_token", "refresh_token", "expires_in_ms"} (the
+                       tokens are LOGIN_ACCESS_TOKEN and LOGIN_REFRESH_TOKEN) with a
+                       Set-Cookie of LOGIN_COOKIE, chunked, nothing of the request echoed
+  standin_plain=1      answer {"server"} only: nothing of the request echoed
   standin_cut_on=NAME&standin_cut_after=K  (with standin_bytes) the server named NAME sends the
                        head and K bytes of the body, then closes the connection (a worker dying
                        mid-answer); the others answer whole
@@ -193,6 +198,19 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         status = int(params.get("standin_status", ["200"])[0])
+        if params.get("standin_login"):
+            answer = {
+                "user_id": "@alice:test",
+                "device_id": "DEV",
+                "access_token": LOGIN_ACCESS_TOKEN,
+                "refresh_token": LOGIN_REFRESH_TOKEN,
+                "expires_in_ms": 300000,
+            }
+            self._send_json(status, answer, {"Set-Cookie": f"session={LOGIN_COOKIE}; Path=/; HttpOnly"}, chunked=True)
+            return
+        if params.get("standin_plain"):
+            self._send_json(status, {"server": self.server.name})
+            return
         if n := params.get("standin_bytes"):
             cut = None
             if params.get("standin_cut_on", [""])[0] == self.server.name:
@@ -271,6 +289,11 @@ def pattern_sha256(n: int) -> str:
         digest.update(block[: min(n, len(block))])
         n -= len(block)
     return digest.hexdigest()
+
+
+LOGIN_ACCESS_TOKEN = "syt_YWxpY2U_standinAnswerSecret_0a1b2c"
+LOGIN_REFRESH_TOKEN = "syr_YWxpY2U_standinRefreshSecret_3d4e5f"
+LOGIN_COOKIE = "standinCookieSecret_6a7b8c"
 
 
 def main() -> None:

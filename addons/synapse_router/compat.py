@@ -1,7 +1,7 @@
 """The one place for private internals of libraries and of Python the router relies on.
 
-Each use here has a behavioural test (tests/unit/test_compat.py) that runs it, so an upgrade
-that changes an internal fails a test, not a user.
+Each use here has a behavioural test (tests/unit/test_compat.py) that runs it against the
+installed version, so an upgrade that changes an internal fails a test, not a user.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from __future__ import annotations
 # public API for it; `routes audit` walks it to make a path that a Synapse servlet regex
 # matches (audit.py). Present, with this shape, from Python 3.11 on.
 import re
+from collections.abc import Callable
 from re import _parser  # type: ignore[attr-defined]
 from typing import Any
+
+from mitmproxy import http
 
 
 def parse_regex(pattern: str) -> tuple[list[tuple[Any, Any]], dict[int, str]]:
@@ -48,3 +51,29 @@ def _argument(op: str, av: Any) -> Any:
     if op in ("AT", "CATEGORY"):
         return str(av)
     return av
+
+
+# --- mitmproxy ---------------------------------------------------------------------------------
+
+
+def print_flows_through(master: Any, transform: Callable[[http.HTTPFlow], http.HTTPFlow]) -> bool:
+    """Make mitmdump's Dumper (the addon named "dumper": mitmdump's and the lean launcher's) print
+    `transform(flow)` instead of each HTTP flow, leaving the flow itself (what is relayed, what
+    mitmweb and saved flows hold) as it is. Internal: every Dumper hook that prints an HTTP flow
+    (`response`, `error`, `http_connect_error`) calls its `echo_flow(flow)` method, looked up on
+    the instance. False when there is no Dumper (mitmweb) or it has no such method."""
+    dumper = master.addons.get("dumper")
+    if dumper is None:
+        return False
+    echo_flow = getattr(type(dumper), "echo_flow", None)
+    if not callable(echo_flow):
+        return False
+    if getattr(dumper.echo_flow, "_synapse_router", False):
+        return True  # already (a second `running`)
+
+    def echo_shown(flow: Any) -> None:
+        echo_flow(dumper, transform(flow) if isinstance(flow, http.HTTPFlow) else flow)
+
+    echo_shown._synapse_router = True  # type: ignore[attr-defined]
+    dumper.echo_flow = echo_shown
+    return True

@@ -904,6 +904,42 @@ def test_repro_5_no_token_of_a_malformed_credential_in_the_output(env: Env) -> N
     env.check_output()
 
 
+def test_repro_20_mitmproxy_error_lines_quote_no_client_byte(env: Env) -> None:
+    """Issue 20: mitmproxy's HTTP/1 layer quoted the client's bytes in its log lines and flow
+    errors (`illegal chunk header: bytearray(b'...')`, `Bad HTTP request line: b'...'`, `Client
+    closed connection before completing request headers: b'...'`): two of them are what real
+    buggy clients send (bare-LF chunks followed by the next request; a JSON body sent as if it
+    were chunked)."""
+    secrets = ["tok-quoted-next-request", "pw-quoted-login-body", "tok-quoted-request-line", "tok-quoted-half-close"]
+    env.secrets |= set(secrets)
+    create = b"/_matrix/client/v3/createRoom"
+    login = b'{"type":"m.login.password","user":"alice","password":"pw-quoted-login-body"}'
+    builders = [
+        lambda n: (
+            request(b"POST", create, n, [b"Transfer-Encoding: chunked"], b"2\n{}\n0\n\n", close=False)
+            + request(b"GET", SYNC + b"&access_token=tok-quoted-next-request", n)
+        ),
+        lambda n: request(b"POST", b"/_matrix/client/v3/login", n, [b"Transfer-Encoding: chunked"], login + b"\r\n"),
+        lambda n: (
+            b"GET " + SYNC + b"&%61ccess_token=tok-quoted-request-line&nonce=" + n + b" HTTP/1.1 x\r\nHost: h\r\n\r\n"
+        ),
+    ]
+    for build in builders:
+        nonce = new_nonce()
+        STATS.inputs += 1
+        ex = env.send(build(nonce))
+        check_answers_itself(ex, nonce)
+    STATS.inputs += 1
+    with socket.create_connection(("127.0.0.1", env.router.port), timeout=5) as sock:
+        sock.sendall(b"GET " + SYNC + b"&%61ccess_token=tok-quoted-half-close HTTP/1.1\r\nHost: h\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(5)
+        while sock.recv(65536):
+            pass
+    env.follow_ups()
+    env.check_output()
+
+
 def test_repro_8_encoded_rendezvous_and_absolute_form(env: Env) -> None:
     nonce = new_nonce()
     STATS.inputs += 1

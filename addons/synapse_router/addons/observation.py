@@ -67,14 +67,14 @@ class Observation:
     def response(self, flow: http.HTTPFlow) -> None:
         decision = flowdata.decision(flow)
         if decision is None:  # answered before routing (a limit, mitmproxy itself)
-            credentials.redact(flow)
+            credentials.redact_answered(flow)
             return
         self._finish(flow, decision)
 
     def error(self, flow: http.HTTPFlow) -> None:
         decision = flowdata.decision(flow)
         if decision is None:  # refused by mitmproxy's parser, or failed before routing
-            credentials.redact(flow)
+            credentials.redact_answered(flow)
             return
         self._finish(flow, decision, _mitmproxy_error_status(flow))
 
@@ -100,7 +100,7 @@ class Observation:
         if decision.upstream is not None:
             url = decision.upstream.url
             state.in_flight[url] = max(0, state.in_flight.get(url, 0) - 1)
-        credentials.redact(flow)
+        credentials.redact_answered(flow)
         self._observe(flow, decision, error_status)
 
     def _observe(self, flow: http.HTTPFlow, decision: Decision, error_status: int | None) -> None:
