@@ -18,8 +18,8 @@ After `--warmup` seconds, `--runs` times (every `--gap` seconds) a separate `cur
 sends a legitimate user's first sync (a token the router has never seen) from 127.0.0.1.
 
 Printed per run: curl's time to connect and total time (outside the router's process), the
-router's own `total_ms` for that request from its access log (from the request head's first
-byte to the response's end) and its identity source; then the flood's rate and the router's
+router's own `total_ms` and `upstream_ms` for that request from its access log (from the
+request head's first byte to the response's end; the worker's part) and its identity source; then the flood's rate and the router's
 CPU seconds over the flood. Every process this script starts is stopped by pid at the end.
 """
 
@@ -179,7 +179,8 @@ def measure(launcher: str, args: argparse.Namespace, work: Path) -> list[str]:
             record = logged.get(short_hash(token_key(token)), {})
             rows.append(
                 f"{launcher:15} {i:3}  {status:>6} {connect:8.3f} {total:8.3f}"
-                f"  {record.get('total_ms', float('nan')) / 1000:10.3f}  {record.get('identity', '-'):10}"
+                f"  {record.get('total_ms', float('nan')) / 1000:12.3f} {record.get('upstream_ms', float('nan')) / 1000:9.3f}"
+                f"  {record.get('identity', '-'):10}"
             )
         rate, share = stats["answers"] / stats["seconds"], 100 * cpu / stats["seconds"]
         rows.append(
@@ -213,7 +214,7 @@ def main() -> int:
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; whoami answers in {args.whoami_delay} s, "
         f"whoami.timeout {args.timeout} s, {args.clients} flooding clients from {args.sources} addresses"
     )
-    print(f"{'launcher':15} run  status  connect    total  router_total  identity")
+    print(f"{'launcher':15} run  status  connect    total  router_total  upstream  identity")
     with tempfile.TemporaryDirectory(prefix="bench-whoami-flood-") as tmp:
         for launcher in args.launchers.split(","):
             work = Path(tmp) / launcher
