@@ -19,8 +19,8 @@ sends a legitimate user's first sync (a token the router has never seen) from 12
 
 Printed per run: curl's time to connect and total time (outside the router's process), the
 router's own `total_ms` and `upstream_ms` for that request from its access log (from the
-request head's first byte to the response's end; the worker's part) and its identity source; then the flood's rate and the router's
-CPU seconds over the flood. Every process this script starts is stopped by pid at the end.
+request head's first byte to the response's end; the worker's part) and its identity source;
+then the flood's rate and the router's CPU seconds over the flood. Every process this script starts is stopped by pid at the end.
 """
 
 from __future__ import annotations
@@ -177,10 +177,11 @@ def measure(launcher: str, args: argparse.Namespace, work: Path) -> list[str]:
         logged = access_lines(log)
         for i, (token, status, connect, total) in enumerate(results, 1):
             record = logged.get(short_hash(token_key(token)), {})
+            router_total = record.get("total_ms", float("nan")) / 1000
+            upstream = record.get("upstream_ms", float("nan")) / 1000
             rows.append(
                 f"{launcher:15} {i:3}  {status:>6} {connect:8.3f} {total:8.3f}"
-                f"  {record.get('total_ms', float('nan')) / 1000:12.3f} {record.get('upstream_ms', float('nan')) / 1000:9.3f}"
-                f"  {record.get('identity', '-'):10}"
+                f"  {router_total:12.3f} {upstream:9.3f}  {record.get('identity', '-'):10}"
             )
         rate, share = stats["answers"] / stats["seconds"], 100 * cpu / stats["seconds"]
         rows.append(
