@@ -20,7 +20,8 @@ sends a legitimate user's first sync (a token the router has never seen) from 12
 Printed per run: curl's time to connect and total time (outside the router's process), the
 router's own `total_ms` and `upstream_ms` for that request from its access log (from the
 request head's first byte to the response's end; the worker's part) and its identity source;
-then the flood's rate and the router's CPU seconds over the flood. Every process this script starts is stopped by pid at the end.
+then the flood's rate and the router's CPU seconds over the flood. Every process this script
+starts is stopped by pid at the end.
 """
 
 from __future__ import annotations
