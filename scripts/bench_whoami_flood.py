@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_whoami_flood.py [--runs 6] [--clients 400] [--sources 1]
         [--whoami-delay 1] [--timeout 2] [--warmup 4] [--gap 2] [--launchers mitmdump,synapse-router]
+        [--before REF]    # also the router of commit REF (a git worktree of it), before each launcher
 
 Upstreams (tests/standin.py, real processes on loopback): main, whose whoami answers every
 request after `--whoami-delay` seconds (401 M_UNKNOWN_TOKEN for made-up tokens, the user for
@@ -31,6 +32,7 @@ import asyncio
 import json
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -45,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from addons.synapse_router.tokens import short_hash, token_key  # noqa: E402
-from tests.harness import Fleet, RouterStarter  # noqa: E402
+from tests.harness import Fleet, free_port, router_command, wait_for_port  # noqa: E402
 
 SYNC = "/_matrix/client/v3/sync"
 
@@ -143,36 +145,50 @@ def access_lines(path: Path) -> dict[str, dict[str, Any]]:
     return lines
 
 
-def measure(launcher: str, args: argparse.Namespace, work: Path) -> list[str]:
-    tokens = {f"legit_{launcher}_{i}_{secrets.token_hex(4)}": f"@legit{i}:example.org" for i in range(args.runs)}
+def measure(launcher: str, args: argparse.Namespace, work: Path, before: Path | None) -> list[str]:
+    """The runs of one launcher, of this checkout or (with `before`) of that worktree's code."""
+    name = launcher + (" (before)" if before else "")
+    tokens = {f"legit_{i}_{secrets.token_hex(4)}": f"@legit{i}:example.org" for i in range(args.runs)}
     fleet = Fleet(work)
-    start_router = RouterStarter(work)
-    flood_proc = None
+    router_proc = flood_proc = None
     rows = []
     try:
         main = fleet.add("main", whoami=tokens, whoami_delay=args.whoami_delay)
         sync = fleet.add("sync")
-        log = work / f"access-{launcher}.log"
-        config = {
-            "workers": {"sync": [sync.url]},
-            "whoami": {"timeout": args.timeout},
-            "access_log": {"enabled": True, "format": "json", "path": str(log)},
-        }
-        router = start_router(main.url, config, extra=["--set", "flow_detail=0"], launcher=launcher)
-        cpu0 = cpu_seconds(router.proc.pid)
+        log = work / "access.log"
+        config = work / "router.yaml"
+        config.write_text(
+            json.dumps(
+                {
+                    "workers": {"sync": [sync.url]},
+                    "whoami": {"timeout": args.timeout},
+                    "access_log": {"enabled": True, "format": "json", "path": str(log)},
+                }
+            )
+        )
+        port = free_port()
+        cmd = router_command(main.url, port, config, ["--set", "flow_detail=0"], launcher=launcher)
+        env = dict(os.environ)
+        if before is not None:  # the package and entry script of commit REF, not this checkout's
+            cmd = [str(before / "addons" / "router.py") if c.endswith("/addons/router.py") else c for c in cmd]
+            env["PYTHONPATH"] = str(before / "addons")
+        with (work / "router.log").open("wb") as out:
+            router_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        wait_for_port(port, router_proc)
+        cpu0 = cpu_seconds(router_proc.pid)
         flood_proc = subprocess.Popen(
-            [sys.executable, __file__, "--flood", str(router.port), str(args.clients), str(args.sources)],
+            [sys.executable, __file__, "--flood", str(port), str(args.clients), str(args.sources)],
             stdout=subprocess.PIPE,
             text=True,
         )
         time.sleep(args.warmup)
         results = []
         for token in tokens:
-            results.append((token, *curl_sync(router.port, token)))
+            results.append((token, *curl_sync(port, token)))
             time.sleep(args.gap)
         flood_proc.send_signal(signal.SIGTERM)
         flood_out, _ = flood_proc.communicate(timeout=30)
-        cpu = cpu_seconds(router.proc.pid) - cpu0
+        cpu = cpu_seconds(router_proc.pid) - cpu0
         stats = json.loads(flood_out.strip().splitlines()[-1])
         time.sleep(0.5)
         logged = access_lines(log)
@@ -181,19 +197,19 @@ def measure(launcher: str, args: argparse.Namespace, work: Path) -> list[str]:
             router_total = record.get("total_ms", float("nan")) / 1000
             upstream = record.get("upstream_ms", float("nan")) / 1000
             rows.append(
-                f"{launcher:15} {i:3}  {status:>6} {connect:8.3f} {total:8.3f}"
+                f"{name:24} {i:3}  {status:>6} {connect:8.3f} {total:8.3f}"
                 f"  {router_total:12.3f} {upstream:9.3f}  {record.get('identity', '-'):10}"
             )
         rate, share = stats["answers"] / stats["seconds"], 100 * cpu / stats["seconds"]
         rows.append(
-            f"{launcher:15} flood: {stats['answers']} answers in {stats['seconds']:.1f} s ({rate:.0f}/s), "
+            f"{name:24} flood: {stats['answers']} answers in {stats['seconds']:.1f} s ({rate:.0f}/s), "
             f"{stats['errors']} connection errors; router CPU {cpu:.1f} s ({share:.0f}% of a core)"
         )
     finally:
-        if flood_proc is not None and flood_proc.poll() is None:
-            flood_proc.kill()
-            flood_proc.wait()
-        start_router.stop_all()
+        for proc in (flood_proc, router_proc):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
         fleet.stop()
     return rows
 
@@ -211,18 +227,35 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=4.0)
     parser.add_argument("--gap", type=float, default=2.0)
     parser.add_argument("--launchers", default="mitmdump,synapse-router")
+    parser.add_argument("--before", metavar="REF", help="also measure commit REF's router (a git worktree of it)")
     args = parser.parse_args()
+    print("$ " + shlex.join([Path(sys.executable).name, *sys.argv]))
     print(
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; whoami answers in {args.whoami_delay} s, "
         f"whoami.timeout {args.timeout} s, {args.clients} flooding clients from {args.sources} addresses"
     )
-    print(f"{'launcher':15} run  status  connect    total  router_total  upstream  identity")
     with tempfile.TemporaryDirectory(prefix="bench-whoami-flood-") as tmp:
-        for launcher in args.launchers.split(","):
-            work = Path(tmp) / launcher
-            work.mkdir()
-            for row in measure(launcher, args, work):
-                print(row, flush=True)
+        before = Path(tmp) / "before" if args.before else None
+        if before is not None:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before], check=True
+            )
+            revision = subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--short", args.before], capture_output=True, text=True
+            ).stdout.strip()
+            print(f"before: {args.before} = {revision}, after: this checkout")
+        print(f"{'launcher':24} run  status  connect    total  router_total  upstream  identity")
+        try:
+            for launcher in args.launchers.split(","):
+                for tree in ([before] if before else []) + [None]:
+                    work = Path(tmp) / f"{launcher}-{'before' if tree else 'after'}"
+                    work.mkdir()
+                    for row in measure(launcher, args, work, tree):
+                        print(row, flush=True)
+        finally:
+            if before is not None:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
     return 0
 
 
