@@ -9,7 +9,9 @@ Keys are SHA-256 digests of the token (plus an appservice's `user_id`), never to
   are routed by token hash). Only main's failures count: never a wait in the router's own
   queue, nor anything the client sent.
 - Bounded, so that clients cannot steer it: a request waits for its user at most `timeout`,
-  queueing included; at most `max_in_flight` calls run at once; calls for tokens the cache
+  queueing included, under one deadline over the slot and the whole call (httpx's timeout
+  bounds each phase of a call, not the call); the event loop acts on it as soon as it gets
+  its turn (late by a turn when a flood keeps it busy); at most `max_in_flight` calls run at once; calls for tokens the cache
   does not know are rate-limited for the process and per client address, and beyond that a
   request is routed by its token's hash (source LIMITED) without a call.
 - Concurrent first requests of one token share one whoami call: in one process through a
