@@ -20,7 +20,8 @@ sends a legitimate user's first sync (a token the router has never seen) from 12
 
 Printed per run: curl's time to connect and total time (outside the router's process), the
 router's own `total_ms` and `upstream_ms` for that request from its access log (from the
-request head's first byte to the response's end; the worker's part) and its identity source;
+request head's first byte to the response's end; the worker's part), their difference
+(`without`: the router's own part, the whoami wait included) and its identity source;
 then the flood's rate and the router's CPU seconds over the flood. Every process this script
 starts is stopped by pid at the end.
 """
@@ -198,7 +199,8 @@ def measure(launcher: str, args: argparse.Namespace, work: Path, before: Path | 
             upstream = record.get("upstream_ms", float("nan")) / 1000
             rows.append(
                 f"{name:24} {i:3}  {status:>6} {connect:8.3f} {total:8.3f}"
-                f"  {router_total:12.3f} {upstream:9.3f}  {record.get('identity', '-'):10}"
+                f"  {router_total:12.3f} {upstream:9.3f} {router_total - upstream:8.3f}"
+                f"  {record.get('identity', '-'):10}"
             )
         rate, share = stats["answers"] / stats["seconds"], 100 * cpu / stats["seconds"]
         rows.append(
@@ -244,7 +246,7 @@ def main() -> int:
                 ["git", "-C", str(ROOT), "rev-parse", "--short", args.before], capture_output=True, text=True
             ).stdout.strip()
             print(f"before: {args.before} = {revision}, after: this checkout")
-        print(f"{'launcher':24} run  status  connect    total  router_total  upstream  identity")
+        print(f"{'launcher':24} run  status  connect    total  router_total  upstream  without  identity")
         try:
             for launcher in args.launchers.split(","):
                 for tree in ([before] if before else []) + [None]:

@@ -11,9 +11,10 @@ Keys are SHA-256 digests of the token (plus an appservice's `user_id`), never to
 - Bounded, so that clients cannot steer it: a request waits for its user at most `timeout`,
   queueing included, under one deadline over the slot and the whole call (httpx's timeout
   bounds each phase of a call, not the call); the event loop acts on it as soon as it gets
-  its turn (late by a turn when a flood keeps it busy); at most `max_in_flight` calls run at once; calls for tokens the cache
-  does not know are rate-limited for the process and per client address, and beyond that a
-  request is routed by its token's hash (source LIMITED) without a call.
+  its turn (late by a turn when a flood keeps it busy); at most `max_in_flight` calls run at
+  once; calls for tokens the cache does not know are rate-limited for the process and per
+  client address, and beyond that a request is routed by its token's hash (source LIMITED)
+  without a call.
 - Concurrent first requests of one token share one whoami call: in one process through a
   future per token; across processes through the shared cache (`whoami.redis`), where the
   process that claims the token asks whoami and the others wait for its answer, at most the
