@@ -131,7 +131,7 @@ def decision_cost(workers: int = 16, iterations: int = 20_000, batches: int = 15
         start = time.perf_counter_ns()
         for _ in range(iterations):
             match = engine.match("GET", SYNC_PATH)
-            found = tokens.find_token(authorizations, match.query)
+            found = tokens.find_token(authorizations, match.query, match.path)
             assert found is not None
             resolution = resolver.cached(found.key)
             key, kind = _balance_key(match, found, "127.0.0.1", resolution)

@@ -48,6 +48,7 @@ class Standin:
     port: int
     whoami_file: Path | None = None
     whoami_delay: float = 0.0
+    whoami_trickle: float = 0.0
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -58,6 +59,7 @@ class Standin:
         cmd = [sys.executable, str(STANDIN), "--name", self.name, "--port", str(self.port)]
         if self.whoami_file is not None:
             cmd += ["--whoami", str(self.whoami_file), "--whoami-delay", str(self.whoami_delay)]
+            cmd += ["--whoami-trickle", str(self.whoami_trickle)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, self.proc)
 
@@ -79,13 +81,18 @@ class Fleet:
     servers: dict[str, Standin] = field(default_factory=dict)
 
     def add(
-        self, name: str, whoami: dict[str, str] | None = None, start: bool = True, whoami_delay: float = 0.0
+        self,
+        name: str,
+        whoami: dict[str, str] | None = None,
+        start: bool = True,
+        whoami_delay: float = 0.0,
+        whoami_trickle: float = 0.0,
     ) -> Standin:
         whoami_file = None
         if whoami is not None:
             whoami_file = self.tmp / f"whoami-{name}.json"
             whoami_file.write_text(json.dumps(whoami))
-        server = Standin(name, free_port(), whoami_file, whoami_delay)
+        server = Standin(name, free_port(), whoami_file, whoami_delay, whoami_trickle)
         self.servers[name] = server
         if start:
             server.start()

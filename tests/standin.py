@@ -25,7 +25,8 @@ Query parameters steer it (they pass through the router untouched):
 The body of standin_bytes=N is `bytes(range(256))` repeated: its SHA-256 is `pattern_sha256(N)`.
 With --whoami FILE (JSON {token: user_id}) it answers /_matrix/client/v3/account/whoami
 like Synapse: 200 {"user_id", "device_id", "is_guest"} or 401 M_UNKNOWN_TOKEN; `/health`
-answers 200 OK; `/__standin/stats` answers {"whoami_calls": N, "open_connections": M, "requests":
+answers 200 OK (with --whoami-trickle S, whoami's body is sent a byte at a time over S seconds:
+a slow main that never stops sending); `/__standin/stats` answers {"whoami_calls": N, "open_connections": M, "requests":
 {method: count}} (M: client connections open now, not counting the one asking; requests: every
 request received but /health, stats and whoami). During a `standin_delay` the server
 watches its connection, as Synapse does: a client that closes it meanwhile gets no answer, and
@@ -55,12 +56,18 @@ class StandinServer(ThreadingHTTPServer):
     request_queue_size = 1024  # a burst of new connections is queued, not dropped
 
     def __init__(
-        self, address: tuple[str, int], name: str, whoami: dict[str, str] | None, whoami_delay: float = 0.0
+        self,
+        address: tuple[str, int],
+        name: str,
+        whoami: dict[str, str] | None,
+        whoami_delay: float = 0.0,
+        whoami_trickle: float = 0.0,
     ) -> None:
         super().__init__(address, Handler)
         self.name = name
         self.whoami = whoami
         self.whoami_delay = whoami_delay
+        self.whoami_trickle = whoami_trickle
         self.whoami_calls = 0
         self.open_connections = 0
         self.requests: dict[str, int] = {}  # method -> requests received (not /health, stats, whoami)
@@ -246,7 +253,24 @@ class Handler(BaseHTTPRequestHandler):
             )
             return
         as_user = parse_qs(urlsplit(self.path).query).get("user_id")
-        self._send_json(200, {"user_id": as_user[0] if as_user else user, "device_id": "DEV", "is_guest": False})
+        answer = {"user_id": as_user[0] if as_user else user, "device_id": "DEV", "is_guest": False}
+        if self.server.whoami_trickle:
+            self._trickle_json(answer, self.server.whoami_trickle)
+            return
+        self._send_json(200, answer)
+
+    def _trickle_json(self, payload: object, seconds: float) -> None:
+        """200 with its head at once, then the body a byte at a time over `seconds`."""
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.flush()
+        for i in range(len(body)):
+            time.sleep(seconds / len(body))
+            self.wfile.write(body[i : i + 1])
+            self.wfile.flush()
 
     def _send_bytes(self, n: int, chunked: bool = False, cut: int | None = None) -> None:
         self.send_response(200)
@@ -303,9 +327,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--whoami", help="JSON file mapping access tokens to user ids")
     parser.add_argument("--whoami-delay", type=float, default=0.0, help="seconds each whoami answer takes")
+    parser.add_argument(
+        "--whoami-trickle", type=float, default=0.0, help="seconds over which whoami's body is sent, a byte at a time"
+    )
     args = parser.parse_args()
     whoami = json.loads(Path(args.whoami).read_text()) if args.whoami else None
-    server = StandinServer((args.host, args.port), args.name, whoami, args.whoami_delay)
+    server = StandinServer((args.host, args.port), args.name, whoami, args.whoami_delay, args.whoami_trickle)
     print(f"standin {args.name} listening on {args.host}:{args.port}", flush=True)
     server.serve_forever()
 

@@ -9,9 +9,12 @@ Keys are SHA-256 digests of the token (plus an appservice's `user_id`), never to
   are routed by token hash). Only main's failures count: never a wait in the router's own
   queue, nor anything the client sent.
 - Bounded, so that clients cannot steer it: a request waits for its user at most `timeout`,
-  queueing included; at most `max_in_flight` calls run at once; calls for tokens the cache
-  does not know are rate-limited for the process and per client address, and beyond that a
-  request is routed by its token's hash (source LIMITED) without a call.
+  queueing included, under one deadline over the slot and the whole call (httpx's timeout
+  bounds each phase of a call, not the call); the event loop acts on it as soon as it gets
+  its turn (late by a turn when a flood keeps it busy); at most `max_in_flight` calls run at
+  once; calls for tokens the cache does not know are rate-limited for the process and per
+  client address, and beyond that a request is routed by its token's hash (source LIMITED)
+  without a call.
 - Concurrent first requests of one token share one whoami call: in one process through a
   future per token; across processes through the shared cache (`whoami.redis`), where the
   process that claims the token asks whoami and the others wait for its answer, at most the
@@ -191,38 +194,49 @@ class IdentityResolver:
         """Ask whoami, within the deadline and a free slot, and cache the answer in this
         process; returns the resolution and what to tell the other processes (value and TTL)."""
         unresolved = Resolution(None, Source.UNRESOLVED), None
-        if not self._slots.locked():
-            await self._slots.acquire()  # at once
-        else:
-            try:
-                async with asyncio.timeout(max(0.0, deadline - self._clock())):
-                    await self._slots.acquire()
-            except TimeoutError:  # every slot busy until the deadline: the router's queue, not main
-                return unresolved
-        budget = deadline - self._clock()
+        budget = 0.0  # what the call had left of the deadline when it started (0: no call yet)
+        # One deadline over the slot and the whole call: httpx's timeout bounds each of its
+        # phases (pool, connect, write, every read) separately, so a call given 0.5 s could take
+        # several times that; a slow or trickling main, or a busy event loop, must not stretch a
+        # request's wait beyond `timeout`.
+        limit = asyncio.timeout(max(0.0, deadline - self._clock()))
         try:
-            if budget <= 0:
-                return unresolved
-            user = await self._call(token, as_user, user_agent, client_ip, budget)
+            async with limit:
+                await self._slots.acquire()
+                try:
+                    budget = deadline - self._clock()
+                    if budget <= 0:
+                        return unresolved
+                    user = await self._call(token, as_user, user_agent, client_ip, budget)
+                finally:
+                    self._slots.release()
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            # The deadline passed waiting for a slot (the router's queue, not main) or in the call.
+            if budget > 0:
+                self._call_failed(httpx.TimeoutException("whoami deadline"), budget)
+            return unresolved
         except TokenRejected:
             if self.config.negative_ttl > 0:
                 self.rejected[key] = True
                 return Resolution(None, Source.NEGATIVE), (REJECTED, self.config.negative_ttl)
             return Resolution(None, Source.NEGATIVE), None
         except (WhoamiError, httpx.HTTPError) as e:
-            if self._main_failed(e, budget):
-                self._transport_failures += 1
-                if self._transport_failures >= UNAVAILABLE_AFTER:
-                    self._unavailable_until = self._clock() + UNAVAILABLE_BACKOFF
+            self._call_failed(e, budget)
             return unresolved
         except Exception as e:  # a bug must not cost the request its routing, nor print a token
             log.warning(f"synapse-router: whoami call failed: {type(e).__name__}")
             return unresolved
-        finally:
-            self._slots.release()
         self._transport_failures = 0
         self.users[key] = user
         return Resolution(user, Source.WHOAMI), (user, self.config.cache_ttl)
+
+    def _call_failed(self, error: Exception, budget: float) -> None:
+        if self._main_failed(error, budget):
+            self._transport_failures += 1
+            if self._transport_failures >= UNAVAILABLE_AFTER:
+                self._unavailable_until = self._clock() + UNAVAILABLE_BACKOFF
 
     def _main_failed(self, error: Exception, budget: float) -> bool:
         """Whether a failed call says main is down or hung: a connection error, or a timeout

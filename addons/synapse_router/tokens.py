@@ -23,6 +23,11 @@ from .wellformed import TOKEN, Refused
 
 TOKEN_PARAM = "access_token"
 AS_USER_PARAM = "user_id"
+# Where `?user_id=` is an appservice acting as a user: the client-server API (media included).
+# Synapse's auth reads it for an appservice's token on any request it authenticates, but the
+# router resolves users only there; elsewhere it means something else (the admin API's
+# `/_synapse/admin/v2/users?user_id=` is a substring filter) and is passed on unread.
+MASQUERADE_PREFIXES = ("/_matrix/client/", "/_matrix/media/")
 MAX_TOKEN_LENGTH = 1024
 MAX_USER_ID_LENGTH = 255  # the Matrix spec's limit on a user id
 _PLAUSIBLE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no whitespace
@@ -75,10 +80,11 @@ def bearer_token(authorization: str) -> str:
     return token
 
 
-def find_token(authorizations: Sequence[str], query: str) -> FoundToken | None:
+def find_token(authorizations: Sequence[str], query: str, path: str) -> FoundToken | None:
     """The access token of a request, from `Authorization: Bearer` or `?access_token=`; None
     if it has none (another scheme, e.g. federation's X-Matrix, is not a token). Raises
-    Refused for an implausible token or more than one."""
+    Refused for an implausible token or more than one. `path` (raw, without the query)
+    decides whether `?user_id=` is read as an appservice's user (MASQUERADE_PREFIXES)."""
     bearers = [value for value in authorizations if is_bearer(value)]
     query_tokens = query_values(query, TOKEN_PARAM) if query else []
     if len(bearers) + len(query_tokens) > 1 or (query_tokens and authorizations):
@@ -91,7 +97,8 @@ def find_token(authorizations: Sequence[str], query: str) -> FoundToken | None:
             raise invalid_token()
     else:
         return None
-    as_users = query_values(query, AS_USER_PARAM) if AS_USER_PARAM in query or "%" in query else []
+    masquerade = path.startswith(MASQUERADE_PREFIXES)
+    as_users = query_values(query, AS_USER_PARAM) if masquerade and (AS_USER_PARAM in query or "%" in query) else []
     as_user = as_users[0] if as_users and as_users[0] else None
     if len(as_users) > 1 or (as_user is not None and not _is_user_id(as_user)):
         raise Refused(400, "M_INVALID_PARAM", "Invalid user_id parameter.")
@@ -101,12 +108,6 @@ def find_token(authorizations: Sequence[str], query: str) -> FoundToken | None:
 def is_token_param(pair: str) -> bool:
     # Names are compared decoded, as Synapse parses them: `access%5Ftoken` is a token too.
     return unquote_plus(pair.split("=", 1)[0]) == TOKEN_PARAM
-
-
-def remove_query_token(query: str) -> str:
-    """The query string without its access_token parameter(s), the other pairs byte for byte
-    (joined by `&`, which Synapse reads as it reads `;`)."""
-    return "&".join(p for p in pairs(query) if not is_token_param(p))
 
 
 def redact_query_token(query: str, label: str) -> str:

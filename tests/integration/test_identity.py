@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 
@@ -141,3 +142,32 @@ def test_no_token_in_output(sticky) -> None:
     assert "sync?since=1" in log
     for token in tokens:
         assert token not in log
+
+
+def test_whoami_wait_is_bounded_by_the_timeout_even_when_main_keeps_sending(
+    fleet: Fleet, start_router, tmp_path
+) -> None:
+    """Issue 20: httpx's timeout bounds each read, not the call; a main that sends its whoami
+    answer a byte at a time (each byte well within the timeout, the whole over 4 s) must not
+    hold a request past `whoami.timeout` (1 s): the router gives up and routes it by its
+    token's hash (identity source `unresolved`), as its access log records."""
+    fleet.add("main", whoami={"slowtok": "@slow:test.local"}, whoami_trickle=4.0)
+    for name in SYNC_WORKERS:
+        fleet.add(name)
+    log = tmp_path / "access.log"
+    config = {
+        "workers": {"sync": [fleet[n].url for n in SYNC_WORKERS]},
+        "whoami": {"timeout": 1},
+        "access_log": {"enabled": True, "format": "json", "path": str(log)},
+    }
+    router = start_router(fleet["main"].url, config)
+    with httpx.Client(base_url=router.url, timeout=30) as client:
+        r = client.get("/_matrix/client/v3/sync?since=1", headers={"Authorization": "Bearer slowtok"})
+        assert served(r)["server"] in SYNC_WORKERS
+    assert fleet["main"].stats()["whoami_calls"] == 1
+    deadline = time.monotonic() + 10
+    while not log.exists() or not log.read_text().strip():
+        assert time.monotonic() < deadline, "no access log line"
+        time.sleep(0.05)
+    (line,) = [json.loads(raw) for raw in log.read_text().splitlines()]
+    assert (line["route"], line["identity"], line["key_kind"]) == ("sync", "unresolved", "token")

@@ -139,15 +139,57 @@ def test_accept_encoding_passes_elsewhere(deployment) -> None:
             assert body["headers"]["accept-encoding"] == "gzip"
 
 
-def test_query_token_never_printed(deployment) -> None:
+def test_query_token_forwarded_as_sent_and_never_printed(deployment) -> None:
+    # Issue 22: the router forwards credentials as the client sent them (validated, never
+    # rewritten); the flow, printed by mitmdump for every request, shows a label instead.
     _, router, client = deployment
     secret = "syt_c2VjcmV0_integrationTOKEN_0abcd"
     body = served(client.get(f"/_matrix/client/v3/sync?since=1&access_token={secret}"))
-    assert body["path"] == "/_matrix/client/v3/sync?since=1"
-    assert body["headers"]["authorization"] == f"Bearer {secret}"
+    assert body["path"] == f"/_matrix/client/v3/sync?since=1&access_token={secret}"
+    assert "authorization" not in body["headers"]
     time.sleep(0.3)
     assert "/_matrix/client/v3/sync?since=1" in router.log()
     assert secret not in router.log()
+
+
+def test_openid_userinfo_reaches_main_with_its_query_token(fleet: Fleet, start_router) -> None:
+    # Issue 22: Synapse reads the OpenID token of federation's userinfo from the query only; a
+    # token moved into Authorization was answered 401 M_MISSING_TOKEN.
+    fleet.add("main")
+    fleet.add("federation_reader")
+    # -v: mitmdump prints every flow's whole URL and headers (redacted once it is answered)
+    router = start_router(
+        fleet["main"].url, {"workers": {"federation_reader": [fleet["federation_reader"].url]}}, ["-v"]
+    )
+    secret = "openid_c2VjcmV0_TOKEN_0abcd"
+    path = f"/_matrix/federation/v1/openid/userinfo?access_token={secret}"
+    with httpx.Client(base_url=router.url, timeout=30) as client:
+        body = served(client.get(path))
+    assert (body["server"], body["path"]) == ("main", path)
+    assert "authorization" not in body["headers"]
+    router.stop()
+    log = router.log()
+    assert "/_matrix/federation/v1/openid/userinfo?access_token=<redacted:" in log
+    assert secret not in log
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/_synapse/admin/v2/users?from=0&limit=10&user_id=ali",  # List Accounts: a substring filter
+        "/_synapse/admin/v1/event_reports?user_id=ali",
+        "/_synapse/admin/v1/event_reports?user_id=ali&user_id=bob",
+    ],
+)
+def test_admin_user_id_filter_reaches_main(deployment, path: str) -> None:
+    # Issue 22: `?user_id=` is an appservice acting as a user only on the client-server API;
+    # the router answered these 400 M_INVALID_PARAM "Invalid user_id parameter." itself.
+    _, _, client = deployment
+    response = client.get(path, headers={"Authorization": "Bearer syt_admin_token"})
+    assert response.status_code == 200, response.text
+    body = served(response)
+    assert (body["server"], body["path"]) == ("main", path)
+    assert body["headers"]["authorization"] == "Bearer syt_admin_token"
 
 
 def test_mixed_token_forms_are_answered_by_the_router(deployment) -> None:

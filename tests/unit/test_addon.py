@@ -105,14 +105,17 @@ async def test_cached_user_routes_without_waiting(router) -> None:
     assert len(workers) == 1
 
 
-async def test_query_token_moved_to_header(router) -> None:
+async def test_query_token_used_where_it_is_and_left_there(router) -> None:
+    # Issue 22: credentials are forwarded as the client sent them (Synapse reads some only
+    # from the query: federation's OpenID userinfo).
     addon, _ = router
     assert addon.identity is not None
     addon.identity.users[token_key("qtok")] = "@bob:example.org"
     flow = make_flow("/_matrix/client/v3/sync?since=s1&access_token=qtok&timeout=30000")
     hook(addon, "requestheaders", flow)
-    assert flow.request.path == "/_matrix/client/v3/sync?since=s1&timeout=30000"
-    assert flow.request.headers["Authorization"] == "Bearer qtok"
+    assert flow.request.path == "/_matrix/client/v3/sync?since=s1&access_token=qtok&timeout=30000"
+    assert "Authorization" not in flow.request.headers
+    assert "key=user identity=cache" in flow.comment  # resolved from the query token
 
 
 async def test_credentials_redacted_once_answered(router) -> None:

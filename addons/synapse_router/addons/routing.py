@@ -53,12 +53,10 @@ class Routing:
             wellformed.check_request(
                 request.method, request.authority, request.path, request.headers.fields, request.http_version
             )
-            found = tokens.find_token(request.headers.get_all("authorization"), match.query)
+            found = tokens.find_token(request.headers.get_all("authorization"), match.query, match.path)
         except wellformed.Refused as refused:
             self._refuse(flow, match, client_ip, refused)
             return None
-        if found is not None and found.from_query:
-            _move_query_token_to_header(request, found, match)
         logout = LOGOUT_PATH.match(match.path) if found is not None else None
         if logout is not None and found is not None:
             flowdata.set_logout(flow, logout.group(1) is not None, found.key)
@@ -236,14 +234,6 @@ class Routing:
             headers.fields = kept
         headers.fields += ((b"X-Forwarded-For", fwd.client_ip.encode()), (b"X-Forwarded-Proto", fwd.proto.encode()))
         return fwd.client_ip
-
-
-def _move_query_token_to_header(request: http.Request, found: tokens.FoundToken, match: Match) -> None:
-    # Synapse accepts either form; a header keeps the token out of every printed URL. The
-    # token is plausible (printable ASCII, tokens.py), so it is safe in a header.
-    query = tokens.remove_query_token(match.query)
-    request.path = f"{match.path}?{query}" if query else match.path
-    request.headers["Authorization"] = f"Bearer {found.token}"
 
 
 def _balance_key(
