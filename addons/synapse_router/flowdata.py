@@ -22,6 +22,7 @@ _LOGOUT = f"{METADATA_KEY}.logout"  # (everywhere, token key) of a logout reques
 _FORWARD = f"{METADATA_KEY}.forward"  # the router sends this request itself: how (a Sending)
 _REDACTED = f"{METADATA_KEY}.redacted"  # the request's credentials are labels now
 _UPLOAD_CUT = f"{METADATA_KEY}.upload_cut"  # answered while the client was still sending its body
+_CLIENT_ERROR = f"{METADATA_KEY}.client_error"  # clienterrors: what the client did wrong, if the router answered it
 
 
 def decision(flow: http.HTTPFlow) -> Decision | None:
@@ -97,3 +98,12 @@ def upload_cut(flow: http.HTTPFlow) -> bool:
 
 def set_upload_cut(flow: http.HTTPFlow) -> None:
     flow.metadata[_UPLOAD_CUT] = True
+
+
+def client_error(flow: http.HTTPFlow) -> str | None:
+    found = flow.metadata.get(_CLIENT_ERROR)
+    return found if isinstance(found, str) else None
+
+
+def set_client_error(flow: http.HTTPFlow, reason: str) -> None:
+    flow.metadata[_CLIENT_ERROR] = reason

@@ -27,10 +27,11 @@ _TARGET = re.compile(r"/[\x21-\x7e]*|\*")  # origin-form (or OPTIONS *), visible
 class Refused(ValueError):
     """A request the router answers itself with this Matrix error instead of passing it on."""
 
-    def __init__(self, status: int, errcode: str, message: str) -> None:
+    def __init__(self, status: int, errcode: str, message: str, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.errcode = errcode
+        self.close = close  # answer with `Connection: close`: the body's framing is not trusted
 
 
 def check_request(
@@ -51,6 +52,30 @@ def check_request(
     if joined[0].lower().split(b"\n").count(b"host") > 1:
         # RFC 9112 3.2: a server must refuse it; proxies would pick different ones
         raise Refused(400, "M_INVALID_PARAM", "More than one Host header.")
+
+
+# Methods no Synapse servlet serves and that a proxy must not pass on: TRACE (and Microsoft's
+# TRACK) would echo the request, credentials included, back to a script (cross-site tracing).
+_REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
+
+
+def check_message(method: str, fields: Sequence[tuple[bytes, bytes]], version: str) -> None:
+    """Raise Refused for a request whose line and fields are well-formed (check_request passed)
+    but that is not answered the way a client meant it if it is passed on, as nginx refuses it:
+    TRACE (405), a Transfer-Encoding other than exactly `chunked` (501: it would be forwarded
+    as it came, and a worker would read its body differently), an HTTP/1.1 request without
+    Host (400, RFC 9112 3.2; an HTTP/1.0 one is legal and passed on)."""
+    if method.upper() in _REFUSED_METHODS:
+        raise Refused(405, "M_UNRECOGNIZED", "Unrecognized request")
+    has_host = False
+    for name, value in fields:
+        lowered = name.lower()
+        if lowered == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            raise Refused(501, "M_UNRECOGNIZED", "Only the chunked transfer coding is supported.", close=True)
+        if lowered == b"host":
+            has_host = True
+    if not has_host and version == "HTTP/1.1":
+        raise Refused(400, "M_UNRECOGNIZED", "An HTTP/1.1 request must carry a Host header.")
 
 
 def _joined(fields: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, bytes] | None:

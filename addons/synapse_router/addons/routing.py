@@ -53,6 +53,7 @@ class Routing:
             wellformed.check_request(
                 request.method, request.authority, request.path, request.headers.fields, request.http_version
             )
+            wellformed.check_message(request.method, request.headers.fields, request.http_version)
             found = tokens.find_token(request.headers.get_all("authorization"), match.query)
         except wellformed.Refused as refused:
             self._refuse(flow, match, client_ip, refused)
@@ -197,7 +198,10 @@ class Routing:
         decision = Decision(route, ROUTER, None, "none", refused=refused.errcode)
         flowdata.set_client_ip(flow, client_ip)
         flowdata.set_decision(flow, decision)
-        respond(flow, matrix_error(refused.status, refused.errcode, str(refused)))
+        response = matrix_error(refused.status, refused.errcode, str(refused))
+        if refused.close:
+            response.headers["Connection"] = "close"
+        respond(flow, response)
         flow.comment = decision.summary()
         flow.marked = ":no_entry:"
         credentials.redact(flow)

@@ -1,0 +1,124 @@
+"""The router's new uses of mitmproxy internals, in one place (older ones stay where they are:
+connection_limits.client_io and _HeadGuard, streamed_errors). Each is run by a behavioural test
+(tests/unit/test_compat.py) that fails if a mitmproxy upgrade changes what it relies on.
+
+`RouterHttp1Server` is mitmproxy 12.3's HTTP/1 server layer (`layers.http._http1.Http1Server`,
+the layer that reads a client's requests) with four request-side edge cases answered as nginx
+answers them; `install()` makes HttpLayer use it for every client connection (HttpLayer builds
+its server layer from the name `Http1Server` in `mitmproxy.proxy.layers.http`):
+
+- empty lines before a request line are skipped (RFC 9112 2.2; a client appending CRLF after a
+  body). mitmproxy's layer stops at the first one (h11's `maybe_extract_lines` consumes it and
+  returns `[]`, which the layer takes for "head not complete") and waits for bytes that the
+  client, waiting for its answer, never sends. At most MAX_EMPTY_LINES are skipped per
+  request; more is answered 400 and closed.
+- a chunked body h11 refuses (a size that is not 1-20 hex digits, data longer than its size,
+  ...) is answered with a Matrix 400 and the connection closed (mitmproxy closes without a
+  status line); the flow's error says so (clienterrors.message), for the access log.
+- trailer fields after a chunked body are dropped (mitmproxy 12.3 raises NotImplementedError:
+  no answer, the connection held until tcp_timeout).
+- the HTTP/2 prior-knowledge preface (`PRI * HTTP/2.0`) is answered 505 like any other version
+  (mitmproxy's DisableH2C kills it silently; the router answers HTTP/1 only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import h11
+from mitmproxy.connection import ConnectionState
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError
+from mitmproxy.proxy.layers.http._http1 import Http1Server
+
+from . import clienterrors
+from .addons.responses import matrix_error
+
+MAX_EMPTY_LINES = 16  # nginx skips any number; a flood of them is not a client's CRLF after a body
+PREFACE = b"PRI * HTTP/2.0\r\n"
+
+Commands = Generator[commands.Command, Any, None]
+
+
+def _answer(status: int, errcode: str, text: str) -> bytes:
+    response = matrix_error(status, errcode, text)
+    response.headers["Connection"] = "close"
+    return bytes(http1.assemble_response(response))  # type: ignore[no-untyped-call]
+
+
+class RouterHttp1Server(Http1Server):
+    """mitmproxy's HTTP/1 server layer with the edge cases of the module docstring."""
+
+    _preface_checked = False
+
+    def read_headers(self, event: events.ConnectionEvent) -> Commands:
+        if not isinstance(event, events.DataReceived):
+            yield from super().read_headers(event)
+            return
+        if self.stream_id == 1 and not self._preface_checked and len(self.buf) >= len(PREFACE):
+            self._preface_checked = True  # once: a head trickled in must not be copied per byte
+            if bytes(self.buf)[: len(PREFACE)] == PREFACE:
+                yield from self._refuse(_answer(505, "M_UNRECOGNIZED", "HTTP version not supported."))
+                return
+        for _ in range(MAX_EMPTY_LINES + 1):
+            before = len(self.buf)
+            yield from super().read_headers(event)
+            # h11 took an empty line (the buffer shrank, no head was parsed): look again.
+            if self.state != self.read_headers or not 0 < len(self.buf) < before:
+                return
+        yield from self._refuse(_answer(400, "M_UNRECOGNIZED", "Too many empty lines before the request line."))
+
+    def _refuse(self, answer: bytes) -> Commands:
+        self.buf.maybe_extract_at_most(len(self.buf))
+        yield commands.SendData(self.conn, answer)
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
+
+    def read_body(self, event: events.Event) -> Commands:
+        """mitmproxy 12.3's read_body, but a framing error is answered and trailers dropped."""
+        assert self.stream_id is not None
+        while True:
+            try:
+                if isinstance(event, events.DataReceived):
+                    h11_event = self.body_reader(self.buf)
+                elif isinstance(event, events.ConnectionClosed):
+                    h11_event = self.body_reader.read_eof()
+                else:
+                    raise AssertionError(f"Unexpected event: {event}")
+            except h11.ProtocolError as e:
+                message = f"HTTP/1 protocol error: {e}"
+                if isinstance(event, events.DataReceived):  # bytes the client sent, not its leaving
+                    error = clienterrors.ERRORS[clienterrors.BAD_CHUNKED_BODY]
+                    message = clienterrors.message(error)
+                    if self.response is None and self.conn.state & ConnectionState.CAN_WRITE:
+                        yield commands.SendData(self.conn, _answer(error.status, error.errcode, error.text))
+                yield commands.CloseConnection(self.conn)
+                yield ReceiveHttp(RequestProtocolError(self.stream_id, message, code=ErrorCode.GENERIC_CLIENT_ERROR))
+                return
+            if h11_event is None:
+                return
+            if isinstance(h11_event, h11.Data):
+                data = bytes(h11_event.data)
+                if data:
+                    yield ReceiveHttp(self.ReceiveData(self.stream_id, data))
+            elif isinstance(h11_event, h11.EndOfMessage):
+                assert self.request
+                # Trailer fields (h11_event.headers) are dropped: nothing the router passes on
+                # needs them, and a worker behind it gets the body without them.
+                if self.request.data.method.upper() != b"CONNECT":
+                    yield ReceiveHttp(self.ReceiveEndOfMessage(self.stream_id))
+                yield from self.mark_done(request=True)
+                return
+
+
+def install() -> None:
+    """Make mitmproxy's HttpLayer build RouterHttp1Server for client connections (idempotent)."""
+    setattr(http_layers, "Http1Server", RouterHttp1Server)  # noqa: B010  (not an exported name)
+
+
+def installed() -> bool:
+    return getattr(http_layers, "Http1Server", None) is RouterHttp1Server
