@@ -306,6 +306,8 @@ def test_tls_on_the_plain_listener_is_refused(env: Env) -> None:
     outcome = _tls_handshake(env.router.port)
     assert outcome.startswith("refused"), outcome
     assert env.requests_seen() == before
+    time.sleep(0.2)
+    assert "TLS client hello from 127.0.0.1:" in env.router.log()
     env.check_output()
 
 
@@ -355,3 +357,6 @@ def test_tls_with_a_configured_certificate_is_terminated_with_it(
     assert replies and replies[0].status == 200, data[:300]
     seen = replies[0].standin
     assert seen is not None and seen["headers"]["x-forwarded-proto"] == "https", seen
+    nonce = new_nonce()  # plain HTTP on the same port still served
+    plain = exchange(router.port, request(b"GET", VERSIONS, nonce))
+    assert check_own_standin_answer(plain.reply, nonce)["headers"]["x-forwarded-proto"] == "http"
