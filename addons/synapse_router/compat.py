@@ -13,8 +13,10 @@ its server layer from the name `Http1Server` in `mitmproxy.proxy.layers.http`):
   client, waiting for its answer, never sends. At most MAX_EMPTY_LINES are skipped per
   request; more is answered 400 and closed.
 - a chunked body h11 refuses (a size that is not 1-20 hex digits, data longer than its size,
-  ...) is answered with a Matrix 400 and the connection closed (mitmproxy closes without a
-  status line); the flow's error says so (clienterrors.message), for the access log.
+  ...), a chunk line ended by a bare LF (h11 waits for a CRLF that never comes) and a chunk
+  line or trailer section longer than MAX_CHUNK_LINE (h11 would buffer it without limit) are
+  answered with a Matrix 400 and the connection closed (mitmproxy closes without a status
+  line, or waits); the flow's error says so (clienterrors.message), for the access log.
 - trailer fields after a chunked body are dropped (mitmproxy 12.3 raises NotImplementedError:
   no answer, the connection held until tcp_timeout).
 - the HTTP/2 prior-knowledge preface (`PRI * HTTP/2.0`) is answered 505 like any other version
@@ -27,6 +29,7 @@ from collections.abc import Generator
 from typing import Any
 
 import h11
+from h11._readers import ChunkedReader
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
@@ -38,6 +41,7 @@ from mitmproxy.proxy.layers.http._http1 import Http1Server
 from . import clienterrors
 from .addons.responses import matrix_error
 
+MAX_CHUNK_LINE = 16384  # bytes of a chunk line (size and extensions) or trailer section held
 MAX_EMPTY_LINES = 16  # nginx skips any number; a flood of them is not a client's CRLF after a body
 PREFACE = b"PRI * HTTP/2.0\r\n"
 
@@ -78,6 +82,35 @@ class RouterHttp1Server(Http1Server):
         yield commands.CloseConnection(self.conn)
         self.state = self.done
 
+    def _bad_body(self, event: events.Event, message: str) -> Commands:
+        """The body cannot be read: a 400 if it was the bytes the client sent (not its leaving
+        mid-body), and the connection closed either way."""
+        if isinstance(event, events.DataReceived):
+            self.buf.maybe_extract_at_most(len(self.buf))  # nothing more is read from it
+            error = clienterrors.ERRORS[clienterrors.BAD_CHUNKED_BODY]
+            message = clienterrors.message(error)  # h11's message quotes the client's bytes
+            if self.response is None and self.conn.state & ConnectionState.CAN_WRITE:
+                yield commands.SendData(self.conn, _answer(error.status, error.errcode, error.text))
+        yield commands.CloseConnection(self.conn)
+        assert self.stream_id is not None
+        yield ReceiveHttp(RequestProtocolError(self.stream_id, message, code=ErrorCode.GENERIC_CLIENT_ERROR))
+
+    def _stuck_chunk_line(self) -> bool:
+        """h11's chunked reader waits for more with bytes in the buffer: only for a chunk line or
+        trailer section not yet complete. It has no limit of its own (a line that never ends is
+        buffered whole), and ends a chunk line only at CRLF, so a client that ends it with a
+        bare LF would wait for an answer forever: both are bad framing."""
+        pending = len(self.buf)
+        if not pending or not isinstance(self.body_reader, ChunkedReader):
+            return False
+        if pending > MAX_CHUNK_LINE:
+            return True
+        if getattr(self.body_reader, "_reading_trailer", False):
+            return False  # h11 ends trailer lines at a bare LF too
+        data = bytes(self.buf)  # at most MAX_CHUNK_LINE bytes
+        lf = data.find(b"\n")
+        return lf >= 0 and (lf == 0 or data[lf - 1] != 0x0D)
+
     def read_body(self, event: events.Event) -> Commands:
         """mitmproxy 12.3's read_body, but a framing error is answered and trailers dropped."""
         assert self.stream_id is not None
@@ -90,16 +123,11 @@ class RouterHttp1Server(Http1Server):
                 else:
                     raise AssertionError(f"Unexpected event: {event}")
             except h11.ProtocolError as e:
-                message = f"HTTP/1 protocol error: {e}"
-                if isinstance(event, events.DataReceived):  # bytes the client sent, not its leaving
-                    error = clienterrors.ERRORS[clienterrors.BAD_CHUNKED_BODY]
-                    message = clienterrors.message(error)
-                    if self.response is None and self.conn.state & ConnectionState.CAN_WRITE:
-                        yield commands.SendData(self.conn, _answer(error.status, error.errcode, error.text))
-                yield commands.CloseConnection(self.conn)
-                yield ReceiveHttp(RequestProtocolError(self.stream_id, message, code=ErrorCode.GENERIC_CLIENT_ERROR))
+                yield from self._bad_body(event, f"HTTP/1 protocol error: {e}")
                 return
             if h11_event is None:
+                if isinstance(event, events.DataReceived) and self._stuck_chunk_line():
+                    yield from self._bad_body(event, "")
                 return
             if isinstance(h11_event, h11.Data):
                 data = bytes(h11_event.data)

@@ -149,6 +149,8 @@ BAD_CHUNKS = {
     "25-digit-size": b"0" * 24 + b"5\r\n" + MARK[:5] + b"\r\n0\r\n\r\n",
     "data-longer-than-size": b"5\r\n" + MARK + b"\r\n0\r\n\r\n",
     "size-is-the-mark": MARK + b"\r\nhello\r\n0\r\n\r\n",
+    "bare-lf-chunk-lines": b"5\n" + MARK[:5] + b"\n0\n\n",
+    "chunk-line-without-end": b"5;" + MARK + b"x" * 40000,
 }
 
 

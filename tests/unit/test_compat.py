@@ -119,6 +119,40 @@ def test_data_longer_than_its_chunk_size_is_answered_400() -> None:
     assert sent(cmds).startswith(b"HTTP/1.1 400 ")
 
 
+@pytest.mark.parametrize("body", [b"5\nhello\n0\n\n", b"5;ext=1\n", b"\n"])
+def test_a_chunk_line_ended_by_a_bare_lf_is_answered_400(body: bytes) -> None:
+    cmds = feed(start(compat.RouterHttp1Server), CHUNKED + body)
+    assert sent(cmds).startswith(b"HTTP/1.1 400 ")
+
+
+def test_mitmproxy_still_waits_for_a_crlf_after_a_chunk_size() -> None:
+    cmds = feed(start(Http1Server), CHUNKED + b"5\nhello\n0\n\n")
+    assert not sent(cmds) and not any(isinstance(c, commands.CloseConnection) for c in cmds)
+
+
+def test_a_chunk_line_that_never_ends_is_answered_400_once_over_the_limit() -> None:
+    layer = start(compat.RouterHttp1Server)
+    assert not sent(feed(layer, CHUNKED + b"5;" + b"x" * 1000))
+    fed = 1000
+    while not (answer := sent(feed(layer, b"x" * 1000))):
+        fed += 1000
+        assert fed <= compat.MAX_CHUNK_LINE + 1000, "still buffering past the limit"
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert not layer.buf  # dropped
+
+
+def test_lines_split_across_reads_are_read_as_usual() -> None:
+    layer = start(compat.RouterHttp1Server)
+    raw = CHUNKED + b"5\r\nhello\r\n6;e=1\r\n world\r\n0\r\nX-T: 1\nX-U: 2\r\n\r\n"
+    found = []
+    for i in range(len(raw)):
+        cmds = feed(layer, raw[i : i + 1])
+        assert not sent(cmds), raw[: i + 1]
+        found += http_events(cmds)
+    assert b"".join(e.data for e in found if isinstance(e, RequestData)) == b"hello world"
+    assert isinstance(found[-1], RequestEndOfMessage)
+
+
 def test_a_client_leaving_mid_body_is_not_answered() -> None:
     layer = start(compat.RouterHttp1Server)
     feed(layer, CHUNKED + b"5\r\nhel")

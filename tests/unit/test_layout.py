@@ -22,6 +22,7 @@ PURE = (
     "health",
     "shutdown",
     "connect",
+    "clienterrors",
 )
 _IMPORT = re.compile(r"^\s*from (\.+)([\w.]*) import ([\w, ()\n]+?)(?:\)|$)", re.M)
 
