@@ -19,13 +19,17 @@ its server layer from the name `Http1Server` in `mitmproxy.proxy.layers.http`):
   line, or waits); the flow's error says so (clienterrors.message), for the access log.
 - trailer fields after a chunked body are dropped (mitmproxy 12.3 raises NotImplementedError:
   no answer, the connection held until tcp_timeout).
+- a body that gets no byte for limits.body_timeout while it is read: BODY_WATCH.on_timeout
+  (ConnectionLimits answers 408 and closes; mitmproxy has no body timer, only tcp_timeout).
 - the HTTP/2 prior-knowledge preface (`PRI * HTTP/2.0`) is answered 505 like any other version
   (mitmproxy's DisableH2C kills it silently; the router answers HTTP/1 only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import asyncio
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -48,6 +52,18 @@ PREFACE = b"PRI * HTTP/2.0\r\n"
 Commands = Generator[commands.Command, Any, None]
 
 
+@dataclass(slots=True)
+class BodyWatch:
+    """limits.body_timeout, set by ConnectionLimits: when a request body being read gets no
+    byte for `timeout` seconds, `on_timeout(client id)` answers and closes the connection."""
+
+    timeout: float = 60.0
+    on_timeout: Callable[[str], None] | None = None
+
+
+BODY_WATCH = BodyWatch()
+
+
 def _answer(status: int, errcode: str, text: str) -> bytes:
     response = matrix_error(status, errcode, text)
     response.headers["Connection"] = "close"
@@ -58,6 +74,8 @@ class RouterHttp1Server(Http1Server):
     """mitmproxy's HTTP/1 server layer with the edge cases of the module docstring."""
 
     _preface_checked = False
+    _body_timer: asyncio.TimerHandle | None = None
+    _body_last = 0.0  # loop time of the last body bytes (or of the head)
 
     def read_headers(self, event: events.ConnectionEvent) -> Commands:
         if not isinstance(event, events.DataReceived):
@@ -112,6 +130,37 @@ class RouterHttp1Server(Http1Server):
         return lf >= 0 and (lf == 0 or data[lf - 1] != 0x0D)
 
     def read_body(self, event: events.Event) -> Commands:
+        yield from self._read_body(event)
+        self._watch_body()
+
+    def _watch_body(self) -> None:
+        """While a body is still to come, a timer (one per body, moved only when it fires)
+        checks that bytes keep arriving; a request without a body never sets one."""
+        if self.state != self.read_body or not self.conn.state & ConnectionState.CAN_READ:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop: the layer driven by a unit test
+            return
+        self._body_last = loop.time()
+        if self._body_timer is None:
+            self._body_timer = loop.call_at(self._body_last + BODY_WATCH.timeout, self._check_body)
+
+    def _check_body(self) -> None:
+        self._body_timer = None
+        if self.state != self.read_body or not self.conn.state & ConnectionState.CAN_READ:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._body_last + BODY_WATCH.timeout
+        if loop.time() < due:
+            self._body_timer = loop.call_at(due, self._check_body)
+        elif BODY_WATCH.on_timeout is not None:
+            BODY_WATCH.on_timeout(self.conn.id)
+
+    def _read_body(self, event: events.Event) -> Commands:
         """mitmproxy 12.3's read_body, but a framing error is answered and trailers dropped."""
         assert self.stream_id is not None
         while True:

@@ -67,14 +67,13 @@ def check_message(method: str, fields: Sequence[tuple[bytes, bytes]], version: s
     Host (400, RFC 9112 3.2; an HTTP/1.0 one is legal and passed on)."""
     if method.upper() in _REFUSED_METHODS:
         raise Refused(405, "M_UNRECOGNIZED", "Unrecognized request")
-    has_host = False
-    for name, value in fields:
-        lowered = name.lower()
-        if lowered == b"transfer-encoding" and value.strip().lower() != b"chunked":
-            raise Refused(501, "M_UNRECOGNIZED", "Only the chunked transfer coding is supported.", close=True)
-        if lowered == b"host":
-            has_host = True
-    if not has_host and version == "HTTP/1.1":
+    # The names joined and lower-cased once: the common case costs two searches in C.
+    names = b"\n" + b"\n".join([name for name, _ in fields]).lower() + b"\n"
+    if b"\ntransfer-encoding\n" in names:
+        for name, value in fields:
+            if name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                raise Refused(501, "M_UNRECOGNIZED", "Only the chunked transfer coding is supported.", close=True)
+    if version == "HTTP/1.1" and b"\nhost\n" not in names:
         raise Refused(400, "M_UNRECOGNIZED", "An HTTP/1.1 request must carry a Host header.")
 
 

@@ -6,6 +6,7 @@ exists for (then compat.py may be smaller) or the internals it builds on."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -201,3 +202,40 @@ def test_install_makes_http_layer_build_the_router_server_layer() -> None:
         assert type(layer.connections[context.client]) is compat.RouterHttp1Server
     finally:
         http_layers.Http1Server = original  # type: ignore[misc]
+
+
+# --- the body watch (limits.body_timeout) ---
+
+
+@pytest.fixture
+def watch() -> Any:
+    saved = (compat.BODY_WATCH.timeout, compat.BODY_WATCH.on_timeout)
+    stalled: list[str] = []
+    compat.BODY_WATCH.timeout = 1.0
+    compat.BODY_WATCH.on_timeout = stalled.append
+    yield stalled
+    compat.BODY_WATCH.timeout, compat.BODY_WATCH.on_timeout = saved
+
+
+async def test_a_stalled_body_is_reported_once_its_timeout_passed(watch: list[str]) -> None:
+    layer = start(compat.RouterHttp1Server)
+    feed(layer, HEAD + b"Content-Length: 10\r\n\r\n{")
+    assert watch == [] and layer._body_timer is not None
+    await asyncio.sleep(1.5)
+    assert watch == [layer.conn.id]
+
+
+async def test_a_body_that_keeps_coming_is_not_reported(watch: list[str]) -> None:
+    layer = start(compat.RouterHttp1Server)
+    feed(layer, HEAD + b"Content-Length: 12\r\n\r\n")
+    for byte in b"{}          ":  # 12 bytes, 0.15 s apart: 1.8 s in all, over the timeout
+        await asyncio.sleep(0.15)
+        feed(layer, bytes([byte]))
+    assert layer.state.__name__ == "wait" and layer._body_timer is None
+    assert watch == []
+
+
+async def test_a_request_without_a_body_sets_no_timer(watch: list[str]) -> None:
+    layer = start(compat.RouterHttp1Server)
+    feed(layer, GET)
+    assert layer._body_timer is None

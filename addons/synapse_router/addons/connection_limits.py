@@ -62,17 +62,12 @@ class _Conn:
     reason: str = HEADER_TIMEOUT
     timer: asyncio.TimerHandle | None = None
     answered: bool = False  # a request has been answered on it (so, with no flows: idle keep-alive)
-    guard: _HeadGuard | None = None  # the client's reader, which sees every read
-    body_flow: http.HTTPFlow | None = None  # the request whose body may still be arriving
-    body_timer: asyncio.TimerHandle | None = None
+    body_flow: http.HTTPFlow | None = None  # the request in flight, whose body may still be arriving
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.body_timer is not None:
-            self.body_timer.cancel()
-            self.body_timer = None
 
 
 class _ThrottledLog:
@@ -173,6 +168,7 @@ class ConnectionLimits:
     def use(self, config: LimitsConfig) -> None:
         """Switch to a configuration; running timers keep their deadlines."""
         self.config = config
+        compat.BODY_WATCH.timeout = config.body_timeout  # for bodies from now on
         self._check_fd_budget()
 
     # --- lifecycle ---
@@ -180,6 +176,8 @@ class ConnectionLimits:
     def load(self, loader: Any) -> None:
         self._raise_nofile()
         compat.install()  # request-side edge cases of mitmproxy's HTTP/1 layer (compat.py)
+        compat.BODY_WATCH.timeout = self.config.body_timeout
+        compat.BODY_WATCH.on_timeout = self.body_timed_out
 
     def _raise_nofile(self) -> None:
         if not self._nofile_raised:
@@ -216,7 +214,7 @@ class ConnectionLimits:
             return
         conn = self._conns[client.id] = _Conn()
         self._set_deadline(client.id, conn, self.config.header_timeout, HEADER_TIMEOUT)
-        conn.guard = _HeadGuard.install(client.id, self.config.max_header_bytes, self._head_too_large)
+        _HeadGuard.install(client.id, self.config.max_header_bytes, self._head_too_large)
 
     def client_disconnected(self, client: connection.Client) -> None:
         conn = self._conns.pop(client.id, None)
@@ -231,7 +229,7 @@ class ConnectionLimits:
             return
         conn.deadline = None  # in flight: no timeout (the timer, if it fires, finds none)
         conn.flows.add(flow.id)
-        self._watch_body(flow.client_conn.id, conn, flow)
+        conn.body_flow = flow  # answered 408 if its body stalls (compat.BODY_WATCH)
         request = flow.request
         size = header_block_size(
             request.method, request.authority + request.path, request.http_version, request.headers.fields
@@ -306,46 +304,26 @@ class ConnectionLimits:
         self._count_close(reason)
         _close(io, reason)
 
-    def _watch_body(self, client_id: str, conn: _Conn, flow: http.HTTPFlow) -> None:
-        """Answer 408 and close if the request's body, while it is being read, gets no byte for
-        body_timeout seconds (nginx's client_body_timeout: the time between two reads)."""
-        headers = flow.request.headers
-        if "transfer-encoding" not in headers and headers.get("content-length", "0").strip() in ("0", ""):
-            return  # no body to wait for
-        conn.body_flow = flow
-        if conn.body_timer is None and conn.guard is not None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no event loop (a unit test calling a hook directly)
-                return
-            conn.body_timer = loop.call_later(self.config.body_timeout, self._check_body, client_id)
-
-    def _check_body(self, client_id: str) -> None:
+    def body_timed_out(self, client_id: str) -> None:
+        """No byte of the request body in flight for body_timeout seconds (compat.BODY_WATCH):
+        answer 408 if nothing was answered yet, mark the flow for the access log, and close."""
         conn = self._conns.get(client_id)
-        if conn is None:
-            return
-        conn.body_timer = None
-        flow, guard = conn.body_flow, conn.guard
-        if flow is None or guard is None or not guard.reading_body():
-            return  # the body is complete (or there was none)
-        loop = asyncio.get_running_loop()
-        due = guard.last_read + self.config.body_timeout
-        if loop.time() < due:
-            conn.body_timer = loop.call_at(due, self._check_body, client_id)
-            return
         io = client_io(client_id)
-        if io is None:
+        if conn is None or io is None:
             return
-        error = clienterrors.ERRORS[clienterrors.BODY_TIMEOUT]
-        flowdata.set_client_error(flow, error.reason)
-        if flow.response is None and io.writer is not None and not io.writer.is_closing():
-            response = matrix_error(error.status, error.errcode, error.text)
-            response.headers["Connection"] = "close"
-            respond(flow, response)
-            io.writer.write(http1.assemble_response(response))  # type: ignore[no-untyped-call]
-            flowdata.set_upload_cut(flow)
+        flow = conn.body_flow
+        if flow is not None:
+            error = clienterrors.ERRORS[clienterrors.BODY_TIMEOUT]
+            flowdata.set_client_error(flow, error.reason)
+            if flow.response is None and io.writer is not None and not io.writer.is_closing():
+                response = matrix_error(error.status, error.errcode, error.text)
+                response.headers["Connection"] = "close"
+                respond(flow, response)
+                io.writer.write(http1.assemble_response(response))  # type: ignore[no-untyped-call]
+                flowdata.set_upload_cut(flow)
         log.debug(f"synapse-router: closing client connection {client_id}: {BODY_TIMEOUT}")
         self._count_close(BODY_TIMEOUT)
+        conn.cancel_timer()
         _close(io, BODY_TIMEOUT)
 
     def _head_too_large(self, client_id: str) -> None:
@@ -438,16 +416,14 @@ class _HeadGuard:
         self._limit = limit
         self._on_close = on_close
         self._http1: Any = None
-        self.last_read = asyncio.get_running_loop().time()  # when a read last returned bytes
 
     @classmethod
-    def install(cls, client_id: str, limit: int, on_close: Callable[[str], None]) -> _HeadGuard | None:
+    def install(cls, client_id: str, limit: int, on_close: Callable[[str], None]) -> None:
         handler = _connection_handler(client_id)
         io = handler.transports.get(handler.client) if handler is not None else None
         if io is None or not isinstance(io.reader, asyncio.StreamReader):
-            return None
-        guard = io.reader = cls(io.reader, handler, limit, on_close)
-        return guard
+            return
+        io.reader = cls(io.reader, handler, limit, on_close)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reader, name)
@@ -457,31 +433,18 @@ class _HeadGuard:
         if handler is not None and self._head_bytes(handler) > self._limit:
             self._answer_too_large(handler)
             return b""  # mitmproxy sees the client close
-        data = await self._reader.read(n)
-        if data:
-            self.last_read = asyncio.get_running_loop().time()
-        return data
+        return await self._reader.read(n)
 
-    def reading_body(self) -> bool:
-        """Whether the client's HTTP/1 layer is reading a request body."""
-        handler = self._handler_ref()
-        if handler is None or self._find_http1(handler) is None:
-            return False
-        return getattr(getattr(self._http1, "state", None), "__name__", None) == "read_body"
-
-    def _find_http1(self, handler: Any) -> Any:
+    def _head_bytes(self, handler: Any) -> int:
+        """Bytes of an incomplete head the client's HTTP/1 layer holds (0 when it reads a body
+        or is not HTTP/1)."""
         if self._http1 is None:
             for layer in handler.layer.context.layers:
                 if isinstance(layer, HttpLayer):
                     self._http1 = layer.connections.get(handler.client)
                     break
-        return self._http1
-
-    def _head_bytes(self, handler: Any) -> int:
-        """Bytes of an incomplete head the client's HTTP/1 layer holds (0 when it reads a body
-        or is not HTTP/1)."""
-        if self._find_http1(handler) is None:
-            return 0
+            if self._http1 is None:
+                return 0
         state = getattr(self._http1, "state", None)
         if getattr(state, "__name__", None) != "read_headers":
             return 0
