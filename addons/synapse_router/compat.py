@@ -86,13 +86,16 @@ class RouterHttp1Server(Http1Server):
             if bytes(self.buf)[: len(PREFACE)] == PREFACE:
                 yield from self._refuse(_answer(505, "M_UNRECOGNIZED", "HTTP version not supported."))
                 return
-        for _ in range(MAX_EMPTY_LINES + 1):
-            before = len(self.buf)
-            yield from super().read_headers(event)
+        before = len(self.buf)
+        yield from super().read_headers(event)
+        if self.state == self.read_headers and 0 < len(self.buf) < before:
             # h11 took an empty line (the buffer shrank, no head was parsed): look again.
-            if self.state != self.read_headers or not 0 < len(self.buf) < before:
-                return
-        yield from self._refuse(_answer(400, "M_UNRECOGNIZED", "Too many empty lines before the request line."))
+            for _ in range(MAX_EMPTY_LINES):
+                before = len(self.buf)
+                yield from super().read_headers(event)
+                if self.state != self.read_headers or not 0 < len(self.buf) < before:
+                    return
+            yield from self._refuse(_answer(400, "M_UNRECOGNIZED", "Too many empty lines before the request line."))
 
     def _refuse(self, answer: bytes) -> Commands:
         self.buf.maybe_extract_at_most(len(self.buf))
@@ -103,6 +106,7 @@ class RouterHttp1Server(Http1Server):
     def _bad_body(self, event: events.Event, message: str) -> Commands:
         """The body cannot be read: a 400 if it was the bytes the client sent (not its leaving
         mid-body), and the connection closed either way."""
+        self._body_done()
         if isinstance(event, events.DataReceived):
             self.buf.maybe_extract_at_most(len(self.buf))  # nothing more is read from it
             error = clienterrors.ERRORS[clienterrors.BAD_CHUNKED_BODY]
@@ -129,18 +133,9 @@ class RouterHttp1Server(Http1Server):
         lf = data.find(b"\n")
         return lf >= 0 and (lf == 0 or data[lf - 1] != 0x0D)
 
-    def read_body(self, event: events.Event) -> Commands:
-        yield from self._read_body(event)
-        self._watch_body()
-
-    def _watch_body(self) -> None:
-        """While a body is still to come, a timer (one per body, moved only when it fires)
-        checks that bytes keep arriving; a request without a body never sets one."""
-        if self.state != self.read_body or not self.conn.state & ConnectionState.CAN_READ:
-            if self._body_timer is not None:
-                self._body_timer.cancel()
-                self._body_timer = None
-            return
+    def _body_arrived(self) -> None:
+        """Body bytes arrived and more are to come: a timer (one per body, moved only when it
+        fires) checks that they keep coming; a request without a body never sets one."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop: the layer driven by a unit test
@@ -148,6 +143,11 @@ class RouterHttp1Server(Http1Server):
         self._body_last = loop.time()
         if self._body_timer is None:
             self._body_timer = loop.call_at(self._body_last + BODY_WATCH.timeout, self._check_body)
+
+    def _body_done(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
 
     def _check_body(self) -> None:
         self._body_timer = None
@@ -160,8 +160,9 @@ class RouterHttp1Server(Http1Server):
         elif BODY_WATCH.on_timeout is not None:
             BODY_WATCH.on_timeout(self.conn.id)
 
-    def _read_body(self, event: events.Event) -> Commands:
-        """mitmproxy 12.3's read_body, but a framing error is answered and trailers dropped."""
+    def read_body(self, event: events.Event) -> Commands:
+        """mitmproxy 12.3's read_body, but a framing error is answered, trailers dropped and
+        the time between body bytes watched."""
         assert self.stream_id is not None
         while True:
             try:
@@ -175,8 +176,11 @@ class RouterHttp1Server(Http1Server):
                 yield from self._bad_body(event, f"HTTP/1 protocol error: {e}")
                 return
             if h11_event is None:
-                if isinstance(event, events.DataReceived) and self._stuck_chunk_line():
-                    yield from self._bad_body(event, "")
+                if isinstance(event, events.DataReceived):
+                    if self._stuck_chunk_line():
+                        yield from self._bad_body(event, "")
+                    else:
+                        self._body_arrived()
                 return
             if isinstance(h11_event, h11.Data):
                 data = bytes(h11_event.data)
@@ -184,6 +188,7 @@ class RouterHttp1Server(Http1Server):
                     yield ReceiveHttp(self.ReceiveData(self.stream_id, data))
             elif isinstance(h11_event, h11.EndOfMessage):
                 assert self.request
+                self._body_done()
                 # Trailer fields (h11_event.headers) are dropped: nothing the router passes on
                 # needs them, and a worker behind it gets the body without them.
                 if self.request.data.method.upper() != b"CONNECT":
