@@ -151,3 +151,12 @@ def test_a_transfer_coding_other_than_chunked_is_refused_501_and_closed(coding: 
 
 def test_http11_without_host_is_refused() -> None:
     assert message_refusal("GET", [(b"User-Agent", b"x")]) == (400, False)
+
+
+def test_check_message_with_the_names_check_request_returns() -> None:
+    names = check_request("GET", "", "/", OK_FIELDS)
+    check_message("GET", OK_FIELDS, "HTTP/1.1", names)
+    no_host = [(b"User-Agent", b"x"), (b"Transfer-Encoding", b"gzip")]
+    with pytest.raises(Refused) as caught:
+        check_message("PUT", no_host, "HTTP/1.1", check_request("PUT", "", "/", no_host))
+    assert caught.value.status == 501

@@ -50,10 +50,9 @@ class Routing:
         client_ip = self._set_forwarding_headers(flow)
         match = state.engine.match(request.method, request.path)
         try:
-            wellformed.check_request(
-                request.method, request.authority, request.path, request.headers.fields, request.http_version
-            )
-            wellformed.check_message(request.method, request.headers.fields, request.http_version)
+            method, fields, version = request.method, request.headers.fields, request.http_version
+            names = wellformed.check_request(method, request.authority, request.path, fields, version)
+            wellformed.check_message(method, fields, version, names)
             found = tokens.find_token(request.headers.get_all("authorization"), match.query)
         except wellformed.Refused as refused:
             self._refuse(flow, match, client_ip, refused)
