@@ -59,6 +59,9 @@ class AccessRecord:
     # The answer was written while the client was still sending its body, and the connection
     # closed with the rest unread: the client may have seen a reset instead of `status`.
     upload_cut: bool = False
+    # The router answered because the client broke the request (clienterrors: bad_chunked_body,
+    # body_timeout); a fixed word, never a byte the client sent.
+    client_error: str | None = None
 
     def set_decision(self, decision: RoutingFacts) -> None:
         """Copy the routing fields of a decision (its summary, no token, no user id)."""
@@ -122,6 +125,7 @@ class AccessLogFormatter:
             ("failover", record.failover),
             ("token_hash", token_hash),
             ("upload", "cut" if record.upload_cut else None),
+            ("client_error", record.client_error),
             ("user_id", record.user_id if self.include_user else None),
         ]
         return {k: v for k, v in candidates if v is not None and v != "" and v != []}

@@ -36,6 +36,7 @@ from .addons.isolation import isolate_hooks
 from .addons.listen_backlog import ListenBacklog
 from .addons.metrics_listener import MetricsListener
 from .addons.observation import Observation
+from .addons.plain_tls import PlainTls
 from .addons.required_options import MIN_TCP_TIMEOUT, REQUIRED_OPTIONS, RequiredOptions
 from .addons.router_sent import RouterSent
 from .addons.routing import Routing
@@ -84,6 +85,7 @@ class SynapseRouter:
         self.addons: list[Any] = [
             LogRedaction(),
             self.limits,
+            PlainTls(),
             self.configuration,
             RequiredOptions(),
             self.identity_addon,

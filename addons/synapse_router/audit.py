@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compat import parse_regex
+from .compat.regex import parse_regex
 from .routes import RouteTable
 
 INTROSPECT_SCRIPT = Path(__file__).with_name("synapse_introspect.py")

@@ -24,6 +24,7 @@ _REDACTED = f"{METADATA_KEY}.redacted"  # the request's credentials are labels n
 _UPLOAD_CUT = f"{METADATA_KEY}.upload_cut"  # answered while the client was still sending its body
 _RELAYED = f"{METADATA_KEY}.relayed"  # a router-sent answer streamed through the relay
 _STREAMED_BYTES = f"{METADATA_KEY}.streamed_bytes"  # body bytes of a relayed answer sent on
+_CLIENT_ERROR = f"{METADATA_KEY}.client_error"  # clienterrors: what the client did wrong, if the router answered it
 
 
 def decision(flow: http.HTTPFlow) -> Decision | None:
@@ -116,3 +117,12 @@ def streamed_bytes(flow: http.HTTPFlow) -> int | None:
 
 def add_streamed_bytes(flow: http.HTTPFlow, size: int) -> None:
     flow.metadata[_STREAMED_BYTES] = flow.metadata.get(_STREAMED_BYTES, 0) + size
+
+
+def client_error(flow: http.HTTPFlow) -> str | None:
+    found = flow.metadata.get(_CLIENT_ERROR)
+    return found if isinstance(found, str) else None
+
+
+def set_client_error(flow: http.HTTPFlow, reason: str) -> None:
+    flow.metadata[_CLIENT_ERROR] = reason

@@ -11,6 +11,9 @@
   addon no request before its headers are complete, so a keep-alive connection's next request
   is bounded by this timer alone; real clients send a head in one packet). A request in flight
   (a long-poll waiting minutes for its response, an upload) is never cut by either timer.
+- `body_timeout`: a request whose body is being read and gets no byte for this many seconds
+  is answered 408 (Matrix error) and its connection closed (nginx's `client_body_timeout`:
+  the time between two reads, not a total; an upload that keeps sending is never cut).
 - `max_header_bytes`: a request whose head (request line and header fields) is larger is
   answered 431 with a Matrix error `M_TOO_LARGE` and its connection closed; it reaches no
   worker (the limits addon is first in the router's chain, so no routing or whoami work is
@@ -56,7 +59,8 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 HEADER_TIMEOUT = "header_timeout"
 KEEPALIVE_TIMEOUT = "keepalive_timeout"
 HEADER_TOO_LARGE = "header_too_large"
-CLOSE_REASONS = (HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, HEADER_TOO_LARGE)
+BODY_TIMEOUT = "body_timeout"
+CLOSE_REASONS = (HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, HEADER_TOO_LARGE, BODY_TIMEOUT)
 
 TOO_LARGE_ERRCODE = "M_TOO_LARGE"
 
@@ -75,6 +79,7 @@ class LimitsConfig:
     listen_backlog: int = 4096
     response_buffer: int = 256 * 1024  # answer body bytes held per router-sent request
     buffer_budget: int = 64 * 1024 * 1024  # answer body bytes held by all of them together
+    body_timeout: float = 60.0  # seconds a request body may go without a byte while it is read
 
 
 class LimitsConfigError(ValueError):
@@ -89,6 +94,7 @@ class LimitsConfigError(ValueError):
 _KEYS = (
     "header_timeout",
     "keepalive_timeout",
+    "body_timeout",
     "max_header_bytes",
     "max_connections",
     "listen_backlog",
@@ -123,6 +129,7 @@ def parse_limits(raw: object) -> LimitsConfig:
     return LimitsConfig(
         header_timeout=seconds("header_timeout", d.header_timeout),
         keepalive_timeout=seconds("keepalive_timeout", d.keepalive_timeout),
+        body_timeout=seconds("body_timeout", d.body_timeout),
         # Below 1 KiB even an ordinary request with a token and a user agent would be refused.
         max_header_bytes=count("max_header_bytes", d.max_header_bytes, 1024),
         max_connections=count("max_connections", d.max_connections, 1),

@@ -27,16 +27,18 @@ _TARGET = re.compile(r"/[\x21-\x7e]*|\*")  # origin-form (or OPTIONS *), visible
 class Refused(ValueError):
     """A request the router answers itself with this Matrix error instead of passing it on."""
 
-    def __init__(self, status: int, errcode: str, message: str) -> None:
+    def __init__(self, status: int, errcode: str, message: str, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.errcode = errcode
+        self.close = close  # answer with `Connection: close`: the body's framing is not trusted
 
 
 def check_request(
     method: str, authority: str, target: str, fields: Sequence[tuple[bytes, bytes]], version: str = "HTTP/1.1"
-) -> None:
-    """Raise Refused unless the request line and headers are safe to forward as they are."""
+) -> bytes:
+    """Raise Refused unless the request line and headers are safe to forward as they are.
+    Returns the field names, lower-cased, each between newlines (for check_message)."""
     if version not in _VERSIONS:
         raise Refused(505, "M_UNRECOGNIZED", "HTTP version not supported.")
     if TOKEN.fullmatch(method) is None:
@@ -48,9 +50,35 @@ def check_request(
     joined = _joined(fields)
     if joined is None:
         raise Refused(400, "M_INVALID_PARAM", "Invalid header field.")
-    if joined[0].lower().split(b"\n").count(b"host") > 1:
+    names = joined[0].lower()
+    if names.split(b"\n").count(b"host") > 1:
         # RFC 9112 3.2: a server must refuse it; proxies would pick different ones
         raise Refused(400, "M_INVALID_PARAM", "More than one Host header.")
+    return b"\n" + names + b"\n"
+
+
+# Methods no Synapse servlet serves and that a proxy must not pass on: TRACE (and Microsoft's
+# TRACK) would echo the request, credentials included, back to a script (cross-site tracing).
+_REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
+
+
+def check_message(method: str, fields: Sequence[tuple[bytes, bytes]], version: str, names: bytes | None = None) -> None:
+    """Raise Refused for a request whose line and fields are well-formed (check_request passed)
+    but that is not answered the way a client meant it if it is passed on, as nginx refuses it:
+    TRACE (405), a Transfer-Encoding other than exactly `chunked` (501: it would be forwarded
+    as it came, and a worker would read its body differently), an HTTP/1.1 request without
+    Host (400, RFC 9112 3.2; an HTTP/1.0 one is legal and passed on)."""
+    if method.upper() in _REFUSED_METHODS:
+        raise Refused(405, "M_UNRECOGNIZED", "Unrecognized request")
+    # The names joined and lower-cased once (by check_request): two searches in C.
+    if names is None:
+        names = b"\n" + b"\n".join([name for name, _ in fields]).lower() + b"\n"
+    if b"\ntransfer-encoding\n" in names:
+        for name, value in fields:
+            if name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                raise Refused(501, "M_UNRECOGNIZED", "Only the chunked transfer coding is supported.", close=True)
+    if version == "HTTP/1.1" and b"\nhost\n" not in names:
+        raise Refused(400, "M_UNRECOGNIZED", "An HTTP/1.1 request must carry a Host header.")
 
 
 def _joined(fields: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, bytes] | None:

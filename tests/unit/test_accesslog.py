@@ -8,6 +8,7 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from synapse_router import clienterrors
 from synapse_router.accesslog import (
     FORMATS,
     MAX_PATH,
@@ -218,6 +219,24 @@ def test_an_answer_written_under_an_unfinished_upload_is_marked(fmt: LogFormat) 
     assert fields["upload"] == "cut" and str(fields["status"]) == "502"
     plain = AccessLogFormatter(fmt, False).format(AccessRecord(time=T0, client_ip="::1", method="POST", path="/up"))
     assert "upload" not in plain
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_what_the_client_broke_is_logged_with_the_status(fmt: LogFormat) -> None:
+    record = AccessRecord(
+        time=T0, client_ip="::1", method="PUT", path="/up", status=400, client_error="bad_chunked_body"
+    )
+    line = AccessLogFormatter(fmt, False).format(record)
+    fields = json.loads(line) if fmt == "json" else parse_logfmt(line)
+    assert fields["client_error"] == "bad_chunked_body" and str(fields["status"]) == "400"
+
+
+def test_client_error_messages_round_trip() -> None:
+    for error in clienterrors.ERRORS.values():
+        assert clienterrors.parse(clienterrors.message(error)) == error
+    assert clienterrors.parse("HTTP/1 protocol error: illegal chunk header") is None
+    assert clienterrors.parse(None) is None
+    assert clienterrors.parse("synapse-router: answered 400 (made_up)") is None
 
 
 def test_json_omits_empty_fields() -> None:

@@ -1,4 +1,4 @@
-"""Behavioural tests of compat.py's internals, run against the installed Python and mitmproxy:
+"""Behavioural tests of compat.regex and compat.printing, run against the installed Python and mitmproxy:
 a release that changes one fails here."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import pytest
 from mitmproxy import contentviews
 from mitmproxy.addons import dumper
 from mitmproxy.test import taddons, tflow, tutils
-from synapse_router import compat, logsafety
+from synapse_router import logsafety
 from synapse_router.addons import credentials
-from synapse_router.compat import parse_regex
+from synapse_router.compat import printing
+from synapse_router.compat.regex import parse_regex
 
 
 def test_parse_regex_gives_the_tree_and_group_names() -> None:
@@ -58,8 +59,8 @@ def test_the_dumper_prints_the_transformed_flow_and_the_flow_is_left_alone() -> 
     d = dumper.Dumper(out)
     with taddons.context(d) as tctx:
         tctx.configure(d, flow_detail=4)
-        assert compat.print_flows_through(tctx.master, credentials.shown)
-        assert compat.print_flows_through(tctx.master, credentials.shown)  # once only
+        assert printing.print_flows_through(tctx.master, credentials.shown)
+        assert printing.print_flows_through(tctx.master, credentials.shown)  # once only
         flow = login_flow()
         d.response(flow)
         printed = out.getvalue()
@@ -73,7 +74,7 @@ def test_the_dumper_prints_the_transformed_flow_and_the_flow_is_left_alone() -> 
 
 def test_no_dumper_nothing_to_do() -> None:
     with taddons.context() as tctx:
-        assert not compat.print_flows_through(tctx.master, credentials.shown)
+        assert not printing.print_flows_through(tctx.master, credentials.shown)
 
 
 def test_answered_flow_keeps_no_request_secret_and_no_quoted_error() -> None:

@@ -23,6 +23,7 @@ PURE = (
     "shutdown",
     "connect",
     "logsafety",
+    "clienterrors",
 )
 _IMPORT = re.compile(r"^\s*from (\.+)([\w.]*) import ([\w, ()\n]+?)(?:\)|$)", re.M)
 

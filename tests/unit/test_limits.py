@@ -46,6 +46,16 @@ def test_defaults() -> None:
     assert parse_config("workers: {}").limits == LimitsConfig()
 
 
+def test_body_timeout() -> None:
+    assert LimitsConfig().body_timeout == 60.0
+    assert parse_limits({"body_timeout": 2}).body_timeout == 2.0
+    for bad in (0, -1, "60s", True, math.inf):
+        with pytest.raises(LimitsConfigError) as info:
+            parse_limits({"body_timeout": bad})
+        assert info.value.key == "body_timeout"
+        assert "must be a number > 0" in info.value.reason
+
+
 def test_values() -> None:
     raw = {"header_timeout": 1, "keepalive_timeout": 0.5, "max_header_bytes": 4096, "max_connections": 3}
     config = parse_limits(raw)

@@ -9,7 +9,7 @@ import pytest
 from h11._headers import normalize_and_validate
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from synapse_router.wellformed import TOKEN_PATTERN, Refused, check_request, fields_writable
+from synapse_router.wellformed import TOKEN_PATTERN, Refused, check_message, check_request, fields_writable
 
 OK_FIELDS = [(b"Host", b"matrix.example"), (b"User-Agent", b"Element/1.0 (\xc3\xa9)"), (b"X-Tab", b"a\tb")]
 
@@ -120,3 +120,43 @@ def test_check_request_refuses_exactly_what_the_field_rules_refuse(
         assert refused == "More than one Host header."
     else:
         assert refused is None
+
+
+# --- check_message: well-formed requests the router still does not pass on (issue 20) ---
+
+
+def message_refusal(method: str, fields: list[tuple[bytes, bytes]], version: str = "HTTP/1.1") -> tuple[int, bool]:
+    with pytest.raises(Refused) as caught:
+        check_message(method, fields, version)
+    assert caught.value.errcode == "M_UNRECOGNIZED"
+    return caught.value.status, caught.value.close
+
+
+def test_check_message_passes_ordinary_requests() -> None:
+    check_message("GET", OK_FIELDS, "HTTP/1.1")
+    check_message("PUT", [*OK_FIELDS, (b"Transfer-Encoding", b"chunked")], "HTTP/1.1")
+    check_message("PUT", [*OK_FIELDS, (b"transfer-encoding", b" Chunked ")], "HTTP/1.1")
+    check_message("GET", [], "HTTP/1.0")  # HTTP/1.0 without Host is legal
+
+
+@pytest.mark.parametrize("method", ["TRACE", "trace", "TRACK"])
+def test_trace_is_refused_405(method: str) -> None:
+    assert message_refusal(method, OK_FIELDS) == (405, False)
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"identity", b"gzip", b"chunked, chunked", b""])
+def test_a_transfer_coding_other_than_chunked_is_refused_501_and_closed(coding: bytes) -> None:
+    assert message_refusal("PUT", [*OK_FIELDS, (b"Transfer-Encoding", coding)]) == (501, True)
+
+
+def test_http11_without_host_is_refused() -> None:
+    assert message_refusal("GET", [(b"User-Agent", b"x")]) == (400, False)
+
+
+def test_check_message_with_the_names_check_request_returns() -> None:
+    names = check_request("GET", "", "/", OK_FIELDS)
+    check_message("GET", OK_FIELDS, "HTTP/1.1", names)
+    no_host = [(b"User-Agent", b"x"), (b"Transfer-Encoding", b"gzip")]
+    with pytest.raises(Refused) as caught:
+        check_message("PUT", no_host, "HTTP/1.1", check_request("PUT", "", "/", no_host))
+    assert caught.value.status == 501

@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import ctx, http
+from mitmproxy.net.http import http1
 from mitmproxy.proxy.layers.http import HttpLayer
 
+from .. import clienterrors, flowdata
+from ..compat import http1 as compat_http1
 from ..limits import (
+    BODY_TIMEOUT,
     CORS_HEADERS,
     HEADER_TIMEOUT,
     HEADER_TOO_LARGE,
@@ -32,7 +36,7 @@ from ..limits import (
     raise_nofile_limit,
     too_large_body,
 )
-from .responses import respond
+from .responses import matrix_error, respond
 
 if TYPE_CHECKING:
     from mitmproxy import connection
@@ -59,6 +63,7 @@ class _Conn:
     reason: str = HEADER_TIMEOUT
     timer: asyncio.TimerHandle | None = None
     answered: bool = False  # a request has been answered on it (so, with no flows: idle keep-alive)
+    body_flow: http.HTTPFlow | None = None  # the request in flight, whose body may still be arriving
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
@@ -164,12 +169,16 @@ class ConnectionLimits:
     def use(self, config: LimitsConfig) -> None:
         """Switch to a configuration; running timers keep their deadlines."""
         self.config = config
+        compat_http1.BODY_WATCH.timeout = config.body_timeout  # for bodies from now on
         self._check_fd_budget()
 
     # --- lifecycle ---
 
     def load(self, loader: Any) -> None:
         self._raise_nofile()
+        compat_http1.install()  # request-side edge cases of mitmproxy's HTTP/1 layer (compat/http1.py)
+        compat_http1.BODY_WATCH.timeout = self.config.body_timeout
+        compat_http1.BODY_WATCH.on_timeout = self.body_timed_out
 
     def _raise_nofile(self) -> None:
         if not self._nofile_raised:
@@ -221,6 +230,7 @@ class ConnectionLimits:
             return
         conn.deadline = None  # in flight: no timeout (the timer, if it fires, finds none)
         conn.flows.add(flow.id)
+        conn.body_flow = flow  # answered 408 if its body stalls (compat_http1.BODY_WATCH)
         request = flow.request
         size = header_block_size(
             request.method, request.authority + request.path, request.http_version, request.headers.fields
@@ -250,6 +260,8 @@ class ConnectionLimits:
             return
         conn.flows.discard(flow.id)
         conn.answered = True
+        if conn.body_flow is flow:
+            conn.body_flow = None
         if not conn.flows:
             self._set_deadline(flow.client_conn.id, conn, self.config.keepalive_timeout, KEEPALIVE_TIMEOUT)
 
@@ -292,6 +304,28 @@ class ConnectionLimits:
         log.debug(f"synapse-router: closing client connection {client_id}: {reason}")
         self._count_close(reason)
         _close(io, reason)
+
+    def body_timed_out(self, client_id: str) -> None:
+        """No byte of the request body in flight for body_timeout seconds (compat_http1.BODY_WATCH):
+        answer 408 if nothing was answered yet, mark the flow for the access log, and close."""
+        conn = self._conns.get(client_id)
+        io = client_io(client_id)
+        if conn is None or io is None:
+            return
+        flow = conn.body_flow
+        if flow is not None:
+            error = clienterrors.ERRORS[clienterrors.BODY_TIMEOUT]
+            flowdata.set_client_error(flow, error.reason)
+            if flow.response is None and io.writer is not None and not io.writer.is_closing():
+                response = matrix_error(error.status, error.errcode, error.text)
+                response.headers["Connection"] = "close"
+                respond(flow, response)
+                io.writer.write(http1.assemble_response(response))  # type: ignore[no-untyped-call]
+                flowdata.set_upload_cut(flow)
+        log.debug(f"synapse-router: closing client connection {client_id}: {BODY_TIMEOUT}")
+        self._count_close(BODY_TIMEOUT)
+        conn.cancel_timer()
+        _close(io, BODY_TIMEOUT)
 
     def _head_too_large(self, client_id: str) -> None:
         """A head still incomplete beyond max_header_bytes (the _HeadGuard answered 431)."""

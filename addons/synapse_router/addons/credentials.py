@@ -9,7 +9,8 @@ from copy import copy as shallow_copy
 from mitmproxy import contentviews, ctx, http
 from mitmproxy.contentviews import Metadata
 
-from .. import compat, flowdata, logsafety, tokens
+from .. import flowdata, logsafety, tokens
+from ..compat import printing
 from ..query import pairs, query_param
 
 
@@ -209,7 +210,7 @@ class LogRedaction:
 
     def running(self) -> None:
         self._install()  # handlers added since load (mitmweb's event store, say)
-        compat.print_flows_through(ctx.master, shown)
+        printing.print_flows_through(ctx.master, shown)
 
     def done(self) -> None:
         for handler in logging.getLogger().handlers:

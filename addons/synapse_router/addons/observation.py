@@ -12,7 +12,7 @@ from typing import TextIO
 from mitmproxy import connection, http
 from mitmproxy.connection import ConnectionState
 
-from .. import flowdata
+from .. import clienterrors, flowdata
 from ..accesslog import AccessLogFormatter, AccessRecord
 from ..config import ConfigError, RouterConfig
 from ..engine import Decision
@@ -109,6 +109,10 @@ class Observation:
         if not decision.refused and response is not None and response.timestamp_start and request.timestamp_end:
             upstream_seconds = max(0.0, (response.timestamp_end or response.timestamp_start) - request.timestamp_end)
         status = response.status_code if response is not None else error_status
+        client_error = flowdata.client_error(flow)
+        if client_error is None and flow.error is not None and (found := clienterrors.parse(flow.error.msg)):
+            # answered in mitmproxy's HTTP/1 layer (compat/http1.py): the flow has no response
+            status, client_error = found.status, found.reason
         upstream = decision.upstream
         if upstream is None or (decision.pool, upstream.url) in self.state.published:
             # Not for a worker a reload removed from this pool while this request was on it:
@@ -130,6 +134,7 @@ class Observation:
             user_id=decision.key if decision.key_kind == "user" else None,
             token_hash=flowdata.token_label(flow),
             upload_cut=flowdata.upload_cut(flow),
+            client_error=client_error,
         )
         record.set_decision(decision)
         line = self._access.format(record)

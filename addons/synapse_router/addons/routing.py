@@ -50,9 +50,9 @@ class Routing:
         client_ip = self._set_forwarding_headers(flow)
         match = state.engine.match(request.method, request.path)
         try:
-            wellformed.check_request(
-                request.method, request.authority, request.path, request.headers.fields, request.http_version
-            )
+            method, fields, version = request.method, request.headers.fields, request.http_version
+            names = wellformed.check_request(method, request.authority, request.path, fields, version)
+            wellformed.check_message(method, fields, version, names)
             found = tokens.find_token(request.headers.get_all("authorization"), match.query, match.path)
         except wellformed.Refused as refused:
             self._refuse(flow, match, client_ip, refused)
@@ -216,7 +216,10 @@ class Routing:
         flowdata.set_client_ip(flow, client_ip)
         flowdata.set_decision(flow, decision)
         self.state.unfinished.setdefault(flow.client_conn.id, {})[flow.id] = flow
-        respond(flow, matrix_error(refused.status, refused.errcode, str(refused)))
+        response = matrix_error(refused.status, refused.errcode, str(refused))
+        if refused.close:
+            response.headers["Connection"] = "close"
+        respond(flow, response)
         flow.comment = decision.summary()
         flow.marked = ":no_entry:"
         credentials.redact(flow)
