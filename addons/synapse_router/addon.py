@@ -46,6 +46,7 @@ from .engine import Engine
 from .flowdata import METADATA_KEY
 from .health import WorkerStates
 from .identity import IdentityResolver
+from .loopfilters import LoopExceptionFilters
 from .metrics import RouterMetrics
 from .state import RouterState
 from .upstream import Upstream
@@ -59,7 +60,7 @@ class SynapseRouter:
     def __init__(self) -> None:
         self.state = state = RouterState()
         state.metrics.bind_in_flight(lambda: {url: state.in_flight.get(url, 0) for url in state.workers.workers})
-        self.limits = ConnectionLimits(state.metrics)
+        self.limits = ConnectionLimits(state.metrics, loop_filters=LoopExceptionFilters())
         self.identity_addon = WhoamiIdentity(state)
         self.health = HealthChecks(state)
         self.routing = Routing(state)

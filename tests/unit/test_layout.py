@@ -24,6 +24,8 @@ PURE = (
     "connect",
     "logsafety",
     "clienterrors",
+    "loopfilters",
+    "listener",
 )
 _IMPORT = re.compile(r"^\s*from (\.+)([\w.]*) import ([\w, ()\n]+?)(?:\)|$)", re.M)
 

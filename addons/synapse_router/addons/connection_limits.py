@@ -36,6 +36,7 @@ from ..limits import (
     raise_nofile_limit,
     too_large_body,
 )
+from ..loopfilters import LoopExceptionFilters
 from .responses import matrix_error, respond
 
 if TYPE_CHECKING:
@@ -105,9 +106,16 @@ class ConnectionLimits:
     """Enforces LimitsConfig on client connections (a sub-addon of SynapseRouter, which hands
     it the configuration with `use`)."""
 
-    def __init__(self, metrics: RouterMetrics | None = None, config: LimitsConfig | None = None) -> None:
+    def __init__(
+        self,
+        metrics: RouterMetrics | None = None,
+        config: LimitsConfig | None = None,
+        loop_filters: LoopExceptionFilters | None = None,
+    ) -> None:
         self.config = config or LimitsConfig()
         self.metrics = metrics
+        # shared with GracefulStop: one handler on the event loop for both (loopfilters.py)
+        self.loop_filters = loop_filters if loop_filters is not None else LoopExceptionFilters()
         self._conns: dict[str, _Conn] = {}  # client connection id -> state, for admitted clients
         self._nofile: int | None = None
         self._nofile_raised = False
@@ -126,8 +134,6 @@ class ConnectionLimits:
             ),
             logging.ERROR,
         )
-        self._loop_handler: Any = None
-        self._previous_handler: Any = None
         if metrics is not None:
             metrics.bind_client_connections(lambda: len(self._conns))
 
@@ -186,14 +192,14 @@ class ConnectionLimits:
             self._nofile = raise_nofile_limit()
 
     def running(self) -> None:
-        self._install_exception_handler()
+        self.loop_filters.add(self._resource_error)
 
     def done(self) -> None:
         for conn in self._conns.values():
             conn.cancel_timer()
         self._refused.cancel()
         self._fd_errors.cancel()
-        self._restore_exception_handler()
+        self.loop_filters.remove(self._resource_error)
 
     def _check_fd_budget(self) -> None:
         self._raise_nofile()
@@ -338,36 +344,16 @@ class ConnectionLimits:
 
     # --- event loop errors ---
 
-    def _install_exception_handler(self) -> None:
+    def _resource_error(self, context: dict[str, Any]) -> bool:
         """Collapse the event loop's out-of-descriptors errors (asyncio logs every failed accept
-        with a traceback) into one line per interval; pass anything else on."""
-        loop = asyncio.get_running_loop()
-        if self._loop_handler is not None and loop.get_exception_handler() is self._loop_handler:
-            return
-        previous = self._previous_handler = loop.get_exception_handler()
-
-        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-            exc = context.get("exception")
-            if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
-                if self.metrics is not None:
-                    self.metrics.observe_resource_error()
-                self._fd_errors.hit()
-            elif previous is not None:
-                previous(loop, context)
-            else:
-                loop.default_exception_handler(context)
-
-        self._loop_handler = handler
-        loop.set_exception_handler(handler)
-
-    def _restore_exception_handler(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        if self._loop_handler is not None and loop.get_exception_handler() is self._loop_handler:
-            loop.set_exception_handler(self._previous_handler)
-        self._loop_handler = None
+        with a traceback) into one line per interval; anything else is not this filter's."""
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS):
+            return False
+        if self.metrics is not None:
+            self.metrics.observe_resource_error()
+        self._fd_errors.hit()
+        return True
 
 
 # --- mitmproxy internals (12.3) --------------------------------------------------------------

@@ -52,8 +52,6 @@ class GracefulStop:
         self.config = ShutdownConfig()
         self._drain: asyncio.Task[None] | None = None
         self._handed_over: set[asyncio.Task[None]] = set()  # connections accepted while stopping
-        self._handler: Any = None  # the event loop's exception handler while stopping
-        self._previous_handler: Any = None
 
     @property
     def stopping(self) -> bool:
@@ -79,7 +77,7 @@ class GracefulStop:
     def done(self) -> None:
         if self._drain is not None and not self._drain.done():
             self._drain.cancel()
-        self._restore_exception_handler()
+        self.limits.loop_filters.remove(self._closed_listener_retry)
 
     # --- the responses of a draining router close their connections ---
 
@@ -129,26 +127,11 @@ class GracefulStop:
         accept (up to 100), and Server.close() does not cancel those retries (CPython 3.12): on a
         listener closed meanwhile each raises "Invalid file descriptor: -1", a traceback each.
         Those, and only those, are dropped while the router drains; anything else is reported."""
-        loop = asyncio.get_running_loop()
-        previous = self._previous_handler = loop.get_exception_handler()
+        self.limits.loop_filters.add(self._closed_listener_retry)
 
-        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-            if isinstance(context.get("exception"), ValueError) and "._start_serving(" in context.get("message", ""):
-                return
-            if previous is not None:
-                previous(loop, context)
-            else:
-                loop.default_exception_handler(context)
-
-        self._handler = handler
-        loop.set_exception_handler(handler)
-
-    def _restore_exception_handler(self) -> None:
-        with contextlib.suppress(RuntimeError):
-            loop = asyncio.get_running_loop()
-            if self._handler is not None and loop.get_exception_handler() is self._handler:
-                loop.set_exception_handler(self._previous_handler)
-        self._handler = None
+    @staticmethod
+    def _closed_listener_retry(context: dict[str, Any]) -> bool:
+        return isinstance(context.get("exception"), ValueError) and "._start_serving(" in context.get("message", "")
 
     def _connections(self) -> int:
         """Client connections still open (or accepted while stopping and not yet registered)."""
