@@ -9,6 +9,7 @@ Query parameters steer it (they pass through the router untouched):
   standin_delay=S      answer after S seconds (a long-poll)
   standin_bytes=N      answer with N bytes of body, streamed in chunks (a media download)
   standin_status=C     answer with status C
+  standin_errcode=E    answer Synapse's error body {"errcode": E, "error": ...} (with standin_status)
   standin_hang=1       accept, read the request, never answer (a wedged worker)
   standin_chunked=1    answer with Transfer-Encoding: chunked, as Synapse answers JSON (also
                        with standin_bytes: N bytes in chunks of 256 KiB)
@@ -205,6 +206,9 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         status = int(params.get("standin_status", ["200"])[0])
+        if errcode := params.get("standin_errcode"):
+            self._send_json(status, {"errcode": errcode[0], "error": "Stand-in error"}, chunked=True)
+            return
         if params.get("standin_login"):
             answer = {
                 "user_id": "@alice:test",

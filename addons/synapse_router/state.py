@@ -7,6 +7,7 @@ keep `in_flight` and `connecting`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,9 @@ class RouterState:
     # client connection id -> flow id -> its flows that have a decision and are not over yet:
     # what Observation finishes when the client goes without a response or error hook for them
     unfinished: dict[str, dict[str, http.HTTPFlow]] = field(default_factory=dict)
+    # a flow -> the cache key of the token it carries, while it is in flight (never in the flow,
+    # which saved flows serialise): a worker's 401 M_UNKNOWN_TOKEN evicts that token's user
+    token_keys: weakref.WeakKeyDictionary[http.HTTPFlow, bytes] = field(default_factory=weakref.WeakKeyDictionary)
     stopping: bool = False  # a graceful stop has begun: not ready for new traffic
     main_reachable: bool | None = None  # main's health checks: None until judged
     # (pool, worker URL) pairs of the configuration, whose series the metrics export

@@ -127,6 +127,24 @@ def test_logout_evicts_token(sticky) -> None:
         assert fleet["main"].stats()["whoami_calls"] == 2
 
 
+@pytest.mark.parametrize("path", ["/_matrix/client/v3/sync?since=1", "/_matrix/client/v3/sync?since=1&timeout=1000"])
+def test_a_workers_unknown_token_answer_evicts_the_token(sticky, path: str) -> None:
+    """A token Synapse no longer knows (revoked, a MAS session ended) is forgotten on the
+    worker's 401 M_UNKNOWN_TOKEN, not routed as its user until cache_ttl: the next request asks
+    whoami again."""
+    fleet, router, _ = sticky
+    auth = {"Authorization": "Bearer tok_9_0"}
+    with httpx.Client(base_url=router.url, timeout=10) as client:
+        served(client.get(path, headers=auth))
+        served(client.get(path, headers=auth))
+        assert fleet["main"].stats()["whoami_calls"] == 1
+        refused = client.get(f"{path}&standin_status=401&standin_errcode=M_UNKNOWN_TOKEN", headers=auth)
+        assert refused.status_code == 401 and refused.json()["errcode"] == "M_UNKNOWN_TOKEN"
+        served(client.get(path, headers=auth))
+        assert fleet["main"].stats()["whoami_calls"] == 2
+        assert "tok_9_0" not in router.log()
+
+
 def test_no_token_in_output(sticky) -> None:
     _, router, users = sticky
     tokens = list(users)[:6]

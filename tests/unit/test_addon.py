@@ -583,3 +583,46 @@ def test_a_flow_ended_by_neither_response_nor_error_is_ended_when_its_client_goe
     assert addon.state.in_flight[url] == 0 and addon.state.unfinished == {}
     hook(addon, "client_disconnected", other.client_conn)  # already over: nothing counted twice
     assert addon.state.in_flight[url] == 0
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_a_workers_unknown_token_answer_evicts_the_tokens_cached_user(router, gzipped: bool) -> None:
+    import gzip
+    import json
+
+    addon, _ = router
+    assert addon.identity is not None
+    key = token_key("revoked")
+    addon.identity.users[key] = "@alice:example.org"
+    flow = make_flow("/_matrix/client/v3/sync?since=s1", {"Authorization": "Bearer revoked"})
+    hook(addon, "requestheaders", flow)
+    body = json.dumps({"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token passed.", "soft_logout": False})
+    headers = {"content-type": "application/json"}
+    raw = body.encode()
+    if gzipped:
+        raw, headers["content-encoding"] = gzip.compress(raw), "gzip"
+    flow.response = http.Response.make(401, b"", headers)
+    flow.response.raw_content = raw  # as it came (make() would encode it once more)
+    hook(addon, "response", flow)
+    assert key not in addon.identity.users
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (401, b'{"errcode": "M_MISSING_TOKEN", "error": "Missing access token"}'),
+        (403, b'{"errcode": "M_UNKNOWN_TOKEN", "error": "not a 401"}'),
+        (401, b"M_UNKNOWN_TOKEN but not JSON"),
+        (200, b'{"errcode": "M_UNKNOWN_TOKEN"}'),
+    ],
+)
+def test_other_answers_keep_the_cached_user(router, status: int, body: bytes) -> None:
+    addon, _ = router
+    assert addon.identity is not None
+    key = token_key("kept")
+    addon.identity.users[key] = "@alice:example.org"
+    flow = make_flow("/_matrix/client/v3/sync?since=s1", {"Authorization": "Bearer kept"})
+    hook(addon, "requestheaders", flow)
+    flow.response = http.Response.make(status, body, {"content-type": "application/json"})
+    hook(addon, "response", flow)
+    assert addon.identity.users.get(key) == "@alice:example.org"

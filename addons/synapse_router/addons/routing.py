@@ -57,6 +57,8 @@ class Routing:
         except wellformed.Refused as refused:
             self._refuse(flow, match, client_ip, refused)
             return None
+        if found is not None:
+            state.token_keys[flow] = found.key
         logout = LOGOUT_PATH.match(match.path) if found is not None else None
         if logout is not None and found is not None:
             flowdata.set_logout(flow, logout.group(1) is not None, found.key)

@@ -3,8 +3,10 @@ forgetting tokens that log out, and `router.flush`."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import zlib
 from collections.abc import Callable
 
 import httpx
@@ -16,6 +18,7 @@ from ..config import RouterConfig, WhoamiConfig
 from ..identity import IdentityResolver, TokenRejected, WhoamiCall, whoami_over_http
 from ..sharedcache import SharedCache
 from ..state import RouterState
+from ..tokens import short_hash
 
 log = logging.getLogger("synapse_router")
 
@@ -43,9 +46,15 @@ class WhoamiIdentity:
         return switch
 
     def response(self, flow: http.HTTPFlow) -> None:
-        """After a successful logout, forget the token (and, after /logout/all, the user's others)."""
-        logout = flowdata.pop_logout(flow)
+        """After a successful logout, forget the token (and, after /logout/all, the user's others);
+        after a worker's 401 M_UNKNOWN_TOKEN (a token revoked, a MAS session ended), forget it at
+        once instead of routing it as its user until cache_ttl."""
+        key = self.state.token_keys.pop(flow, None)
         identity = self.state.identity
+        if key is not None and identity is not None and flow.response is not None and unknown_token(flow.response):
+            identity.forget(key)
+            log.info(f"synapse-router: token {short_hash(key)} refused by Synapse (M_UNKNOWN_TOKEN): forgotten")
+        logout = flowdata.pop_logout(flow)
         if logout is None or identity is None or flow.response is None or flow.response.status_code != 200:
             return
         everywhere, key = logout
@@ -53,6 +62,9 @@ class WhoamiIdentity:
         identity.forget(key)
         if everywhere and user is not None:
             identity.forget_user(user)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.state.token_keys.pop(flow, None)
 
     async def done(self) -> None:
         identity = self.state.identity
@@ -111,3 +123,32 @@ class WhoamiIdentity:
                 metrics.observe_whoami(outcome, time.perf_counter() - started)
 
         return observed
+
+
+MAX_ERROR_BODY = 64 * 1024  # a Matrix error is a few hundred bytes: a larger body is not one
+
+
+def unknown_token(response: http.Response) -> bool:
+    """A Matrix 401 M_UNKNOWN_TOKEN (Synapse's answer for a revoked or expired token): read from
+    at most MAX_ERROR_BODY bytes, decompressed (gzip, deflate: Synapse compresses for clients
+    that accept it) to at most as many."""
+    if response.status_code != 401:
+        return False
+    body = response.raw_content
+    if body is None or len(body) > MAX_ERROR_BODY:
+        return False
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("gzip", "deflate", "x-gzip"):
+        try:
+            body = zlib.decompressobj(wbits=47).decompress(body, MAX_ERROR_BODY)
+        except zlib.error:
+            return False
+    elif encoding not in ("", "identity"):
+        return False
+    if b"M_UNKNOWN_TOKEN" not in body:
+        return False
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and answer.get("errcode") == "M_UNKNOWN_TOKEN"
