@@ -100,8 +100,10 @@ class Observation:
         if decision.upstream is not None:
             url = decision.upstream.url
             state.in_flight[url] = max(0, state.in_flight.get(url, 0) - 1)
-        credentials.redact_answered(flow)
-        self._observe(flow, decision, error_status)
+        try:
+            self._observe(flow, decision, error_status)  # first: it reads the client error mitmproxy's layer gave
+        finally:
+            credentials.redact_answered(flow)
 
     def _observe(self, flow: http.HTTPFlow, decision: Decision, error_status: int | None) -> None:
         request, response = flow.request, flow.response
