@@ -78,9 +78,15 @@ class ProcessMetrics:
     def __init__(
         self, host: str, base_port: int, count: int, restarts: Callable[[], Mapping[int, int]] | None = None
     ) -> None:
-        self.urls = [f"http://{_dialable(host)}:{base_port + i}{METRICS_PATH}" for i in range(1, count + 1)]
+        self.count = count
+        self.urls: list[str] = []
+        self.aim(host, base_port)
         self.restarts = restarts  # slot index (0-based) -> restarts
         self._client: httpx.AsyncClient | None = None
+
+    def aim(self, host: str, base_port: int) -> None:
+        """Scrape the processes serving on `host`, ports base + 1 .. base + count from now on."""
+        self.urls = [f"http://{_dialable(host)}:{base_port + i}{METRICS_PATH}" for i in range(1, self.count + 1)]
 
     async def render(self) -> bytes:
         if self._client is None:
@@ -138,15 +144,31 @@ class _MergedServer:
         count: int,
         restarts: Callable[[], Mapping[int, int]] | None,
         stopping: Callable[[], bool],
+        configured: Callable[[], str | None],
     ) -> None:
         self.listen = listen
         host, port = parse_listen(listen)
         self._source = ProcessMetrics(host, port, count, restarts)
         self._stopping = stopping
-        self._server = MetricsServer(self._source.render, listen, ready=self._not_ready)
+        self._configured = configured
+        self._server = MetricsServer(self._render, listen, ready=self._not_ready)
+
+    def _aim(self) -> None:
+        """The processes serve on the configured P + i even while this endpoint stays on an
+        older address (the configured one could not be bound): scrape them there."""
+        configured = self._configured()
+        if configured is not None:
+            self._source.aim(*parse_listen(configured))
+
+    async def _render(self) -> bytes:
+        self._aim()
+        return await self._source.render()
 
     async def _not_ready(self) -> str | None:
-        return "stopping" if self._stopping() else await self._source.not_ready()
+        if self._stopping():
+            return "stopping"
+        self._aim()
+        return await self._source.not_ready()
 
     async def start(self) -> None:
         try:
@@ -176,8 +198,9 @@ class MergedMetricsServer:
         self.count = count
         self.warn = warn
         self.loop = asyncio.new_event_loop()
+        self.configured: str | None = None  # the address the configuration names (P)
         self.listener = SwitchedListener(
-            lambda listen: _MergedServer(listen, count, restarts, stopping),
+            lambda listen: _MergedServer(listen, count, restarts, stopping, lambda: self.configured),
             warn,
             what="merged metrics of the processes",
         )
@@ -186,7 +209,11 @@ class MergedMetricsServer:
 
     def serve(self, listen: str | None) -> None:
         """Serve the merged metrics on `listen` (None: not at all) from now on."""
-        self.loop.call_soon_threadsafe(self.listener.want, listen)
+        self.loop.call_soon_threadsafe(self._want, listen)
+
+    def _want(self, listen: str | None) -> None:
+        self.configured = listen
+        self.listener.want(listen)
 
     def reload(self, configured: Callable[[], str | None]) -> None:
         """Serve where `configured()` says (it reads the configuration, on this server's thread:
@@ -199,7 +226,7 @@ class MergedMetricsServer:
         except ConfigError as e:
             self.warn(f"configuration not reloaded by the parent ({e}); its metrics stay as they are")
             return
-        self.listener.want(listen)
+        self._want(listen)
 
     def served(self, timeout: float = 10.0) -> str | None:
         """The address served once the last request was acted on (for tests and logs)."""

@@ -405,16 +405,31 @@ def test_processes_reload_of_a_bad_file_keeps_everything_serving(
 
 def test_processes_reload_to_a_busy_port_keeps_the_merged_endpoint(fleet: Fleet, start: StartFn) -> None:
     """A reload that names a port another program holds: the parent's merged /metrics and
-    /health stay where they were (it used to stop the old listener first, leaving none)."""
+    /health stay where they were (it used to stop the old listener first, leaving none), and it
+    scrapes the processes where they moved (P' + i), so /ready and the merged series stay right
+    (an outside trial saw /ready 503 'process 1 does not answer' for good)."""
     fleet.add("main")
-    metrics = _ports_below_ephemeral_range(3)
+    metrics = _ports_below_ephemeral_range(6)
     config = {"workers": {}, "metrics": {"listen": f"127.0.0.1:{metrics}"}}
     router = start(fleet["main"].url, config, ["--processes", "2"], wait=False)
     _both_serving(router)
     _wait_for(lambda: _answers(f"http://127.0.0.1:{metrics}/metrics"), 30, "merged metrics served")
-    busy = fleet["main"].port
-    router.config_path.write_text(yaml.safe_dump({"workers": {}, "metrics": {"listen": f"127.0.0.1:{busy}"}}))
-    router.proc.send_signal(signal.SIGHUP)
-    _wait_for(lambda: "merged metrics of the processes" in router.log(), 30, "the failed bind reported")
-    assert _answers(f"http://127.0.0.1:{metrics}/metrics")
-    assert _answers(f"http://127.0.0.1:{metrics}/health")
+    with socket.socket() as squatter:  # another program on P', without SO_REUSEPORT
+        squatter.bind(("127.0.0.1", metrics + 3))
+        squatter.listen()
+        moved = {"workers": {}, "metrics": {"listen": f"127.0.0.1:{metrics + 3}"}}
+        router.config_path.write_text(yaml.safe_dump(moved))
+        router.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "merged metrics of the processes" in router.log(), 30, "the failed bind reported")
+        for port in (metrics + 4, metrics + 5):  # the processes moved
+            wait_for_port(port, router.proc, timeout=30)
+        assert _answers(f"http://127.0.0.1:{metrics}/metrics")
+        assert _answers(f"http://127.0.0.1:{metrics}/health")
+        _wait_for(
+            lambda: _answers(f"http://127.0.0.1:{metrics}/ready"), 10, "ready: the processes found where they are"
+        )
+        up = {
+            labels["process"]: value
+            for labels, value in _samples(f"http://127.0.0.1:{metrics}/metrics", "synapse_router_process_up")
+        }
+        assert up == {"1": 1.0, "2": 1.0}
