@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from .config import RouterConfig
+from .routes import BUILTIN_ROUTES
 
 MEDIA_APP = "synapse.app.media_repository"
 WILDCARD = frozenset({"0.0.0.0", "::", ""})
@@ -268,17 +269,5 @@ def check(router: RouterConfig, dep: SynapseDeployment) -> list[str]:
     return problems
 
 
-# The streams whose writers the router has a pool for (routes.py's writer routes).
-STREAM_POOLS = frozenset(
-    {
-        "typing",
-        "to_device",
-        "account_data",
-        "receipts",
-        "presence",
-        "push_rules",
-        "device_lists",
-        "thread_subscriptions",
-        "quarantined_media_changes",
-    }
-)
+# The streams whose writers the router has a pool for: the pools of routes.py's writer routes.
+STREAM_POOLS = frozenset(pool for route in BUILTIN_ROUTES if route.writer for pool in route.pools)
