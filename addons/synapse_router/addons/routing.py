@@ -93,8 +93,7 @@ class Routing:
         write with no usable writer is answered 503 instead (`answer` False: by the caller)."""
         if decision.writer_down:
             flowdata.set_sending(flow, None)
-            flowdata.set_decision(flow, decision)
-            self.state.unfinished.setdefault(flow.client_conn.id, {})[flow.id] = flow
+            self._decided(flow, decision)
             if answer:
                 respond(flow, no_process_available(self.state.workers.config.retry_after))
             flow.comment = decision.summary()
@@ -120,11 +119,16 @@ class Routing:
         # A request the router sends has a held body of known, bounded length: never streamed.
         if decision.stream_bodies or (sending is None and _large_or_unknown_request(request)):
             request.stream = True
-        flowdata.set_decision(flow, decision)
-        self.state.unfinished.setdefault(flow.client_conn.id, {})[flow.id] = flow
+        self._decided(flow, decision)
         flow.comment = decision.summary()
         if decision.failover or decision.fallbacks:
             flow.marked = ":warning:"  # stands out in mitmweb's flow list
+
+    def _decided(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        """Give the flow its decision and register it as unfinished until Observation ends it
+        (in `response`, `error` or, failing both, `client_disconnected`)."""
+        flowdata.set_decision(flow, decision)
+        self.state.unfinished.setdefault(flow.client_conn.id, {})[flow.id] = flow
 
     def fail_over(
         self, flow: http.HTTPFlow, failed: Decision, tried: set[str], reason: str, detail: str = "", answer: bool = True
@@ -216,8 +220,7 @@ class Routing:
         route = match.route.name if match.route is not None else MAIN
         decision = Decision(route, ROUTER, None, "none", refused=refused.errcode)
         flowdata.set_client_ip(flow, client_ip)
-        flowdata.set_decision(flow, decision)
-        self.state.unfinished.setdefault(flow.client_conn.id, {})[flow.id] = flow
+        self._decided(flow, decision)
         response = matrix_error(refused.status, refused.errcode, str(refused))
         if refused.close:
             response.headers["Connection"] = "close"
