@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from synapse_router import tokens  # noqa: E402
 from synapse_router.addons.routing import _balance_key  # noqa: E402
 from synapse_router.config import WhoamiConfig, parse_config  # noqa: E402
-from synapse_router.engine import Engine  # noqa: E402
-from synapse_router.identity import IdentityResolver  # noqa: E402
+from synapse_router.identity.resolver import IdentityResolver  # noqa: E402
+from synapse_router.routing.engine import Engine  # noqa: E402
 
 from scripts.procstat import cpu_seconds, rss_kib  # noqa: E402
 from scripts.wrkstat import parse_wrk  # noqa: E402
@@ -74,7 +74,7 @@ def start_proxy(cmd: list[str], port: int, log: Path) -> subprocess.Popen[bytes]
 
 def stop_proxy(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM, then SIGKILL after 10 s: mitmdump can miss a SIGTERM right after a burst of
-    connections (its log records fill the event loop's self-pipe; synapse_router/signals.py)."""
+    connections (its log records fill the event loop's self-pipe; synapse_router/launcher/signals.py)."""
     proc.terminate()
     try:
         proc.wait(10)

@@ -47,7 +47,7 @@ import h11
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from addons.synapse_router.tokens import short_hash, token_key  # noqa: E402
+from addons.synapse_router.identity.tokens import short_hash, token_key  # noqa: E402
 from tests.harness import Fleet, free_port, router_command, wait_for_port  # noqa: E402
 
 SYNC = "/_matrix/client/v3/sync"

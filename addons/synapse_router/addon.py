@@ -30,6 +30,7 @@ from .addons.configuration import Applier, Configuration
 from .addons.connect_failover import ConnectFailover
 from .addons.connection_limits import ConnectionLimits
 from .addons.credentials import LogRedaction
+from .addons.flowdata import METADATA_KEY
 from .addons.graceful_stop import GracefulStop
 from .addons.health import HealthChecks
 from .addons.isolation import isolate_hooks
@@ -40,16 +41,15 @@ from .addons.plain_tls import PlainTls
 from .addons.required_options import MIN_TCP_TIMEOUT, REQUIRED_OPTIONS, RequiredOptions
 from .addons.router_sent import RouterSent
 from .addons.routing import Routing
+from .addons.state import RouterState
 from .addons.streamed_errors import StreamedErrors
 from .addons.whoami import WhoamiIdentity
-from .engine import Engine
-from .flowdata import METADATA_KEY
-from .health import WorkerStates
-from .identity import IdentityResolver
-from .loopfilters import LoopExceptionFilters
-from .metrics import RouterMetrics
-from .state import RouterState
-from .upstream import Upstream
+from .identity.resolver import IdentityResolver
+from .observability.loopfilters import LoopExceptionFilters
+from .observability.metrics import RouterMetrics
+from .routing.availability import WorkerStates
+from .routing.engine import Engine
+from .routing.upstream import Upstream
 
 __all__ = ["METADATA_KEY", "MIN_TCP_TIMEOUT", "REQUIRED_OPTIONS", "SynapseRouter"]
 

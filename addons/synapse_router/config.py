@@ -17,13 +17,13 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .accesslog import AccessLogConfig, AccessLogConfigError, parse_access_log_config
-from .client_address import IPNetwork
-from .health import HealthConfig
-from .limits import LimitsConfig, LimitsConfigError, parse_limits
-from .routes import MAIN, Balance, Route, RouteTable
-from .shutdown import ShutdownConfig, ShutdownConfigError, parse_shutdown
-from .upstream import Upstream, parse_listen, parse_upstream_url
+from .edge.client_address import IPNetwork
+from .edge.limits import LimitsConfig, LimitsConfigError, parse_limits
+from .edge.shutdown import ShutdownConfig, ShutdownConfigError, parse_shutdown
+from .observability.accesslog import AccessLogConfig, AccessLogConfigError, parse_access_log_config
+from .routing.availability import HealthConfig
+from .routing.routes import MAIN, Balance, Route, RouteTable
+from .routing.upstream import Upstream, parse_listen, parse_upstream_url
 
 KeyPath = tuple[str | int, ...]
 

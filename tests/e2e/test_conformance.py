@@ -35,7 +35,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from synapse_router.routes import MAIN, RouteTable
+from synapse_router.routing.routes import MAIN, RouteTable
 
 from tests.harness import ROOT, Router, RouterStarter
 
@@ -599,7 +599,7 @@ def render(rows: list[Row]) -> str:
         "against the route table, no Synapse process started: a path sent to a kind of process that does not",
         "register it for that method, a stream-writer write sent anywhere but its writer pool, or a",
         "servlet no route nor main covers is reported. `tests/e2e/test_audit.py` runs it against the",
-        'Synapse `synapse_deploy.py` installs and requires none (README, "Auditing the route table").',
+        "Synapse `synapse_deploy.py` installs and requires none ([docs/synapse-tools.md](synapse-tools.md)).",
         "",
         "| Request | Route | Pool chain | Served by | Status | Synapse allows |",
         "|---|---|---|---|---|---|",

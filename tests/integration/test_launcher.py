@@ -1,4 +1,4 @@
-"""The lean launcher (`synapse-router`, synapse_router/launcher.py) as real processes on loopback:
+"""The lean launcher (`synapse-router`, synapse_router/launcher/main.py) as real processes on loopback:
 it routes like mitmdump with the addon, keeps tokens out of its output, refuses a bad
 configuration, routes deterministically across separate instances, and `--processes 2` serves
 one port from two processes and stops them all on SIGTERM."""

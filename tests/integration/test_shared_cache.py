@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 import redis
-from synapse_router.sharedcache import LOCK_PREFIX, PREFIX, REJECTED, Claim, SharedCache
-from synapse_router.tokens import token_key
+from synapse_router.identity.sharedcache import LOCK_PREFIX, PREFIX, REJECTED, Claim, SharedCache
+from synapse_router.identity.tokens import token_key
 
 from .conftest import Fleet, served
 

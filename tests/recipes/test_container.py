@@ -86,7 +86,7 @@ def test_build_stage_copies_everything_the_package_needs(tmp_path: Path) -> None
     expected = {str(p.relative_to(package.parent)) for p in package.rglob("*.py")}
     assert expected <= names, sorted(expected - names)
     [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-    assert "synapse-router = synapse_router.launcher:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "synapse-router = synapse_router.launcher.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 @pytest.fixture

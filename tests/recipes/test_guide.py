@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 from synapse_router.config import parse_config
-from synapse_router.limits import LimitsConfig
-from synapse_router.routes import RENDEZVOUS_PATTERNS, RouteTable
-from synapse_router.shutdown import DEFAULT_GRACE
+from synapse_router.edge.limits import LimitsConfig
+from synapse_router.edge.shutdown import DEFAULT_GRACE
+from synapse_router.routing.routes import RENDEZVOUS_PATTERNS, RouteTable
 
 from tests.recipes.recipe_files import code_blocks, dockerfile_stages
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from synapse_router.limits import FD_MARGIN, LimitsConfig
-from synapse_router.shutdown import DEFAULT_GRACE
+from synapse_router.edge.limits import FD_MARGIN, LimitsConfig
+from synapse_router.edge.shutdown import DEFAULT_GRACE
 
 from tests.recipes.recipe_files import UNIT, unit_settings, unit_value
 from tests.recipes.sandbox import Sandbox

@@ -8,8 +8,9 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from synapse_router import clienterrors
-from synapse_router.accesslog import (
+from synapse_router.edge import clienterrors
+from synapse_router.identity.tokens import short_hash, token_key
+from synapse_router.observability.accesslog import (
     FORMATS,
     MAX_PATH,
     AccessLogConfig,
@@ -23,9 +24,8 @@ from synapse_router.accesslog import (
     parse_logfmt,
     strip_query,
 )
-from synapse_router.engine import Decision
-from synapse_router.tokens import short_hash, token_key
-from synapse_router.upstream import Upstream
+from synapse_router.routing.engine import Decision
+from synapse_router.routing.upstream import Upstream
 
 TOKEN = "syt_c2VjcmV0_ThisIsASecretAccessToken_0a1b2c"
 T0 = 1714564800.25  # 2024-05-01T12:00:00.250Z

@@ -15,12 +15,12 @@ from mitmproxy.addons.block import Block
 from mitmproxy.addons.errorcheck import ErrorCheckHandler
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
-from synapse_router import flowdata
 from synapse_router.addon import METADATA_KEY, SynapseRouter
+from synapse_router.addons import flowdata
 from synapse_router.addons.configuration import Configuration
-from synapse_router.identity import Source
-from synapse_router.retry import Sending
-from synapse_router.tokens import short_hash, token_key
+from synapse_router.identity.resolver import Source
+from synapse_router.identity.tokens import short_hash, token_key
+from synapse_router.routing.retry import Sending
 
 CONFIG = """
 workers:

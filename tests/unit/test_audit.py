@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 
 import pytest
-from synapse_router.audit import Servlet, audit, parse_servlets, sample_paths
-from synapse_router.routes import Balance, Route, RouteTable
+from synapse_router.routing.routes import Balance, Route, RouteTable
+from synapse_router.tools.audit import Servlet, audit, parse_servlets, sample_paths
 
 SAVED = Path(__file__).parent / "data" / "synapse-1.163.2-servlets.json"
 

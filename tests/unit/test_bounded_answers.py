@@ -10,11 +10,9 @@ import hashlib
 import h11
 import pytest
 from synapse_router.config import ConfigError, parse_config
-from synapse_router.limits import LimitsConfig, LimitsConfigError, parse_limits
-from synapse_router.relay import HEADER, Relay
-from synapse_router.retry import MAX_LONG_POLL, head_timeout
-from synapse_router.upstream import parse_upstream_url
-from synapse_router.upstream_client import (
+from synapse_router.edge.limits import LimitsConfig, LimitsConfigError, parse_limits
+from synapse_router.edge.relay import HEADER, Relay
+from synapse_router.edge.upstream_client import (
     READ_HIGH,
     BufferBudget,
     Failure,
@@ -22,6 +20,8 @@ from synapse_router.upstream_client import (
     StreamedAnswer,
     UpstreamClient,
 )
+from synapse_router.routing.retry import MAX_LONG_POLL, head_timeout
+from synapse_router.routing.upstream import parse_upstream_url
 
 from .test_upstream_client import HEADERS, OK, Server, answer
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from synapse_router.client_address import TrustedProxies, parse_ip
+from synapse_router.edge.client_address import TrustedProxies, parse_ip
 
 TRAEFIK = TrustedProxies([ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")])
 

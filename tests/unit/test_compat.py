@@ -11,10 +11,10 @@ import pytest
 from mitmproxy import contentviews
 from mitmproxy.addons import dumper
 from mitmproxy.test import taddons, tflow, tutils
-from synapse_router import logsafety
 from synapse_router.addons import credentials
 from synapse_router.compat import printing
 from synapse_router.compat.regex import parse_regex
+from synapse_router.observability import logsafety
 
 
 def test_parse_regex_gives_the_tree_and_group_names() -> None:

@@ -24,8 +24,8 @@ from mitmproxy.proxy.layers.http._events import (
 )
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.test import tflow
-from synapse_router import clienterrors
 from synapse_router.compat import http1
+from synapse_router.edge import clienterrors
 
 HEAD = b"PUT /_matrix/client/v3/rooms/!r:x/send/m.room.message/t1 HTTP/1.1\r\nHost: m\r\n"
 CHUNKED = HEAD + b"Transfer-Encoding: chunked\r\n\r\n"

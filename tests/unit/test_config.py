@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from synapse_router.config import ConfigError, load_config, parse_config
-from synapse_router.routes import Balance
+from synapse_router.routing.routes import Balance
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "router.yaml"
 

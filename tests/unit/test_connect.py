@@ -7,7 +7,7 @@ import socket
 import time
 
 import pytest
-from synapse_router.connect import open_socket
+from synapse_router.edge.connect import open_socket
 
 
 def test_a_connection_completed_while_the_loop_was_busy_is_not_a_timeout() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synapse_router.health import HealthConfig, WorkerStates
+from synapse_router.routing.availability import HealthConfig, WorkerStates
 
 URL = "http://127.0.0.1:8083"
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from synapse_router.hrw import Node, Rendezvous
+from synapse_router.routing.hrw import Node, Rendezvous
 
 names = st.lists(
     st.from_regex(r"http://10\.0\.0\.[0-9]{1,3}:80[0-9]{2}", fullmatch=True), min_size=2, max_size=16, unique=True

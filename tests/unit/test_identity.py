@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 from synapse_router.config import WhoamiConfig
-from synapse_router.identity import (
+from synapse_router.identity.resolver import (
     CLAIM_MARGIN,
     UNAVAILABLE_AFTER,
     UNAVAILABLE_BACKOFF,
@@ -18,8 +18,8 @@ from synapse_router.identity import (
     WhoamiError,
     whoami_over_http,
 )
-from synapse_router.sharedcache import Claim
-from synapse_router.tokens import token_key
+from synapse_router.identity.sharedcache import Claim
+from synapse_router.identity.tokens import token_key
 
 
 class Clock:
@@ -433,7 +433,7 @@ async def test_redis_unreachable_is_quick_and_reported() -> None:
     import socket
     import time
 
-    from synapse_router.sharedcache import SharedCache
+    from synapse_router.identity.sharedcache import SharedCache
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -454,7 +454,7 @@ async def test_redis_unreachable_claims_and_waits_answer_nothing_quickly(operati
     import socket
     import time
 
-    from synapse_router.sharedcache import SharedCache
+    from synapse_router.identity.sharedcache import SharedCache
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,9 +7,9 @@ import argparse
 from pathlib import Path
 
 import pytest
-from synapse_router.childprocess import ChildSlot
-from synapse_router.commandline import last_value, metrics_listen, without_processes
-from synapse_router.supervisor import exit_description, restart_delay
+from synapse_router.launcher.childprocess import ChildSlot
+from synapse_router.launcher.commandline import last_value, metrics_listen, without_processes
+from synapse_router.launcher.supervisor import exit_description, restart_delay
 
 
 def test_child_slot_round_trips_through_its_flag() -> None:

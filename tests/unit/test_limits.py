@@ -22,8 +22,8 @@ from mitmproxy.proxy.server_hooks import ClientConnectedHook, ClientDisconnected
 from mitmproxy.test import taddons, tflow, tutils
 from synapse_router.addons.connection_limits import ConnectionLimits
 from synapse_router.config import ConfigError, RouterConfig, parse_config
-from synapse_router.launcher import LeanMaster
-from synapse_router.limits import (
+from synapse_router.edge.descriptors import raise_nofile_limit
+from synapse_router.edge.limits import (
     FD_MARGIN,
     LimitsConfig,
     LimitsConfigError,
@@ -31,10 +31,10 @@ from synapse_router.limits import (
     fd_budget_warning,
     header_block_size,
     parse_limits,
-    raise_nofile_limit,
     too_large_body,
 )
-from synapse_router.metrics import RouterMetrics
+from synapse_router.launcher.main import LeanMaster
+from synapse_router.observability.metrics import RouterMetrics
 
 # --- parsing ---
 

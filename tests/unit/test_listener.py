@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from synapse_router.listener import SwitchedListener
-from synapse_router.metrics import MetricsServer
+from synapse_router.launcher.listener import SwitchedListener
+from synapse_router.observability.metrics_server import MetricsServer
 
 
 def _free_port() -> int:

@@ -7,7 +7,7 @@ import sys
 
 from hypothesis import given
 from hypothesis import strategies as st
-from synapse_router import logsafety
+from synapse_router.observability import logsafety
 
 
 def test_fixed_and_templated_messages_pass() -> None:

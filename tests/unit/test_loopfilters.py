@@ -10,9 +10,9 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons
 from synapse_router.addons.connection_limits import ConnectionLimits
 from synapse_router.addons.graceful_stop import GracefulStop
-from synapse_router.loopfilters import LoopExceptionFilters
-from synapse_router.metrics import RouterMetrics
-from synapse_router.state import RouterState
+from synapse_router.addons.state import RouterState
+from synapse_router.observability.loopfilters import LoopExceptionFilters
+from synapse_router.observability.metrics import RouterMetrics
 
 
 async def test_filters_removed_in_any_order_restore_the_loops_handler() -> None:

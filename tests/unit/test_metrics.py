@@ -14,16 +14,16 @@ import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from synapse_router.identity import Source
-from synapse_router.metrics import (
+from synapse_router.identity.resolver import Source
+from synapse_router.observability.metrics import (
     IDENTITY_SOURCES,
     UPSTREAM_BUCKETS,
-    MetricsServer,
     RouterMetrics,
     normalise_method,
-    parse_listen,
     status_class,
 )
+from synapse_router.observability.metrics_server import MetricsServer
+from synapse_router.routing.upstream import parse_listen
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "config" / "grafana-dashboard.json"
 W1 = "http://10.0.0.1:8083"

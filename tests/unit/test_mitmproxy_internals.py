@@ -23,8 +23,8 @@ from mitmproxy.tools import cmdline
 from mitmproxy.tools import main as mitmproxy_main
 from mitmproxy.utils import asyncio_utils, debug
 from synapse_router.addons.isolation import isolate_hooks
-from synapse_router.childprocess import SharedPortLoop
-from synapse_router.lean import HookCachingAddonManager, LeanMaster, StartupCheck
+from synapse_router.launcher.childprocess import SharedPortLoop
+from synapse_router.launcher.lean import HookCachingAddonManager, LeanMaster, StartupCheck
 
 
 def params(func: Callable[..., Any]) -> list[str]:

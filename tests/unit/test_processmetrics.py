@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 
 from prometheus_client.parser import text_string_to_metric_families
-from synapse_router.metrics import MetricsServer, RouterMetrics
-from synapse_router.processmetrics import ProcessMetrics, merge
+from synapse_router.launcher.processmetrics import ProcessMetrics, merge
+from synapse_router.observability.metrics import MetricsServer, RouterMetrics
 
 W1 = "http://10.0.0.1:8083"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synapse_router.ratelimit import NewTokenLimiter
+from synapse_router.identity.ratelimit import NewTokenLimiter
 
 
 class Clock:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from synapse_router.config import parse_config
-from synapse_router.engine import Engine
-from synapse_router.routes import Balance, RouteTable, room_from_path
+from synapse_router.routing.engine import Engine
+from synapse_router.routing.routes import Balance, RouteTable, room_from_path
 
 ALL_POOLS = [
     "sync",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from synapse_router.sdnotify import notify
+from synapse_router.launcher.sdnotify import notify
 
 
 def test_ready_reaches_the_notify_socket(tmp_path: Path) -> None:

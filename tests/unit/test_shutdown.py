@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from synapse_router.config import ConfigError, RouterConfig, parse_config
-from synapse_router.shutdown import ShutdownConfig, ShutdownConfigError, parse_shutdown
+from synapse_router.edge.shutdown import ShutdownConfig, ShutdownConfigError, parse_shutdown
 
 
 def test_defaults() -> None:

@@ -8,7 +8,7 @@ import signal
 import socket
 
 import pytest
-from synapse_router.signals import on_signal
+from synapse_router.launcher.signals import on_signal
 
 
 def _fill_self_pipe(loop: asyncio.AbstractEventLoop) -> int:

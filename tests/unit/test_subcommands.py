@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from synapse_router.launcher import main
+from synapse_router.launcher.main import main
 
 SAVED = Path(__file__).parent / "data" / "synapse-1.163.2-servlets.json"
 LAUNCHER = Path(sys.executable).parent / "synapse-router"

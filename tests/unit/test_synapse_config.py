@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from synapse_router.config import parse_config
-from synapse_router.subcommands import main
-from synapse_router.synapse_config import SynapseConfigError, check, read_deployment, router_pools
+from synapse_router.tools.subcommands import main
+from synapse_router.tools.synapse_config import SynapseConfigError, check, read_deployment, router_pools
 
 from scripts.synapse_deploy import FULL_TOPOLOGY, Layout, Ports, Secrets, write_synapse_configs
 

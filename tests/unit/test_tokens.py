@@ -8,8 +8,8 @@ from urllib.parse import quote
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from synapse_router import tokens
-from synapse_router.wellformed import Refused
+from synapse_router.edge.wellformed import Refused
+from synapse_router.identity import tokens
 
 SYNC = "/_matrix/client/v3/sync"
 

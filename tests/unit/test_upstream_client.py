@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 
 import pytest
 from mitmproxy import http
-from synapse_router.upstream import parse_upstream_url
-from synapse_router.upstream_client import (
+from synapse_router.edge.upstream_client import (
     BadRequest,
     Failure,
     NoResponse,
     UpstreamClient,
     request_headers,
 )
+from synapse_router.routing.upstream import parse_upstream_url
 
 # Given the request head, answer with bytes; None: close without answering.
 Script = Callable[[bytes], Awaitable[bytes | None]]

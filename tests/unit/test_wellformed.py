@@ -9,7 +9,7 @@ import pytest
 from h11._headers import normalize_and_validate
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from synapse_router.wellformed import TOKEN_PATTERN, Refused, check_message, check_request, fields_writable
+from synapse_router.edge.wellformed import TOKEN_PATTERN, Refused, check_message, check_request, fields_writable
 
 OK_FIELDS = [(b"Host", b"matrix.example"), (b"User-Agent", b"Element/1.0 (\xc3\xa9)"), (b"X-Tab", b"a\tb")]
 

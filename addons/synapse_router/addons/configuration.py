@@ -16,9 +16,9 @@ from mitmproxy.addons.errorcheck import ErrorCheckHandler
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from ..config import ConfigError, RouterConfig, load_config
-from ..signals import on_signal
-from ..state import RouterState
-from ..upstream import Upstream, parse_upstream_url
+from ..launcher.signals import on_signal
+from ..routing.upstream import Upstream, parse_upstream_url
+from .state import RouterState
 
 log = logging.getLogger("synapse_router")
 

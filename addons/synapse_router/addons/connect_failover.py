@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from .. import flowdata
-from ..connect import open_socket
-from ..state import RouterState
-from ..upstream import Upstream
+from ..edge.connect import open_socket
+from ..routing.upstream import Upstream
+from . import flowdata
 from .health import HealthChecks
 from .routing import Routing
+from .state import RouterState
 
 
 class ConnectFailover:

@@ -19,9 +19,10 @@ from mitmproxy import ctx, http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.layers.http import HttpLayer
 
-from .. import clienterrors, flowdata
 from ..compat import http1 as compat_http1
-from ..limits import (
+from ..edge import clienterrors
+from ..edge.descriptors import raise_nofile_limit
+from ..edge.limits import (
     BODY_TIMEOUT,
     CORS_HEADERS,
     HEADER_TIMEOUT,
@@ -33,19 +34,19 @@ from ..limits import (
     Throttle,
     fd_budget_warning,
     header_block_size,
-    raise_nofile_limit,
     too_large_body,
 )
-from ..loopfilters import LoopExceptionFilters
+from ..observability.loopfilters import LoopExceptionFilters
+from . import flowdata
 from .responses import matrix_error, respond
 
 if TYPE_CHECKING:
     from mitmproxy import connection
 
     from ..config import RouterConfig
-    from ..metrics import RouterMetrics
+    from ..observability.metrics import RouterMetrics
 
-log = logging.getLogger("synapse_router.limits")
+log = logging.getLogger("synapse_router.edge.limits")
 
 
 # --- the addon -------------------------------------------------------------------------------

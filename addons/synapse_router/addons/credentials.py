@@ -9,9 +9,11 @@ from copy import copy as shallow_copy
 from mitmproxy import contentviews, ctx, http
 from mitmproxy.contentviews import Metadata
 
-from .. import flowdata, logsafety, tokens
 from ..compat import printing
-from ..query import pairs, query_param
+from ..identity import tokens
+from ..observability import logsafety
+from ..routing.query import pairs, query_param
+from . import flowdata
 
 
 def redact(flow: http.HTTPFlow) -> None:
@@ -168,7 +170,7 @@ PROXY_LOGGERS = {
     "mitmproxy.proxy.server": None,
     "mitmproxy.addons.next_layer": None,  # "not enough data: <the client's first bytes, hex>"
     "mitmproxy.addonmanager": "Addon error",
-    "synapse_router.lean": "Addon error",
+    "synapse_router.launcher.lean": "Addon error",
     "mitmproxy.contentviews": "Contentview",
 }
 

@@ -31,11 +31,11 @@ from mitmproxy import ctx, http
 from mitmproxy.utils import asyncio_utils
 
 from ..config import RouterConfig
-from ..shutdown import ShutdownConfig, drained_line, grace_over_line, immediate_line, stopping_line
-from ..signals import on_signal
-from ..state import RouterState
+from ..edge.shutdown import ShutdownConfig, drained_line, grace_over_line, immediate_line, stopping_line
+from ..launcher.signals import on_signal
 from .connection_limits import ConnectionLimits
 from .listen_backlog import listening_servers
+from .state import RouterState
 
 log = logging.getLogger("synapse_router")
 

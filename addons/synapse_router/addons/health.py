@@ -1,5 +1,5 @@
 """HealthChecks: which workers may take requests. Active `/health` checks, passive marking on
-a refused connection, drain and undrain, and the per-worker gauges (health.py holds the state)."""
+a refused connection, drain and undrain, and the per-worker gauges (routing/availability.py holds the state)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.utils import asyncio_utils
 
 from ..config import RouterConfig
-from ..health import HealthConfig
-from ..state import RouterState
-from ..upstream import parse_upstream_url
+from ..routing.availability import HealthConfig
+from ..routing.upstream import parse_upstream_url
+from .state import RouterState
 
 log = logging.getLogger("synapse_router")
 

@@ -35,7 +35,7 @@ from typing import Any
 from mitmproxy import ctx
 
 from ..config import RouterConfig
-from ..limits import LimitsConfig
+from ..edge.limits import LimitsConfig
 
 log = logging.getLogger("synapse_router")
 

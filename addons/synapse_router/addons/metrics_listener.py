@@ -6,9 +6,9 @@ import logging
 from collections.abc import Callable
 
 from ..config import RouterConfig
-from ..listener import SwitchedListener
-from ..metrics import MetricsServer
-from ..state import RouterState
+from ..launcher.listener import SwitchedListener
+from ..observability.metrics_server import MetricsServer
+from .state import RouterState
 
 log = logging.getLogger("synapse_router")
 

@@ -12,12 +12,12 @@ from typing import TextIO
 from mitmproxy import connection, http
 from mitmproxy.connection import ConnectionState
 
-from .. import clienterrors, flowdata
-from ..accesslog import AccessLogFormatter, AccessRecord
 from ..config import ConfigError, RouterConfig
-from ..engine import Decision
-from ..state import RouterState
-from . import credentials
+from ..edge import clienterrors
+from ..observability.accesslog import AccessLogFormatter, AccessRecord
+from ..routing.engine import Decision
+from . import credentials, flowdata
+from .state import RouterState
 
 access_log = logging.getLogger("synapse_router.access")
 

@@ -6,7 +6,7 @@ import json
 
 from mitmproxy import http
 
-from ..limits import CORS_HEADERS
+from ..edge.limits import CORS_HEADERS
 
 
 def matrix_error(status: int, errcode: str, message: str, retry_after: int | None = None) -> http.Response:

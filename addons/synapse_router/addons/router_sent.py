@@ -18,17 +18,17 @@ from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.utils import asyncio_utils
 
-from .. import flowdata, upstream_client
 from ..config import RouterConfig
-from ..engine import Decision
-from ..relay import HEADER as RELAY_HEADER
-from ..relay import Relay
-from ..retry import Sending, head_timeout
-from ..state import RouterState
-from . import credentials
+from ..edge import upstream_client
+from ..edge.relay import HEADER as RELAY_HEADER
+from ..edge.relay import Relay
+from ..routing.engine import Decision
+from ..routing.retry import Sending, head_timeout
+from . import credentials, flowdata
 from .health import HealthChecks
 from .responses import matrix_error, no_process_available, respond
 from .routing import Routing
+from .state import RouterState
 
 CLIENT_SWEEP_INTERVAL = 1.0  # seconds between checks for clients that left a router-sent request
 

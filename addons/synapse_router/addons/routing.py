@@ -11,16 +11,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from mitmproxy import command, exceptions, http
 from mitmproxy.net.http import http1
 
-from .. import flowdata, retry, tokens, wellformed
-from ..client_address import TrustedProxies, without_spoofable
 from ..config import RouterConfig
-from ..engine import ROUTER, Decision, Engine
-from ..identity import Resolution, Source
-from ..retry import Sending
-from ..routes import MAIN, Balance, Match, room_from_path
-from ..state import RouterState
-from . import credentials
+from ..edge import wellformed
+from ..edge.client_address import TrustedProxies, without_spoofable
+from ..identity import tokens
+from ..identity.resolver import Resolution, Source
+from ..routing import retry
+from ..routing.engine import ROUTER, Decision, Engine
+from ..routing.retry import Sending
+from ..routing.routes import MAIN, Balance, Match, room_from_path
+from . import credentials, flowdata
 from .responses import matrix_error, no_process_available, respond
+from .state import RouterState
 
 log = logging.getLogger("synapse_router")
 

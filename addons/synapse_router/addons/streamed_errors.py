@@ -19,11 +19,11 @@ from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 
-from .. import flowdata
-from ..state import RouterState
-from ..wellformed import head_relayable
+from ..edge.wellformed import head_relayable
+from . import flowdata
 from .connection_limits import client_io
 from .responses import matrix_error, no_process_available, respond
+from .state import RouterState
 
 
 class StreamedErrors:

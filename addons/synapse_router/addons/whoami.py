@@ -1,4 +1,4 @@
-"""WhoamiIdentity: who is behind each access token (identity.py's resolver, asked over HTTP),
+"""WhoamiIdentity: who is behind each access token (identity/resolver.py, asked over HTTP),
 forgetting tokens that log out, and `router.flush`."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import httpx
 from mitmproxy import command, http
 from mitmproxy.utils import asyncio_utils
 
-from .. import flowdata
 from ..config import RouterConfig, WhoamiConfig
-from ..identity import IdentityResolver, TokenRejected, WhoamiCall, whoami_over_http
-from ..sharedcache import SharedCache
-from ..state import RouterState
-from ..tokens import short_hash
+from ..identity.resolver import IdentityResolver, TokenRejected, WhoamiCall, whoami_over_http
+from ..identity.sharedcache import SharedCache
+from ..identity.tokens import short_hash
+from . import flowdata
+from .state import RouterState
 
 log = logging.getLogger("synapse_router")
 

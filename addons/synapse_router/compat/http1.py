@@ -38,8 +38,8 @@ from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 
-from .. import clienterrors
 from ..addons.responses import matrix_error
+from ..edge import clienterrors
 
 MAX_CHUNK_LINE = 16384  # bytes of a chunk line (size and extensions) or trailer section held
 MAX_EMPTY_LINES = 16  # nginx skips any number; a flood of them is not a client's CRLF after a body

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from ..config import ConfigError, load_config
+from ..routing.routes import RouteTable
 from .audit import audit, introspect, parse_servlets
-from .config import ConfigError, load_config
-from .routes import RouteTable
 from .synapse_config import SynapseConfigError, check, read_deployment, router_yaml
 
 PROG = "synapse-router"

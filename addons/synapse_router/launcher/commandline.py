@@ -21,8 +21,8 @@ from mitmproxy import exceptions, options, optmanager
 from mitmproxy.tools import cmdline
 from mitmproxy.tools import main as mitmproxy_main
 
-from .addon import REQUIRED_OPTIONS
-from .config import ConfigError, load_config
+from ..addon import REQUIRED_OPTIONS
+from ..config import ConfigError, load_config
 
 log = logging.getLogger(__name__)
 

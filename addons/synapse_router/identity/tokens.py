@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
-from .query import pairs, query_values
-from .wellformed import TOKEN, Refused
+from ..edge.wellformed import TOKEN, Refused
+from ..routing.query import pairs, query_values
 
 TOKEN_PARAM = "access_token"
 AS_USER_PARAM = "user_id"

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compat.regex import parse_regex
-from .routes import RouteTable
+from ..compat.regex import parse_regex
+from ..routing.routes import RouteTable
 
 INTROSPECT_SCRIPT = Path(__file__).with_name("synapse_introspect.py")
 MAX_SAMPLES = 64  # per servlet regex: every combination of alternatives, up to this many

@@ -22,9 +22,10 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from .config import ConfigError
+from ..config import ConfigError
+from ..observability.metrics_server import METRICS_PATH, READY_PATH, MetricsServer
+from ..routing.upstream import parse_listen
 from .listener import SwitchedListener
-from .metrics import METRICS_PATH, READY_PATH, MetricsServer, parse_listen
 
 PROCESS_LABEL = "process"
 PROCESS_UP = "synapse_router_process_up"

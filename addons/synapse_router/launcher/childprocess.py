@@ -39,9 +39,9 @@ from typing import Any
 from mitmproxy import exceptions, options
 from mitmproxy.proxy.mode_specs import ProxyMode
 
-from .addon import SynapseRouter
+from ..addon import SynapseRouter
+from ..routing.upstream import parse_listen
 from .commandline import PROG
-from .metrics import parse_listen
 
 log = logging.getLogger(__name__)
 

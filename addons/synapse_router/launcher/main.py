@@ -13,7 +13,7 @@ bad option or `router_config`, prints each flow unless `-q`, and on SIGINT/SIGTE
 every request in flight finish, up to `shutdown.grace`) and exits 0. `--replace PID`: once this
 router serves, it sends SIGTERM to PID, the router on the same port it replaces (a rolling restart).
 
-This module is the entry point only (`main`, and `python -m synapse_router.launcher`, which is
+This module is the entry point only (`main`, and `python -m synapse_router.launcher.main`, which is
 how a `--processes` parent starts its children). The rest, by concern:
 
     lean.py            the lean Master (nine addons, hook dispatch cached per event) and `serve`,
@@ -24,8 +24,8 @@ how a `--processes` parent starts its children). The rest, by concern:
     childprocess.py    what a child does differently: its slot, the shared port (SO_REUSEPORT),
                        its own metrics port, dying with the parent, telling it "serving"
     processmetrics.py  the parent's metrics endpoint: the children's metrics merged
-    subcommands.py     `routes audit` (audit.py, synapse_introspect.py) and `config from-synapse|check`
-                       (synapse_config.py): a first word that is not an option is a subcommand
+    ../tools/          `routes audit` and `config from-synapse|check` (subcommands.py): a first
+                       word that is not an option is a subcommand
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..tools.subcommands import is_subcommand
+from ..tools.subcommands import main as subcommand_main
 from .childprocess import CHILD_FLAG, ChildSlot
 from .commandline import PROG, without_processes
 from .lean import LeanMaster, serve
-from .subcommands import is_subcommand
-from .subcommands import main as subcommand_main
 from .supervisor import Supervisor
 
 __all__ = ["LeanMaster", "main"]  # LeanMaster: also where tests/unit/test_limits.py imports it from

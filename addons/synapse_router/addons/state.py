@@ -11,17 +11,17 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .client_address import TrustedProxies
-from .health import WorkerStates
-from .metrics import RouterMetrics
-from .upstream_client import UpstreamClient
+from ..edge.client_address import TrustedProxies
+from ..edge.upstream_client import UpstreamClient
+from ..observability.metrics import RouterMetrics
+from ..routing.availability import WorkerStates
 
 if TYPE_CHECKING:
     from mitmproxy import http
 
-    from .engine import Engine
-    from .identity import IdentityResolver
-    from .upstream import Upstream
+    from ..identity.resolver import IdentityResolver
+    from ..routing.engine import Engine
+    from ..routing.upstream import Upstream
 
 
 @dataclass(eq=False)

@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from .config import RouterConfig
-from .routes import BUILTIN_ROUTES
+from ..config import RouterConfig
+from ..routing.routes import BUILTIN_ROUTES
 
 MEDIA_APP = "synapse.app.media_repository"
 WILDCARD = frozenset({"0.0.0.0", "::", ""})

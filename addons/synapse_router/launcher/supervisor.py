@@ -112,7 +112,7 @@ class Supervisor:
         slot = ChildSlot(index, self.count, os.getpid(), ready_write)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "synapse_router.launcher", *self.argv, slot.flag()],
+                [sys.executable, "-m", "synapse_router.launcher.main", *self.argv, slot.flag()],
                 pass_fds=(ready_write,),
                 process_group=0,  # Ctrl-C in a terminal: the parent forwards one SIGINT
             )

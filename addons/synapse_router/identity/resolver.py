@@ -36,7 +36,7 @@ from enum import StrEnum
 import httpx
 from cachetools import TTLCache
 
-from .config import WhoamiConfig
+from ..config import WhoamiConfig
 from .ratelimit import NewTokenLimiter
 from .sharedcache import REJECTED, Claim, SharedCache
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
-from .config import RouterConfig
+from ..config import RouterConfig
 from .pools import Pool, Unusable, build_pools
 from .routes import MAIN, Balance, Match, Route
 from .upstream import Upstream

@@ -51,9 +51,9 @@ from h11._writers import write_request
 from mitmproxy import http
 from mitmproxy.net.http import http1, validate
 
+from ..routing.retry import SAFE_METHODS
+from ..routing.upstream import Upstream
 from .connect import open_socket
-from .retry import SAFE_METHODS
-from .upstream import Upstream
 from .wellformed import fields_writable, head_relayable
 
 HOP_BY_HOP = frozenset(

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .engine import Decision
-from .retry import Sending
+from ..routing.engine import Decision
+from ..routing.retry import Sending
 
 if TYPE_CHECKING:
     from mitmproxy import http

@@ -44,7 +44,6 @@ import errno
 import json
 import logging
 import math
-import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -162,22 +161,6 @@ def too_large_body(limit: int) -> bytes:
     """The Matrix error body of a 431 answer."""
     error = f"Request header fields too large (limit {limit} bytes)"
     return json.dumps({"errcode": TOO_LARGE_ERRCODE, "error": error}).encode()
-
-
-def raise_nofile_limit() -> int | None:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit now in force
-    (None where it cannot be read)."""
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (OSError, ValueError):
-        return None
-    if hard != soft and (hard == resource.RLIM_INFINITY or hard > soft):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (OSError, ValueError):  # e.g. an infinite hard limit above the kernel's nr_open
-            pass
-    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def fd_budget_warning(max_connections: int, nofile: int | None) -> str | None:

@@ -53,9 +53,9 @@ from mitmproxy import addonmanager, exceptions, hooks, master, options, optmanag
 from mitmproxy.addons import core, disable_h2c, dumper, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.utils import debug
 
+from ..addon import SynapseRouter
+from ..addons.isolation import report
 from . import sdnotify
-from .addon import SynapseRouter
-from .addons.isolation import report
 from .childprocess import ChildSlot, SharedPortLoop, die_with_parent, ready_signal, replace
 from .commandline import PROG, apply_options, make_parser
 from .signals import on_signal

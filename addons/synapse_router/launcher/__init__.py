@@ -1,0 +1,1 @@
+"""The lean `synapse-router` launcher and the `--processes N` supervisor."""

@@ -1,0 +1,1 @@
+"""What the router shows: the access log, Prometheus metrics, log redaction, loop exception filters."""
