@@ -6,7 +6,8 @@ import socket
 
 from prometheus_client.parser import text_string_to_metric_families
 from synapse_router.launcher.processmetrics import ProcessMetrics, merge
-from synapse_router.observability.metrics import MetricsServer, RouterMetrics
+from synapse_router.observability.metrics import RouterMetrics
+from synapse_router.observability.metrics_server import MetricsServer
 
 W1 = "http://10.0.0.1:8083"
 
