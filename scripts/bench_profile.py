@@ -28,7 +28,7 @@ statistics: on this shared machine a part's share moves by about +-1 point betwe
 total instruction count of a request (scripts/bench_callgrind.py) is the repeatable figure.
 
 memory: the proxy runs under tracemalloc (25 frames) through this script (`_traced`), which on
-SIGUSR1 writes a snapshot and a count of live objects by type (gc). Snapshots are taken with
+SNAPSHOT_SIGNAL writes a snapshot and a count of live objects by type (gc). Snapshots are taken with
 the proxy idle and warm, then with `--held` long-polls held by the workers; the difference,
 per held long-poll, is broken down by the part whose code allocated it (innermost frame, as
 above), and the object types each held long-poll adds are listed. A second run without
@@ -72,11 +72,12 @@ from scripts.bench_burst import (  # noqa: E402
     upstreams,
     wait_port,
 )
-from scripts.procstat import cpu_seconds, process_tree, rss_kib  # noqa: E402
+from scripts.procstat import cpu_seconds, rss_kib  # noqa: E402
 from scripts.wrkstat import parse_wrk  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PY_SPY = BIN / "py-spy"
+SNAPSHOT_SIGNAL = signal.SIGRTMIN + 5  # mitmproxy dumps its state on SIGUSR1 and SIGUSR2
 
 # (substring of a frame's file, or of "file:function", part). First match wins, innermost frame first.
 PARTS: list[tuple[str, str]] = [
@@ -128,7 +129,7 @@ INCLUSIVE: list[tuple[str, str]] = [
     ("mitmproxy/proxy/server.py", "mitmproxy connection handler (everything on a connection's task)"),
     ("mitmproxy/proxy/layers/http/", "mitmproxy HTTP layer"),
     ("mitmproxy/addonmanager.py:", "every hook: dispatch and the addons' code"),
-        ("synapse_router/addons/isolation.py", "router: isolation wrapper"),
+    ("synapse_router/addons/isolation.py", "router: isolation wrapper"),
     ("synapse_router/addons/", "router hook: {module}"),
     ("synapse_router/edge/upstream_client.py", "router-sent client"),
     ("/h11/", "h11"),
@@ -255,7 +256,7 @@ def proxy(
     log = work / f"{launcher}-{port}.log"
     proc = procs.start(cmd, log, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     try:
-        wait_port(port, proc, timeout=120)
+        wait_port(port, proc, timeout=600 if traced else 120)
         yield proc, port
     finally:
         procs.stop(proc)
@@ -306,7 +307,16 @@ def profile_short(launcher: str, up: Upstreams, work: Path, procs: Processes, ar
     with proxy(launcher, up, work, procs) as (proc, port):
         warm(port, 1, work)
         url = f"http://127.0.0.1:{port}{SYNC_PATH}?since=s1&timeout=0"
-        wrk = ["wrk", "-t1", "-c16", f"-d{args.seconds}s", "--latency", "-H", f"Authorization: Bearer {TOKEN_PREFIX}0", url]
+        wrk = [
+            "wrk",
+            "-t1",
+            "-c16",
+            f"-d{args.seconds}s",
+            "--latency",
+            "-H",
+            f"Authorization: Bearer {TOKEN_PREFIX}0",
+            url,
+        ]
         subprocess.run([*wrk[:3], "-d2s", *wrk[4:]], check=True, capture_output=True)  # warm-up
         raw = work / f"short-{launcher}.raw"
         spy = py_spy(proc.pid, args.seconds, raw, args.rate)
@@ -365,8 +375,7 @@ def cpu_tables(profiles: list[CpuProfile]) -> str:
         lines.append("| total CPU per request (/proc) | " + " | ".join(total) + " |")
         lines.append("")
     lines.append(
-        "requests: "
-        + ", ".join(f"{p.workload} {p.launcher} {p.requests} (load average {p.load})" for p in profiles)
+        "requests: " + ", ".join(f"{p.workload} {p.launcher} {p.requests} (load average {p.load})" for p in profiles)
     )
     return "\n".join(lines)
 
@@ -375,9 +384,14 @@ def cpu_tables(profiles: list[CpuProfile]) -> str:
 
 
 def traced_main(argv: list[str]) -> int:
-    """`_traced LAUNCHER ARGS...`: the proxy under tracemalloc; SIGUSR1 writes a snapshot to
+    """`_traced LAUNCHER ARGS...`: the proxy under tracemalloc; SNAPSHOT_SIGNAL writes a snapshot to
     $BENCH_PROFILE_SNAPSHOT.N (N counting from 1) and live object counts by type beside it."""
     launcher, rest = argv[0], argv[1:]
+    from mitmproxy.tools.main import mitmdump  # imported untraced: start-up takes minutes traced
+    from synapse_router.launcher.main import main as lean_main
+
+    if launcher == "mitmdump":
+        import synapse_router.addon  # noqa: F401  (what the script loads)
     tracemalloc.start(25)
     taken = [0]
     target = os.environ["BENCH_PROFILE_SNAPSHOT"]
@@ -390,20 +404,16 @@ def traced_main(argv: list[str]) -> int:
         Path(f"{target}.{taken[0]}.types.json").write_text(json.dumps(counts))
         Path(f"{target}.{taken[0]}.done").write_text("")
 
-    signal.signal(signal.SIGUSR1, snapshot)
+    signal.signal(SNAPSHOT_SIGNAL, snapshot)
     if launcher == "lean":
-        from synapse_router.launcher.main import main as lean_main
-
         return lean_main(rest)
-    from mitmproxy.tools.main import mitmdump
-
     sys.argv = ["mitmdump", *rest]
     mitmdump()
     return 0
 
 
 def take_snapshot(proc: subprocess.Popen[bytes], base: str, n: int) -> tuple[tracemalloc.Snapshot, dict[str, int]]:
-    os.kill(proc.pid, signal.SIGUSR1)
+    os.kill(proc.pid, SNAPSHOT_SIGNAL)
     done = Path(f"{base}.{n}.done")
     deadline = time.monotonic() + 300
     while not done.exists():
@@ -490,7 +500,11 @@ def memory_tables(profiles: list[MemoryProfile]) -> str:
             size = p.parts.get(label, 0) / p.held
             cells.append(f"{size:,.0f} ({100 * p.parts.get(label, 0) / max(p.traced_bytes, 1):.1f}%)")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| **traced, per held long-poll** | " + " | ".join(f"**{p.traced_bytes / p.held:,.0f}**" for p in profiles) + " |")
+    lines.append(
+        "| **traced, per held long-poll** | "
+        + " | ".join(f"**{p.traced_bytes / p.held:,.0f}**" for p in profiles)
+        + " |"
+    )
     lines.append(
         "| RSS growth per held long-poll, untraced run | "
         + " | ".join(f"{p.rss_kib_per_poll * 1024:,.0f} ({p.rss_kib_per_poll:.1f} KiB)" for p in profiles)
@@ -520,7 +534,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--spread", type=float, default=10.0, help="seconds over which they are opened")
     parser.add_argument("--hold", type=int, default=5000, help="milliseconds each is held by the worker")
     parser.add_argument("--held", type=int, default=1000, help="long-polls held for the memory snapshot")
-    parser.add_argument("--hold-memory", type=int, default=60, help="seconds they are held (the snapshot is taken then)")
+    parser.add_argument(
+        "--hold-memory", type=int, default=60, help="seconds they are held (the snapshot is taken then)"
+    )
     parser.add_argument("--keep", metavar="DIR", help="keep logs, py-spy output and snapshots in DIR")
     args = parser.parse_args(argv)
     if not PY_SPY.exists() or not shutil.which("wrk"):
@@ -541,12 +557,18 @@ def main(argv: Sequence[str]) -> int:
                         for launcher in args.launchers:
                             run = profile_short if workload == "short" else profile_longpoll
                             p = run(launcher, up, work, procs, args)
-                            print(f"  {workload} {launcher}: {p.us_per_request:.0f} us CPU/request, {p.samples} samples", flush=True)
+                            print(
+                                f"  {workload} {launcher}: {p.us_per_request:.0f} us CPU/request, {p.samples} samples",
+                                flush=True,
+                            )
                             cpu.append(p)
                 if args.what in ("memory", "all"):
                     for launcher in args.launchers:
                         m = profile_memory(launcher, up, work, procs, args)
-                        print(f"  memory {launcher}: {m.traced_bytes / m.held:,.0f} traced bytes per held long-poll", flush=True)
+                        print(
+                            f"  memory {launcher}: {m.traced_bytes / m.held:,.0f} traced bytes per held long-poll",
+                            flush=True,
+                        )
                         memory.append(m)
         finally:
             procs.stop_all()
