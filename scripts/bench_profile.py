@@ -27,13 +27,14 @@ to every part on its stack ("inclusive": a hook's figure includes what it calls)
 statistics: on this shared machine a part's share moves by about +-1 point between runs; the
 total instruction count of a request (scripts/bench_callgrind.py) is the repeatable figure.
 
-memory: the proxy runs under tracemalloc (25 frames) through this script (`_traced`), which on
-SNAPSHOT_SIGNAL writes a snapshot and a count of live objects by type (gc). Snapshots are taken with
-the proxy idle and warm, then with `--held` long-polls held by the workers; the difference,
-per held long-poll, is broken down by the part whose code allocated it (innermost frame, as
-above), and the object types each held long-poll adds are listed. A second run without
-tracemalloc gives the RSS growth per held long-poll (tracemalloc's own bookkeeping inflates
-RSS). Kernel socket buffers are not in either figure.
+memory: the proxy runs under tracemalloc (25 frames) through this script (`_traced`), which on a
+real-time signal (SIGRTMIN + 5; mitmproxy takes SIGUSR1 and SIGUSR2) writes a snapshot and a
+count of live objects by type (gc). Snapshots are taken with the proxy idle and warm, then with
+`--held` long-polls held by the workers (not waited for afterwards); the difference, per held
+long-poll, is broken down by the part whose code allocated it (innermost frame, as above), and
+the object types each held long-poll adds are listed. A second run without tracemalloc gives
+the RSS growth per held long-poll (tracemalloc's own bookkeeping inflates RSS). Kernel socket
+buffers are not in either figure.
 """
 
 from __future__ import annotations
@@ -282,10 +283,10 @@ def finished_polls(client: Any, out: Path) -> list[dict[str, Any]]:
     return results
 
 
-def warm(port: int, tokens: int, work: Path) -> None:
+def warm(port: int, tokens: int, work: Path, wait: float = 60) -> None:
     """Every token of the load once (whoami, identity cache), answered at once."""
     out = work / "warm.json"
-    finished_polls(poll_clients(port, tokens, 0.5, tokens, 1, 60, out), out)
+    finished_polls(poll_clients(port, tokens, 0.5, tokens, 1, wait, out), out)
 
 
 def loadavg() -> str:
@@ -443,7 +444,7 @@ def held_now(up: Upstreams) -> int:
 
 def hold(port: int, up: Upstreams, work: Path, args: argparse.Namespace) -> tuple[Any, Path]:
     out = work / "held.json"
-    client = poll_clients(port, args.held, args.held / 500, 50, args.hold_memory * 1000, 120, out)
+    client = poll_clients(port, args.held, args.held / 500, 50, args.hold_memory * 1000, 600, out)
     deadline = time.monotonic() + args.hold_memory
     while held_now(up) < args.held:
         if time.monotonic() > deadline or client.poll() is not None:
@@ -463,17 +464,19 @@ def profile_memory(
         before = rss_kib(proc.pid)
         client, out = hold(port, up, work, args)
         during = rss_kib(proc.pid)
-        finished_polls(client, out)
+        client.kill()  # the answers are the CPU profile's business
+        client.wait()
     rss_per_poll = (during - before) / args.held
     # With tracemalloc: who allocated it.
     base = str(work / f"snapshot-{launcher}")
     with proxy(launcher, up, work, procs, traced=True, env={"BENCH_PROFILE_SNAPSHOT": base}) as (proc, port):
-        warm(port, 50, work)
+        warm(port, 50, work, wait=600)  # tracemalloc slows the proxy several times
         time.sleep(1.0)
         first, types0 = take_snapshot(proc, base, 1)
         client, out = hold(port, up, work, args)
         second, types1 = take_snapshot(proc, base, 2)
-        finished_polls(client, out)
+        client.kill()  # the answers are the CPU profile's business
+        client.wait()
     parts: collections.Counter[str] = collections.Counter()
     total = 0
     for stat in second.compare_to(first, "traceback"):
