@@ -1,5 +1,6 @@
 """The routing decision at an identity-cache hit, in process, piece by piece (issue 23's goal:
-<= 10 us with 16 workers): route match, token extraction, cache lookup, balance key, worker pick.
+<= 10 us with 16 workers): route match, token extraction, cache lookup, balance key, worker pick;
+and the other pure per-request work: an access-log line (logfmt, JSON) and the request metrics.
 
     .venv/bin/python scripts/bench_decision.py [--workers 16] [--iterations 20000] [--batches 15]
     .venv/bin/python scripts/bench_decision.py --callgrind [--iterations 2000]
@@ -31,6 +32,8 @@ from synapse_router.addons.routing import _balance_key  # noqa: E402
 from synapse_router.config import WhoamiConfig, parse_config  # noqa: E402
 from synapse_router.identity import tokens  # noqa: E402
 from synapse_router.identity.resolver import IdentityResolver  # noqa: E402
+from synapse_router.observability.accesslog import AccessLogFormatter, AccessRecord  # noqa: E402
+from synapse_router.observability.metrics import RouterMetrics  # noqa: E402
 from synapse_router.routing.engine import Engine  # noqa: E402
 
 TOKEN = "syt_YmVuY2g_benchmarktoken_000000"
@@ -76,6 +79,12 @@ def main() -> None:
         k, kk = _balance_key(m, f, "127.0.0.1", r)
         engine.select(m.route, k, kk, unusable, in_flight)
 
+    record = AccessRecord(time=1765000000.123, client_ip="127.0.0.1", method="GET", path=match.path, status=200)
+    record.bytes_sent, record.upstream_ms, record.total_ms, record.token_hash = 1234, 1.234, 2.345, "abcdef12"
+    record.set_decision(engine.select(match.route, key, kind, unusable, in_flight))
+    logfmt, json_lines = AccessLogFormatter("logfmt", False), AccessLogFormatter("json", False)
+    metrics = RouterMetrics()
+
     pieces: list[tuple[str, Callable[[], object]]] = [
         ("route match (routes.py)", lambda: engine.match("GET", SYNC_PATH)),
         ("token extraction (tokens.find_token)", lambda: tokens.find_token(authorizations, match.query, match.path)),
@@ -86,6 +95,9 @@ def main() -> None:
             lambda: engine.select(match.route, key, kind, unusable, in_flight),
         ),
         ("whole decision", whole),
+        ("access log line, logfmt", lambda: logfmt.format(record)),
+        ("access log line, json", lambda: json_lines.format(record)),
+        ("metrics: observe_request", lambda: metrics.observe_request("sync", "sync", "w", "GET", 200, 0.001)),
     ]
     if args.under_callgrind:
         for _name, fn in pieces:
