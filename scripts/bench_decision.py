@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "addons"))
 
+from mitmproxy import http  # noqa: E402
 from synapse_router.addons.routing import _balance_key  # noqa: E402
 from synapse_router.config import WhoamiConfig, parse_config  # noqa: E402
 from synapse_router.identity import tokens  # noqa: E402
@@ -84,6 +85,16 @@ def main() -> None:
     record.set_decision(engine.select(match.route, key, kind, unusable, in_flight))
     logfmt, json_lines = AccessLogFormatter("logfmt", False), AccessLogFormatter("json", False)
     metrics = RouterMetrics()
+    fields = ((b"Host", b"matrix.example.org"), (b"Authorization", f"Bearer {TOKEN}".encode()), (b"Accept", b"*/*"))
+
+    def request() -> http.Request:  # as mitmproxy's http1.read_request_head makes one
+        return http.Request(
+            "", 0, b"GET", b"", b"", SYNC_PATH.encode(), b"HTTP/1.1", http.Headers(fields), None, None, 1.0, None
+        )
+
+    def response() -> http.Response:  # as http1.read_response_head
+        head = http.Headers(((b"Content-Type", b"application/json"), (b"Content-Length", b"2")))
+        return http.Response(b"HTTP/1.1", 200, b"OK", head, None, None, 1.0, None)
 
     pieces: list[tuple[str, Callable[[], object]]] = [
         ("route match (routes.py)", lambda: engine.match("GET", SYNC_PATH)),
@@ -98,6 +109,7 @@ def main() -> None:
         ("access log line, logfmt", lambda: logfmt.format(record)),
         ("access log line, json", lambda: json_lines.format(record)),
         ("metrics: observe_request", lambda: metrics.observe_request("sync", "sync", "w", "GET", 200, 0.001)),
+        ("mitmproxy Request + Response objects", lambda: (request(), response())),
     ]
     if args.under_callgrind:
         for _name, fn in pieces:
@@ -113,7 +125,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-decision-") as tmp:
             out = Path(tmp) / "decision.callgrind"
             valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-            command = [*valgrind, sys.executable, __file__, "--under-callgrind", *sys.argv[1:]]
+            optimize = [] if __debug__ else ["-O"]  # `python -O scripts/bench_decision.py`: the same, optimised
+            command = [*valgrind, sys.executable, *optimize, __file__, "--under-callgrind", *sys.argv[1:]]
             subprocess.run(command, check=True, capture_output=True)
             dumps = sorted(Path(tmp).glob("decision.callgrind.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
             print(f"{'piece':<48} {'instructions per call':>22}")
