@@ -8,7 +8,8 @@ router-sent client, logging, metrics, the isolation wrapper), rerunnable after a
 
 Upstreams: scripts/bench_burst.py's asyncio stand-ins (main answering whoami for every
 `syt_bench_<i>` token, two sync workers answering a request with `timeout=<ms>` after that long).
-The router (`lean`: synapse-router, `mitmdump`: mitmdump -s addons/router.py) has the two
+The router (`lean`: synapse-router, `lean-uvloop`: synapse-router --event-loop uvloop,
+`mitmdump`: mitmdump -s addons/router.py) has the two
 workers as its sync pool and the default limits, `flow_detail=0`, the access log on (logfmt, to
 a file) so that its cost is in the profile, as a production router's would be.
 
@@ -27,7 +28,7 @@ to every part on its stack ("inclusive": a hook's figure includes what it calls)
 statistics: on this shared machine a part's share moves by about +-1 point between runs; the
 total instruction count of a request (scripts/bench_callgrind.py) is the repeatable figure.
 
-memory: the proxy runs under tracemalloc (25 frames) through this script (`_traced`), which on a
+memory: the proxy runs under tracemalloc (10 frames) through this script (`_traced`), which on a
 real-time signal (SIGRTMIN + 5; mitmproxy takes SIGUSR1 and SIGUSR2) writes a snapshot and a
 count of live objects by type (gc). Snapshots are taken with the proxy idle and warm, then with
 `--held` long-polls held by the workers (not waited for afterwards); the difference, per held
@@ -226,7 +227,9 @@ def breakdown(launcher: str, workload: str, requests: int, cpu: float, raw: str,
 
 
 def proxy_command(launcher: str, up: Upstreams, port: int, config: Path, traced: bool = False) -> list[str]:
-    base = [str(BIN / "synapse-router")] if launcher == "lean" else [str(BIN / "mitmdump")]
+    base = [str(BIN / "synapse-router")] if launcher.startswith("lean") else [str(BIN / "mitmdump")]
+    if launcher == "lean-uvloop":
+        base += ["--event-loop", "uvloop"]
     if launcher == "mitmdump":
         base += ["-s", str(ROOT / "addons" / "router.py")]
     if traced:
@@ -393,7 +396,7 @@ def traced_main(argv: list[str]) -> int:
 
     if launcher == "mitmdump":
         import synapse_router.addon  # noqa: F401  (what the script loads)
-    tracemalloc.start(25)
+    tracemalloc.start(10)
     taken = [0]
     target = os.environ["BENCH_PROFILE_SNAPSHOT"]
 
@@ -406,7 +409,7 @@ def traced_main(argv: list[str]) -> int:
         Path(f"{target}.{taken[0]}.done").write_text("")
 
     signal.signal(SNAPSHOT_SIGNAL, snapshot)
-    if launcher == "lean":
+    if launcher.startswith("lean"):
         return lean_main(rest)
     sys.argv = ["mitmdump", *rest]
     mitmdump()
@@ -416,7 +419,7 @@ def traced_main(argv: list[str]) -> int:
 def take_snapshot(proc: subprocess.Popen[bytes], base: str, n: int) -> tuple[tracemalloc.Snapshot, dict[str, int]]:
     os.kill(proc.pid, SNAPSHOT_SIGNAL)
     done = Path(f"{base}.{n}.done")
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 1200
     while not done.exists():
         if time.monotonic() > deadline or proc.poll() is not None:
             raise RuntimeError("no snapshot from the traced proxy")
@@ -529,7 +532,9 @@ def memory_tables(profiles: list[MemoryProfile]) -> str:
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["cpu", "memory", "all"])
-    parser.add_argument("--launchers", nargs="+", choices=["lean", "mitmdump"], default=["lean", "mitmdump"])
+    parser.add_argument(
+        "--launchers", nargs="+", choices=["lean", "lean-uvloop", "mitmdump"], default=["lean", "mitmdump"]
+    )
     parser.add_argument("--workloads", nargs="+", choices=["short", "longpoll"], default=["short", "longpoll"])
     parser.add_argument("--seconds", type=int, default=15, help="wrk seconds of the short workload")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
