@@ -316,6 +316,8 @@ def profile_short(launcher: str, up: Upstreams, work: Path, procs: Processes, ar
             "-t1",
             "-c16",
             f"-d{args.seconds}s",
+            "--timeout",
+            "60s",  # a loaded machine answers late; the figures are per answered request
             "--latency",
             "-H",
             f"Authorization: Bearer {TOKEN_PREFIX}0",
