@@ -32,9 +32,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from synapse_router import tokens  # noqa: E402
 from synapse_router.addons.routing import _balance_key  # noqa: E402
 from synapse_router.config import WhoamiConfig, parse_config  # noqa: E402
+from synapse_router.identity import tokens  # noqa: E402
 from synapse_router.identity.resolver import IdentityResolver  # noqa: E402
 from synapse_router.routing.engine import Engine  # noqa: E402
 

@@ -192,6 +192,41 @@ def test_lean_launcher_rejects_an_option_it_does_not_have(tmp_path: Path) -> Non
     assert "Unknown option(s): map_local" in result.stderr
 
 
+def test_lean_launcher_runs_on_uvloop_when_asked(fleet: Fleet, start: StartFn, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("uvloop")
+    fleet.add("main")
+    for pool in POOLS:
+        fleet.add(pool)
+    config = {"workers": {pool: [fleet[pool].url] for pool in POOLS}}
+    by_flag = start(fleet["main"].url, config, ["--event-loop", "uvloop"])
+    monkeypatch.setenv("SYNAPSE_ROUTER_EVENT_LOOP", "uvloop")
+    by_environment = start(fleet["main"].url, config)
+    for router in (by_flag, by_environment):
+        with httpx.Client(base_url=router.url, timeout=30) as client:
+            for method, path, server in ROUTES:
+                body = served(client.request(method, path, content=b"{}" if method != "GET" else None))
+                assert (body["server"], body["method"], body["path"]) == (server, method, path), router.log()
+        assert "synapse-router: on uvloop's event loop" in router.log()
+
+
+def test_lean_launcher_refuses_an_unknown_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text("workers: {}\n")
+    command = router_command("http://127.0.0.1:1", free_port(), path, ["--event-loop", "tokio"], launcher=LAUNCHER)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--event-loop: expected one of asyncio, uvloop, got 'tokio'" in result.stderr
+    monkeypatch.setenv("SYNAPSE_ROUTER_EVENT_LOOP", "libuv")
+    result = subprocess.run(
+        router_command("http://127.0.0.1:1", free_port(), path, [], launcher=LAUNCHER),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "SYNAPSE_ROUTER_EVENT_LOOP: expected one of asyncio, uvloop, got 'libuv'" in result.stderr
+
+
 def test_two_instances_send_each_user_to_the_same_worker(fleet: Fleet, start: StartFn) -> None:
     users = {f"syt_user{i}_tok": f"@user{i}:test.local" for i in range(50)}
     fleet.add("main", whoami=users)

@@ -422,3 +422,10 @@ def test_config_errors_name_the_key(raw: object, key: str | None, message: str) 
 
 def test_config_null_path_is_the_default() -> None:
     assert parse_access_log_config({"enabled": True, "path": None}).path is None
+
+
+@given(st.text(max_size=60))
+def test_quoting_decided_as_a_per_character_check_would(text: str) -> None:
+    from synapse_router.observability.accesslog import _needs_quotes
+
+    assert _needs_quotes(text) == (not text or any(c in ' "=' or not c.isprintable() for c in text))

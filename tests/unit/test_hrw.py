@@ -89,3 +89,30 @@ def test_invalid_weight_rejected() -> None:
         except ValueError:
             continue
         raise AssertionError(f"weight {bad} accepted")
+
+
+@settings(max_examples=50, deadline=None)
+@given(names, keys, st.data())
+def test_a_remembered_order_picks_what_scoring_every_node_picks(
+    workers: list[str], ks: list[str], data: st.DataObject
+) -> None:
+    weights = [(1.0, 2.0, 0.5)[i % 3] for i in range(len(workers))]
+    for nodes in ([Node(w) for w in workers], [Node(w, x) for w, x in zip(workers, weights, strict=True)]):
+        ring = Rendezvous(nodes)
+        excluded = data.draw(st.sets(st.sampled_from(workers)))
+        for k in ks + ks:  # the second time from the remembered order
+            assert ring.pick(k) == ring._pick(k, ())
+            assert ring.pick(k, excluded) == ring._pick(k, excluded)
+            assert ring.pick(k) == ring.rank(k)[0]
+
+
+def test_remembered_orders_are_bounded_oldest_forgotten_first() -> None:
+    from synapse_router.routing import hrw
+
+    ring = Rendezvous([Node(f"http://10.0.0.{i}:8008") for i in range(16)])
+    for i in range(hrw.RANKINGS_KEPT + 100):
+        ring.pick(f"@user{i}:example.org")
+    remembered = ring._orders
+    assert len(remembered) == hrw.RANKINGS_KEPT
+    assert "@user0:example.org" not in remembered and f"@user{hrw.RANKINGS_KEPT + 99}:example.org" in remembered
+    assert len(remembered["@user100:example.org"]) == 16  # one byte per node

@@ -146,7 +146,9 @@ class GracefulStop:
             return
         for instance in proxyserver.servers:
             for server in listening_servers(instance):
-                if not isinstance(server, asyncio.Server):
+                # A stream server (a UDP mode's transport has no sockets); not isinstance(asyncio.Server):
+                # uvloop's Server is no subclass of it, and its listeners would stay open.
+                if getattr(server, "sockets", None) is None:
                     continue
                 for transport_socket in server.sockets:
                     if transport_socket.type == socket.SOCK_STREAM:

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from typing import Protocol
+from typing import Protocol, cast
 
 import h11
 
@@ -115,8 +115,8 @@ class _RelayConnection(asyncio.Protocol):
         self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport; not an isinstance check: uvloop's transports are no subclass of asyncio's ABCs.
+        self._transport = cast(asyncio.Transport, transport)
         self._relay._connections.add(self)
 
     def data_received(self, data: bytes) -> None:

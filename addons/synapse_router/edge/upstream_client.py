@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Iterable
 from enum import StrEnum
 from functools import partial
+from typing import cast
 
 import h11
 from h11._readers import ChunkedReader, ContentLengthReader, Http10Reader
@@ -142,8 +143,8 @@ class _Connection(asyncio.Protocol):
         self._wakeup: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport; not an isinstance check: uvloop's transports are no subclass of asyncio's ABCs.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._heard[self._url] = time.monotonic()

@@ -86,7 +86,8 @@ def find_token(authorizations: Sequence[str], query: str, path: str) -> FoundTok
     Refused for an implausible token or more than one. `path` (raw, without the query)
     decides whether `?user_id=` is read as an appservice's user (MASQUERADE_PREFIXES)."""
     bearers = [value for value in authorizations if is_bearer(value)]
-    query_tokens = query_values(query, TOKEN_PARAM) if query else []
+    # Names are compared decoded: only a query with the name as written or a `%` escape can hold one.
+    query_tokens = query_values(query, TOKEN_PARAM) if TOKEN_PARAM in query or "%" in query else []
     if len(bearers) + len(query_tokens) > 1 or (query_tokens and authorizations):
         raise Refused(400, "M_INVALID_PARAM", "More than one access token or Authorization header.")
     if bearers:

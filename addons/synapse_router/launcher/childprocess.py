@@ -7,10 +7,10 @@ SIGKILLed parent leaves no orphan, and writes one byte to the pipe FD once it se
 
 Sharing the port. mitmproxy's `AsyncioServerInstance.listen` calls
 `asyncio.start_server(handler, host, port)` without `reuse_port`. A child runs on an event loop
-of its own class (SharedPortLoop) whose `create_server` adds `reuse_port=True` for the proxy's
-listen ports, so each child binds its own SO_REUSEPORT socket and no mitmproxy class is changed
-(a `ServerInstance` subclass registers itself for its mode and mitmproxy refuses a second
-`reverse` class; replacing `ReverseInstance.listen` would patch mitmproxy process-wide).
+of its own class (SharedPorts, over asyncio's or uvloop's loop) whose `create_server` adds
+`reuse_port=True` for the proxy's listen ports, so each child binds its own SO_REUSEPORT socket
+and no mitmproxy class is changed (a `ServerInstance` subclass registers itself for its mode and
+mitmproxy refuses a second `reverse` class; replacing `ReverseInstance.listen` would patch mitmproxy process-wide).
 Against the alternative, one socket bound by the parent and inherited by every child (one
 shared accept queue): with SO_REUSEPORT the kernel spreads new connections evenly by a hash of
 the 4-tuple and wakes one process per connection, with no thundering herd; but it does not look
@@ -75,11 +75,13 @@ class ChildSlot:
         return f"process {self.index + 1}/{self.count}"
 
 
-class SharedPortLoop(asyncio.SelectorEventLoop):
-    """The event loop of every `synapse-router` process. Listening sockets on `shared_ports` get
-    SO_REUSEPORT, so N children can serve one port, and a new router can take over the port of
-    one that drains (`--replace`, a rolling restart); in a `--processes` child the router's
-    metrics listener moves to port + `metrics_offset` (process i serves its own metrics on P + i)."""
+class SharedPorts:
+    """What the event loop of every `synapse-router` process adds to its base loop (asyncio's
+    selector loop, SharedPortLoop, or uvloop's, eventloop.py). Listening sockets on
+    `shared_ports` get SO_REUSEPORT, so N children can serve one port, and a new router can take
+    over the port of one that drains (`--replace`, a rolling restart); in a `--processes` child
+    the router's metrics listener moves to port + `metrics_offset` (process i serves its own
+    metrics on P + i)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -113,7 +115,11 @@ class SharedPortLoop(asyncio.SelectorEventLoop):
         elif port and self.metrics_offset and port == self.metrics_port():
             port, configured = port + self.metrics_offset, port
             log.info(f"{PROG}: metrics of this process on port {port} ({configured} + {self.metrics_offset})")
-        return await super().create_server(protocol_factory, host, port, **kwargs)
+        return await super().create_server(protocol_factory, host, port, **kwargs)  # type: ignore[misc, no-any-return]
+
+
+class SharedPortLoop(SharedPorts, asyncio.SelectorEventLoop):
+    """asyncio's own event loop with SharedPorts: the default."""
 
 
 def listen_ports(opts: options.Options) -> frozenset[int]:

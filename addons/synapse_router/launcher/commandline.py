@@ -34,7 +34,7 @@ def make_parser(opts: options.Options) -> argparse.ArgumentParser:
     """mitmdump's parser over the options the lean addons define (absent ones have no flag)."""
     parser = cmdline.mitmdump(opts)  # type: ignore[no-untyped-call]
     parser.prog = PROG
-    parser.usage = "%(prog)s [--processes N] [--replace PID] [options] [filter]"
+    parser.usage = "%(prog)s [--processes N] [--replace PID] [--event-loop asyncio|uvloop] [options] [filter]"
     parser.epilog = (
         "Subcommands (each with its own --help): `routes audit` checks the route table against the installed "
         "Synapse; `config from-synapse` and `config check` derive and check the router configuration from "
@@ -54,6 +54,13 @@ def make_parser(opts: options.Options) -> argparse.ArgumentParser:
         metavar="PID",
         help="Once this router serves, send SIGTERM to PID, the router on the same port it replaces, "
         "which drains (a rolling restart: no connection refused).",
+    )
+    parser.add_argument(
+        "--event-loop",
+        choices=["asyncio", "uvloop"],
+        default=None,
+        help="The event loop to run on: asyncio's own (default) or uvloop's (an optional dependency); "
+        "default from the environment variable SYNAPSE_ROUTER_EVENT_LOOP.",
     )
     assert isinstance(parser, argparse.ArgumentParser)
     return parser

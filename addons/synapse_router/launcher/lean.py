@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -56,8 +57,10 @@ from mitmproxy.utils import debug
 from ..addon import SynapseRouter
 from ..addons.isolation import report
 from . import sdnotify
-from .childprocess import ChildSlot, SharedPortLoop, die_with_parent, ready_signal, replace
+from .childprocess import ChildSlot, SharedPorts, die_with_parent, ready_signal, replace
 from .commandline import PROG, apply_options, make_parser
+from .eventloop import DEFAULT as DEFAULT_EVENT_LOOP
+from .eventloop import chosen_event_loop, loop_factory, loop_name
 from .signals import on_signal
 
 log = logging.getLogger(__name__)
@@ -168,13 +171,18 @@ class LeanMaster(master.Master):
 def serve(argv: Sequence[str], slot: ChildSlot | None = None) -> int:
     """Run one router process until SIGINT/SIGTERM (`slot`: as a child of `--processes N`);
     raises SystemExit(1) on a start-up error."""
+    try:
+        factory = loop_factory(chosen_event_loop(argv, os.environ))
+    except ValueError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
     if slot is None:
-        asyncio.run(_serve(argv, None), loop_factory=SharedPortLoop)
+        asyncio.run(_serve(argv, None), loop_factory=factory)
         return 0
     die_with_parent(slot.parent_pid)
     # SIGHUP (reload) may be forwarded before the router installs its handler: do not die of it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    asyncio.run(_serve(argv, slot), loop_factory=SharedPortLoop)
+    asyncio.run(_serve(argv, slot), loop_factory=factory)
     return 0
 
 
@@ -198,9 +206,11 @@ async def _serve(argv: Sequence[str], slot: ChildSlot | None) -> None:
         if args.replace is not None:
             when_started.append(replace(args.replace))
     loop = asyncio.get_running_loop()
+    if loop_name(loop) != DEFAULT_EVENT_LOOP:
+        log.info(f"{PROG}: on {loop_name(loop)}'s event loop")
     try:
         apply_options(opts, parser, args)
-        if isinstance(loop, SharedPortLoop):
+        if isinstance(loop, SharedPorts):
             loop.share(opts, slot, lean.router)
         lean.configure_router()
         if args.options:

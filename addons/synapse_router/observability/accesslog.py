@@ -144,7 +144,8 @@ _UNESCAPES = {"\\": "\\", '"': '"', "n": "\n", "r": "\r", "t": "\t"}
 
 
 def _needs_quotes(text: str) -> bool:
-    return not text or any(c in ' "=' or not c.isprintable() for c in text)
+    # Whole-string C-level checks, not a Python loop per character (most of a line's cost).
+    return not text or not text.isprintable() or " " in text or '"' in text or "=" in text
 
 
 def _escape_char(c: str) -> str:
