@@ -274,7 +274,14 @@ class IdentityResolver:
         if self._main_failed(error, budget, lateness):
             self._transport_failures += 1
             if self._transport_failures >= UNAVAILABLE_AFTER:
+                paused = self._clock() < self._unavailable_until
                 self._unavailable_until = self._clock() + UNAVAILABLE_BACKOFF
+                if not paused:
+                    log.warning(
+                        f"synapse-router: whoami paused for {UNAVAILABLE_BACKOFF:g} s: {self._transport_failures} "
+                        f"calls to main failed in a row (last: {type(error).__name__} with {budget:.2f} s of the "
+                        f"timeout left at its start, the event loop late by {lateness:.2f} s)"
+                    )
 
     def _main_failed(self, error: Exception, budget: float, lateness: float = 0.0) -> bool:
         """Whether a failed call says main is down or hung: a connection error, or a timeout
