@@ -188,7 +188,7 @@ def measure(launcher: str, args: argparse.Namespace, work: Path, before: Path | 
             env["PYTHONPATH"] = str(before / "addons")
         with (work / "router.log").open("wb") as out:
             router_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        wait_for_port(port, router_proc)
+        wait_for_port(port, router_proc, timeout=120)  # a loaded machine starts N processes slowly
         if processes > 1:
             time.sleep(3)  # every process listening, not only the first
         cpu0 = cpu_seconds(router_proc.pid)

@@ -30,6 +30,7 @@ MALFORMED_HEADS = {
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
     ),
     "a header name that is not a token": b"HTTP/1.1 200 OK\r\nX A: b\r\nContent-Length: 2\r\n\r\n{}",
+    "Transfer-Encoding on HTTP/1.0": b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
     # these mitmproxy relayed: gzip-coded and read until the worker closed, a head over 64 KiB
     "Transfer-Encoding gzip": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" + GZ,
     "Transfer-Encoding gzip, chunked": (
