@@ -218,10 +218,15 @@ def measure(launcher: str, args: argparse.Namespace, work: Path, before: Path | 
                 f"  {record.get('identity', '-'):10}"
             )
         rate, share = stats["answers"] / stats["seconds"], 100 * cpu / stats["seconds"]
+        # This checkout logs each pause of whoami (main failing 3 calls in a row) and its cause.
+        pauses = (work / "router.log").read_text(errors="replace").splitlines()
+        pauses = [line for line in pauses if "whoami paused" in line]
+        paused = "" if before is not None else f"; whoami paused {len(pauses)} times"
         rows.append(
             f"{name:24} flood: {stats['answers']} answers in {stats['seconds']:.1f} s ({rate:.0f}/s), "
-            f"{stats['errors']} connection errors; router CPU {cpu:.1f} s ({share:.0f}% of a core)"
+            f"{stats['errors']} connection errors; router CPU {cpu:.1f} s ({share:.0f}% of a core){paused}"
         )
+        rows.extend(f"{name:24}   {line.split('synapse-router: ', 1)[-1][:150]}" for line in pauses[:3])
     finally:
         for proc in (flood_proc, router_proc):
             if proc is not None and proc.poll() is None:
