@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_whoami_flood.py [--runs 6] [--clients 400] [--sources 1]
         [--whoami-delay 1] [--timeout 2] [--warmup 4] [--gap 2] [--launchers mitmdump,synapse-router]
         [--before REF]    # also the router of commit REF (a git worktree of it), before each launcher
+        [--processes N]   # the lean launcher with `--processes N` (mitmdump runs one process)
 
 Upstreams (tests/standin.py, real processes on loopback): main, whose whoami answers every
 request after `--whoami-delay` seconds (401 M_UNKNOWN_TOKEN for made-up tokens, the user for
@@ -22,8 +23,9 @@ Printed per run: curl's time to connect and total time (outside the router's pro
 router's own `total_ms` and `upstream_ms` for that request from its access log (from the
 request head's first byte to the response's end; the worker's part), their difference
 (`without`: the router's own part, the whoami wait included) and its identity source;
-then the flood's rate and the router's CPU seconds over the flood. Every process this script
-starts is stopped by pid at the end.
+then the flood's rate and the router's CPU seconds over the flood (with `--processes N`, the
+parent's and its children's together). Every process this script starts is stopped by pid at
+the end.
 """
 
 from __future__ import annotations
@@ -107,8 +109,17 @@ async def flood(port: int, clients: int, sources: int) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of a process and of its live children (a --processes parent's workers)."""
+    total = 0.0
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    pids = [pid, *(int(c) for c in children.read_text().split())] if children.exists() else [pid]
+    for one in pids:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def curl_sync(port: int, token: str) -> tuple[str, float, float]:
@@ -148,7 +159,8 @@ def access_lines(path: Path) -> dict[str, dict[str, Any]]:
 
 def measure(launcher: str, args: argparse.Namespace, work: Path, before: Path | None) -> list[str]:
     """The runs of one launcher, of this checkout or (with `before`) of that worktree's code."""
-    name = launcher + (" (before)" if before else "")
+    processes = args.processes if launcher == "synapse-router" else 1
+    name = launcher + (f" x{processes}" if processes > 1 else "") + (" (before)" if before else "")
     tokens = {f"legit_{i}_{secrets.token_hex(4)}": f"@legit{i}:example.org" for i in range(args.runs)}
     fleet = Fleet(work)
     router_proc = flood_proc = None
@@ -168,14 +180,17 @@ def measure(launcher: str, args: argparse.Namespace, work: Path, before: Path | 
             )
         )
         port = free_port()
-        cmd = router_command(main.url, port, config, ["--set", "flow_detail=0"], launcher=launcher)
+        extra = ["--set", "flow_detail=0"] + (["--processes", str(processes)] if processes > 1 else [])
+        cmd = router_command(main.url, port, config, extra, launcher=launcher)
         env = dict(os.environ)
         if before is not None:  # the package and entry script of commit REF, not this checkout's
             cmd = [str(before / "addons" / "router.py") if c.endswith("/addons/router.py") else c for c in cmd]
             env["PYTHONPATH"] = str(before / "addons")
         with (work / "router.log").open("wb") as out:
             router_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        wait_for_port(port, router_proc)
+        wait_for_port(port, router_proc, timeout=120)  # a loaded machine starts N processes slowly
+        if processes > 1:
+            time.sleep(3)  # every process listening, not only the first
         cpu0 = cpu_seconds(router_proc.pid)
         flood_proc = subprocess.Popen(
             [sys.executable, __file__, "--flood", str(port), str(args.clients), str(args.sources)],
@@ -203,10 +218,15 @@ def measure(launcher: str, args: argparse.Namespace, work: Path, before: Path | 
                 f"  {record.get('identity', '-'):10}"
             )
         rate, share = stats["answers"] / stats["seconds"], 100 * cpu / stats["seconds"]
+        # This checkout logs each pause of whoami (main failing 3 calls in a row) and its cause.
+        pauses = (work / "router.log").read_text(errors="replace").splitlines()
+        pauses = [line for line in pauses if "whoami paused" in line]
+        paused = "" if before is not None else f"; whoami paused {len(pauses)} times"
         rows.append(
             f"{name:24} flood: {stats['answers']} answers in {stats['seconds']:.1f} s ({rate:.0f}/s), "
-            f"{stats['errors']} connection errors; router CPU {cpu:.1f} s ({share:.0f}% of a core)"
+            f"{stats['errors']} connection errors; router CPU {cpu:.1f} s ({share:.0f}% of a core){paused}"
         )
+        rows.extend(f"{name:24}   {line.split('synapse-router: ', 1)[-1][:150]}" for line in pauses[:3])
     finally:
         for proc in (flood_proc, router_proc):
             if proc is not None and proc.poll() is None:
@@ -230,11 +250,13 @@ def main() -> int:
     parser.add_argument("--gap", type=float, default=2.0)
     parser.add_argument("--launchers", default="mitmdump,synapse-router")
     parser.add_argument("--before", metavar="REF", help="also measure commit REF's router (a git worktree of it)")
+    parser.add_argument("--processes", type=int, default=1, help="the lean launcher's --processes")
     args = parser.parse_args()
     print("$ " + shlex.join([Path(sys.executable).name, *sys.argv]))
     print(
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; whoami answers in {args.whoami_delay} s, "
         f"whoami.timeout {args.timeout} s, {args.clients} flooding clients from {args.sources} addresses"
+        + (f", synapse-router --processes {args.processes}" if args.processes > 1 else "")
     )
     with tempfile.TemporaryDirectory(prefix="bench-whoami-flood-") as tmp:
         before = Path(tmp) / "before" if args.before else None

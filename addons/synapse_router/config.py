@@ -56,6 +56,7 @@ class WhoamiConfig:
     timeout: float = 2.0  # the longest a request waits for its user, queueing included
     redis: str | None = None  # redis:// URL of a cache shared by every router process; None: off
     max_in_flight: int = 16  # whoami calls at once, per process
+    max_in_flight_per_client: int = 4  # of those, at most this many for one client address
     # Calls for tokens the cache does not know: a token bucket for the whole process and one
     # per client address; beyond them a request is routed by its token's hash, without a call.
     new_token_rate: float = 100.0
@@ -267,7 +268,17 @@ def _parse_trusted(doc: _Doc, raw: Any) -> tuple[IPNetwork, ...]:
 
 
 _WHOAMI_KEYS = frozenset(
-    {"url", "cache_ttl", "cache_size", "negative_ttl", "timeout", "redis", "max_in_flight", "new_tokens"}
+    {
+        "url",
+        "cache_ttl",
+        "cache_size",
+        "negative_ttl",
+        "timeout",
+        "redis",
+        "max_in_flight",
+        "max_in_flight_per_client",
+        "new_tokens",
+    }
 )
 _NEW_TOKENS_KEYS = frozenset({"rate", "burst", "per_client_rate", "per_client_burst"})
 
@@ -292,16 +303,26 @@ def _parse_whoami(doc: _Doc, raw: Any) -> WhoamiConfig:
         value = limits.get(key, default)
         return _number(doc, value, ("whoami", "new_tokens", key), minimum=0 if not integer else 1, integer=integer)
 
+    max_in_flight = _number(
+        doc, entry.get("max_in_flight", defaults.max_in_flight), ("whoami", "max_in_flight"), minimum=1, integer=True
+    )
+    per_client = _number(
+        doc,
+        entry.get("max_in_flight_per_client", min(defaults.max_in_flight_per_client, max_in_flight)),
+        ("whoami", "max_in_flight_per_client"),
+        minimum=1,
+        integer=True,
+    )
+    if per_client > max_in_flight:
+        raise doc.error(
+            ("whoami", "max_in_flight_per_client"),
+            f"{per_client} is more than whoami.max_in_flight ({max_in_flight}): one address could hold every call",
+        )
     return WhoamiConfig(
         url=url,
         redis=redis_url,
-        max_in_flight=_number(
-            doc,
-            entry.get("max_in_flight", defaults.max_in_flight),
-            ("whoami", "max_in_flight"),
-            minimum=1,
-            integer=True,
-        ),
+        max_in_flight=max_in_flight,
+        max_in_flight_per_client=per_client,
         new_token_rate=float(limit("rate", defaults.new_token_rate, False)),
         new_token_burst=limit("burst", defaults.new_token_burst, True),
         new_token_rate_per_client=float(limit("per_client_rate", defaults.new_token_rate_per_client, False)),

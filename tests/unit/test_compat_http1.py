@@ -7,20 +7,24 @@ exists for (then compat/http1.py may be smaller) or the internals it builds on."
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
 from mitmproxy import options
+from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import HttpLayer, HTTPMode
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import (
+    ErrorCode,
     RequestData,
     RequestEndOfMessage,
     RequestHeaders,
     RequestProtocolError,
+    ResponseProtocolError,
 )
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.test import tflow
@@ -240,3 +244,41 @@ async def test_a_request_without_a_body_sets_no_timer(watch: list[str]) -> None:
     layer = start(http1.RouterHttp1Server)
     feed(layer, GET)
     assert layer._body_timer is None
+
+
+# --- a worker head mitmproxy's HttpLayer refused ---
+
+
+def _refused_head(cls: type[Http1Server]) -> list[commands.Command]:
+    layer = start(cls)
+    layer.conn.state = ConnectionState.OPEN
+    (headers, end) = http_events(feed(layer, GET))
+    assert isinstance(headers, RequestHeaders) and isinstance(end, RequestEndOfMessage)
+    error = ResponseProtocolError(
+        headers.stream_id,
+        "Received message with both transfer-encoding and content-length",
+        ErrorCode.RESPONSE_VALIDATION_FAILED,
+    )
+    return list(layer.send(error))
+
+
+def test_a_refused_worker_head_is_answered_with_a_matrix_502() -> None:
+    cmds = _refused_head(http1.RouterHttp1Server)
+    answer = sent(cmds)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ") and b"application/json" in head
+    assert json.loads(body) == {"errcode": "M_UNKNOWN", "error": "The server gave an invalid response."}
+    assert isinstance(cmds[-1], commands.CloseConnection)
+
+
+def test_mitmproxy_still_answers_a_refused_worker_head_with_its_html_page() -> None:
+    answer = sent(_refused_head(Http1Server))
+    assert answer.startswith(b"HTTP/1.1 502 ") and b"text/html" in answer
+
+
+def test_other_response_errors_are_mitmproxys_as_before() -> None:
+    layer = start(http1.RouterHttp1Server)
+    layer.conn.state = ConnectionState.OPEN
+    (headers, _) = http_events(feed(layer, GET))
+    cmds = list(layer.send(ResponseProtocolError(headers.stream_id, "killed", ErrorCode.KILL)))
+    assert sent(cmds) == b"" and isinstance(cmds[-1], commands.CloseConnection)

@@ -88,6 +88,14 @@ def test_empty_config_is_valid() -> None:
         ("whoami: {url: ftp://x}\n", "whoami.url", 1, "http"),
         ("whoami: {cache_size: 1.5}\n", "whoami.cache_size", 1, "integer"),
         ("whoami: {max_in_flight: 0}\n", "whoami.max_in_flight", 1, ">= 1"),
+        ("whoami: {max_in_flight_per_client: 0}\n", "whoami.max_in_flight_per_client", 1, ">= 1"),
+        ("whoami: {max_in_flight_per_client: 2.5}\n", "whoami.max_in_flight_per_client", 1, "integer"),
+        (
+            "whoami: {max_in_flight: 4, max_in_flight_per_client: 5}\n",
+            "whoami.max_in_flight_per_client",
+            1,
+            "more than whoami.max_in_flight",
+        ),
         ("whoami:\n  new_tokens: {rate: -1}\n", "whoami.new_tokens.rate", 2, ">= 0"),
         ("whoami:\n  new_tokens: {per_client_burst: 0}\n", "whoami.new_tokens.per_client_burst", 2, ">= 1"),
         ("whoami:\n  new_tokens: {per_client: 5}\n", "whoami.new_tokens.per_client", 2, "unknown key"),
@@ -123,3 +131,10 @@ def test_numbers_must_be_finite(text: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(text)
     assert info.value.key == key
+
+
+def test_whoami_calls_per_client_default_and_bounded_by_the_process_cap() -> None:
+    assert parse_config("").whoami.max_in_flight_per_client == 4
+    assert parse_config("whoami: {max_in_flight: 2}\n").whoami.max_in_flight_per_client == 2
+    config = parse_config("whoami: {max_in_flight: 32, max_in_flight_per_client: 8}\n").whoami
+    assert (config.max_in_flight, config.max_in_flight_per_client) == (32, 8)

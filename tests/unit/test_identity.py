@@ -502,7 +502,8 @@ async def test_new_tokens_over_the_client_limit_are_routed_without_a_call() -> N
 
 async def test_whoami_calls_in_flight_are_capped_and_a_full_queue_is_not_main_failing() -> None:
     fake = FakeWhoami({f"t{i}": f"@u{i}:x" for i in range(10)}, delay=0.25)
-    resolver = IdentityResolver(WhoamiConfig(max_in_flight=2, timeout=0.4), fake, time.monotonic)  # type: ignore[arg-type]
+    config = WhoamiConfig(max_in_flight=2, timeout=0.4, max_in_flight_per_client=10)  # the process's cap alone
+    resolver = IdentityResolver(config, fake, time.monotonic)  # type: ignore[arg-type]
     results = await asyncio.gather(*(resolve(resolver, f"t{i}") for i in range(10)))
     # Two calls at once: the first two answered at 0.25 s; two more started then, with 0.15 s
     # left, and were cut at their deadline; the other six waited for a slot until it, then gave up.
@@ -553,3 +554,89 @@ async def test_memory_is_bounded_by_cache_size_not_by_users_seen() -> None:
     assert len(resolver.users) == 1000
     # 198,000 more users: keeping each id would be ~80 bytes apiece (~16 MB); allow only noise
     assert grown < 1_000_000, grown
+
+
+async def test_calls_cut_because_the_event_loop_was_late_never_switch_whoami_off() -> None:
+    # Issue 20: under a flood the loop runs late; whoami's answer is there but read after the
+    # deadline's timer. That says nothing about main: it must not pause whoami for everybody.
+    fake = FakeWhoami({f"t{i}": f"@u{i}:x" for i in range(10)}, delay=0.05)
+    resolver = IdentityResolver(WhoamiConfig(timeout=0.3), fake, time.monotonic)  # type: ignore[arg-type]
+
+    async def blocked_loop() -> None:
+        await asyncio.sleep(0.01)  # the call is in flight
+        time.sleep(0.6)  # noqa: ASYNC251 - the loop saturated: nothing runs for 0.6 s
+
+    for i in range(UNAVAILABLE_AFTER * 2):
+        result, _ = await asyncio.gather(resolve(resolver, f"t{i}"), blocked_loop())
+        assert result.source is Source.UNRESOLVED  # cut at its deadline all the same
+        assert resolver.lag.worst_since(0.0) >= 0.3
+    calls = fake.calls
+    assert (await resolve(resolver, "t9")).source is Source.WHOAMI and fake.calls == calls + 1
+
+
+async def test_calls_cut_on_time_by_a_hung_main_still_switch_whoami_off() -> None:
+    # The other side of the test above: a loop on time and a main that does not answer.
+    fake = FakeWhoami({f"t{i}": f"@u{i}:x" for i in range(10)}, delay=30)
+    resolver = IdentityResolver(WhoamiConfig(timeout=0.15), fake, time.monotonic)  # type: ignore[arg-type]
+    for i in range(UNAVAILABLE_AFTER):
+        assert (await resolve(resolver, f"t{i}")).source is Source.UNRESOLVED
+    assert (await resolve(resolver, "t9")).source is Source.UNRESOLVED and fake.calls == UNAVAILABLE_AFTER
+
+
+def test_main_failed_discounts_the_loops_lateness() -> None:
+    resolver, _, _ = make({}, timeout=2.0)
+    timeout = httpx.ReadTimeout("slow")
+    assert resolver._main_failed(timeout, 2.0, 0.0)
+    assert resolver._main_failed(timeout, 2.0, 0.9)  # 1.1 s of the call was the loop's to give
+    assert not resolver._main_failed(timeout, 2.0, 1.1)
+    assert resolver._main_failed(httpx.ConnectError("refused"), 2.0, 5.0)  # a refusal is main's whatever the loop
+
+
+async def test_one_address_cannot_hold_every_whoami_slot() -> None:
+    # Issue 20: an address flooding new tokens had every `max_in_flight` slot, and a new user
+    # from elsewhere waited for one. Beyond `max_in_flight_per_client` its requests are routed
+    # by token hash at once (LIMITED), without a call, a wait or a rate-limit token.
+    fake = FakeWhoami({f"t{i}": f"@u{i}:x" for i in range(20)}, delay=0.2)
+    config = WhoamiConfig(max_in_flight=4, max_in_flight_per_client=2, timeout=5)
+    resolver = IdentityResolver(config, fake, time.monotonic)  # type: ignore[arg-type]
+    flood = [asyncio.ensure_future(resolve(resolver, f"t{i}")) for i in range(6)]
+    await asyncio.sleep(0.05)
+    assert resolver.calls_of("198.51.100.7") == 2 and fake.calls == 2
+    started = time.monotonic()
+    other = await resolver.resolve(token_key("t10"), "t10", None, None, "203.0.113.9")
+    assert other.source is Source.WHOAMI and time.monotonic() - started < 1.0  # no wait for a slot
+    sources = [r.source for r in await asyncio.gather(*flood)]
+    assert sources.count(Source.WHOAMI) == 2 and sources.count(Source.LIMITED) == 4
+    assert resolver.calls_of("198.51.100.7") == 0 and not resolver._per_client
+    assert (await resolve(resolver, "t5")).source is Source.WHOAMI  # its calls ended: the address may ask again
+
+
+def test_loop_lag_keeps_the_worst_lateness_of_a_window() -> None:
+    from synapse_router.identity.looplag import LoopLag
+
+    lag = LoopLag(keep=3)
+    assert lag.worst_since(0.0) == 0.0
+    for at, late in ((1.0, 0.5), (2.0, 0.1), (3.0, 0.2)):
+        lag.note(at, late)
+    assert lag.worst_since(0.0) == 0.5 and lag.worst_since(1.5) == 0.2 and lag.worst_since(9.0) == 0.0
+    lag.note(4.0, -0.01)  # early: counted as on time; the oldest tick is dropped (keep=3)
+    assert lag.worst_since(0.0) == 0.2
+
+
+async def test_loop_lag_ticks_only_while_watched() -> None:
+    from synapse_router.identity.looplag import LoopLag
+
+    lag = LoopLag(interval=0.01)
+    lag.watch()
+    lag.watch()
+    await asyncio.sleep(0.05)
+    time.sleep(0.1)  # noqa: ASYNC251 - the loop late by about 0.1 s
+    await asyncio.sleep(0.03)
+    assert lag.worst_since(0.0) >= 0.05
+    lag.unwatch()
+    assert lag._timer is not None  # one watcher left
+    lag.unwatch()
+    assert lag._timer is None
+    ticks = len(lag._ticks)
+    await asyncio.sleep(0.05)
+    assert len(lag._ticks) == ticks

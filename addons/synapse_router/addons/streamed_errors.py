@@ -15,37 +15,70 @@ before reading may see that reset instead of the answer.
 
 from __future__ import annotations
 
+import weakref
+
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 
-from ..edge.wellformed import head_relayable
+from ..compat.http1 import INVALID_WORKER_HEAD
+from ..edge.upstream_client import MAX_HEAD
+from ..edge.wellformed import head_bytes, head_relayable, transfer_chunked
 from . import flowdata
 from .connection_limits import client_io
 from .responses import matrix_error, no_process_available, respond
 from .state import RouterState
 
+# mitmproxy's Http1Client, for a head it cannot frame (two Transfer-Encoding fields, a bad
+# Content-Length): only the wording of the answer depends on it.
+UNPARSABLE_HEAD = "Cannot parse HTTP response"
+
 
 class StreamedErrors:
     def __init__(self, state: RouterState) -> None:
         self.state = state
+        # Flows whose worker head reached the responseheaders hook: mitmproxy accepted it.
+        self._heads_seen: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """A worker's answer mitmproxy would relay but must not: an informational or 101 answer
         (mitmproxy would take a 1xx for the final answer, desynchronising the connection, or
         turn it into a raw tunnel past the router; Synapse serves no WebSocket or other
-        upgrade), or a head with a control byte in a field or the reason phrase (a bare CR a
-        client could read as a line break). The router-sent path refuses the same."""
+        upgrade), a head with a control byte in a field or the reason phrase (a bare CR a
+        client could read as a line break), a head over MAX_HEAD bytes, or a Transfer-Encoding
+        other than `chunked` (read until the worker closes, relayed still encoded). The
+        router-sent path refuses the same; nginx answers each 502."""
         response = flow.response
         if response is None or response.raw_content is not None or flowdata.decision(flow) is None:
             return  # not a worker's answer on mitmproxy's path (the router sent or made it)
-        status = response.status_code
-        if status >= 200 and head_relayable(response.data.reason, response.headers.fields):
+        self._heads_seen.add(flow)
+        status, reason, fields = response.status_code, response.data.reason, response.headers.fields
+        if status < 200:
+            why = f"the worker answered {status}"
+        elif not head_relayable(reason, fields):
+            why = "a control byte in the worker's response head"
+        elif head_bytes(reason, fields) > MAX_HEAD:
+            why = f"a response head over {MAX_HEAD} bytes"
+        elif (te := response.headers.get("transfer-encoding")) is not None and not transfer_chunked(te):
+            why = "a Transfer-Encoding other than chunked"
+        else:
             return
-        why = f"the worker answered {status}" if status < 200 else "a control byte in the worker's response head"
-        self._answer_and_kill(flow, matrix_error(502, "M_UNKNOWN", "The server gave an invalid response."), why)
+        self._answer_and_kill(flow, matrix_error(*INVALID_WORKER_HEAD), why)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if (
+            response is not None
+            and response.raw_content is None
+            and flow not in self._heads_seen
+            and flowdata.decision(flow) is not None
+        ):
+            # mitmproxy refused the worker's head before any hook saw it (validate_inbound_headers:
+            # Content-Length with Transfer-Encoding, ...): compat.http1 writes the Matrix 502 in
+            # place of mitmproxy's page; the flow gets it too, for the access log and metrics.
+            respond(flow, matrix_error(*INVALID_WORKER_HEAD))
+            flow.comment = f"{flow.comment} | answered 502: the worker's response head was refused"
+            return
         if (
             flowdata.decision(flow) is None
             or flow.response is not None
@@ -64,6 +97,8 @@ class StreamedErrors:
             return
         if flow.server_conn.timestamp_tcp_setup is None:  # never connected: every process refused
             response = no_process_available(self.state.workers.config.retry_after)
+        elif flow.error.msg.startswith(UNPARSABLE_HEAD):  # mitmproxy's client layer could not frame the head
+            response = matrix_error(*INVALID_WORKER_HEAD)
         else:
             response = matrix_error(502, "M_UNKNOWN", "The server gave no response.")
         self._answer_and_kill(flow, response, flow.error.msg)

@@ -19,6 +19,12 @@ its server layer from the name `Http1Server` in `mitmproxy.proxy.layers.http`):
   (ConnectionLimits answers 408 and closes; mitmproxy has no body timer, only tcp_timeout).
 - the HTTP/2 prior-knowledge preface (`PRI * HTTP/2.0`) is answered 505 like any other version
   (mitmproxy's DisableH2C kills it silently; the router answers HTTP/1 only).
+- a worker's response head that mitmproxy's HttpLayer refuses (`validate_inbound_headers`:
+  both Content-Length and Transfer-Encoding, two Transfer-Encoding fields, a header name that
+  is not a token, Transfer-Encoding on HTTP/1.0) is answered with a Matrix 502 instead of
+  mitmproxy's HTML page (the HttpLayer sends this layer a ResponseProtocolError with
+  RESPONSE_VALIDATION_FAILED after the `error` hook, without checking for a killed flow, so the
+  hook cannot answer it in its place: StreamedErrors records the 502 for the access log).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError
+from mitmproxy.proxy.layers.http._events import ErrorCode, HttpEvent, RequestProtocolError, ResponseProtocolError
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 
 from ..addons.responses import matrix_error
@@ -66,12 +72,28 @@ def _answer(status: int, errcode: str, text: str) -> bytes:
     return bytes(http1.assemble_response(response))  # type: ignore[no-untyped-call]
 
 
+INVALID_WORKER_HEAD = (502, "M_UNKNOWN", "The server gave an invalid response.")
+
+
 class RouterHttp1Server(Http1Server):
     """mitmproxy's HTTP/1 server layer with the edge cases of the module docstring."""
 
     _preface_checked = False
     _body_timer: asyncio.TimerHandle | None = None
     _body_last = 0.0  # loop time of the last body bytes (or of the head)
+
+    def send(self, event: HttpEvent) -> Commands:
+        if (
+            isinstance(event, ResponseProtocolError)
+            and event.code == ErrorCode.RESPONSE_VALIDATION_FAILED
+            and self.response is None
+            and self.conn.state & ConnectionState.CAN_WRITE
+        ):
+            # mitmproxy refused the worker's head: a Matrix error in place of its HTML page.
+            yield commands.SendData(self.conn, _answer(*INVALID_WORKER_HEAD))
+            yield commands.CloseConnection(self.conn)
+            return
+        yield from super().send(event)
 
     def read_headers(self, event: events.ConnectionEvent) -> Commands:
         if not isinstance(event, events.DataReceived):

@@ -102,6 +102,20 @@ def head_relayable(reason: bytes, fields: Sequence[tuple[bytes, bytes]]) -> bool
     return _joined(fields) is not None and not reason.translate(None, _VALUE_BYTES)
 
 
+def head_bytes(reason: bytes, fields: Sequence[tuple[bytes, bytes]]) -> int:
+    """The size of a response head as written: status line, each `name: value` line, the
+    empty line (what a worker sent, give or take the whitespace a parser dropped)."""
+    return len(b"HTTP/1.1 200 \r\n\r\n") + len(reason) + sum(len(name) + len(value) + 4 for name, value in fields)
+
+
+def transfer_chunked(value: str) -> bool:
+    """Whether a response's Transfer-Encoding is exactly `chunked` (any case, spaces around it):
+    anything else (`gzip`, `gzip, chunked`) would reach the client still encoded or be read
+    until the worker closes; nginx answers such a worker 502 ("upstream sent unknown
+    Transfer-Encoding"), as the router-sent path does."""
+    return value.strip().lower() == "chunked"
+
+
 # What the router's own HTTP client writes (upstream_client.py): h11's rules for a field sent
 # (a name is a token; a value is visible characters and obs-text, with runs of spaces and tabs
 # only between them: no leading or trailing whitespace), and no other control byte either, as

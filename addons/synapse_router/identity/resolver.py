@@ -7,14 +7,18 @@ Keys are SHA-256 digests of the token (plus an appservice's `user_id`), never to
   timeouts or connection errors of main in a row, whoami is not asked for UNAVAILABLE_BACKOFF
   seconds, so a hung main process does not cost every new token `timeout` (meanwhile requests
   are routed by token hash). Only main's failures count: never a wait in the router's own
-  queue, nor anything the client sent.
+  queue, nor anything the client sent, nor the event loop's own lateness: a timeout counts only
+  if the call had at least half the timeout beyond the worst lateness of the loop's timers
+  while it ran (looplag.py; a flood that saturates the loop delays the read of whoami's answer
+  and the deadline's timer alike, which says nothing about main).
 - Bounded, so that clients cannot steer it: a request waits for its user at most `timeout`,
   queueing included, under one deadline over the slot and the whole call (httpx's timeout
   bounds each phase of a call, not the call); the event loop acts on it as soon as it gets
   its turn (late by a turn when a flood keeps it busy); at most `max_in_flight` calls run at
-  once; calls for tokens the cache does not know are rate-limited for the process and per
-  client address, and beyond that a request is routed by its token's hash (source LIMITED)
-  without a call.
+  once, and at most `max_in_flight_per_client` for one client address (so one address sending
+  new tokens cannot hold every slot); calls for tokens the cache does not know are rate-limited
+  for the process and per client address, and beyond these a request is routed by its token's
+  hash (source LIMITED) at once, without a call or a wait.
 - Concurrent first requests of one token share one whoami call: in one process through a
   future per token; across processes through the shared cache (`whoami.redis`), where the
   process that claims the token asks whoami and the others wait for its answer, at most the
@@ -37,6 +41,7 @@ import httpx
 from cachetools import TTLCache
 
 from ..config import WhoamiConfig
+from .looplag import LoopLag
 from .ratelimit import NewTokenLimiter
 from .sharedcache import REJECTED, Claim, SharedCache
 
@@ -59,7 +64,7 @@ class Source(StrEnum):
     COALESCED = "coalesced"  # waited for another request's whoami call
     NEGATIVE = "negative"  # Synapse rejected the token (now or recently, cached)
     UNRESOLVED = "unresolved"  # whoami failed or took too long: routed by token hash
-    LIMITED = "limited"  # over the new-token rate limit: routed by token hash, no call
+    LIMITED = "limited"  # over a new-token limit (rate, or calls per client): routed by token hash, no call
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,15 @@ class TokenRejected(Exception):
 WhoamiCall = Callable[[str, str | None, str | None, str, float], Awaitable[str]]
 
 
+class _Users(TTLCache[bytes, str]):
+    """The token -> user cache; a missing key reads as None instead of raising KeyError:
+    under a flood of new tokens every lookup misses, and cachetools raised and caught
+    KeyError three times per miss (about half the cost of the cache lookup, py-spy)."""
+
+    def __missing__(self, key: bytes) -> str | None:  # type: ignore[override]
+        return None
+
+
 class IdentityResolver:
     def __init__(
         self,
@@ -94,12 +108,14 @@ class IdentityResolver:
         self.shared = shared
         self._background: set[asyncio.Task[None]] = set()  # shared-cache writes in flight
         self._clock = clock
-        self.users: TTLCache[bytes, str] = TTLCache(config.cache_size, config.cache_ttl, timer=clock)
+        self.users: TTLCache[bytes, str] = _Users(config.cache_size, config.cache_ttl, timer=clock)
         self.rejected: TTLCache[bytes, bool] = TTLCache(
             max(1, min(config.cache_size, 10_000)), max(config.negative_ttl, 1e-9), timer=clock
         )
         self._in_flight: dict[bytes, asyncio.Future[Resolution]] = {}
         self._slots = asyncio.Semaphore(config.max_in_flight)
+        self._per_client: dict[str, int] = {}  # client address -> its calls in flight (slot wait included)
+        self.lag = LoopLag(clock=clock)
         self.limiter = NewTokenLimiter(
             config.new_token_rate,
             config.new_token_burst,
@@ -112,10 +128,9 @@ class IdentityResolver:
 
     def cached(self, key: bytes) -> Resolution | None:
         """The answer without waiting, if one is known."""
-        try:
-            return Resolution(self.users[key], Source.CACHE)  # not .get(): one lookup on this hot path
-        except KeyError:
-            pass
+        user: str | None = self.users[key]  # None when missing (_Users); not .get(): one lookup
+        if user is not None:
+            return Resolution(user, Source.CACHE)
         if self.config.negative_ttl > 0 and key in self.rejected:
             return Resolution(None, Source.NEGATIVE)
         return None
@@ -132,8 +147,11 @@ class IdentityResolver:
             return Resolution(result.user_id, Source.COALESCED if result.user_id else result.source)
         if self._clock() < self._unavailable_until:
             return Resolution(None, Source.UNRESOLVED)
-        if not self.limiter.allow(client_ip):
+        # Checked before the rate limit, so a request refused here costs its client no token.
+        calls = self._per_client.get(client_ip, 0)
+        if calls >= self.config.max_in_flight_per_client or not self.limiter.allow(client_ip):
             return Resolution(None, Source.LIMITED)
+        self._per_client[client_ip] = calls + 1
         future: asyncio.Future[Resolution] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         deadline = self._clock() + self.config.timeout
@@ -145,6 +163,15 @@ class IdentityResolver:
             if not future.done():  # cancelled mid-call: waiters get a fallback answer
                 future.set_result(Resolution(None, Source.UNRESOLVED))
             del self._in_flight[key]
+            left = self._per_client[client_ip] - 1
+            if left:
+                self._per_client[client_ip] = left
+            else:
+                del self._per_client[client_ip]
+
+    def calls_of(self, client_ip: str) -> int:
+        """The whoami calls in flight (or waiting for a slot) for one client address."""
+        return self._per_client.get(client_ip, 0)
 
     async def _ask(
         self, key: bytes, token: str, as_user: str | None, user_agent: str | None, client_ip: str, deadline: float
@@ -195,16 +222,19 @@ class IdentityResolver:
         process; returns the resolution and what to tell the other processes (value and TTL)."""
         unresolved = Resolution(None, Source.UNRESOLVED), None
         budget = 0.0  # what the call had left of the deadline when it started (0: no call yet)
+        started = 0.0
         # One deadline over the slot and the whole call: httpx's timeout bounds each of its
         # phases (pool, connect, write, every read) separately, so a call given 0.5 s could take
         # several times that; a slow or trickling main, or a busy event loop, must not stretch a
         # request's wait beyond `timeout`.
         limit = asyncio.timeout(max(0.0, deadline - self._clock()))
+        self.lag.watch()
         try:
             async with limit:
                 await self._slots.acquire()
                 try:
-                    budget = deadline - self._clock()
+                    started = self._clock()
+                    budget = deadline - started
                     if budget <= 0:
                         return unresolved
                     user = await self._call(token, as_user, user_agent, client_ip, budget)
@@ -215,7 +245,8 @@ class IdentityResolver:
                 raise
             # The deadline passed waiting for a slot (the router's queue, not main) or in the call.
             if budget > 0:
-                self._call_failed(httpx.TimeoutException("whoami deadline"), budget)
+                late = max(0.0, self._clock() - deadline)  # how late the deadline's own timer ran
+                self._call_failed(httpx.TimeoutException("whoami deadline"), budget, self._lateness(started, late))
             return unresolved
         except TokenRejected:
             if self.config.negative_ttl > 0:
@@ -223,31 +254,46 @@ class IdentityResolver:
                 return Resolution(None, Source.NEGATIVE), (REJECTED, self.config.negative_ttl)
             return Resolution(None, Source.NEGATIVE), None
         except (WhoamiError, httpx.HTTPError) as e:
-            self._call_failed(e, budget)
+            self._call_failed(e, budget, self._lateness(started, 0.0))
             return unresolved
         except Exception as e:  # a bug must not cost the request its routing, nor print a token
             log.warning(f"synapse-router: whoami call failed: {type(e).__name__}")
             return unresolved
+        finally:
+            self.lag.unwatch()
         self._transport_failures = 0
         self.users[key] = user
         return Resolution(user, Source.WHOAMI), (user, self.config.cache_ttl)
 
-    def _call_failed(self, error: Exception, budget: float) -> None:
-        if self._main_failed(error, budget):
+    def _lateness(self, started: float, late: float) -> float:
+        """The event loop's worst lateness since the call started (`late`: a lateness seen
+        by the caller itself, e.g. the deadline's timer)."""
+        return max(late, self.lag.worst_since(started)) if started else late
+
+    def _call_failed(self, error: Exception, budget: float, lateness: float = 0.0) -> None:
+        if self._main_failed(error, budget, lateness):
             self._transport_failures += 1
             if self._transport_failures >= UNAVAILABLE_AFTER:
+                paused = self._clock() < self._unavailable_until
                 self._unavailable_until = self._clock() + UNAVAILABLE_BACKOFF
+                if not paused:
+                    log.warning(
+                        f"synapse-router: whoami paused for {UNAVAILABLE_BACKOFF:g} s: {self._transport_failures} "
+                        f"calls to main failed in a row (last: {type(error).__name__} with {budget:.2f} s of the "
+                        f"timeout left at its start, the event loop late by {lateness:.2f} s)"
+                    )
 
-    def _main_failed(self, error: Exception, budget: float) -> bool:
+    def _main_failed(self, error: Exception, budget: float, lateness: float = 0.0) -> bool:
         """Whether a failed call says main is down or hung: a connection error, or a timeout
-        of a call that had a fair share of the timeout (not one that started late in the
-        request's budget, nor a wait for one of the router's own connections)."""
+        of a call that had a fair share of the timeout beyond the event loop's lateness while
+        it ran (not one that started late in the request's budget, nor one the router's own
+        busy loop could not read in time, nor a wait for one of the router's own connections)."""
         if isinstance(error, httpx.NetworkError):
             return True
         return (
             isinstance(error, httpx.TimeoutException)
             and not isinstance(error, httpx.PoolTimeout)
-            and budget >= self.config.timeout / 2
+            and budget - lateness >= self.config.timeout / 2
         )
 
     def _in_background(self, work: Awaitable[None]) -> None:
