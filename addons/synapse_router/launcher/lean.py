@@ -55,9 +55,11 @@ from mitmproxy.utils import debug
 
 from ..addon import SynapseRouter
 from ..addons.isolation import report
+from ..config import RouterConfig, load_config
 from . import sdnotify
+from .applied import applied_loader
 from .childprocess import ChildSlot, SharedPortLoop, die_with_parent, ready_signal, replace
-from .commandline import PROG, apply_options, make_parser
+from .commandline import PROG, apply_options, make_parser, router_config_path
 from .signals import on_signal
 
 log = logging.getLogger(__name__)
@@ -165,20 +167,21 @@ class LeanMaster(master.Master):
         self.addons.invoke_addon_sync(self.router, hooks.ConfigureHook(keys))
 
 
-def serve(argv: Sequence[str], slot: ChildSlot | None = None) -> int:
-    """Run one router process until SIGINT/SIGTERM (`slot`: as a child of `--processes N`);
-    raises SystemExit(1) on a start-up error."""
+def serve(argv: Sequence[str], slot: ChildSlot | None = None, applied: str | None = None) -> int:
+    """Run one router process until SIGINT/SIGTERM (`slot`: as a child of `--processes N`,
+    `applied`: the file holding the configuration its parent applied, read instead of the
+    operator's router_config); raises SystemExit(1) on a start-up error."""
     if slot is None:
         asyncio.run(_serve(argv, None), loop_factory=SharedPortLoop)
         return 0
     die_with_parent(slot.parent_pid)
     # SIGHUP (reload) may be forwarded before the router installs its handler: do not die of it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    asyncio.run(_serve(argv, slot), loop_factory=SharedPortLoop)
+    asyncio.run(_serve(argv, slot, applied), loop_factory=SharedPortLoop)
     return 0
 
 
-async def _serve(argv: Sequence[str], slot: ChildSlot | None) -> None:
+async def _serve(argv: Sequence[str], slot: ChildSlot | None, applied: str | None = None) -> None:
     _configure_logging()
     debug.register_info_dumpers()  # type: ignore[no-untyped-call]
     opts = options.Options()
@@ -197,9 +200,13 @@ async def _serve(argv: Sequence[str], slot: ChildSlot | None) -> None:
         when_started.append(sdnotify.ready)  # systemd Type=notify
         if args.replace is not None:
             when_started.append(replace(args.replace))
+    load: Callable[[str], RouterConfig] = load_config
+    if applied is not None:
+        load = applied_loader(router_config_path(argv), applied)
+        lean.router.configuration.load_file = load
     loop = asyncio.get_running_loop()
     try:
-        apply_options(opts, parser, args)
+        apply_options(opts, parser, args, load)
         if isinstance(loop, SharedPortLoop):
             loop.share(opts, slot, lean.router)
         lean.configure_router()
