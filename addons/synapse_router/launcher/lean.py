@@ -29,11 +29,11 @@ ProxyAuth, UpstreamAuth, Onboarding, ClientPlayback/ServerPlayback, Save/SaveHar
 ScriptLoader (`-s`), ReadFile (`-r`), KeepServing, Browser, Comment, Cut, Export,
 CommandHistory (their options: commandline.py).
 
-mitmproxy internals this depends on (mitmproxy 12.3; tests/unit/test_mitmproxy_internals.py
-fails when an upgrade breaks one): `Master` (its `addons`, `options`, `with_termlog`,
-`_legacy_log_events`, and `run()` looking up the "errorcheck" addon and calling its `finish()`
-after the last start-up check); AddonManager's `chain`, `lookup`, `_iter_hooks()` and the
-`_configure_all` receiver it connects to `options.changed`; the addon classes above;
+mitmproxy internals this depends on (mitmproxy 12.3): the private ones in
+compat/addonmanager.py (`_iter_hooks()`, `_configure_all`, `_legacy_log_events`), run by
+tests/unit/test_compat_addonmanager.py; and, tested by tests/unit/test_mitmproxy_internals.py,
+`Master` (its `addons`, `options`, `with_termlog`, and `run()` looking up the "errorcheck"
+addon and calling its `finish()` after the last start-up check); the addon classes above;
 `tools.cmdline.mitmdump` and `tools.main.process_options` (mitmdump's argument handling,
 commandline.py); and the proxy's listening sockets being made by
 `loop.create_server(factory, host, port)` (childprocess.py).
@@ -55,6 +55,7 @@ from mitmproxy.utils import debug
 
 from ..addon import SynapseRouter
 from ..addons.isolation import report
+from ..compat.addonmanager import drop_legacy_log_events, hook_functions, swap_addon_manager
 from ..config import RouterConfig, load_config
 from . import sdnotify
 from .applied import applied_loader
@@ -126,7 +127,7 @@ class HookCachingAddonManager(addonmanager.AddonManager):
     async def trigger_event(self, event: hooks.Hook) -> None:
         funcs = self._hooks.get(event.name)
         if funcs is None:
-            funcs = self._hooks[event.name] = [f for a in self.chain for _, f in self._iter_hooks(a, event)]
+            funcs = self._hooks[event.name] = hook_functions(self, event)
         args = event.args()
         for func in funcs:
             try:
@@ -147,15 +148,11 @@ class LeanMaster(master.Master):
     def __init__(self, opts: options.Options, on_started: Callable[[], None] | None = None) -> None:
         super().__init__(opts, with_termlog=True)
         # Swap in the caching manager, keeping what Master registered (TermLog) in it.
-        plain = self.addons
-        self.options.changed.disconnect(plain._configure_all)
-        self.addons = HookCachingAddonManager(self)
-        self.addons.chain, self.addons.lookup = plain.chain, plain.lookup
+        manager = HookCachingAddonManager(self)
+        swap_addon_manager(self, manager)
         self.router = SynapseRouter()
-        self.addons.add(*lean_addons(self.router, on_started))
-        # The deprecated `add_log` hook, for third-party scripts this launcher does not load:
-        # per log record it costs a hook dispatch and a byte in the event loop's self-pipe.
-        self._legacy_log_events.uninstall()
+        manager.add(*lean_addons(self.router, on_started))
+        drop_legacy_log_events(self)  # the deprecated `add_log` hook, for scripts not loaded here
 
     def configure_router(self) -> None:
         """Give the router every option once they are final, as mitmdump's ScriptLoader does for
