@@ -120,6 +120,7 @@ class ConnectionLimits:
         # shared with GracefulStop: one handler on the event loop for both (loopfilters.py)
         self.loop_filters = loop_filters if loop_filters is not None else LoopExceptionFilters()
         self._conns: dict[str, _Conn] = {}  # client connection id -> state, for admitted clients
+        self.body_watch = compat_http1.BodyWatch(self.config.body_timeout, self.body_timed_out)
         self._nofile: int | None = None
         self._nofile_raised = False
         self._warned: int | None = None  # the max_connections last warned about
@@ -178,16 +179,15 @@ class ConnectionLimits:
     def use(self, config: LimitsConfig) -> None:
         """Switch to a configuration; running timers keep their deadlines."""
         self.config = config
-        compat_http1.BODY_WATCH.timeout = config.body_timeout  # for bodies from now on
+        self.body_watch.timeout = config.body_timeout  # for bodies from now on
         self._check_fd_budget()
 
     # --- lifecycle ---
 
     def load(self, loader: Any) -> None:
         self._raise_nofile()
-        compat_http1.install()  # request-side edge cases of mitmproxy's HTTP/1 layer (compat/http1.py)
-        compat_http1.BODY_WATCH.timeout = self.config.body_timeout
-        compat_http1.BODY_WATCH.on_timeout = self.body_timed_out
+        # request-side edge cases of mitmproxy's HTTP/1 layer, bodies watched by this instance
+        compat_http1.install(self.body_watch)
 
     def _raise_nofile(self) -> None:
         if not self._nofile_raised:
@@ -239,7 +239,7 @@ class ConnectionLimits:
             return
         conn.deadline = None  # in flight: no timeout (the timer, if it fires, finds none)
         conn.flows.add(flow.id)
-        conn.body_flow = flow  # answered 408 if its body stalls (compat_http1.BODY_WATCH)
+        conn.body_flow = flow  # answered 408 if its body stalls (self.body_watch)
         request = flow.request
         size = header_block_size(
             request.method, request.authority + request.path, request.http_version, request.headers.fields
@@ -315,7 +315,7 @@ class ConnectionLimits:
         _close(io, reason)
 
     def body_timed_out(self, client_id: str) -> None:
-        """No byte of the request body in flight for body_timeout seconds (compat_http1.BODY_WATCH):
+        """No byte of the request body in flight for body_timeout seconds (self.body_watch):
         answer 408 if nothing was answered yet, mark the flow for the access log, and close."""
         conn = self._conns.get(client_id)
         io = client_io(client_id)
