@@ -445,10 +445,22 @@ def parse_config(text: str) -> RouterConfig:
 
 
 def load_config(path: str | Path) -> RouterConfig:
+    """Read, decode and parse a configuration file; every failure is a ConfigError."""
+    return read_config(path)[1]
+
+
+def read_config(path: str | Path) -> tuple[bytes, RouterConfig]:
+    """The file's bytes and the configuration they give; ConfigError if it cannot be read, is
+    not UTF-8 or is not a valid configuration (the one way every process reads a file)."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError((), f"cannot read {path}: {e.strerror or e}") from None
+    return raw, parse_config_bytes(raw, path)
+
+
+def parse_config_bytes(raw: bytes, path: str | Path) -> RouterConfig:
+    """parse_config for a file's bytes: a byte that is not UTF-8 is a ConfigError too."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

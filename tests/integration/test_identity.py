@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections import Counter
 
@@ -189,3 +190,49 @@ def test_whoami_wait_is_bounded_by_the_timeout_even_when_main_keeps_sending(
         time.sleep(0.05)
     (line,) = [json.loads(raw) for raw in log.read_text().splitlines()]
     assert (line["route"], line["identity"], line["key_kind"]) == ("sync", "unresolved", "token")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"debug_headers": True},  # an unrelated key
+        {"whoami": {"timeout": 9}},
+        {"whoami": {"timeout": 9, "url": "MAIN", "max_in_flight": 8, "new_tokens": {"rate": 50}}},
+    ],
+    ids=["unrelated-key", "whoami-timeout", "whoami-url-and-limits"],
+)
+def test_a_reload_keeps_the_identity_cache(fleet: Fleet, start_router, change: dict) -> None:
+    """A reload that changes other keys, or whoami's URL, timeout and limits, keeps every cached
+    token -> user answer (Synapse's answer about a token does not depend on how it was asked):
+    the next request of a known token makes no whoami call and reaches the same sync worker
+    (the whole cache used to be dropped on a whoami change)."""
+    fleet.add("main", whoami=_users(4))
+    for name in SYNC_WORKERS:
+        fleet.add(name)
+    config: dict = {"workers": {"sync": [fleet[n].url for n in SYNC_WORKERS]}, "whoami": {"timeout": 10}}
+    router = start_router(fleet["main"].url, config)
+    tokens = [f"tok_{user}_0" for user in range(4)]
+    with httpx.Client(base_url=router.url, timeout=10) as client:
+        before = {
+            token: served(client.get("/_matrix/client/v3/sync?since=1", headers={"Authorization": f"Bearer {token}"}))[
+                "server"
+            ]
+            for token in tokens
+        }
+        assert fleet["main"].stats()["whoami_calls"] == len(tokens)
+        changed = json.loads(json.dumps(change).replace('"MAIN"', json.dumps(fleet["main"].url)))
+        config = {**config, **changed}
+        router.config_path.write_text(json.dumps(config))
+        loaded = router.log().count("synapse-router: loaded")
+        router.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while router.log().count("synapse-router: loaded") == loaded:
+            assert time.monotonic() < deadline, router.log()
+            time.sleep(0.05)
+        for token in tokens:
+            auth = {"Authorization": f"Bearer {token}"}
+            assert served(client.get("/_matrix/client/v3/sync?since=2", headers=auth))["server"] == before[token]
+        assert fleet["main"].stats()["whoami_calls"] == len(tokens)
+        unknown = served(client.get("/_matrix/client/v3/sync?since=1", headers={"Authorization": "Bearer tok_0_1"}))
+        assert unknown["server"] == before["tok_0_0"]  # a new token of a known user: asked, same worker
+        assert fleet["main"].stats()["whoami_calls"] == len(tokens) + 1

@@ -419,9 +419,13 @@ def test_processes_reload_of_a_bad_file_keeps_everything_serving(
     children = _both_serving(router)
     _wait_for(lambda: _answers(f"http://127.0.0.1:{metrics}/health"), 30, "merged /health served")
 
+    loaded = router.log().count("synapse-router: loaded")
     router.config_path.write_bytes(content)
     router.proc.send_signal(signal.SIGHUP)
-    _wait_for(lambda: router.log().count("keeping the running configuration") >= 2, 30, "both children refuse it")
+    # The parent, the one reader of the file, refuses it; the children are not asked to reload.
+    _wait_for(
+        lambda: "keeping the running configuration (of the parent and its 2 processes)" in router.log(), 30, "refused"
+    )
     assert said in router.log()
     time.sleep(1)  # the parent acts on its own thread: give it the time to do something wrong
     assert router.proc.poll() is None, router.log()
@@ -430,6 +434,7 @@ def test_processes_reload_of_a_bad_file_keeps_everything_serving(
     assert _answers(f"http://127.0.0.1:{metrics}/metrics")
     with httpx.Client(base_url=router.url, timeout=30) as client:
         assert served(client.get("/_matrix/client/versions"))["server"] == "reader"
+    assert router.log().count("synapse-router: loaded") == loaded  # no process reloaded anything
 
     config["metrics"] = {"listen": f"127.0.0.1:{metrics + 3}"}
     router.config_path.write_text(yaml.safe_dump(config))
@@ -468,3 +473,49 @@ def test_processes_reload_to_a_busy_port_keeps_the_merged_endpoint(fleet: Fleet,
             for labels, value in _samples(f"http://127.0.0.1:{metrics}/metrics", "synapse_router_process_up")
         }
         assert up == {"1": 1.0, "2": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("edit", "content"),
+    [
+        ("valid", None),  # a good file, not yet reloaded: reader2 instead of reader
+        ("not-utf8", b"# caf\xe9: a Latin-1 comment\nworkers: {}\n"),
+        ("yaml-typo", b"workers: {\n  sync: [\n"),
+    ],
+)
+def test_a_restarted_process_runs_the_configuration_its_siblings_run(
+    fleet: Fleet, start: StartFn, edit: str, content: bytes | None
+) -> None:
+    """A child restarted after it died loads the configuration the parent applied (at start or
+    at the last SIGHUP), not the file as it is on disk: after an edit not yet reloaded it runs
+    what its siblings run (it used to run the new file alone), and with a file that does not
+    parse it starts (it used to crash-loop). The next SIGHUP applies the file to every process."""
+    fleet.add("main")
+    fleet.add("reader")
+    fleet.add("reader2")
+    metrics = _ports_below_ephemeral_range(3)
+    config = {"workers": {"client_reader": [fleet["reader"].url]}, "metrics": {"listen": f"127.0.0.1:{metrics}"}}
+    router = start(fleet["main"].url, config, ["--processes", "2"], wait=False)
+    before = _both_serving(router)
+    edited = {"workers": {"client_reader": [fleet["reader2"].url]}, "metrics": config["metrics"]}
+    router.config_path.write_bytes(content if content is not None else yaml.safe_dump(edited).encode())
+    os.kill(before[1], signal.SIGKILL)
+    _wait_for(lambda: "restarted (pid" in router.log() or "in 1s" in router.log(), 60, "the replacement")
+    assert "restarted (pid" in router.log(), router.log()
+    after = _children(router.proc.pid)
+    replacement = next(pid for pid in after if pid != before[0])
+    slot = 2 if f"process 2/2 restarted (pid {replacement})" in router.log() else 1
+    wait_for_port(metrics + slot, router.proc, timeout=30)
+    for _ in range(40):  # new connections, spread over both processes by the kernel
+        with httpx.Client(base_url=router.url, timeout=30) as client:
+            assert served(client.get("/_matrix/client/versions"))["server"] == "reader"
+    assert _requests_total(f"http://127.0.0.1:{metrics + slot}/metrics") > 0  # the replacement served them too
+    assert router.log().count("restarting it") == 1, router.log()  # no crash loop
+
+    if content is None:  # SIGHUP: now every process runs the edited file
+        router.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: router.log().count("synapse-router: loaded") >= 5, 30, "both processes reloaded")
+        for _ in range(20):
+            with httpx.Client(base_url=router.url, timeout=30) as client:
+                assert served(client.get("/_matrix/client/versions"))["server"] == "reader2"
+    assert "Traceback" not in router.log()

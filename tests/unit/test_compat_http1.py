@@ -196,34 +196,56 @@ def test_mitmproxy_still_fails_on_request_trailers() -> None:
 def test_install_makes_http_layer_build_the_router_server_layer() -> None:
     original = http_layers.Http1Server
     try:
+        watch = http1.BodyWatch(5.0)
         http1.install()
-        http1.install()  # idempotent
-        assert http1.installed()
+        http1.install(watch)  # installing again replaces the watch
+        installed = http1.installed()
+        assert installed is not None and installed.body_watch is watch
         context = Context(tflow.tclient_conn(), options.Options())
         context.layers = []
         layer = HttpLayer(context, HTTPMode.transparent)
         context.layers.append(layer)
         list(layer.handle_event(events.Start()))
-        assert type(layer.connections[context.client]) is http1.RouterHttp1Server
+        built = layer.connections[context.client]
+        assert type(built) is installed and isinstance(built, http1.RouterHttp1Server)
+        assert built.body_watch is watch
     finally:
         http_layers.Http1Server = original  # type: ignore[misc]
+    # restored to what it was (an earlier test's ConnectionLimits may have installed its own)
+    assert http_layers.Http1Server is original
+
+
+def test_each_connection_limits_instance_owns_its_body_watch() -> None:
+    """The body timeout is the ConnectionLimits instance's state, not the module's: two
+    instances (two routers in one process, a test's) each hold their own."""
+    from synapse_router.addons.connection_limits import ConnectionLimits
+    from synapse_router.edge.limits import LimitsConfig
+
+    first, second = ConnectionLimits(None, LimitsConfig(body_timeout=5)), ConnectionLimits(None)
+    first.use(LimitsConfig(body_timeout=7))
+    assert first.body_watch.timeout == 7 and second.body_watch.timeout == 60
+    assert first.body_watch.on_timeout == first.body_timed_out
+    assert not hasattr(http1, "BODY_WATCH")
 
 
 # --- the body watch (limits.body_timeout) ---
 
 
+class Watched(http1.RouterHttp1Server):
+    """The layer as `install(watch)` makes it, with a watch of 1 s that notes the stalls."""
+
+    stalled: list[str] = []
+    body_watch = http1.BodyWatch(1.0, stalled.append)
+
+
 @pytest.fixture
 def watch() -> Any:
-    saved = (http1.BODY_WATCH.timeout, http1.BODY_WATCH.on_timeout)
-    stalled: list[str] = []
-    http1.BODY_WATCH.timeout = 1.0
-    http1.BODY_WATCH.on_timeout = stalled.append
-    yield stalled
-    http1.BODY_WATCH.timeout, http1.BODY_WATCH.on_timeout = saved
+    Watched.stalled.clear()
+    yield Watched.stalled
 
 
 async def test_a_stalled_body_is_reported_once_its_timeout_passed(watch: list[str]) -> None:
-    layer = start(http1.RouterHttp1Server)
+    layer = start(Watched)
     feed(layer, HEAD + b"Content-Length: 10\r\n\r\n{")
     assert watch == [] and layer._body_timer is not None
     await asyncio.sleep(1.5)
@@ -231,7 +253,7 @@ async def test_a_stalled_body_is_reported_once_its_timeout_passed(watch: list[st
 
 
 async def test_a_body_that_keeps_coming_is_not_reported(watch: list[str]) -> None:
-    layer = start(http1.RouterHttp1Server)
+    layer = start(Watched)
     feed(layer, HEAD + b"Content-Length: 12\r\n\r\n")
     for byte in b"{}          ":  # 12 bytes, 0.15 s apart: 1.8 s in all, over the timeout
         await asyncio.sleep(0.15)
@@ -241,7 +263,7 @@ async def test_a_body_that_keeps_coming_is_not_reported(watch: list[str]) -> Non
 
 
 async def test_a_request_without_a_body_sets_no_timer(watch: list[str]) -> None:
-    layer = start(http1.RouterHttp1Server)
+    layer = start(Watched)
     feed(layer, GET)
     assert layer._body_timer is None
 

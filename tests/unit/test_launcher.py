@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
+from synapse_router.config import ConfigError
+from synapse_router.launcher.applied import AppliedConfig, applied_loader
 from synapse_router.launcher.childprocess import ChildSlot
-from synapse_router.launcher.commandline import last_value, metrics_listen, without_processes
+from synapse_router.launcher.commandline import last_value, metrics_listen, router_config_path, without_processes
 from synapse_router.launcher.supervisor import exit_description, restart_delay
 
 
@@ -56,3 +59,44 @@ def test_metrics_listen_from_the_router_config_on_a_command_line(tmp_path: Path)
     assert metrics_listen([f"--set=router_config={good}"]) == "127.0.0.1:9300"
     assert metrics_listen(["--set", f"router_config={good}", "--set", f"router_config={bad}"]) is None
     assert metrics_listen(["-q"]) is None
+
+
+def test_the_applied_configuration_is_the_last_good_file(tmp_path: Path) -> None:
+    """AppliedConfig (launcher/applied.py): the parent's one source. A valid file's exact bytes
+    become the file the children read (mode 0600, in a private directory); a YAML error, a
+    byte that is not UTF-8 or a missing file is a ConfigError and leaves the applied one."""
+    operator = tmp_path / "router.yaml"
+    good = b"workers: {}\nmetrics:\n  listen: 127.0.0.1:9300\n"
+    operator.write_bytes(good)
+    applied = AppliedConfig(str(operator))
+    try:
+        assert applied.refresh().metrics_listen == "127.0.0.1:9300"
+        assert Path(applied.file).read_bytes() == good
+        assert Path(applied.file).stat().st_mode & 0o777 == 0o600
+        assert Path(applied.file).parent.stat().st_mode & 0o777 == 0o700
+        for bad, words in (
+            (b"# caf\xe9\nworkers: {}\n", "not UTF-8"),
+            (b"workers: {\n", "invalid YAML"),
+            (b"workers:\n  sync:\n    - htp://x:1\n", "workers.sync[0]"),
+        ):
+            operator.write_bytes(bad)
+            with pytest.raises(ConfigError, match=re.escape(words)):
+                applied.refresh()
+            assert Path(applied.file).read_bytes() == good
+            assert applied.config is not None and applied.config.metrics_listen == "127.0.0.1:9300"
+        operator.unlink()
+        with pytest.raises(ConfigError, match="cannot read"):
+            applied.refresh()
+        load = applied_loader(str(operator), applied.file)
+        assert load(str(operator)).metrics_listen == "127.0.0.1:9300"  # the operator's path: the applied file
+        other = tmp_path / "other.yaml"
+        other.write_text("workers: {}\n")
+        assert load(str(other)).metrics_listen is None  # any other path: read as it is
+    finally:
+        applied.close()
+    assert not Path(applied.file).parent.exists()
+
+
+def test_router_config_path_of_a_command_line() -> None:
+    assert router_config_path(["-q", "--set", "router_config=/a.yaml", "--set=router_config=/b.yaml"]) == "/b.yaml"
+    assert router_config_path(["--set", "flow_detail=1"]) == ""

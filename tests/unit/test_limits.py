@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -15,9 +13,6 @@ from mitmproxy import connection, options
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import server
-from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers.http import HttpLayer, HTTPMode
-from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.server_hooks import ClientConnectedHook, ClientDisconnectedHook
 from mitmproxy.test import taddons, tflow, tutils
 from synapse_router.addons.connection_limits import ConnectionLimits
@@ -341,30 +336,6 @@ async def test_lean_launcher_dispatches_the_sub_addon_hooks() -> None:
         assert limits.client_connected in hooks
     finally:
         await lean.done()
-
-
-# --- the mitmproxy internals addons/connection_limits.py relies on (see "mitmproxy internals" there) ---
-
-
-def test_mitmproxy_internals_still_there() -> None:
-    """Fails when a mitmproxy upgrade removes or renames what ConnectionLimits reaches into."""
-    assert isinstance(Proxyserver().connections, dict)
-    assert {f.name for f in dataclasses.fields(server.ConnectionIO)} >= {"handler", "reader", "writer"}
-    handle_client = inspect.getsource(server.ConnectionHandler.handle_client)
-    assert "ClientConnectedHook" in handle_client and "if self.client.error" in handle_client
-    assert handle_client.index("ClientConnectedHook") < handle_client.index("handle_connection")
-    assert "reader.read(" in inspect.getsource(server.ConnectionHandler.handle_connection)
-    assert "self.transports" in inspect.getsource(server.ConnectionHandler.__init__)
-    assert "handler.cancel(" in inspect.getsource(server.ConnectionHandler.on_timeout)
-    context = Context(_client(), options.Options())
-    layer = HttpLayer(context, HTTPMode.regular)
-    assert isinstance(layer.connections, dict) and isinstance(context.layers, list)
-    http1_server = Http1Server(context)
-    assert hasattr(http1_server, "buf") and callable(http1_server.read_headers)
-    assert hasattr(http1_server.buf, "maybe_extract_at_most")
-    assert "FIXME: protect against header size DoS" in inspect.getsource(Http1Server.read_headers), (
-        "mitmproxy may now limit header size itself: revisit connection_limits._HeadGuard"
-    )
 
 
 def test_listen_backlog() -> None:

@@ -1,4 +1,5 @@
-"""How many connections the router accepts per wake-up of a listening socket (listen_backlog.py)."""
+"""How many connections the router accepts per wake-up of a listening socket (listen_backlog.py,
+with compat/listening.py's accept_per_wakeup run against the installed CPython's asyncio)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import asyncio
 import socket
 import subprocess
 
-from synapse_router.addons.listen_backlog import accept_count, accept_per_wakeup
+from synapse_router.addons.listen_backlog import accept_count
+from synapse_router.compat.listening import accept_per_wakeup
 
 QUEUED = 300
 

@@ -16,12 +16,11 @@ from typing import Any
 import pytest
 from mitmproxy import addonmanager, exceptions, hooks, log, master, options, optmanager
 from mitmproxy.addons import core, disable_h2c, dumper, errorcheck, next_layer, proxyserver, termlog, tlsconfig
-from mitmproxy.proxy import mode_servers
 from mitmproxy.proxy.layers.http import HttpResponseHook
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.tools import cmdline
 from mitmproxy.tools import main as mitmproxy_main
-from mitmproxy.utils import asyncio_utils, debug
+from mitmproxy.utils import debug
 from synapse_router.addons.isolation import isolate_hooks
 from synapse_router.launcher.childprocess import SharedPortLoop
 from synapse_router.launcher.lean import HookCachingAddonManager, LeanMaster, StartupCheck
@@ -92,26 +91,6 @@ def test_addon_manager_methods_the_caching_manager_overrides_or_calls() -> None:
     assert params(manager.invoke_addon_sync) == ["self", "addon", "event"]
     assert params(manager.trigger_event) == ["self", "event"]
     assert inspect.iscoroutinefunction(manager.trigger_event)
-    assert params(manager._iter_hooks) == ["self", "addon", "event"]
-
-
-def test_addon_manager_iter_hooks_yields_addon_and_function_including_sub_addons() -> None:
-    class Sub:
-        def running(self) -> None:
-            pass
-
-    class Parent:
-        def __init__(self) -> None:
-            self.sub = Sub()
-            self.addons = [self.sub]
-
-        def running(self) -> None:
-            pass
-
-    parent = Parent()
-    manager = addonmanager.AddonManager(type("FakeMaster", (), {"options": options.Options()})())
-    found = list(manager._iter_hooks(parent, hooks.RunningHook()))
-    assert found == [(parent, parent.running), (parent.sub, parent.sub.running)]
 
 
 @pytest.mark.parametrize("manager_class", [addonmanager.AddonManager, HookCachingAddonManager])
@@ -259,13 +238,6 @@ def test_option_manager_functions() -> None:
 # --- listening sockets (SharedPortLoop) ---
 
 
-def test_proxy_listeners_are_made_by_asyncio_start_server() -> None:
-    listen = source(mode_servers.AsyncioServerInstance.listen)
-    assert "asyncio.start_server(self.handle_stream, host, port)" in listen
-    assert mode_servers.ReverseInstance.listen is mode_servers.AsyncioServerInstance.listen
-    assert "loop.create_server(factory, host, port" in source(asyncio.start_server)
-
-
 def test_shared_port_loop_sets_so_reuseport_on_a_start_server_socket() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -285,49 +257,6 @@ def test_shared_port_loop_sets_so_reuseport_on_a_start_server_socket() -> None:
         assert all(loop.run_until_complete(listen()))
     finally:
         loop.close()
-
-
-def test_create_task_keeps_a_reference() -> None:
-    assert params(asyncio_utils.create_task) == ["coro", "name", "keep_ref", "client"]
-    assert "_KEEP_ALIVE.add(" in source(asyncio_utils.create_task)
-
-
-def test_asyncio_server_instances_keep_their_servers_in_a_list() -> None:
-    # addons/listen_backlog.py raises the backlog of the sockets in `_servers`.
-    from mitmproxy.proxy import mode_servers
-
-    source = inspect.getsource(mode_servers.AsyncioServerInstance)
-    assert "self._servers = []" in source and "self._servers = await self.listen(" in source
-    assert hasattr(mode_servers.AsyncioServerInstance, "listen")
-
-
-def test_graceful_stop_internals() -> None:
-    # addons/graceful_stop.py: accepted connections are served by `handle_stream(reader, writer)`,
-    # registered in the Proxyserver's `connections`, and asyncio.Server.close only stops listening.
-    assert params(mode_servers.ServerInstance.handle_stream)[:3] == ["self", "reader", "writer"]
-    assert "self.manager.register_connection(" in source(mode_servers.ServerInstance.handle_stream)
-    assert isinstance(proxyserver.Proxyserver().connections, dict)
-    assert "self._servers" in source(mode_servers.AsyncioServerInstance._stop)
-
-
-def test_asyncio_servers_accept_per_wakeup_as_listen_backlog_sets_it() -> None:
-    # addons/listen_backlog.py registers the accept handler again with a larger count
-    # (tests/unit/test_listen_backlog.py checks the effect): the asyncio internals it uses.
-    from asyncio import base_events, selector_events
-
-    assert params(selector_events.BaseSelectorEventLoop._accept_connection) == [
-        "self", "protocol_factory", "sock", "sslcontext", "server", "backlog",
-        "ssl_handshake_timeout", "ssl_shutdown_timeout",
-    ]  # fmt: skip
-    assert "self._add_reader(sock.fileno(), self._accept_connection," in source(
-        selector_events.BaseSelectorEventLoop._start_serving
-    )
-    server_init = source(base_events.Server.__init__)
-    for attribute in ("_loop", "_sockets", "_protocol_factory", "_ssl_context"):
-        assert f"self.{attribute} = " in server_init
-    assert "self._ssl_handshake_timeout" in server_init and "self._ssl_shutdown_timeout" in server_init
-    # mitmproxy makes its servers with asyncio's default backlog (and accept count) of 100
-    assert "asyncio.start_server(self.handle_stream, host, port)" in inspect.getsource(mode_servers)
 
 
 def test_a_flow_killed_in_the_error_hook_gets_no_error_page() -> None:

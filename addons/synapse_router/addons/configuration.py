@@ -34,6 +34,9 @@ class Configuration:
     def __init__(self, state: RouterState, appliers: Sequence[Applier]) -> None:
         self.state = state
         self.appliers = appliers
+        # How a path is read: the file itself; in a `--processes` child, the configuration its
+        # parent applied (launcher/applied.py) when the path is the operator's.
+        self.load_file: Callable[[str], RouterConfig] = load_config
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -47,7 +50,7 @@ class Configuration:
         if "router_config" in updated:
             path = ctx.options.router_config
             try:
-                self.apply(read(path), path)
+                self.apply(read(path, self.load_file), path)
             except ConfigError as e:
                 raise exceptions.OptionsError(f"router_config {path}: {e}") from e  # type: ignore[no-untyped-call]
         if "mode" in updated:
@@ -77,7 +80,7 @@ class Configuration:
         running configuration kept, whole."""
         path = self.state.config_path or ctx.options.router_config
         try:
-            self.apply(read(path), path)
+            self.apply(read(path, self.load_file), path)
         except ConfigError as e:
             log.error(f"synapse-router: reload of {path} failed, keeping the running configuration: {e}")
 
@@ -92,11 +95,11 @@ class Configuration:
         log.info(f"synapse-router: loaded {path}: pools {pools}, {len(config.routes)} custom route(s)")
 
 
-def read(path: str | None) -> RouterConfig:
+def read(path: str | None, load: Callable[[str], RouterConfig] = load_config) -> RouterConfig:
     if not path:
         log.warning("synapse-router: no router_config set: every request goes to the main process")
         return RouterConfig()
-    return load_config(path)
+    return load(path)
 
 
 def reverse_target(modes: Sequence[str]) -> Upstream | None:

@@ -2,24 +2,26 @@
 on client connections: header and keep-alive timers, oversized heads, the connection cap, and
 descriptor exhaustion that never floods the log.
 
-The mitmproxy internals it needs are in `client_io` and `_HeadGuard` (see there);
-tests/unit/test_limits.py fails if an upgrade removes them.
+The mitmproxy internals it needs (a live connection's reader, writer and task; the head
+mitmproxy's HTTP/1 layer holds) are in compat/connections.py, with behavioural tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mitmproxy import ctx, http
+from mitmproxy import http
 from mitmproxy.net.http import http1
-from mitmproxy.proxy.layers.http import HttpLayer
 
 from ..compat import http1 as compat_http1
+from ..compat.connections import HeadGuard as _HeadGuard
+from ..compat.connections import client_io
+from ..compat.connections import close_client as _close
+from ..compat.connections import unsent_bytes as _unsent_bytes
 from ..edge import clienterrors
 from ..edge.descriptors import raise_nofile_limit
 from ..edge.limits import (
@@ -118,6 +120,7 @@ class ConnectionLimits:
         # shared with GracefulStop: one handler on the event loop for both (loopfilters.py)
         self.loop_filters = loop_filters if loop_filters is not None else LoopExceptionFilters()
         self._conns: dict[str, _Conn] = {}  # client connection id -> state, for admitted clients
+        self.body_watch = compat_http1.BodyWatch(self.config.body_timeout, self.body_timed_out)
         self._nofile: int | None = None
         self._nofile_raised = False
         self._warned: int | None = None  # the max_connections last warned about
@@ -176,16 +179,15 @@ class ConnectionLimits:
     def use(self, config: LimitsConfig) -> None:
         """Switch to a configuration; running timers keep their deadlines."""
         self.config = config
-        compat_http1.BODY_WATCH.timeout = config.body_timeout  # for bodies from now on
+        self.body_watch.timeout = config.body_timeout  # for bodies from now on
         self._check_fd_budget()
 
     # --- lifecycle ---
 
     def load(self, loader: Any) -> None:
         self._raise_nofile()
-        compat_http1.install()  # request-side edge cases of mitmproxy's HTTP/1 layer (compat/http1.py)
-        compat_http1.BODY_WATCH.timeout = self.config.body_timeout
-        compat_http1.BODY_WATCH.on_timeout = self.body_timed_out
+        # request-side edge cases of mitmproxy's HTTP/1 layer, bodies watched by this instance
+        compat_http1.install(self.body_watch)
 
     def _raise_nofile(self) -> None:
         if not self._nofile_raised:
@@ -237,7 +239,7 @@ class ConnectionLimits:
             return
         conn.deadline = None  # in flight: no timeout (the timer, if it fires, finds none)
         conn.flows.add(flow.id)
-        conn.body_flow = flow  # answered 408 if its body stalls (compat_http1.BODY_WATCH)
+        conn.body_flow = flow  # answered 408 if its body stalls (self.body_watch)
         request = flow.request
         size = header_block_size(
             request.method, request.authority + request.path, request.http_version, request.headers.fields
@@ -313,7 +315,7 @@ class ConnectionLimits:
         _close(io, reason)
 
     def body_timed_out(self, client_id: str) -> None:
-        """No byte of the request body in flight for body_timeout seconds (compat_http1.BODY_WATCH):
+        """No byte of the request body in flight for body_timeout seconds (self.body_watch):
         answer 408 if nothing was answered yet, mark the flow for the access log, and close."""
         conn = self._conns.get(client_id)
         io = client_io(client_id)
@@ -355,101 +357,3 @@ class ConnectionLimits:
             self.metrics.observe_resource_error()
         self._fd_errors.hit()
         return True
-
-
-# --- mitmproxy internals (12.3) --------------------------------------------------------------
-# No public API closes an idle client connection or shows a head before it is complete. What
-# this relies on (tests/unit/test_limits.py fails if an upgrade removes it):
-#  - the Proxyserver addon ("proxyserver") keeps `connections`: client id -> ConnectionHandler;
-#  - a ConnectionHandler's `transports[handler.client]` is a ConnectionIO with the `handler`
-#    task reading the client, its `reader` (asyncio.StreamReader) and `writer`;
-#    cancelling that task closes the client cleanly (as mitmproxy's own tcp_timeout does);
-#  - the client's reader is only read after the `client_connected` hook has returned;
-#  - the HTTP/1 server layer (`layers.http._http1.Http1Server`) keeps the unparsed bytes of a
-#    head in `buf` while its `state` is `read_headers`; HttpLayer maps the client to it in
-#    `connections`, and the layer stack is `handler.layer.context.layers`.
-
-
-def _connection_handler(client_id: str) -> Any:
-    """The ConnectionHandler of a live client connection, or None."""
-    master = getattr(ctx, "master", None)
-    proxyserver = master.addons.get("proxyserver") if master is not None else None
-    return proxyserver.connections.get(client_id) if proxyserver is not None else None
-
-
-def client_io(client_id: str) -> Any:
-    """The ConnectionIO (task, reader, writer) of a live client connection, or None."""
-    handler = _connection_handler(client_id)
-    return handler.transports.get(handler.client) if handler is not None else None
-
-
-def _unsent_bytes(io: Any) -> int:
-    transport = getattr(io.writer, "transport", None)
-    return int(transport.get_write_buffer_size()) if transport is not None else 0
-
-
-def _close(io: Any, reason: str) -> None:
-    if io.handler is not None:
-        io.handler.cancel(f"synapse-router: {reason}")
-
-
-class _HeadGuard:
-    """Wraps a client's StreamReader: after each read it looks at what mitmproxy's HTTP/1 layer
-    holds of a head not yet complete, and once that exceeds the limit it answers 431 and
-    closes the connection (mitmproxy 12.3 buffers a head without limit until its blank line)."""
-
-    def __init__(self, reader: asyncio.StreamReader, handler: Any, limit: int, on_close: Callable[[str], None]):
-        self._reader = reader
-        self._handler_ref = weakref.ref(handler)  # the handler holds this reader: no cycle
-        self._limit = limit
-        self._on_close = on_close
-        self._http1: Any = None
-
-    @classmethod
-    def install(cls, client_id: str, limit: int, on_close: Callable[[str], None]) -> None:
-        handler = _connection_handler(client_id)
-        io = handler.transports.get(handler.client) if handler is not None else None
-        if io is None or not isinstance(io.reader, asyncio.StreamReader):
-            return
-        io.reader = cls(io.reader, handler, limit, on_close)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reader, name)
-
-    async def read(self, n: int = -1) -> bytes:
-        handler = self._handler_ref()
-        if handler is not None and self._head_bytes(handler) > self._limit:
-            self._answer_too_large(handler)
-            return b""  # mitmproxy sees the client close
-        return await self._reader.read(n)
-
-    def _head_bytes(self, handler: Any) -> int:
-        """Bytes of an incomplete head the client's HTTP/1 layer holds (0 when it reads a body
-        or is not HTTP/1)."""
-        if self._http1 is None:
-            for layer in handler.layer.context.layers:
-                if isinstance(layer, HttpLayer):
-                    self._http1 = layer.connections.get(handler.client)
-                    break
-            if self._http1 is None:
-                return 0
-        state = getattr(self._http1, "state", None)
-        if getattr(state, "__name__", None) != "read_headers":
-            return 0
-        return len(self._http1.buf)
-
-    def _answer_too_large(self, handler: Any) -> None:
-        client = handler.client
-        body = too_large_body(self._limit)
-        head = (
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-            b"connection: close\r\ncontent-length: %d\r\n"
-            % len(body)
-            + b"".join(f"{name}: {value}\r\n".encode() for name, value in CORS_HEADERS)
-            + b"\r\n"
-        )
-        io = handler.transports.get(client)
-        if io is not None and io.writer is not None and not io.writer.is_closing():
-            io.writer.write(head + body)
-        self._http1.buf.maybe_extract_at_most(len(self._http1.buf))  # drop it: nothing to log or parse
-        self._on_close(client.id)

@@ -11,9 +11,9 @@ told to shut down, which stops the health checks, whoami and the metrics listene
 `done` hooks. Under mitmdump this replaces mitmproxy's own SIGINT/SIGTERM handlers (which stop
 at once) in `running`.
 
-The mitmproxy internals it uses: the Proxyserver addon's `servers` (each instance's asyncio
-servers, listen_backlog.listening_servers), `connections`, and `ServerInstance.handle_stream`,
-the coroutine mitmproxy runs for each accepted connection (tests/unit/test_mitmproxy_internals.py).
+The mitmproxy and asyncio internals it uses (each instance's asyncio servers, the connections
+mitmproxy registered, serving a connection accepted here, asyncio's retry on a closed listener)
+are in compat/listening.py and compat/connections.py.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from typing import Any
 from mitmproxy import ctx, http
 from mitmproxy.utils import asyncio_utils
 
+from ..compat.connections import open_connections
+from ..compat.listening import closed_listener_retry, listening_servers, serve_accepted
 from ..config import RouterConfig
 from ..edge.shutdown import ShutdownConfig, drained_line, grace_over_line, immediate_line, stopping_line
 from ..launcher.signals import on_signal
 from .connection_limits import ConnectionLimits
-from .listen_backlog import listening_servers
 from .state import RouterState
 
 log = logging.getLogger("synapse_router")
@@ -131,12 +132,11 @@ class GracefulStop:
 
     @staticmethod
     def _closed_listener_retry(context: dict[str, Any]) -> bool:
-        return isinstance(context.get("exception"), ValueError) and "._start_serving(" in context.get("message", "")
+        return closed_listener_retry(context)
 
     def _connections(self) -> int:
         """Client connections still open (or accepted while stopping and not yet registered)."""
-        proxyserver = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]
-        registered = len(proxyserver.connections) if proxyserver is not None else 0
+        registered = open_connections()
         return max(registered, sum(1 for task in self._handed_over if not task.done()))
 
     def _stop_listening(self) -> None:
@@ -154,7 +154,7 @@ class GracefulStop:
                     if transport_socket.type == socket.SOCK_STREAM:
                         for conn in _accept_waiting(transport_socket.fileno()):
                             task = asyncio_utils.create_task(
-                                _serve(instance, conn), name="connection accepted while stopping", keep_ref=True
+                                serve_accepted(instance, conn), name="connection accepted while stopping", keep_ref=True
                             )
                             self._handed_over.add(task)
                             task.add_done_callback(self._handed_over.discard)
@@ -176,13 +176,3 @@ def _accept_waiting(fileno: int) -> list[socket.socket]:
                 break
             accepted.append(conn)
     return accepted
-
-
-async def _serve(instance: Any, conn: socket.socket) -> None:
-    """Serve an accepted connection as mitmproxy serves those its own listener accepts."""
-    try:
-        reader, writer = await asyncio.open_connection(sock=conn)
-    except OSError:
-        conn.close()
-        return
-    await instance.handle_stream(reader, writer)

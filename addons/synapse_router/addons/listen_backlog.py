@@ -16,24 +16,23 @@ connections `limits.max_connections` still admits (at least asyncio's 100, as be
 beyond the limit are accepted to be closed at once), so a batch never runs the process out of
 descriptors that `2 x max_connections + 256` budgeted. Each turn empties the queue, and
 connections wait in the router (cheaply: a socket and a task) instead of in SYN back-off.
-That re-registration uses asyncio's selector loop internals (Python 3.12;
-tests/unit/test_mitmproxy_internals.py checks them); on another loop only the backlog is raised.
+That re-registration uses asyncio's selector loop internals (Python 3.12; compat/listening.py,
+run by tests/unit/test_listen_backlog.py); on another loop only the backlog is raised.
 After an accept failed for lack of descriptors, asyncio registers its own handler again with
 the count of that moment, until the servers are re-made.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
-from asyncio import selector_events
 from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx
 
+from ..compat.listening import accept_per_wakeup, listening_servers
 from ..config import RouterConfig
 from ..edge.limits import LimitsConfig
 
@@ -91,37 +90,3 @@ class ListenBacklog:
                     with socket.socket(fileno=os.dup(transport_socket.fileno())) as listening:
                         listening.listen(self.backlog)
                 accept_per_wakeup(server, lambda: accept_count(self.backlog, self.headroom()))
-
-
-def listening_servers(instance: Any) -> list[Any]:
-    """The asyncio servers of one of mitmproxy's server instances: its private `_servers`
-    (AsyncioServerInstance, mitmproxy 12.3; tests/unit/test_mitmproxy_internals.py checks it)."""
-    servers = getattr(instance, "_servers", None)
-    return list(servers) if isinstance(servers, list) else []
-
-
-def accept_per_wakeup(server: asyncio.Server, count: Callable[[], int]) -> bool:
-    """Make the event loop accept up to `count()` connections each time the listening sockets
-    of `server` (serving) are readable; asyncio fixes this at the backlog given when it started
-    serving (100 for mitmproxy's servers). False where the loop is not asyncio's selector loop."""
-    loop = getattr(server, "_loop", None)
-    if not isinstance(loop, selector_events.BaseSelectorEventLoop) or not server.is_serving():
-        return False
-    accept = loop._accept_connection  # type: ignore[attr-defined]
-
-    def on_readable(sock: socket.socket) -> None:
-        # asyncio's own handler, with the arguments Server._start_serving gave it except the count.
-        accept(
-            server._protocol_factory,  # type: ignore[attr-defined]
-            sock,
-            server._ssl_context,  # type: ignore[attr-defined]
-            server,
-            count(),
-            server._ssl_handshake_timeout,  # type: ignore[attr-defined]
-            server._ssl_shutdown_timeout,  # type: ignore[attr-defined]
-        )
-
-    for sock in server._sockets:  # type: ignore[attr-defined]
-        if sock.type == socket.SOCK_STREAM:
-            loop._add_reader(sock.fileno(), on_readable, sock)  # type: ignore[attr-defined]  # swaps the callback
-    return True

@@ -17,7 +17,7 @@ import logging
 
 from mitmproxy import ctx, tls
 
-from .connection_limits import client_io
+from ..compat.connections import client_io
 
 log = logging.getLogger("synapse_router.tls")
 

@@ -6,7 +6,7 @@ mitmproxy 12 has no hook to replace that page: `HttpStream.handle_protocol_error
 `error` hook and then hands the failure to the client's HTTP/1 layer, which writes the page
 (`_http1.make_error_response`) and closes the connection. So in the `error` hook the router
 writes its own answer on the client's connection (the same internals ConnectionLimits uses for
-its 431, see `connection_limits.client_io`) and kills the flow: for a killed flow mitmproxy
+its 431, see `compat/connections.py`) and kills the flow: for a killed flow mitmproxy
 closes the connection without a page. The connection is closed either way; an answer written
 while the client is still uploading is marked for the access log (`upload_cut`): closing with
 the rest of the upload unread resets the connection, and a client that writes its whole body
@@ -21,11 +21,11 @@ from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 
+from ..compat.connections import client_io
 from ..compat.http1 import INVALID_WORKER_HEAD
 from ..edge.upstream_client import MAX_HEAD
 from ..edge.wellformed import head_bytes, head_relayable, transfer_chunked
 from . import flowdata
-from .connection_limits import client_io
 from .responses import matrix_error, no_process_available, respond
 from .state import RouterState
 

@@ -37,6 +37,8 @@ class WhoamiIdentity:
         if current is not None and current.config == config.whoami:
             return lambda: None
         resolver = self._build(config.whoami)
+        if current is not None:
+            resolver.keep_answers(current)  # what stays right is kept (IdentityResolver.keep_answers)
 
         def switch() -> None:
             self.state.identity = resolver

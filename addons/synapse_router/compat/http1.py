@@ -15,8 +15,9 @@ its server layer from the name `Http1Server` in `mitmproxy.proxy.layers.http`):
   line, or waits); the flow's error says so (clienterrors.message), for the access log.
 - trailer fields after a chunked body are dropped (mitmproxy 12.3 raises NotImplementedError:
   no answer, the connection held until tcp_timeout).
-- a body that gets no byte for limits.body_timeout while it is read: BODY_WATCH.on_timeout
-  (ConnectionLimits answers 408 and closes; mitmproxy has no body timer, only tcp_timeout).
+- a body that gets no byte for limits.body_timeout while it is read: the BodyWatch given to
+  `install` (ConnectionLimits' own) calls its `on_timeout`, and ConnectionLimits answers 408
+  and closes (mitmproxy has no body timer, only tcp_timeout).
 - the HTTP/2 prior-knowledge preface (`PRI * HTTP/2.0`) is answered 505 like any other version
   (mitmproxy's DisableH2C kills it silently; the router answers HTTP/1 only).
 - a worker's response head that mitmproxy's HttpLayer refuses (`validate_inbound_headers`:
@@ -56,14 +57,11 @@ Commands = Generator[commands.Command, Any, None]
 
 @dataclass(slots=True)
 class BodyWatch:
-    """limits.body_timeout, set by ConnectionLimits: when a request body being read gets no
+    """limits.body_timeout, held by ConnectionLimits: when a request body being read gets no
     byte for `timeout` seconds, `on_timeout(client id)` answers and closes the connection."""
 
     timeout: float = 60.0
     on_timeout: Callable[[str], None] | None = None
-
-
-BODY_WATCH = BodyWatch()
 
 
 def _answer(status: int, errcode: str, text: str) -> bytes:
@@ -78,6 +76,7 @@ INVALID_WORKER_HEAD = (502, "M_UNKNOWN", "The server gave an invalid response.")
 class RouterHttp1Server(Http1Server):
     """mitmproxy's HTTP/1 server layer with the edge cases of the module docstring."""
 
+    body_watch: BodyWatch | None = None  # set on the class `install` makes; None: no body timer
     _preface_checked = False
     _body_timer: asyncio.TimerHandle | None = None
     _body_last = 0.0  # loop time of the last body bytes (or of the head)
@@ -154,13 +153,15 @@ class RouterHttp1Server(Http1Server):
     def _body_arrived(self) -> None:
         """Body bytes arrived and more are to come: a timer (one per body, moved only when it
         fires) checks that they keep coming; a request without a body never sets one."""
+        if self.body_watch is None:
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop: the layer driven by a unit test
             return
         self._body_last = loop.time()
         if self._body_timer is None:
-            self._body_timer = loop.call_at(self._body_last + BODY_WATCH.timeout, self._check_body)
+            self._body_timer = loop.call_at(self._body_last + self.body_watch.timeout, self._check_body)
 
     def _body_done(self) -> None:
         if self._body_timer is not None:
@@ -169,14 +170,15 @@ class RouterHttp1Server(Http1Server):
 
     def _check_body(self) -> None:
         self._body_timer = None
-        if self.state != self.read_body or not self.conn.state & ConnectionState.CAN_READ:
+        watch = self.body_watch
+        if watch is None or self.state != self.read_body or not self.conn.state & ConnectionState.CAN_READ:
             return
         loop = asyncio.get_running_loop()
-        due = self._body_last + BODY_WATCH.timeout
+        due = self._body_last + watch.timeout
         if loop.time() < due:
             self._body_timer = loop.call_at(due, self._check_body)
-        elif BODY_WATCH.on_timeout is not None:
-            BODY_WATCH.on_timeout(self.conn.id)
+        elif watch.on_timeout is not None:
+            watch.on_timeout(self.conn.id)
 
     def read_body(self, event: events.Event) -> Commands:
         """mitmproxy 12.3's read_body, but a framing error is answered, trailers dropped and
@@ -215,10 +217,15 @@ class RouterHttp1Server(Http1Server):
                 return
 
 
-def install() -> None:
-    """Make mitmproxy's HttpLayer build RouterHttp1Server for client connections (idempotent)."""
-    setattr(http_layers, "Http1Server", RouterHttp1Server)  # noqa: B010  (not an exported name)
+def install(watch: BodyWatch | None = None) -> None:
+    """Make mitmproxy's HttpLayer build RouterHttp1Server for client connections, its body
+    timer kept by `watch` (the caller's; None: no body timer). Installing again replaces the
+    watch (the last addon to load owns it)."""
+    layer = type("RouterHttp1Server", (RouterHttp1Server,), {"body_watch": watch})
+    setattr(http_layers, "Http1Server", layer)  # noqa: B010  (not an exported name)
 
 
-def installed() -> bool:
-    return getattr(http_layers, "Http1Server", None) is RouterHttp1Server
+def installed() -> type[RouterHttp1Server] | None:
+    """The layer class HttpLayer builds now, if it is one `install` made."""
+    layer = getattr(http_layers, "Http1Server", None)
+    return layer if isinstance(layer, type) and issubclass(layer, RouterHttp1Server) else None

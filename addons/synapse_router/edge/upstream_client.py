@@ -9,17 +9,17 @@ untouched both ways: no Accept-Encoding is added, nothing is decoded.
 Framing is h11's (the HTTP/1.1 library mitmproxy itself depends on), not ours: h11 writes the
 request head and parses the response's status line and header fields, decides its framing
 (Content-Length, chunked, close-delimited; none for HEAD, 204, 304) and reads its body. The
-pieces are the ones mitmproxy's own HTTP/1 layer uses (h11's receive buffer and body readers;
-mitmproxy pins h11's exact version), without h11's connection state machine: one request per
-exchange and nothing pipelined needs no state machine, and it cost more than half the client's
-instructions per exchange (docs/benchmarks.md). Every header the router writes is validated
-once, by `wellformed.fields_writable` (h11's own field rules and no control byte: no CR, LF or
-NUL can reach a worker, so a client cannot smuggle a second request onto a connection that other
-users' requests share); h11 then checks the method, the target, Host, Content-Length and
-Transfer-Encoding. A connection goes back to the pool only after a complete, well-framed
-exchange that leaves the connection open (no `Connection: close`, not HTTP/1.0, not
-close-delimited) with nothing unread, and is checked again before reuse: a worker that sent
-bytes nobody asked for is closed.
+pieces are the ones mitmproxy's own HTTP/1 layer uses (h11's receive buffer and body readers,
+private h11 names kept in compat/h11parts.py; mitmproxy pins h11's exact version), without h11's
+connection state machine: one request per exchange and nothing pipelined needs no state machine,
+and it cost more than half the client's instructions per exchange (docs/benchmarks.md). Every
+header the router writes is validated once, by `wellformed.fields_writable` (h11's own field
+rules and no control byte: no CR, LF or NUL can reach a worker, so a client cannot smuggle a
+second request onto a connection that other users' requests share); h11 then checks the method,
+the target, Host, Content-Length and Transfer-Encoding. A connection goes back to the pool only
+after a complete, well-framed exchange that leaves the connection open (no `Connection: close`,
+not HTTP/1.0, not close-delimited) with nothing unread, and is checked again before reuse: a
+worker that sent bytes nobody asked for is closed.
 
 Connections are kept alive per worker (an `asyncio.Protocol` per connection feeding h11, no
 stream layer in between); httpx on this path cost 1.1-2.4 ms of CPU per request, several
@@ -46,12 +46,10 @@ from functools import partial
 from typing import cast
 
 import h11
-from h11._readers import ChunkedReader, ContentLengthReader, Http10Reader
-from h11._receivebuffer import ReceiveBuffer
-from h11._writers import write_request
 from mitmproxy import http
 from mitmproxy.net.http import http1, validate
 
+from ..compat.h11parts import ChunkedReader, ContentLengthReader, Http10Reader, ReceiveBuffer, request_head
 from ..routing.retry import SAFE_METHODS
 from ..routing.upstream import Upstream
 from .connect import open_socket
@@ -455,15 +453,12 @@ def _request_bytes(
     if not fields_writable(fields):
         raise BadRequest("invalid header field")
     try:
-        # _parsed=True: h11 skips its per-field regexes (fields_writable applied the same rules
-        # and more), keeps every other check, and wants bytes.
-        request = h11.Request(method=method.encode("ascii"), target=path.encode("ascii"), headers=fields, _parsed=True)
+        # h11 skips its per-field regexes (fields_writable applied the same rules and more)
+        # and keeps every other check.
+        head = request_head(method.encode("ascii"), path.encode("ascii"), fields)
     except (h11.LocalProtocolError, UnicodeEncodeError) as e:
         raise BadRequest(str(e)) from None
-    parts: list[bytes] = []
-    write_request(request, parts.append)
-    parts.append(body)  # framed by its Content-Length
-    return b"".join(parts)
+    return head + body  # the body framed by its Content-Length
 
 
 class _Partial:

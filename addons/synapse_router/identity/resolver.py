@@ -324,6 +324,23 @@ class IdentityResolver:
         self.users.clear()
         self.rejected.clear()
 
+    def keep_answers(self, previous: IdentityResolver) -> None:
+        """Take over `previous`'s cached answers (a reload that changed the whoami settings).
+        What is cached is Synapse's answer about a token (its user, or that it is refused),
+        which does not depend on how it was asked: a new `url` (of the same homeserver),
+        `timeout`, `max_in_flight`, `new_tokens` or `redis` leaves every entry right, and
+        dropping them would make each user's next request ask again, and route it by its
+        token's hash meanwhile if whoami is slow (another worker). An entry's expiry is fixed
+        when it is cached, under the TTL and size of then: a new `cache_ttl` or `cache_size`
+        starts an empty user cache (carried over, an entry would outlive the TTL it was cached
+        under, or the new one), a new `negative_ttl` or `cache_size` an empty negative cache.
+        Answers of calls still in flight in `previous` land in the caches taken over."""
+        old, new = previous.config, self.config
+        if (old.cache_ttl, old.cache_size) == (new.cache_ttl, new.cache_size):
+            self.users = previous.users
+        if (old.negative_ttl, old.cache_size) == (new.negative_ttl, new.cache_size):
+            self.rejected = previous.rejected
+
 
 def whoami_over_http(
     client: Callable[[], httpx.AsyncClient], base_url: Callable[[], str], timeout: float

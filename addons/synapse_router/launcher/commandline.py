@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mitmproxy import exceptions, options, optmanager
 from mitmproxy.tools import cmdline
 from mitmproxy.tools import main as mitmproxy_main
 
 from ..addon import REQUIRED_OPTIONS
-from ..config import ConfigError, load_config
+from ..config import ConfigError, RouterConfig, load_config
 from ..tools.subcommands import SUBCOMMANDS
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,15 @@ def make_parser(opts: options.Options) -> argparse.ArgumentParser:
     return parser
 
 
-def apply_options(opts: options.Options, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--set, ~/.mitmproxy/config.yaml and the flags, in mitmdump's order. Raises OptionsError."""
-    _check_router_config(args.setoptions)
+def apply_options(
+    opts: options.Options,
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    load: Callable[[str], RouterConfig] = load_config,
+) -> None:
+    """--set, ~/.mitmproxy/config.yaml and the flags, in mitmdump's order (`load`: how the
+    router reads its router_config). Raises OptionsError."""
+    _check_router_config(args.setoptions, load)
     # -q/-v before --set: mitmdump loads the router script after the flags have quietened the log.
     if args.quiet or args.verbose:
         opts.update(termlog_verbosity="debug" if args.verbose else "error")  # type: ignore[no-untyped-call]
@@ -112,14 +118,14 @@ def last_value(specs: Sequence[str], name: str) -> str:
     return value
 
 
-def _check_router_config(specs: Sequence[str]) -> None:
+def _check_router_config(specs: Sequence[str], load: Callable[[str], RouterConfig]) -> None:
     """Report a bad router_config before it is applied: the router's own OptionsError would be
     the same, but mitmproxy's rollback re-configures the router first, which logs misleading
     lines ("no router_config set", "loaded None")."""
     paths = [spec.split("=", 1)[1] for spec in specs if spec.startswith("router_config=")]
     if paths and paths[-1]:
         try:
-            load_config(paths[-1])
+            load(paths[-1])
         except ConfigError as e:
             raise exceptions.OptionsError(f"router_config {paths[-1]}: {e}") from e  # type: ignore[no-untyped-call]
 
@@ -136,6 +142,13 @@ def metrics_listen(argv: Sequence[str]) -> str | None:
 def configured_metrics_listen(argv: Sequence[str]) -> str | None:
     """`metrics.listen` of the router_config that `--set` gives on a command line (None: no
     file, or no metrics); raises ConfigError if the file cannot be read or is invalid."""
+    path = router_config_path(argv)
+    return load_config(path).metrics_listen if path else None
+
+
+def router_config_path(argv: Sequence[str]) -> str:
+    """The router_config path the last `--set router_config=PATH` of a command line gives ("":
+    none)."""
     specs = []
     arguments = iter(argv)
     for arg in arguments:
@@ -143,8 +156,7 @@ def configured_metrics_listen(argv: Sequence[str]) -> str | None:
             specs.append(next(arguments, ""))
         elif arg.startswith("--set="):
             specs.append(arg.removeprefix("--set="))
-    path = last_value(specs, "router_config")
-    return load_config(path).metrics_listen if path else None
+    return last_value(specs, "router_config")
 
 
 def without_processes(arguments: Sequence[str]) -> list[str]:

@@ -29,11 +29,11 @@ ProxyAuth, UpstreamAuth, Onboarding, ClientPlayback/ServerPlayback, Save/SaveHar
 ScriptLoader (`-s`), ReadFile (`-r`), KeepServing, Browser, Comment, Cut, Export,
 CommandHistory (their options: commandline.py).
 
-mitmproxy internals this depends on (mitmproxy 12.3; tests/unit/test_mitmproxy_internals.py
-fails when an upgrade breaks one): `Master` (its `addons`, `options`, `with_termlog`,
-`_legacy_log_events`, and `run()` looking up the "errorcheck" addon and calling its `finish()`
-after the last start-up check); AddonManager's `chain`, `lookup`, `_iter_hooks()` and the
-`_configure_all` receiver it connects to `options.changed`; the addon classes above;
+mitmproxy internals this depends on (mitmproxy 12.3): the private ones in
+compat/addonmanager.py (`_iter_hooks()`, `_configure_all`, `_legacy_log_events`), run by
+tests/unit/test_compat_addonmanager.py; and, tested by tests/unit/test_mitmproxy_internals.py,
+`Master` (its `addons`, `options`, `with_termlog`, and `run()` looking up the "errorcheck"
+addon and calling its `finish()` after the last start-up check); the addon classes above;
 `tools.cmdline.mitmdump` and `tools.main.process_options` (mitmdump's argument handling,
 commandline.py); and the proxy's listening sockets being made by
 `loop.create_server(factory, host, port)` (childprocess.py).
@@ -56,9 +56,12 @@ from mitmproxy.utils import debug
 
 from ..addon import SynapseRouter
 from ..addons.isolation import report
+from ..compat.addonmanager import drop_legacy_log_events, hook_functions, swap_addon_manager
+from ..config import RouterConfig, load_config
 from . import sdnotify
+from .applied import applied_loader
 from .childprocess import ChildSlot, SharedPorts, die_with_parent, ready_signal, replace
-from .commandline import PROG, apply_options, make_parser
+from .commandline import PROG, apply_options, make_parser, router_config_path
 from .eventloop import DEFAULT as DEFAULT_EVENT_LOOP
 from .eventloop import chosen_event_loop, loop_factory, loop_name
 from .signals import on_signal
@@ -127,7 +130,7 @@ class HookCachingAddonManager(addonmanager.AddonManager):
     async def trigger_event(self, event: hooks.Hook) -> None:
         funcs = self._hooks.get(event.name)
         if funcs is None:
-            funcs = self._hooks[event.name] = [f for a in self.chain for _, f in self._iter_hooks(a, event)]
+            funcs = self._hooks[event.name] = hook_functions(self, event)
         args = event.args()
         for func in funcs:
             try:
@@ -148,15 +151,11 @@ class LeanMaster(master.Master):
     def __init__(self, opts: options.Options, on_started: Callable[[], None] | None = None) -> None:
         super().__init__(opts, with_termlog=True)
         # Swap in the caching manager, keeping what Master registered (TermLog) in it.
-        plain = self.addons
-        self.options.changed.disconnect(plain._configure_all)
-        self.addons = HookCachingAddonManager(self)
-        self.addons.chain, self.addons.lookup = plain.chain, plain.lookup
+        manager = HookCachingAddonManager(self)
+        swap_addon_manager(self, manager)
         self.router = SynapseRouter()
-        self.addons.add(*lean_addons(self.router, on_started))
-        # The deprecated `add_log` hook, for third-party scripts this launcher does not load:
-        # per log record it costs a hook dispatch and a byte in the event loop's self-pipe.
-        self._legacy_log_events.uninstall()
+        manager.add(*lean_addons(self.router, on_started))
+        drop_legacy_log_events(self)  # the deprecated `add_log` hook, for scripts not loaded here
 
     def configure_router(self) -> None:
         """Give the router every option once they are final, as mitmdump's ScriptLoader does for
@@ -168,9 +167,10 @@ class LeanMaster(master.Master):
         self.addons.invoke_addon_sync(self.router, hooks.ConfigureHook(keys))
 
 
-def serve(argv: Sequence[str], slot: ChildSlot | None = None) -> int:
-    """Run one router process until SIGINT/SIGTERM (`slot`: as a child of `--processes N`);
-    raises SystemExit(1) on a start-up error."""
+def serve(argv: Sequence[str], slot: ChildSlot | None = None, applied: str | None = None) -> int:
+    """Run one router process until SIGINT/SIGTERM (`slot`: as a child of `--processes N`,
+    `applied`: the file holding the configuration its parent applied, read instead of the
+    operator's router_config); raises SystemExit(1) on a start-up error."""
     try:
         factory = loop_factory(chosen_event_loop(argv, os.environ))
     except ValueError as e:
@@ -182,11 +182,11 @@ def serve(argv: Sequence[str], slot: ChildSlot | None = None) -> int:
     die_with_parent(slot.parent_pid)
     # SIGHUP (reload) may be forwarded before the router installs its handler: do not die of it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    asyncio.run(_serve(argv, slot), loop_factory=factory)
+    asyncio.run(_serve(argv, slot, applied), loop_factory=factory)
     return 0
 
 
-async def _serve(argv: Sequence[str], slot: ChildSlot | None) -> None:
+async def _serve(argv: Sequence[str], slot: ChildSlot | None, applied: str | None = None) -> None:
     _configure_logging()
     debug.register_info_dumpers()  # type: ignore[no-untyped-call]
     opts = options.Options()
@@ -205,11 +205,15 @@ async def _serve(argv: Sequence[str], slot: ChildSlot | None) -> None:
         when_started.append(sdnotify.ready)  # systemd Type=notify
         if args.replace is not None:
             when_started.append(replace(args.replace))
+    load: Callable[[str], RouterConfig] = load_config
+    if applied is not None:
+        load = applied_loader(router_config_path(argv), applied)
+        lean.router.configuration.load_file = load
     loop = asyncio.get_running_loop()
     if loop_name(loop) != DEFAULT_EVENT_LOOP:
         log.info(f"{PROG}: on {loop_name(loop)}'s event loop")
     try:
-        apply_options(opts, parser, args)
+        apply_options(opts, parser, args, load)
         if isinstance(loop, SharedPorts):
             loop.share(opts, slot, lean.router)
         lean.configure_router()

@@ -21,6 +21,7 @@ how a `--processes` parent starts its children). The rest, by concern:
     commandline.py     mitmdump's command line minus `-s` plus `--processes`; applying options
     supervisor.py      `--processes N`: the parent that starts, signals, reaps and restarts the
                        children
+    applied.py         the configuration the parent applied, which every child reads
     childprocess.py    what a child does differently: its slot, the shared port (SO_REUSEPORT),
                        its own metrics port, dying with the parent, telling it "serving"
     processmetrics.py  the parent's metrics endpoint: the children's metrics merged
@@ -36,6 +37,7 @@ from collections.abc import Sequence
 
 from ..tools.subcommands import is_subcommand
 from ..tools.subcommands import main as subcommand_main
+from .applied import CONFIG_FLAG
 from .childprocess import CHILD_FLAG, ChildSlot
 from .commandline import PROG, without_processes
 from .lean import LeanMaster, serve
@@ -53,10 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     pre.add_argument("--processes", type=int, default=1)
     pre.add_argument("--replace", type=int, default=None)
     pre.add_argument(CHILD_FLAG, type=ChildSlot.parse, default=None)
+    pre.add_argument(CONFIG_FLAG, default=None)  # a child: the configuration its parent applied
     known, _ = pre.parse_known_args(arguments)
     if known.launcher_child is not None:
-        child_argv = [a for a in arguments if not a.startswith(CHILD_FLAG)]
-        return serve(child_argv, known.launcher_child)
+        child_argv = [a for a in arguments if not a.startswith((CHILD_FLAG, CONFIG_FLAG))]
+        return serve(child_argv, known.launcher_child, known.launcher_config)
     if known.processes < 1:
         print(f"{PROG}: --processes must be at least 1", file=sys.stderr)
         return 2

@@ -22,7 +22,6 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from ..config import ConfigError
 from ..observability.metrics_server import METRICS_PATH, READY_PATH, MetricsServer
 from ..routing.upstream import parse_listen
 from .listener import SwitchedListener
@@ -185,9 +184,8 @@ class _MergedServer:
 
 class MergedMetricsServer:
     """The parent's metrics endpoint (the merge of its processes'), on a thread and event loop
-    of its own: the parent's main thread waits for its children. `reload` asks for the address
-    the configuration names now; one task serves the last one asked for (listener.py), and a
-    configuration that cannot be read keeps the endpoint where it is."""
+    of its own: the parent's main thread waits for its children. `serve` asks for the address the
+    applied configuration names; one task serves the last one asked for (listener.py)."""
 
     def __init__(
         self,
@@ -215,19 +213,6 @@ class MergedMetricsServer:
     def _want(self, listen: str | None) -> None:
         self.configured = listen
         self.listener.want(listen)
-
-    def reload(self, configured: Callable[[], str | None]) -> None:
-        """Serve where `configured()` says (it reads the configuration, on this server's thread:
-        a signal handler only asks); if it raises ConfigError, stay where it is."""
-        self.loop.call_soon_threadsafe(self._reload, configured)
-
-    def _reload(self, configured: Callable[[], str | None]) -> None:
-        try:
-            listen = configured()
-        except ConfigError as e:
-            self.warn(f"configuration not reloaded by the parent ({e}); its metrics stay as they are")
-            return
-        self._want(listen)
 
     def served(self, timeout: float = 10.0) -> str | None:
         """The address served once the last request was acted on (for tests and logs)."""

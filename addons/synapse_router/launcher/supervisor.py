@@ -20,31 +20,40 @@ checks and balance state (`round_robin`/`least_conn` are per process).
 Metrics (`metrics.listen`, port P): process i (1-based) serves its own on P + i, and the parent
 serves on P all of them merged, each sample labelled `process="i"` (processmetrics.py), so one
 scrape target covers N processes; pick P outside the ephemeral port range (9105 is) with the
-next N ports free. The parent finds P in the `--set router_config=` file (again on SIGHUP).
+next N ports free.
+
+One configuration source (applied.py): the parent reads the `--set router_config=` file at
+start and on SIGHUP, and the children read only what it applied, so a restarted child runs
+what its siblings run and a bad file is refused once, by the parent, keeping the last good one.
+
+Signals: the handlers only note the signal; the parent's one loop acts on it (it waits in
+`select` on the signal wakeup fd, SIGCHLD included, and the ready pipes of children starting),
+so a handler never runs a reload inside another, and a reload never runs inside a wait.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from types import FrameType
 
+from ..config import ConfigError
 from . import sdnotify
+from .applied import AppliedConfig
 from .childprocess import ChildSlot
-from .commandline import PROG, configured_metrics_listen, metrics_listen
+from .commandline import PROG, router_config_path
 from .processmetrics import MergedMetricsServer
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STABLE_AFTER = 30.0  # seconds: a child that ran this long before dying is restarted at once
 MAX_BACKOFF = 30.0  # seconds: the longest wait before restarting a child that keeps dying
-POLL_INTERVAL = 0.1  # seconds between looks for an exited child while a restart is pending
 
 
 def restart_delay(failures: int) -> float:
@@ -87,6 +96,11 @@ class Supervisor:
         self.failures: dict[int, int] = {}  # slot index -> deaths in a row, each soon after its start
         self.restarts: dict[int, int] = dict.fromkeys(range(count), 0)  # slot index -> restarts
         self.pending: dict[int, float] = {}  # slot index -> when (monotonic) to restart it
+        path = router_config_path(self.argv)
+        self.applied = AppliedConfig(path) if path else None  # None: the children read their own
+        self.signals: list[int] = []  # noted by the handler, acted on by the loop
+        self.reload_asked = False
+        self._wakeup = (-1, -1)
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -96,23 +110,64 @@ class Supervisor:
     def warn(message: str) -> None:
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
-    def _forward(self, signum: int, _frame: FrameType | None) -> None:
-        """The signal handler: it may run nested (two quick SIGHUPs), so it only asks; the
-        configuration is read where it is acted on, once per ask, the last file winning."""
-        if signum != signal.SIGHUP:
-            self.stopping = True
-        elif self.metrics is not None:
-            self.metrics.reload(partial(configured_metrics_listen, self.argv))
+    def _note(self, signum: int, _frame: FrameType | None) -> None:
+        """The signal handler: it only notes the signal (the C handler has already written to
+        the wakeup fd, which ends the loop's wait); the loop acts on it."""
+        self.signals.append(signum)
+
+    def _act_on_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                self.reload_asked = True  # acted on once no child is starting (_loop)
+            elif signum != signal.SIGCHLD:
+                self.stopping = True
+                self._signal_children(signum)
+
+    def _signal_children(self, signum: int) -> None:
         for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
+    def _wait(self, fds: Sequence[int], timeout: float | None) -> list[int]:
+        """Wait until a signal arrives, one of `fds` is readable, or `timeout` passes; the
+        readable ones of `fds`."""
+        if self.signals:
+            return []
+        wakeup = self._wakeup[0]
+        readable, _, _ = select.select([wakeup, *fds], [], [], timeout)
+        if wakeup in readable:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wakeup, 512):
+                    pass
+        return [fd for fd in readable if fd != wakeup]
+
+    def _reload(self) -> None:
+        """SIGHUP: apply the operator's file if it is valid (then the children reload it),
+        else keep the last good configuration everywhere."""
+        self.reload_asked = False
+        if self.applied is None:
+            self._signal_children(signal.SIGHUP)  # no file named: each child reads its own
+            return
+        try:
+            config = self.applied.refresh()
+        except ConfigError as e:
+            self.warn(
+                f"reload of {self.applied.path} failed, keeping the running configuration "
+                f"(of the parent and its {self.count} processes): {e}"
+            )
+            return
+        if self.metrics is not None:
+            self.metrics.serve(config.metrics_listen)
+        self._signal_children(signal.SIGHUP)
+
     def _start(self, index: int) -> Child:
         ready_read, ready_write = os.pipe()
         slot = ChildSlot(index, self.count, os.getpid(), ready_write)
+        applied = [self.applied.flag()] if self.applied is not None else []
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "synapse_router.launcher.main", *self.argv, slot.flag()],
+                [sys.executable, "-m", "synapse_router.launcher.main", *self.argv, slot.flag(), *applied],
                 pass_fds=(ready_write,),
                 process_group=0,  # Ctrl-C in a terminal: the parent forwards one SIGINT
             )
@@ -122,41 +177,43 @@ class Supervisor:
         self.children[proc.pid] = child
         return child
 
-    @staticmethod
-    def _wait_ready(child: Child) -> bool:
-        """True once the child serves; False if it exited first (its write end closed)."""
-        try:
-            return os.read(child.ready_read, 1) == b"1"
-        finally:
-            os.close(child.ready_read)
+    def _until_ready(self, children: Sequence[Child]) -> bool:
+        """True once every one of `children` serves; False if one exited first (its write end
+        closed). Signals are acted on meanwhile (a stop is forwarded at once)."""
+        waiting = {child.ready_read: child for child in children}
+        ready = True
+        while waiting:
+            self._act_on_signals()
+            for fd in self._wait(list(waiting), None):
+                del waiting[fd]
+                try:
+                    ready = os.read(fd, 1) == b"1" and ready
+                finally:
+                    os.close(fd)
+        return ready
 
-    def _reap(self, block: bool) -> None:
-        """Wait for any child to exit (without reaping it behind Popen's back; `block` False:
-        only look), then reap it, and plan its restart unless the parent is stopping."""
-        try:
-            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG))
-        except ChildProcessError:
-            self.children.clear()
-            return
-        if info is None or info.si_pid not in self.children:
-            return
-        child = self.children.pop(info.si_pid)
-        code = child.proc.wait()
-        if self.stopping:
-            status = 128 - code if code < 0 else code
-            if status and not self.status:
-                self.status = status
-            return
-        index = child.slot.index
-        lived = time.monotonic() - child.started
-        self.failures[index] = 1 if lived >= STABLE_AFTER else self.failures.get(index, 0) + 1
-        delay = restart_delay(self.failures[index])
-        self.pending[index] = time.monotonic() + delay
-        when = "at once" if delay == 0 else f"in {delay:g}s (it died {self.failures[index]} times in a row)"
-        self.warn(
-            f"{child.slot.label} (pid {child.proc.pid}) exited ({exit_description(code)}) after {lived:.1f}s; "
-            f"restarting it {when}"
-        )
+    def _reap(self) -> None:
+        """Reap every child that exited, and plan its restart unless the parent is stopping."""
+        for pid, child in list(self.children.items()):
+            code = child.proc.poll()
+            if code is None:
+                continue
+            del self.children[pid]
+            if self.stopping:
+                status = 128 - code if code < 0 else code
+                if status and not self.status:
+                    self.status = status
+                continue
+            index = child.slot.index
+            lived = time.monotonic() - child.started
+            self.failures[index] = 1 if lived >= STABLE_AFTER else self.failures.get(index, 0) + 1
+            delay = restart_delay(self.failures[index])
+            self.pending[index] = time.monotonic() + delay
+            when = "at once" if delay == 0 else f"in {delay:g}s (it died {self.failures[index]} times in a row)"
+            self.warn(
+                f"{child.slot.label} (pid {child.proc.pid}) exited ({exit_description(code)}) after {lived:.1f}s; "
+                f"restarting it {when}"
+            )
 
     def _restart_due(self) -> None:
         now = time.monotonic()
@@ -166,53 +223,80 @@ class Supervisor:
             del self.pending[index]
             child = self._start(index)
             self.restarts[index] += 1
-            if self._wait_ready(child):
+            if self._until_ready([child]):
                 self.warn(
                     f"{child.slot.label} restarted (pid {child.proc.pid}) and serving; "
                     f"restarts of this process: {self.restarts[index]}"
                 )
 
+    def _start_all(self) -> None:
+        """Process 1 alone (a bad configuration is reported once, not N times), then the rest."""
+        if not self._until_ready([self._start(0)]):
+            self.stopping = True  # it could not start (it said why): no restart
+            return
+        if self.stopping:
+            return
+        self.metrics = MergedMetricsServer(
+            self.count, self.warn, lambda: dict(self.restarts), stopping=lambda: self.stopping
+        )
+        self.metrics.serve(self.applied.config.metrics_listen if self.applied and self.applied.config else None)
+        if not self._until_ready([self._start(i) for i in range(1, self.count)]):
+            if not self.stopping:  # all or nothing at start-up; later, a child that dies is restarted
+                self.say("a process failed to start: stopping the others")
+                self.stopping = True
+                self._signal_children(signal.SIGTERM)
+        elif not self.stopping:
+            pids = ", ".join(str(pid) for pid in self.children)
+            self.say(f"{self.count} processes serving (pids {pids})")
+            sdnotify.ready()  # systemd Type=notify
+            if self.replace is not None:
+                self._replace(self.replace)
+
+    def _loop(self) -> None:
+        """Until every child has exited (and none is to be restarted): act on the signals,
+        reap, restart, then wait for the next signal (SIGCHLD included) or restart due."""
+        while True:
+            self._act_on_signals()
+            if self.reload_asked and not self.stopping:
+                self._reload()
+            self._reap()
+            if not self.stopping:
+                self._restart_due()
+            if not (self.children or (self.pending and not self.stopping)):
+                return
+            timeout = None
+            if self.pending and not self.stopping:
+                timeout = max(0.0, min(self.pending.values()) - time.monotonic())
+            self._wait([], timeout)
+
     def run(self) -> int:
-        for signum in FORWARDED_SIGNALS:
-            signal.signal(signum, self._forward)
+        wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = (wakeup_read, wakeup_write)
+        previous_wakeup = signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
+        previous = {signum: signal.signal(signum, self._note) for signum in (*FORWARDED_SIGNALS, signal.SIGCHLD)}
         try:
-            # The first process alone: a bad configuration is reported once, not N times.
-            if not self._wait_ready(self._start(0)):
-                self.stopping = True  # it could not start (it said why): no restart
-            elif not self.stopping:
-                self.metrics = MergedMetricsServer(
-                    self.count, self.warn, lambda: dict(self.restarts), stopping=lambda: self.stopping
-                )
-                self.metrics.serve(metrics_listen(self.argv))
-                rest = [self._start(i) for i in range(1, self.count)]
-                started = [self._wait_ready(child) for child in rest]  # every pipe read and closed
-                if self.stopping:
-                    pass
-                elif all(started):
-                    pids = ", ".join(str(pid) for pid in self.children)
-                    self.say(f"{self.count} processes serving (pids {pids})")
-                    sdnotify.ready()  # systemd Type=notify
-                    if self.replace is not None:
-                        self._replace(self.replace)
-                else:  # all or nothing at start-up; later, a child that dies is restarted
-                    self.say("a process failed to start: stopping the others")
-                    self._forward(signal.SIGTERM, None)
-            while self.children or (self.pending and not self.stopping):
-                if self.pending and not self.stopping:
-                    self._restart_due()
-                    self._reap(block=False)
-                    time.sleep(POLL_INTERVAL)
-                else:
-                    self._reap(block=True)
+            if self.applied is not None:
+                try:
+                    self.applied.refresh()
+                except ConfigError as e:
+                    self.warn(f"router_config {self.applied.path}: {e}")
+                    return 1
+            self._start_all()
+            self._loop()
             return self.status
         finally:
-            for pid in list(self.children):  # only on an unexpected error in the parent itself
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+            self._signal_children(signal.SIGTERM)  # only on an unexpected error in the parent itself
             for child in list(self.children.values()):
                 child.proc.wait()
             if self.metrics is not None:
                 self.metrics.stop()
+            if self.applied is not None:
+                self.applied.close()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            signal.set_wakeup_fd(previous_wakeup)
+            os.close(wakeup_read)
+            os.close(wakeup_write)
 
     def _replace(self, pid: int) -> None:
         try:
