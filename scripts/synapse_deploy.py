@@ -38,6 +38,20 @@ commands need only `--state-dir`, or nothing for the topology's default director
                           `enable_media_repo: false` and `media_instance_running_background_jobs`
                           in the shared config) and quarantined_media_changes writer
              initial_sync1, sync1, client_reader1 (client), federation_reader1 (federation)
+    mas      Synapse in MAS mode, for QR login (MSC4108 and MSC4388 need it in Synapse 1.163):
+             main + generic1..3 as in default, `matrix_authentication_service` enabled and
+             pointing at scripts/mas_standin.py (a stand-in for the Matrix Authentication
+             Service: token introspection, and users/devices provisioned through Synapse's
+             `/_synapse/mas/` calls; MAS itself is packaged nowhere this project installs from),
+             which runs as the process "mas" on base + 440 (18440); `experimental_features:
+             {msc4108_enabled: true, msc4388_mode: open}`; `compress: true` on every listener
+             resource (Synapse gzips only main's client resource); `password_config.enabled:
+             false` (MAS mode refuses it). State .synapse-deploy-mas/, ports shifted by 400.
+             Users and tokens come from the stand-in, not from /login or the shared-secret
+             registration: `POST <mas.sessions> {"localpart": "alice"}` with `Authorization:
+             Bearer <mas.secret>` answers 201 {"access_token", "device_id", "user_id",
+             "expires_in"}, a new MAS session and device each call (the JSON's "mas" object:
+             {"url", "secret", "sessions", "log"}; scripts/mas_standin.py's docstring has the rest).
     The JSON also has "worker_replication", "roles", "resources" and "stream_writers". `--venv DIR`
     uses (or creates) a Synapse virtualenv elsewhere, e.g. the default deployment's, so a
     second topology costs no second install (remembered in STATE/venv_path). The full topology
@@ -69,6 +83,8 @@ Ports (loopback only) derive from SYNAPSE_DEPLOY_BASE_PORT (default 18000):
     Redis                   base - 1621  16379
     full topology: every port above + 100; worker i (1-based)
     listens on base + 180 + i (order of "Topologies"), a stream writer's replication listener on base + 160 + i
+    mas topology: every port above + 400 (main 18408, generic1..3 18481..18483, PostgreSQL
+    15832, Redis 16779), and the MAS stand-in on base + 440 (18440)
 
 The ports of a running deployment are kept in STATE/ports.json, so `status`, `down` and the
 worker commands work whatever the environment says; a change of base takes effect at the next
@@ -77,6 +93,8 @@ worker commands work whatever the environment says; a change of base takes effec
 State directory (default `.synapse-deploy/` at the repository root):
 
     secrets.json ports.json homeserver.yaml workers/<name>.yaml log_config/<name>.yaml
+    mas_secret (mas topology: `matrix_authentication_service.secret_path`; logs/mas.stdout is
+    the stand-in's log: method, path and status of each request)
     keys/ media_store/ venv/ pg/data (owned by the `postgres` user when run as root)
     pgsock/ redis/ pids/<name>.pid logs/<name>.log (Synapse's own log, incl. access lines)
     logs/<name>.stdout (stdout/stderr) logs/postgres.log logs/redis.log
