@@ -336,9 +336,7 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(400, "invalid_request", "expires_in must be a positive integer")
         token, session = self.standin.start_session(localpart, device_id, ttl)
         user_id = f"@{session.localpart}:{self.standin.server_name}"
-        self._json(
-            201, {"access_token": token, "device_id": session.device_id, "user_id": user_id, "expires_in": ttl}
-        )
+        self._json(201, {"access_token": token, "device_id": session.device_id, "user_id": user_id, "expires_in": ttl})
 
     def _end_session(self) -> None:
         data = self._json_body()
