@@ -48,7 +48,10 @@ def _serve(server: ThreadingHTTPServer) -> str:
 
 @pytest.fixture
 def standin() -> Iterator[tuple[str, list[tuple[str, str | None, dict[str, Any]]]]]:
-    recorder = type("Recorder", (SynapseRecorder,), {"calls": []})
+    class Recorder(SynapseRecorder):
+        calls: list[tuple[str, str | None, dict[str, Any]]] = []
+
+    recorder = Recorder
     synapse = ThreadingHTTPServer(("127.0.0.1", 0), recorder)
     synapse_url = _serve(synapse)
     state = mas_standin.Standin("http://mas.test/", synapse_url, "test.local", SECRET)
