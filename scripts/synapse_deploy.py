@@ -455,7 +455,7 @@ class Secrets:
     form_secret: str
     pg_password: str
     pg_superuser_password: str
-    mas_secret: str  # matrix_authentication_service.secret (mas topology)
+    mas_secret: str = ""  # matrix_authentication_service.secret (mas topology; load_secrets makes one)
 
 
 def load_secrets(layout: Layout) -> Secrets:
