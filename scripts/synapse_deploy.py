@@ -39,6 +39,20 @@ commands need only `--state-dir`, or nothing for the topology's default director
                           in the shared config) and quarantined_media_changes writer
              initial_sync1, sync1 (client), client_reader1 (client and federation: it is also the
                           `generic` pool, where federation routes fall back), federation_reader1 (federation)
+    mas      Synapse in MAS mode, for QR login (MSC4108 and MSC4388 need it in Synapse 1.163):
+             main + generic1..3 as in default, `matrix_authentication_service` enabled and
+             pointing at scripts/mas_standin.py (a stand-in for the Matrix Authentication
+             Service: token introspection, and users/devices provisioned through Synapse's
+             `/_synapse/mas/` calls; MAS itself is packaged nowhere this project installs from),
+             which runs as the process "mas" on base + 440 (18440); `experimental_features:
+             {msc4108_enabled: true, msc4388_mode: open}`; `compress: true` on every listener
+             resource (Synapse gzips only main's client resource); `password_config.enabled:
+             false` (MAS mode refuses it). State .synapse-deploy-mas/, ports shifted by 400.
+             Users and tokens come from the stand-in, not from /login or the shared-secret
+             registration: `POST <mas.sessions> {"localpart": "alice"}` with `Authorization:
+             Bearer <mas.secret>` answers 201 {"access_token", "device_id", "user_id",
+             "expires_in"}, a new MAS session and device each call (the JSON's "mas" object:
+             {"url", "secret", "sessions", "log"}; scripts/mas_standin.py's docstring has the rest).
     The JSON also has "worker_replication", "roles", "resources" and "stream_writers". `--venv DIR`
     uses (or creates) a Synapse virtualenv elsewhere, e.g. the default deployment's, so a
     second topology costs no second install (remembered in STATE/venv_path). The full topology
@@ -70,6 +84,8 @@ Ports (loopback only) derive from SYNAPSE_DEPLOY_BASE_PORT (default 18000):
     Redis                   base - 1621  16379
     full topology: every port above + 100; worker i (1-based)
     listens on base + 180 + i (order of "Topologies"), a stream writer's replication listener on base + 160 + i
+    mas topology: every port above + 400 (main 18408, generic1..3 18481..18483, PostgreSQL
+    15832, Redis 16779), and the MAS stand-in on base + 440 (18440)
 
 The ports of a running deployment are kept in STATE/ports.json, so `status`, `down` and the
 worker commands work whatever the environment says; a change of base takes effect at the next
@@ -78,6 +94,8 @@ worker commands work whatever the environment says; a change of base takes effec
 State directory (default `.synapse-deploy/` at the repository root):
 
     secrets.json ports.json homeserver.yaml workers/<name>.yaml log_config/<name>.yaml
+    mas_secret (mas topology: `matrix_authentication_service.secret_path`; logs/mas.stdout is
+    the stand-in's log: method, path and status of each request)
     keys/ media_store/ venv/ pg/data (owned by the `postgres` user when run as root)
     pgsock/ redis/ pids/<name>.pid logs/<name>.log (Synapse's own log, incl. access lines)
     logs/<name>.stdout (stdout/stderr) logs/postgres.log logs/redis.log
@@ -164,6 +182,11 @@ class Topology:
     # The router's pools for this deployment (pool -> worker names); every stream writer's
     # stream is a pool of its own as well (`router_pools`).
     pools: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Authentication delegated to MAS: the stand-in (scripts/mas_standin.py) runs as the
+    # process "mas" and Synapse's `matrix_authentication_service` points at it.
+    mas: bool = False
+    # `compress` of every HTTP listener resource (Synapse gzips only main's client resource).
+    compress: bool = False
 
     def router_pools(self) -> dict[str, list[str]]:
         pools = {pool: list(names) for pool, names in self.pools}
@@ -177,6 +200,11 @@ class Topology:
     @property
     def synapse_names(self) -> tuple[str, ...]:
         return ("main", *self.worker_names)
+
+    @property
+    def helper_names(self) -> tuple[str, ...]:
+        """The processes besides Synapse's: PostgreSQL, Redis and, in MAS mode, the stand-in."""
+        return ("postgres", "redis", *(("mas",) if self.mas else ()))
 
     def worker(self, name: str) -> Worker:
         for w in self.workers:
@@ -249,7 +277,24 @@ FULL_TOPOLOGY = Topology(
         ("media", ("media1",)),
     ),
 )
-TOPOLOGIES = {t.name: t for t in (DEFAULT_TOPOLOGY, FULL_TOPOLOGY)}
+# Synapse in MAS mode (authentication delegated to the Matrix Authentication Service, here its
+# stand-in), QR login on (MSC4108 and MSC4388, which Synapse 1.163 allows only with MAS) and
+# `compress: true` on every listener resource, as an operator following the QR-login docs runs it.
+MAS_TOPOLOGY = Topology(
+    name="mas",
+    workers=tuple(Worker(f"generic{i}", "generic") for i in (1, 2, 3)),
+    offset=400,
+    state_dir=".synapse-deploy-mas",
+    shared=(
+        ("experimental_features", {"msc4108_enabled": True, "msc4388_mode": "open"}),
+        # MAS mode refuses Synapse's own password login (ConfigError otherwise).
+        ("password_config", {"enabled": False}),
+    ),
+    pools=DEFAULT_TOPOLOGY.pools,
+    mas=True,
+    compress=True,
+)
+TOPOLOGIES = {t.name: t for t in (DEFAULT_TOPOLOGY, FULL_TOPOLOGY, MAS_TOPOLOGY)}
 
 
 def say(message: str) -> None:
@@ -267,6 +312,7 @@ class Ports:
     worker_replication: tuple[tuple[str, int], ...]  # stream writers' replication listeners
     postgres: int
     redis: int
+    mas: int | None = None  # the MAS stand-in (mas topology only)
 
     @classmethod
     def from_base(cls, base: int, topology: Topology) -> Ports:
@@ -278,6 +324,7 @@ class Ports:
             worker_replication=tuple((w.name, base + 61 + i) for i, w in enumerate(topology.workers) if w.replication),
             postgres=base - 2568,
             redis=base - 1621,
+            mas=base + 40 if topology.mas else None,
         )
         for port in ports.all():
             if not 1024 <= port <= 65535:
@@ -288,14 +335,17 @@ class Ports:
         return dict(self.workers)[name]
 
     def listeners(self, name: str) -> list[int]:
-        """The ports a Synapse process listens on."""
+        """The ports a Synapse process (or the MAS stand-in) listens on."""
+        if name == "mas":
+            return [] if self.mas is None else [self.mas]
         if name == "main":
             return [self.main, self.replication]
         return [p for n, p in (*self.workers, *self.worker_replication) if n == name]
 
     def all(self) -> list[int]:
         workers = [p for _, p in (*self.workers, *self.worker_replication)]
-        return [self.main, self.replication, *workers, self.postgres, self.redis]
+        mas = [] if self.mas is None else [self.mas]
+        return [self.main, self.replication, *workers, self.postgres, self.redis, *mas]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -305,6 +355,7 @@ class Ports:
             "worker_replication": dict(self.worker_replication),
             "postgres": self.postgres,
             "redis": self.redis,
+            "mas": self.mas,
         }
 
     @classmethod
@@ -316,6 +367,7 @@ class Ports:
             worker_replication=tuple((str(n), int(p)) for n, p in data.get("worker_replication", {}).items()),
             postgres=int(data["postgres"]),
             redis=int(data["redis"]),
+            mas=None if data.get("mas") is None else int(data["mas"]),
         )
 
 
@@ -392,6 +444,10 @@ class Layout:
     def topology_file(self) -> Path:
         return self.state / "topology"
 
+    @property
+    def mas_secret_file(self) -> Path:
+        return self.state / "mas_secret"
+
 
 @dataclass(frozen=True)
 class Secrets:
@@ -400,6 +456,7 @@ class Secrets:
     form_secret: str
     pg_password: str
     pg_superuser_password: str
+    mas_secret: str = ""  # matrix_authentication_service.secret (mas topology; load_secrets makes one)
 
 
 def load_secrets(layout: Layout) -> Secrets:
@@ -939,14 +996,14 @@ def ratelimit(per_second: float = 10000, burst_count: int = 100000) -> dict[str,
     return {"per_second": per_second, "burst_count": burst_count}
 
 
-def http_listener(port: int, resources: list[str]) -> dict[str, Any]:
+def http_listener(port: int, resources: list[str], compress: bool = False) -> dict[str, Any]:
     return {
         "type": "http",
         "port": port,
         "bind_addresses": [HOST],
         "tls": False,
         "x_forwarded": True,
-        "resources": [{"names": resources, "compress": False}],
+        "resources": [{"names": resources, "compress": compress}],
     }
 
 
@@ -957,6 +1014,12 @@ def homeserver_config(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, A
     extra: dict[str, Any] = dict(topology.shared)
     if topology.stream_writers:
         extra["stream_writers"] = {stream: list(names) for stream, names in topology.stream_writers}
+    if topology.mas:
+        extra["matrix_authentication_service"] = {
+            "enabled": True,
+            "endpoint": f"http://{HOST}:{ports.mas}/",
+            "secret_path": str(layout.mas_secret_file),
+        }
     return extra | {
         "server_name": SERVER_NAME,
         "public_baseurl": f"http://{HOST}:{ports.main}/",
@@ -976,7 +1039,7 @@ def homeserver_config(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, A
         "enable_metrics": False,
         "url_preview_enabled": False,
         "listeners": [
-            http_listener(ports.main, ["client", "federation"]),
+            http_listener(ports.main, ["client", "federation"], compress=topology.compress),
             http_listener(ports.replication, ["replication"]),
         ],
         "database": {
@@ -1026,7 +1089,7 @@ def worker_config(layout: Layout, ports: Ports, name: str) -> dict[str, Any]:
     worker = layout.topology.worker(name)
     listeners = []
     if worker.resources:
-        listeners.append(http_listener(ports.worker(name), list(worker.resources)))
+        listeners.append(http_listener(ports.worker(name), list(worker.resources), compress=layout.topology.compress))
     if worker.replication:
         listeners.append(http_listener(dict(ports.worker_replication)[name], ["replication"]))
     return dict(worker.config) | {
@@ -1080,6 +1143,10 @@ def write_synapse_configs(layout: Layout, ports: Ports, sec: Secrets) -> None:
         write_json_yaml(layout.worker_yaml(name), worker_config(layout, ports, name))
     for name in layout.topology.synapse_names:
         write_json_yaml(layout.log_config(name), log_config(layout, name))
+    if layout.topology.mas:
+        fd = os.open(layout.mas_secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(sec.mas_secret + "\n")
 
 
 def ensure_signing_key(layout: Layout) -> None:
@@ -1109,6 +1176,23 @@ def synapse_argv(layout: Layout, name: str) -> list[str]:
         "-c",
         str(layout.worker_yaml(name)),
     ]
+
+
+MAS_STANDIN = ROOT / "scripts" / "mas_standin.py"
+
+
+def start_mas(layout: Layout, ports: Ports, deadline: float) -> None:
+    """The MAS stand-in (scripts/mas_standin.py), run by the Synapse virtualenv's Python."""
+    if running_pid(layout, "mas") or ports.mas is None:
+        return
+    if port_in_use(ports.mas):
+        raise DeployError(f"port {ports.mas} (MAS stand-in) is already taken by a process we did not start")
+    argv = [str(layout.python), str(MAS_STANDIN), "--listen", f"{HOST}:{ports.mas}"]
+    argv += ["--synapse", f"http://{HOST}:{ports.main}", "--server-name", SERVER_NAME]
+    argv += ["--secret-file", str(layout.mas_secret_file)]
+    pid = spawn(layout, "mas", argv, cwd=layout.state)
+    say(f"started the MAS stand-in (pid {pid}) on {HOST}:{ports.mas}")
+    wait_healthy(layout, {"mas": health_urls(ports, "mas")}, deadline)
 
 
 def health_urls(ports: Ports, name: str) -> list[str]:
@@ -1152,7 +1236,8 @@ def deployment_memory(layout: Layout, field: str) -> dict[str, int]:
     """`field` in KiB of every process of the deployment and the total; PostgreSQL's entry is
     its postmaster plus every backend (with VmRSS, their shared buffers count once per backend;
     Pss shares them out)."""
-    mem = {name: memory_kib(running_pid(layout, name), field) for name in (*layout.topology.synapse_names, "redis")}
+    names = (*layout.topology.synapse_names, *(n for n in layout.topology.helper_names if n != "postgres"))
+    mem = {name: memory_kib(running_pid(layout, name), field) for name in names}
     postmaster = running_pid(layout, "postgres")
     pids = [] if postmaster is None else [postmaster]
     if postmaster is not None:
@@ -1193,12 +1278,22 @@ def deployment_json(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, Any
         },
         "redis": {"host": HOST, "port": ports.redis, "log": str(layout.state / "logs" / "redis.log")},
         "logs": {name: str(layout.log(name)) for name in topology.synapse_names},
-        "pids": {name: running_pid(layout, name) for name in (*topology.synapse_names, "postgres", "redis")},
+        "pids": {name: running_pid(layout, name) for name in (*topology.synapse_names, *topology.helper_names)},
         "rss_kib": deployment_memory(layout, "VmRSS"),
         "pss_kib": deployment_memory(layout, "Pss"),
+        **({"mas": mas_json(layout, ports, sec)} if topology.mas else {}),
         "synapse_version": version,
         "python": str(layout.python),
         "state_dir": str(layout.state),
+    }
+
+
+def mas_json(layout: Layout, ports: Ports, sec: Secrets) -> dict[str, Any]:
+    return {
+        "url": f"http://{HOST}:{ports.mas}",
+        "secret": sec.mas_secret,
+        "sessions": f"http://{HOST}:{ports.mas}/_standin/sessions",
+        "log": str(layout.stdout("mas")),
     }
 
 
@@ -1208,21 +1303,21 @@ def emit(data: Mapping[str, Any]) -> None:
 
 def problems(layout: Layout, ports: Ports) -> list[str]:
     found = []
-    for name in ("postgres", "redis", *layout.topology.synapse_names):
+    for name in (*layout.topology.helper_names, *layout.topology.synapse_names):
         if running_pid(layout, name) is None:
             found.append(f"{name} is not running")
     if running_pid(layout, "redis") and not redis_ping(ports.redis):
         found.append(f"redis does not answer PING on {ports.redis}")
     if running_pid(layout, "postgres") and not port_in_use(ports.postgres):
         found.append(f"postgres does not accept connections on {ports.postgres}")
-    for name in layout.topology.synapse_names:
+    for name in (*layout.topology.synapse_names, *(("mas",) if layout.topology.mas else ())):
         if running_pid(layout, name):
             found += [f"{name}: {url} is not 200" for url in health_urls(ports, name) if not http_ok(url)]
     return found
 
 
 def anything_running(layout: Layout) -> bool:
-    return any(running_pid(layout, name) for name in ("postgres", "redis", *layout.topology.synapse_names))
+    return any(running_pid(layout, name) for name in (*layout.topology.helper_names, *layout.topology.synapse_names))
 
 
 def cmd_up(layout: Layout, timeout: float) -> int:
@@ -1253,6 +1348,7 @@ def cmd_up(layout: Layout, timeout: float) -> int:
     start_postgres(layout, bindir, ports)
     ensure_pg_database(bindir, ports, sec)
     start_redis(layout, redis, ports, deadline)
+    start_mas(layout, ports, deadline)
     start_synapse(layout, ports, ["main"], deadline)
     start_synapse(layout, ports, layout.topology.worker_names, deadline)
     say(f"up in {time.monotonic() - started_at:.1f}s")
@@ -1278,7 +1374,7 @@ def cmd_down(layout: Layout) -> int:
     if not layout.state.exists():
         say(f"nothing to stop: {layout.state} does not exist")
         return 0
-    for group in (layout.topology.worker_names, ("main",), ("redis",)):
+    for group in (layout.topology.worker_names, ("main",), ("mas",), ("redis",)):
         targets = [(name, pid) for name in group if (pid := running_pid(layout, name)) is not None]
         if targets:
             signal_and_wait(targets)

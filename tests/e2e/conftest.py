@@ -45,6 +45,15 @@ def full_deployment() -> Iterator[Deployment]:
     yield from _deployment(state, "full", _state_dir() / "venv")
 
 
+@pytest.fixture(scope="module")
+def mas_deployment() -> Iterator[Deployment]:
+    """The `mas` topology (Synapse in MAS mode with the MAS stand-in, QR login on, `compress:
+    true`), in its own state directory, sharing the default deployment's Synapse install. Per
+    module: only tests/e2e/test_qr_login_mas.py uses it, and its ~800 MB go once that is done."""
+    state = Path(os.environ.get("E2E_MAS_STATE_DIR", ROOT / ".synapse-deploy-mas")).resolve()
+    yield from _deployment(state, "mas", _state_dir() / "venv")
+
+
 def _deployment(state: Path, topology: str = "default", venv: Path | None = None) -> Iterator[Deployment]:
     try:
         dep = bring_up(state, topology, venv)

@@ -100,7 +100,7 @@ def bring_up(state_dir: Path, topology: str = "default", venv: Path | None = Non
     up = run_deploy(state_dir, "up", *options, timeout=UP_TIMEOUT)
     if up.returncode != 0:
         raise RuntimeError(f"synapse_deploy.py up failed ({up.returncode}):\n{up.stderr[-4000:]}")
-    processes = ("postgres", "redis", *TOPOLOGIES[topology].synapse_names)
+    processes = (*TOPOLOGIES[topology].helper_names, *TOPOLOGIES[topology].synapse_names)
     return Deployment(_description(up.stdout), state_dir, started_here=_nothing_running(status.stderr, processes))
 
 
