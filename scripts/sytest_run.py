@@ -187,9 +187,7 @@ def comparison(results: dict[str, Results]) -> str:
 def missing_debian_packages(packages: Sequence[str]) -> list[str]:
     missing = []
     for package in packages:
-        status = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True
-        ).stdout
+        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True).stdout
         if not status.endswith("installed") or "not-installed" in status:
             missing.append(package)
     return missing
@@ -304,7 +302,8 @@ class Postgres:
         options = " ".join(f"-c {shlex.quote(f'{k}={v}')}" for k, v in settings.items())
         say(f"starting PostgreSQL on {deploy.HOST}:{self.port}")
         deploy.run_as_pg(
-            [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(log), "-w", "-t", "60", "-o", options, "start"],
+            [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(log), "-w", "-t", "60", "-o", options]
+            + ["start"],
             cwd=str(self.work / "pg"),
         )
 
@@ -465,7 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("SYNAPSE_ROUTER_LAUNCHER") or "synapse-router",
         help="the router's launcher (default: $SYNAPSE_ROUTER_LAUNCHER, else synapse-router)",
     )
-    parser.add_argument("--work-dir", type=Path, default=Path(os.environ.get("SYTEST_WORK_DIR", "/var/tmp/synapse-router-sytest")))
+    default_work = Path(os.environ.get("SYTEST_WORK_DIR", "/var/tmp/synapse-router-sytest"))
+    parser.add_argument("--work-dir", type=Path, default=default_work)
     parser.add_argument("--json", type=Path, help="write every run's results and the comparison here")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per SyTest run (default 3600)")
     parser.add_argument("files", nargs="*", help="SyTest test files (tests/...pl), instead of the subset")
