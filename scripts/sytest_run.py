@@ -93,6 +93,7 @@ CI_FILES = (
 )
 PROXIES = ("haproxy", "router")
 PG_PORT = 25432
+TEMPLATE = "sytest_template"
 REDIS_HOSTS = ("127.0.0.1", "127.0.0.27", "127.0.0.28")
 REDIS_PORT = 6379
 SYTEST_PORTS = "27000:27999"
@@ -317,15 +318,55 @@ class Postgres:
             )
 
     def psql(self, sql: str) -> None:
-        env = {**os.environ, "PGPASSWORD": self.password, "PGCONNECT_TIMEOUT": "5"}
-        argv = [str(self.bindir / "psql"), "-h", deploy.HOST, "-p", str(self.port), "-U", "postgres", "-d", "postgres"]
-        done = subprocess.run([*argv, "-v", "ON_ERROR_STOP=1", "-qtAc", sql], env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SytestError(f"psql {sql!r}: {done.stderr.strip()}")
+        self.query(sql)
 
     def fresh_database(self, name: str) -> None:
         self.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         self.psql(f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+
+    def query(self, sql: str, database: str = "postgres") -> str:
+        env = {**os.environ, "PGPASSWORD": self.password, "PGCONNECT_TIMEOUT": "5"}
+        argv = [str(self.bindir / "psql"), "-h", deploy.HOST, "-p", str(self.port), "-U", "postgres", "-d", database]
+        done = subprocess.run([*argv, "-v", "ON_ERROR_STOP=1", "-qtAc", sql], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SytestError(f"psql {sql!r}: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    def ensure_template(self, python: Path) -> None:
+        """`sytest_template`, which SyTest copies into each homeserver's database when it exists
+        (lib/SyTest/Homeserver.pm, _clear_db_pg): Synapse's schema made once per Synapse version
+        by Synapse's own `update_synapse_database`, so that a homeserver's main process does not
+        build it during SyTest's 60 s start-up window."""
+        version = subprocess.run(
+            [str(python), "-c", "import importlib.metadata as m; print(m.version('matrix-synapse'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        exists = self.query(f"SELECT 1 FROM pg_database WHERE datname = '{TEMPLATE}'") == "1"
+        if (
+            exists
+            and self.query(
+                f"SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = '{TEMPLATE}'"
+            )
+            == version
+        ):
+            return
+        say(f"making {TEMPLATE}: Synapse {version}'s schema (update_synapse_database)")
+        self.fresh_database(TEMPLATE)
+        key = self.work / "template.signing.key"  # a config Synapse parses needs one
+        make_key = "import sys; from signedjson.key import generate_signing_key as g, write_signing_keys as w; "
+        make_key += "w(open(sys.argv[1], 'w'), [g('a')])"
+        subprocess.run([str(python), "-c", make_key, str(key)], check=True)
+        config = self.work / "template.yaml"
+        database = self.database_yaml(TEMPLATE).replace("\n", "\n  ").rstrip()
+        config.write_text(f"server_name: sytest.template\nreport_stats: false\nsigning_key_path: {key}\n")
+        config.write_text(config.read_text() + f"database:\n  {database}\n")
+        argv = [str(python.parent / "update_synapse_database"), "--database-config", str(config)]
+        done = subprocess.run([*argv, "--run-background-updates"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SytestError(f"update_synapse_database failed:\n{done.stderr[-3000:]}")
+        self.query(f"COMMENT ON DATABASE {TEMPLATE} IS '{version}'")
 
     def database_yaml(self, name: str) -> str:
         return (
@@ -515,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results: dict[str, Results] = {}
             try:
                 postgres.start()
+                postgres.ensure_template(python)
                 for proxy in proxies:
                     setup = Setup(
                         work, sytest, perl5, python, postgres, redis_bin, args.launcher, args.timeout, args.attempts
