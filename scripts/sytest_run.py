@@ -92,6 +92,16 @@ CI_FILES = (
     "tests/52user-directory/01public.pl",
 )
 PROXIES = ("haproxy", "router")
+SESSION_PYTHON = """\
+#!{python}
+# SyTest's --python (written by scripts/sytest): each Synapse process in a session of its own, as
+# scripts/synapse_deploy.py starts them, so that with the kernel's autogroup scheduling SyTest's
+# 2 x 15 processes are not one scheduling group squeezed into SyTest's 60 s start-up limit.
+import contextlib, os, sys
+with contextlib.suppress(PermissionError):
+    os.setsid()
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
 PG_PORT = 25432
 TEMPLATE = "sytest_template"
 REDIS_HOSTS = ("127.0.0.1", "127.0.0.27", "127.0.0.28")
@@ -466,7 +476,11 @@ def _run_once(setup: Setup, proxy: str, files: Sequence[str]) -> tuple[Results, 
         "PGPASSWORD": setup.postgres.password,
     }
     argv = ["perl", "run-tests.pl", "-I", "Synapse::ViaHaproxy", "--workers"]
-    argv += ["--python", str(setup.python), "-d", str(setup.sytest), "--bind-host", "127.0.0.1"]
+    session_python = setup.work / "bin" / "python"
+    session_python.parent.mkdir(exist_ok=True)
+    session_python.write_text(SESSION_PYTHON.format(python=setup.python))
+    session_python.chmod(0o755)
+    argv += ["--python", str(session_python), "-d", str(setup.sytest), "--bind-host", "127.0.0.1"]
     argv += ["-p", SYTEST_PORTS, "--work-directory", str(run), "-O", "tap", "--all", "--room-version", "11"]
     argv += list(files)
     label = proxy if proxy == "haproxy" else f"router ({setup.launcher})"
@@ -500,6 +514,7 @@ def _run_once(setup: Setup, proxy: str, files: Sequence[str]) -> tuple[Results, 
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+            reap_leftovers(run)
     hs_started = hs_started and START_FAILED not in log_path.read_text(errors="replace")
     results = parse_tap((run / "results.tap").read_text(errors="replace"))
     say(
@@ -509,6 +524,31 @@ def _run_once(setup: Setup, proxy: str, files: Sequence[str]) -> tuple[Results, 
     if hs_started and not results.ran:
         raise SytestError(f"SyTest through {proxy} ran no test; see {log_path}")
     return results, hs_started
+
+
+def reap_leftovers(run: Path) -> None:
+    """Stop what SyTest started for this run and left running (it stops its processes itself,
+    unless it was killed): the processes whose command line names a file of this run's directory,
+    each by its pid."""
+    marker = f"{run}/"
+    mine = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                mine.append(int(entry.name))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [pid for pid in mine if deploy.pid_alive(pid)]
+        if not alive:
+            return
+        say(f"stopping {len(alive)} process(es) SyTest left running ({sig.name})")
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(deploy.pid_alive(pid) for pid in alive):
+            time.sleep(0.2)
 
 
 @contextlib.contextmanager
@@ -537,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every run's results and the comparison here")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per SyTest run (default 3600)")
     parser.add_argument(
-        "--attempts", type=int, default=3, help="runs per proxy when a homeserver does not start (default 3)"
+        "--attempts", type=int, default=5, help="runs per proxy when a homeserver does not start (default 5)"
     )
     parser.add_argument("files", nargs="*", help="SyTest test files (tests/...pl), instead of the subset")
     args = parser.parse_args(argv)
