@@ -135,6 +135,15 @@ class Results:
     def ran(self) -> set[str]:
         return self.passed | self.failed
 
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Results:
+        def names(key: str) -> set[str]:
+            value = data.get(key)
+            return {str(n) for n in value} if isinstance(value, list) else set()
+
+        planned = data.get("planned")
+        return cls(names("passed"), names("failed"), names("skipped"), planned if isinstance(planned, int) else None)
+
     def to_json(self) -> dict[str, object]:
         return {
             "passed": sorted(self.passed),
@@ -445,6 +454,7 @@ class Setup:
     launcher: str
     timeout: float
     attempts: int
+    ports: str
 
 
 def run_sytest(setup: Setup, proxy: str, files: Sequence[str]) -> Results:
@@ -481,7 +491,7 @@ def _run_once(setup: Setup, proxy: str, files: Sequence[str]) -> tuple[Results, 
     session_python.write_text(SESSION_PYTHON.format(python=setup.python))
     session_python.chmod(0o755)
     argv += ["--python", str(session_python), "-d", str(setup.sytest), "--bind-host", "127.0.0.1"]
-    argv += ["-p", SYTEST_PORTS, "--work-directory", str(run), "-O", "tap", "--all", "--room-version", "11"]
+    argv += ["-p", setup.ports, "--work-directory", str(run), "-O", "tap", "--all", "--room-version", "11"]
     argv += list(files)
     label = proxy if proxy == "haproxy" else f"router ({setup.launcher})"
     say(f"running SyTest through {label}: {len(files) or 'every'} test files; log {run / 'sytest.log'}")
@@ -562,6 +572,38 @@ def work_lock(work: Path) -> Iterator[None]:
         yield
 
 
+def run_all(
+    args: argparse.Namespace, proxies: Sequence[str], files: Sequence[str], work: Path, results: dict[str, Results]
+) -> None:
+    apt_install(missing_debian_packages(PERL_PACKAGES))
+    bindir, redis_bin = deploy.ensure_system_packages()
+    python = ensure_synapse()
+    work.mkdir(parents=True, exist_ok=True)
+    deploy.let_pg_traverse(work)
+    with work_lock(work):
+        sytest, perl5 = unpack(work)
+        postgres = Postgres(work, bindir, int(os.environ.get("SYTEST_PG_PORT", PG_PORT)))
+        try:
+            postgres.start()
+            postgres.ensure_template(python)
+            for proxy in proxies:
+                setup = Setup(
+                    work,
+                    sytest,
+                    perl5,
+                    python,
+                    postgres,
+                    redis_bin,
+                    args.launcher,
+                    args.timeout,
+                    args.attempts,
+                    args.ports,
+                )
+                results[proxy] = run_sytest(setup, proxy, files)
+        finally:
+            postgres.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/sytest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--proxy", choices=("router", "haproxy", "both"), default="both")
@@ -579,49 +621,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--attempts", type=int, default=5, help="runs per proxy when a homeserver does not start (default 5)"
     )
+    parser.add_argument("--ports", default=SYTEST_PORTS, help=f"SyTest's port range (default {SYTEST_PORTS})")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("HAPROXY_JSON", "ROUTER_JSON"),
+        help="run nothing: compare the --json files of a --proxy haproxy and a --proxy router run",
+    )
     parser.add_argument("files", nargs="*", help="SyTest test files (tests/...pl), instead of the subset")
     args = parser.parse_args(argv)
     proxies = PROXIES if args.proxy == "both" else (args.proxy,)
     files = args.files or (list(CI_FILES) if args.subset == "ci" else [])
-    work = args.work_dir.resolve()
+    results: dict[str, Results] = {}
     try:
-        apt_install(missing_debian_packages(PERL_PACKAGES))
-        bindir, redis_bin = deploy.ensure_system_packages()
-        python = ensure_synapse()
-        work.mkdir(parents=True, exist_ok=True)
-        deploy.let_pg_traverse(work)
-        with work_lock(work):
-            sytest, perl5 = unpack(work)
-            postgres = Postgres(work, bindir, int(os.environ.get("SYTEST_PG_PORT", PG_PORT)))
-            results: dict[str, Results] = {}
-            try:
-                postgres.start()
-                postgres.ensure_template(python)
-                for proxy in proxies:
-                    setup = Setup(
-                        work, sytest, perl5, python, postgres, redis_bin, args.launcher, args.timeout, args.attempts
-                    )
-                    results[proxy] = run_sytest(setup, proxy, files)
-            finally:
-                postgres.stop()
-    except (SytestError, deploy.DeployError, subprocess.CalledProcessError) as e:
+        if args.compare:
+            for proxy, path in zip(PROXIES, args.compare, strict=True):
+                results[proxy] = Results.from_json(json.loads(path.read_text())["results"][proxy])
+        else:
+            run_all(args, proxies, files, args.work_dir.resolve(), results)
+    except (SytestError, deploy.DeployError, subprocess.CalledProcessError, OSError, KeyError) as e:
         say(str(e))
         return 2
     print(comparison(results))
     bad = router_only_failures(results["haproxy"], results["router"]) if len(results) == 2 else []
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "files": files or "all",
-                    "launcher": args.launcher,
-                    "results": {p: r.to_json() for p, r in results.items()},
-                    "router_only_failures": bad,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        report = {
+            "files": files or "all",
+            "launcher": args.launcher,
+            "results": {p: r.to_json() for p, r in results.items()},
+            "router_only_failures": bad,
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 1 if bad else 0
 
 

@@ -169,3 +169,17 @@ def test_standin_command_lines_for_both_launchers(tmp_path: Path) -> None:
     assert dump == [str(VENV / "bin" / "mitmdump"), "-s", str(ROOT / "addons" / "router.py"), *options]
     with pytest.raises(standin.StandinError, match="SYTEST_ROUTER_LAUNCHER"):
         standin.router_argv(VENV, "nginx", "a:1", "h", 1, "p", config)
+
+
+def test_results_survive_the_json_that_compare_reads(tmp_path: Path) -> None:
+    r = sytest_run.parse_tap(TAP)
+    assert sytest_run.Results.from_json(r.to_json()) == r
+    for proxy, tap in (("haproxy", "ok 1 A\nok 2 B\n"), ("router", "ok 1 A\nnot ok 2 B\n")):
+        report = {"results": {proxy: sytest_run.parse_tap(tap).to_json()}}
+        (tmp_path / f"{proxy}.json").write_text(sytest_run.json.dumps(report))
+    out = tmp_path / "both.json"
+    status = sytest_run.main(
+        ["--compare", str(tmp_path / "haproxy.json"), str(tmp_path / "router.json"), "--json", str(out)]
+    )
+    assert status == 1
+    assert sytest_run.json.loads(out.read_text())["router_only_failures"] == ["B"]
