@@ -108,6 +108,8 @@ REDIS_HOSTS = ("127.0.0.1", "127.0.0.27", "127.0.0.28")
 REDIS_PORT = 6379
 SYTEST_PORTS = "27000:27999"
 START_FAILED = "WARN: Error starting server-"  # SyTest's tests/05homeserver.pl: 60 s, fixed
+LOG_FILE = re.compile(r"^(tests/\S+\.pl):$")
+LOG_TEST = re.compile(r"^\s+Test (\d+) ")
 TAP_LINE = re.compile(r"^(?P<not>not )?ok (?P<num>\d+) (?P<rest>.*)$")
 
 
@@ -130,6 +132,8 @@ class Results:
     failed: set[str] = field(default_factory=set)  # expected fails (# TODO) included
     skipped: set[str] = field(default_factory=set)
     planned: int | None = None
+    files: dict[str, str] = field(default_factory=dict, compare=False)  # name -> test file, from SyTest's log
+    cleared: set[str] = field(default_factory=set)  # failed, then passed on a recheck run (router only)
 
     @property
     def ran(self) -> set[str]:
@@ -142,7 +146,8 @@ class Results:
             return {str(n) for n in value} if isinstance(value, list) else set()
 
         planned = data.get("planned")
-        return cls(names("passed"), names("failed"), names("skipped"), planned if isinstance(planned, int) else None)
+        planned_or_none = planned if isinstance(planned, int) else None
+        return cls(names("passed"), names("failed"), names("skipped"), planned_or_none, {}, names("cleared_by_recheck"))
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -150,11 +155,25 @@ class Results:
             "failed": sorted(self.failed),
             "skipped": sorted(self.skipped),
             "planned": self.planned,
+            "cleared_by_recheck": sorted(self.cleared),
         }
 
 
-def parse_tap(text: str) -> Results:
+def test_files(log: str) -> dict[int, str]:
+    """Test number -> file, from SyTest's progress on stderr (`tests/x.pl:` then `    Test N ...`)."""
+    files: dict[int, str] = {}
+    current = ""
+    for line in log.splitlines():
+        if m := LOG_FILE.match(line):
+            current = m[1]
+        elif current and (m := LOG_TEST.match(line)):
+            files[int(m[1])] = current
+    return files
+
+
+def parse_tap(text: str, log: str = "") -> Results:
     results = Results()
+    numbers = test_files(log)
     seen: dict[str, int] = {}
     for line in text.splitlines():
         if line.startswith("1..") and line[3:].isdigit():
@@ -170,6 +189,8 @@ def parse_tap(text: str) -> Results:
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name} #{seen[name]}"
+        if int(m["num"]) in numbers:
+            results.files[name] = numbers[int(m["num"])]
         if directive.lower().startswith("skip"):
             results.skipped.add(name)
         elif m["not"]:
@@ -182,7 +203,7 @@ def parse_tap(text: str) -> Results:
 def router_only_failures(haproxy: Results, router: Results) -> list[str]:
     """Tests that pass through HAProxy and do not pass through the router (failed, or never
     reported because the run stopped)."""
-    return sorted(haproxy.passed - router.passed - router.skipped)
+    return sorted(haproxy.passed - router.passed - router.skipped - router.cleared)
 
 
 def comparison(results: dict[str, Results]) -> str:
@@ -194,6 +215,9 @@ def comparison(results: dict[str, Results]) -> str:
         )
     if "haproxy" in results and "router" in results:
         bad = router_only_failures(results["haproxy"], results["router"])
+        cleared = sorted(results["router"].cleared)
+        lines.append(f"failed through the router, passed through it on a recheck run: {len(cleared)}")
+        lines += [f"  - {name}" for name in cleared]
         lines.append(f"passes through HAProxy, fails through the router: {len(bad)}")
         lines += [f"  - {name}" for name in bad]
         better = sorted(results["router"].passed - results["haproxy"].passed)
@@ -457,23 +481,23 @@ class Setup:
     ports: str
 
 
-def run_sytest(setup: Setup, proxy: str, files: Sequence[str]) -> Results:
+def run_sytest(setup: Setup, proxy: str, files: Sequence[str], tag: str = "") -> Results:
     """One SyTest run through `proxy`, again (up to `setup.attempts` times) when a homeserver did
     not start within SyTest's fixed 60 s: on a busy machine 2 x 14 Synapse processes can take
     longer, and a run without both homeservers compares nothing."""
     for attempt in range(1, setup.attempts + 1):
-        results, started = _run_once(setup, proxy, files)
+        results, started = _run_once(setup, proxy, files, tag or proxy)
         if started:
             return results
         say(f"a homeserver did not start within SyTest's 60 s (attempt {attempt} of {setup.attempts})")
     raise SytestError(f"SyTest through {proxy}: a homeserver never started; see {setup.work}/run-{proxy}/sytest.log")
 
 
-def _run_once(setup: Setup, proxy: str, files: Sequence[str]) -> tuple[Results, bool]:
-    run = setup.work / f"run-{proxy}"
+def _run_once(setup: Setup, proxy: str, files: Sequence[str], tag: str) -> tuple[Results, bool]:
+    run = setup.work / f"run-{tag}"
     shutil.rmtree(run, ignore_errors=True)
     for i in (0, 1):
-        database = f"sytest_{proxy}_{i}"
+        database = f"sytest_{tag}_{i}"
         setup.postgres.fresh_database(database)
         (run / f"server-{i}").mkdir(parents=True)
         (run / f"server-{i}" / "database.yaml").write_text(setup.postgres.database_yaml(database))
@@ -526,7 +550,7 @@ def _run_once(setup: Setup, proxy: str, files: Sequence[str]) -> tuple[Results, 
                     proc.wait()
             reap_leftovers(run)
     hs_started = hs_started and START_FAILED not in log_path.read_text(errors="replace")
-    results = parse_tap((run / "results.tap").read_text(errors="replace"))
+    results = parse_tap((run / "results.tap").read_text(errors="replace"), log_path.read_text(errors="replace"))
     say(
         f"through {label}: {len(results.passed)} passed, {len(results.failed)} failed, "
         f"{len(results.skipped)} skipped in {time.monotonic() - started:.0f} s (SyTest exit {proc.returncode})"
@@ -572,6 +596,24 @@ def work_lock(work: Path) -> Iterator[None]:
         yield
 
 
+def recheck(setup: Setup, results: dict[str, Results], rounds: int) -> None:
+    """Runs the files of the tests that passed through HAProxy and failed through the router
+    through the router again (`rounds` times at most); a test the router passes on such a run is
+    taken off the list (`results["router"].cleared`): on a loaded machine SyTest's fixed timeouts
+    (60 s for a fixture) fail tests of either proxy now and then."""
+    router = results["router"]
+    for i in range(1, rounds + 1):
+        bad = router_only_failures(results["haproxy"], router)
+        files = sorted({router.files.get(n) or results["haproxy"].files.get(n) or "" for n in bad} - {""})
+        if not files:
+            return
+        say(f"recheck {i}: {len(bad)} test(s) passed through HAProxy and failed through the router; again: {files}")
+        again = run_sytest(setup, "router", files, tag=f"router_recheck{i}")
+        for name in bad:
+            if name in again.passed:
+                router.cleared.add(name)
+
+
 def run_all(
     args: argparse.Namespace, proxies: Sequence[str], files: Sequence[str], work: Path, results: dict[str, Results]
 ) -> None:
@@ -600,6 +642,8 @@ def run_all(
                     args.ports,
                 )
                 results[proxy] = run_sytest(setup, proxy, files)
+            if len(results) == 2:
+                recheck(setup, results, args.recheck)
         finally:
             postgres.stop()
 
@@ -620,6 +664,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per SyTest run (default 3600)")
     parser.add_argument(
         "--attempts", type=int, default=5, help="runs per proxy when a homeserver does not start (default 5)"
+    )
+    parser.add_argument(
+        "--recheck", type=int, default=1, help="router runs of the router-only failures' files again (default 1)"
     )
     parser.add_argument("--ports", default=SYTEST_PORTS, help=f"SyTest's port range (default {SYTEST_PORTS})")
     parser.add_argument(

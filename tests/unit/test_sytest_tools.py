@@ -183,3 +183,27 @@ def test_results_survive_the_json_that_compare_reads(tmp_path: Path) -> None:
     )
     assert status == 1
     assert sytest_run.json.loads(out.read_text())["router_only_failures"] == ["B"]
+
+
+def test_test_files_come_from_sytests_progress_log() -> None:
+    log = (
+        "tests/10apidoc/02login.pl:\n    Test 1 GET /login yields a set of flows... OK\n"
+        "[synapse-0-master]: noise\ntests/45openid.pl:\n    Test 2 Can generate a openid access_token... FAIL\n"
+    )
+    r = sytest_run.parse_tap(
+        "ok 1 GET /login yields a set of flows\nnot ok 2 Can generate a openid access_token\n", log
+    )
+    assert r.files == {
+        "GET /login yields a set of flows": "tests/10apidoc/02login.pl",
+        "Can generate a openid access_token": "tests/45openid.pl",
+    }
+
+
+def test_a_failure_the_router_passes_on_a_recheck_is_not_a_router_only_failure() -> None:
+    haproxy = sytest_run.parse_tap("ok 1 A\nok 2 B\n")
+    router = sytest_run.parse_tap("not ok 1 A\nnot ok 2 B\n")
+    router.cleared.add("A")
+    assert sytest_run.router_only_failures(haproxy, router) == ["B"]
+    assert "passed through it on a recheck run: 1\n  - A" in sytest_run.comparison(
+        {"haproxy": haproxy, "router": router}
+    )
