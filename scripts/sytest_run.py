@@ -406,7 +406,7 @@ class Postgres:
         config.write_text(f"server_name: sytest.template\nreport_stats: false\nsigning_key_path: {key}\n")
         config.write_text(config.read_text() + f"database:\n  {database}\n")
         argv = [str(python.parent / "update_synapse_database"), "--database-config", str(config)]
-        done = subprocess.run([*argv, "--run-background-updates"], capture_output=True, text=True)
+        done = subprocess.run([*argv, "--run-background-updates"], capture_output=True, text=True, cwd=self.work)
         if done.returncode != 0:
             raise SytestError(f"update_synapse_database failed:\n{done.stderr[-3000:]}")
         self.query(f"COMMENT ON DATABASE {TEMPLATE} IS '{version}'")
