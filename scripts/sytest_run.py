@@ -504,7 +504,7 @@ def _run_once(setup: Setup, proxy: str, files: Sequence[str], tag: str) -> tuple
     env = {
         **os.environ,
         "PERL5LIB": str(setup.perl5),
-        "HAPROXY_BIN": str(HAPROXY if proxy == "haproxy" else STANDIN),
+        "HAPROXY_BIN": str(HAPROXY if proxy == "haproxy" else standin_command(setup.work)),
         "SYTEST_ROUTER_LAUNCHER": setup.launcher,
         "PGPORT": str(setup.postgres.port),  # SyTest's own DBI connections take host only
         "PGPASSWORD": setup.postgres.password,
@@ -558,6 +558,16 @@ def _run_once(setup: Setup, proxy: str, files: Sequence[str], tag: str) -> tuple
     if hs_started and not results.ran:
         raise SytestError(f"SyTest through {proxy} ran no test; see {log_path}")
     return results, hs_started
+
+
+def standin_command(work: Path) -> Path:
+    """HAPROXY_BIN for the router: the stand-in run by the router's own interpreter (so it writes
+    the router YAML without starting `synapse-router config from-synapse`)."""
+    path = work / "bin" / "haproxy-standin"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(STANDIN))} "$@"\n')
+    path.chmod(0o755)
+    return path
 
 
 def reap_leftovers(run: Path) -> None:

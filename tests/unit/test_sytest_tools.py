@@ -134,10 +134,11 @@ def test_standin_reads_sytests_haproxy_conf(tmp_path: Path) -> None:
         standin.parse_haproxy_conf("frontend x\n    bind 127.0.0.1:1\n")
 
 
-def test_standin_pools_mirror_every_haproxy_backend(tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "command"])
+def test_standin_pools_mirror_every_haproxy_backend(tmp_path: Path, in_process: bool) -> None:
     sytest_homeserver(tmp_path)
     _, _, _, backends = standin.parse_haproxy_conf(haproxy_conf(tmp_path))
-    text = standin.router_yaml(tmp_path, VENV, backends)
+    text = standin.router_yaml(tmp_path, VENV, backends, in_process)
     config = yaml.safe_load(text)
     workers = config["workers"]
     assert workers["sync"] == ["http://127.0.0.1:27004"]
