@@ -401,14 +401,18 @@ def test_absolute_form_target_is_refused(router) -> None:
 
 def test_each_hook_is_owned_by_one_addon_and_runs_in_list_order() -> None:
     # The router is a composition of small addons: it holds no hook itself, and each hook
-    # runs in its addons' list order (limits first, observation late).
+    # runs in its addons' list order (limits first, the exchange's owner late; Observation
+    # observes what the owner hands it, and holds no per-flow end hook).
     router = SynapseRouter()
     hooks_of = {name for name in dir(router) if name in {"requestheaders", "request", "response", "error"}}
     assert not hooks_of
     owners = [type(a).__name__ for a in router.addons if hasattr(a, "requestheaders")]
     assert owners == ["ConnectionLimits", "Routing"]
     owners = [type(a).__name__ for a in router.addons if hasattr(a, "response")]
-    assert owners == ["ConnectionLimits", "WhoamiIdentity", "Observation", "GracefulStop"]
+    assert owners == ["ConnectionLimits", "WhoamiIdentity", "ExchangeOwner", "GracefulStop"]
+    for end in ("error", "client_disconnected"):
+        assert "ExchangeOwner" in [type(a).__name__ for a in router.addons if hasattr(a, end)]
+        assert "Observation" not in [type(a).__name__ for a in router.addons if hasattr(a, end)]
     assert [type(a).__name__ for a in router.addons if hasattr(a, "request")] == ["RouterSent"]
 
 
@@ -574,13 +578,13 @@ def test_a_flow_ended_by_neither_response_nor_error_is_ended_when_its_client_goe
     assert addon.state.in_flight[url] == 2
     hook(addon, "client_disconnected", flow.client_conn)
     assert addon.state.in_flight[url] == 1
-    assert flow.client_conn.id not in addon.state.unfinished
+    assert flow.client_conn.id not in addon.state.exchanges.open
     assert 'synapse_router_requests_total{method="GET",pool="client_reader",route="room_read",status_class="error"' in (
         addon.metrics.render().decode()
     )
     other.response = tutils.tresp()
     hook(addon, "response", other)
-    assert addon.state.in_flight[url] == 0 and addon.state.unfinished == {}
+    assert addon.state.in_flight[url] == 0 and addon.state.exchanges.open == {}
     hook(addon, "client_disconnected", other.client_conn)  # already over: nothing counted twice
     assert addon.state.in_flight[url] == 0
 

@@ -20,6 +20,7 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 
 from ..edge.wellformed import head_relayable
+from ..routing.exchange import FailureKind
 from . import flowdata
 from .connection_limits import client_io
 from .responses import matrix_error, no_process_available, respond
@@ -43,6 +44,7 @@ class StreamedErrors:
         if status >= 200 and head_relayable(response.data.reason, response.headers.fields):
             return
         why = f"the worker answered {status}" if status < 200 else "a control byte in the worker's response head"
+        self._note(flow, FailureKind.NO_RESPONSE)
         self._answer_and_kill(flow, matrix_error(502, "M_UNKNOWN", "The server gave an invalid response."), why)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -64,9 +66,17 @@ class StreamedErrors:
             return
         if flow.server_conn.timestamp_tcp_setup is None:  # never connected: every process refused
             response = no_process_available(self.state.workers.config.retry_after)
+            self._note(flow, FailureKind.CONNECT_ERROR)
         else:
             response = matrix_error(502, "M_UNKNOWN", "The server gave no response.")
+            self._note(flow, FailureKind.NO_RESPONSE)
         self._answer_and_kill(flow, response, flow.error.msg)
+
+    def _note(self, flow: http.HTTPFlow, failure: FailureKind) -> None:
+        """How the exchange failed (the flow is killed next: its `error` hook says only that)."""
+        exchange = self.state.exchanges.find(flow.client_conn.id, flow.id)
+        if exchange is not None:
+            exchange.note(failure)
 
     @staticmethod
     def _answer_and_kill(flow: http.HTTPFlow, response: http.Response, why: str) -> None:
