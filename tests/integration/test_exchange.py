@@ -172,7 +172,9 @@ def test_a_client_that_leaves_mid_request(fleet: Fleet, tmp_path: Path, path: st
         wait_until(lambda: len(_lines(access)) == 2, 10, access.read_text)
         time.sleep(5)  # the worker's late answer changes nothing
         assert in_flight(metrics_port) == zero
-        assert len(_lines(access)) == 2, access.read_text()
+        lines = _lines(access)
+        assert len(lines) == 2, access.read_text()
+        assert "failure=client_gone" in lines[1] and "status=" not in lines[1], lines[1]
         assert requests_counted(metrics_port) == 2
     finally:
         starter.stop_all()
@@ -218,12 +220,13 @@ def test_a_worker_that_dies_mid_answer(fleet: Fleet, tmp_path: Path, path: str) 
         wait_until(lambda: len(_lines(access)) == 1, 10, access.read_text)
         wait_until(lambda: in_flight(metrics_port) == zero, 5, lambda: in_flight(metrics_port))
         assert requests_counted(metrics_port) == 1
+        assert "failure=no_response" in _lines(access)[0], access.read_text()
     finally:
         starter.stop_all()
 
 
 def test_a_request_refused_and_a_router_made_error(fleet: Fleet, tmp_path: Path) -> None:
-    """Refused in requestheaders (a header the router will not pass on), and answered by the
+    """Refused in requestheaders (TRACE, which the router does not pass on), and answered by the
     router because no process takes it (its only worker refuses, then main): nothing stays
     counted, each is counted once."""
     fleet.add("main", whoami={TOKEN: "@alice:test"})
@@ -231,8 +234,8 @@ def test_a_request_refused_and_a_router_made_error(fleet: Fleet, tmp_path: Path)
     starter, router, metrics_port, access = _start(tmp_path, fleet, {"client_reader": [dead]})
     try:
         with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
-            sock.sendall(b"GET /_matrix/client/v3/rooms/!r:x/messages HTTP/1.1\r\nHost: m\r\nX-A: a\x01b\r\n\r\n")
-            assert sock.recv(65536).startswith(b"HTTP/1.1 400")
+            sock.sendall(b"TRACE /_matrix/client/v3/rooms/!r:x/messages HTTP/1.1\r\nHost: m\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 405")
         fleet["main"].kill()
         answer = httpx.get(router.url + "/_matrix/client/v3/rooms/!r:x/messages", timeout=10)
         assert answer.status_code == 503 and answer.json()["errcode"] == "M_UNKNOWN"
