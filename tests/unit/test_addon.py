@@ -16,7 +16,6 @@ from mitmproxy.addons.errorcheck import ErrorCheckHandler
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 from synapse_router.addon import METADATA_KEY, SynapseRouter
-from synapse_router.addons import flowdata
 from synapse_router.addons.configuration import Configuration
 from synapse_router.identity.resolver import Source
 from synapse_router.identity.tokens import short_hash, token_key
@@ -563,7 +562,8 @@ def test_which_requests_the_router_sends_itself(
     flow = make_flow(path, {"Authorization": "Bearer t", "Content-Length": str(len(body))}, method=method)
     flow.request.raw_content = body
     hook(addon, "requestheaders", flow)
-    assert flowdata.sending(flow) is how
+    exchange = addon.state.exchanges.find(flow.client_conn.id, flow.id)
+    assert exchange is not None and exchange.sending is how
 
 
 def test_a_flow_ended_by_neither_response_nor_error_is_ended_when_its_client_goes(router) -> None:

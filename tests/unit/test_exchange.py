@@ -20,7 +20,7 @@ def opened(ledger: Ledger[Flow], client: str = "c1", key: str = "f1") -> Exchang
     exchange = ledger.open_exchange(Flow(), client, key)
     exchange.count_on(W1)
     exchange.await_connection()
-    exchange.sending = True
+    exchange.in_upstream = True
     return exchange
 
 
@@ -92,7 +92,7 @@ def test_a_release_that_raises_does_not_keep_the_others_from_running() -> None:
     ledger.in_flight = _Exploding(ledger.in_flight)  # the first release raises too
     with pytest.raises(KeyError):  # the first exception, after every release was tried
         exchange.close(FailureKind.NO_RESPONSE)
-    assert exchange.closed and not ledger.open and not ledger.connecting and exchange.sending is False
+    assert exchange.closed and not ledger.open and not ledger.connecting and exchange.in_upstream is False
     assert exchange.close() is False  # and never again
 
 

@@ -65,12 +65,11 @@ class RouterSent:
         self.state.upstream.close()
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        how = flowdata.sending(flow)
-        if how is None or flow.response is not None:
+        exchange = self.state.exchanges.find(flow.client_conn.id, flow.id)
+        if exchange is None or exchange.sending is None or flow.response is not None:
             return None
         decision = flowdata.decision(flow)
-        exchange = self.state.exchanges.find(flow.client_conn.id, flow.id)
-        return None if decision is None or exchange is None else self._send(flow, exchange, decision, how)
+        return None if decision is None else self._send(flow, exchange, decision, exchange.sending)
 
     async def _send(
         self, flow: http.HTTPFlow, exchange: Exchange[http.HTTPFlow], decision: Decision, how: Sending
@@ -97,7 +96,7 @@ class RouterSent:
             if upstream is None:  # not in reverse mode: mitmproxy forwards it as addressed
                 self._hand_to_mitmproxy(flow, exchange, fields, path)
                 return
-            exchange.sending = True  # closing the exchange abandons the upstream one
+            exchange.in_upstream = True  # closing the exchange abandons the upstream one
             try:
                 answer = await state.upstream.send(
                     upstream,
@@ -142,7 +141,7 @@ class RouterSent:
                     return
                 continue
             finally:
-                exchange.sending = False
+                exchange.in_upstream = False
             if isinstance(answer, upstream_client.StreamedAnswer):
                 await self._hand_to_relay(flow, exchange, answer)
                 return
@@ -169,7 +168,7 @@ class RouterSent:
         data = flow.request.data
         data.scheme, data.host, data.port = b"http", self.relay.host, port
         flow.request.headers[RELAY_HEADER] = self.relay.hand(answer)
-        flowdata.set_sending(flow, None)
+        exchange.sending = None
         flowdata.set_relayed(flow)
 
     def _answer(self, answer: Answer | None, failure: FailureKind) -> http.Response:
@@ -194,7 +193,7 @@ class RouterSent:
     ) -> None:
         """Let mitmproxy forward the request to the flow's target, token and all."""
         credentials.restore(flow, fields, path)
-        flowdata.set_sending(flow, None)
+        exchange.sending = None
         decision = flowdata.decision(flow)
         if decision is not None and decision.upstream is not None:
             exchange.await_connection()
@@ -207,5 +206,5 @@ class RouterSent:
             await asyncio.sleep(CLIENT_SWEEP_INTERVAL)
             for client_exchanges in list(self.state.exchanges.open.values()):
                 for exchange in list(client_exchanges.values()):
-                    if exchange.sending and not exchange.flow.client_conn.state & ConnectionState.CAN_READ:
+                    if exchange.in_upstream and not exchange.flow.client_conn.state & ConnectionState.CAN_READ:
                         self.state.upstream.abandon(exchange.key)

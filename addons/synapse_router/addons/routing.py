@@ -103,9 +103,9 @@ class Routing:
         (`answer` False: by the caller). Returns the flow's exchange (`exchange`, else opened
         now); a closed one counts nothing."""
         if decision.writer_down:
-            flowdata.set_sending(flow, None)
             exchange = self._decided(flow, decision, exchange)
             exchange.count_on(None)
+            exchange.sending = None
             if answer:
                 respond(flow, no_process_available(self.state.workers.config.retry_after))
             flow.comment = decision.summary()
@@ -121,8 +121,7 @@ class Routing:
             data.scheme, data.host, data.port = target.scheme.encode(), target.host, target.port
         exchange = self._decided(flow, decision, exchange)
         exchange.count_on(upstream.url if upstream is not None else None)
-        sending = _sending(request, decision) if target is not None else None
-        flowdata.set_sending(flow, sending)
+        sending = exchange.sending = _sending(request, decision) if target is not None else None
         if upstream is not None and sending is None:
             exchange.await_connection()
         if decision.strip_accept_encoding and "accept-encoding" in request.headers:

@@ -3,8 +3,9 @@
 An `Exchange` is opened when a request gets its routing decision and holds everything the router
 keeps for it: its in-flight count on a worker (what least_conn balances on and
 `synapse_router_worker_in_flight` shows), its place in the registry of its client connection's
-open exchanges, its registration while mitmproxy connects upstream for it (connect failover),
-its registration with the router's own upstream client while the router sends it, the workers
+open exchanges, its sending path (the router's own client, retry.py, or mitmproxy's), its registration while
+mitmproxy connects upstream for it (connect failover), its registration with the router's own
+upstream client while the router sends it, the workers
 it already tried, and how it failed (`FailureKind`, never an error message's text).
 
 `close(failure)` ends it exactly once, whichever of `response`, `error` or `client_disconnected`
@@ -22,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from enum import StrEnum
 
+from .retry import Sending
+
 
 class FailureKind(StrEnum):
     """How an exchange failed, as the access log (`failure=`) and the failover policy read it."""
@@ -38,7 +41,7 @@ class FailureKind(StrEnum):
 class Exchange[F]:
     """One request's bookkeeping (see the module docstring). Made by `Ledger.open`."""
 
-    __slots__ = ("ledger", "flow", "client", "key", "worker", "failure", "closed", "sending", "tried")
+    __slots__ = ("ledger", "flow", "client", "key", "worker", "failure", "closed", "sending", "in_upstream", "tried")
 
     def __init__(self, ledger: Ledger[F], flow: F, client: str, key: str) -> None:
         self.ledger = ledger
@@ -48,7 +51,8 @@ class Exchange[F]:
         self.worker: str | None = None  # the worker URL it is counted on
         self.failure: FailureKind | None = None
         self.closed = False
-        self.sending = False  # the router's upstream client has an exchange of it in flight
+        self.sending: Sending | None = None  # how the router sends it (retry.py); None: mitmproxy does
+        self.in_upstream = False  # the router's upstream client has an exchange of it in flight
         self.tried: set[str] | None = None  # workers that failed it, made at its first failover
 
     def count_on(self, worker: str | None) -> bool:
@@ -92,9 +96,9 @@ class Exchange[F]:
         if self.failure is None:
             self.failure = failure
         error: Exception | None = None
-        for release in (self._release_count, self._release_registry, self._release_connecting, self._release_upstream):
+        for release in _RELEASES:  # unbound: no bound method made per exchange
             try:
-                release()
+                release(self)
             except Exception as e:  # noqa: BLE001 - the rest is released all the same, then it is raised
                 error = error or e
         if error is not None:
@@ -120,11 +124,19 @@ class Exchange[F]:
             del connecting[self.client]
 
     def _release_upstream(self) -> None:
-        if self.sending:
-            self.sending = False
+        if self.in_upstream:
+            self.in_upstream = False
             abandon = self.ledger.abandon
             if abandon is not None:
                 abandon(self.key)
+
+
+_RELEASES = (
+    Exchange._release_count,
+    Exchange._release_registry,
+    Exchange._release_connecting,
+    Exchange._release_upstream,
+)
 
 
 def _uncount(in_flight: dict[str, int], worker: str) -> None:
