@@ -37,7 +37,8 @@ commands need only `--state-dir`, or nothing for the topology's default director
              media1       media repository (synapse.app.media_repository, `media` resource;
                           `enable_media_repo: false` and `media_instance_running_background_jobs`
                           in the shared config) and quarantined_media_changes writer
-             initial_sync1, sync1, client_reader1 (client), federation_reader1 (federation)
+             initial_sync1, sync1 (client), client_reader1 (client and federation: it is also the
+                          `generic` pool, where federation routes fall back), federation_reader1 (federation)
     The JSON also has "worker_replication", "roles", "resources" and "stream_writers". `--venv DIR`
     uses (or creates) a Synapse virtualenv elsewhere, e.g. the default deployment's, so a
     second topology costs no second install (remembered in STATE/venv_path). The full topology
@@ -221,7 +222,7 @@ FULL_TOPOLOGY = Topology(
         ),
         Worker("initial_sync1", "initial sync", ("client",)),
         Worker("sync1", "sync", ("client",)),
-        Worker("client_reader1", "client reader", ("client",)),
+        Worker("client_reader1", "client reader", ("client", "federation")),  # also the `generic` pool
         Worker("federation_reader1", "federation reader", ("federation",)),
     ),
     offset=100,

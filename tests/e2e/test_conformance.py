@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from synapse_router.routing.engine import WRITER_DOWN
 from synapse_router.routing.routes import MAIN, RouteTable
 
 from tests.harness import ROOT, Router, RouterStarter
@@ -130,7 +131,8 @@ class Conformance:
         decided = self.process_of_url.get(worker, worker)
         served = self._served_by(marker, method, url.split("?", 1)[0])
         match = self.table.match(method, url)
-        chain = " -> ".join([*(match.route.pools if match.route else ()), MAIN])
+        last = WRITER_DOWN if match.route is not None and match.route.writer else MAIN  # writer pools: configured
+        chain = " -> ".join([*(match.route.pools if match.route else ()), last])
         processes = self.allowed(allowed)
         row = Row(label, route, chain, decided, served, response.status_code, allowed, processes)
         problems = []
@@ -588,7 +590,8 @@ def render(rows: list[Row]) -> str:
         "account_data, receipts, presence, push_rules, device_lists, thread_subscriptions;",
         "persister1: events; media1: media repository and quarantined_media_changes writer;",
         "initial_sync1; sync1; client_reader1, also the `generic`, `room` and `user_dir` pools;",
-        "federation_reader1). *Pool chain* is the route's fallback order (main always last);",
+        "federation_reader1). *Pool chain* is the route's fallback order (main last; a stream writer's",
+        "route ends with the router's 503 instead, main not being the writer);",
         "*served by* is the process whose own access log has the request, which the test checks is",
         "the process the router's decision named and one Synapse allows (*Synapse allows*: `client`",
         "= any process with a client listener, `federation` likewise, `media` = media repository",

@@ -19,6 +19,18 @@ pytestmark = pytest.mark.integration
 TOKENS = {f"tok{i}": f"@user{i}:test.local" for i in range(20)}
 
 
+def _wait_for_shared_entries(url: str, count: int, timeout: float = 30.0) -> None:
+    """Until Redis holds `count` identity entries (a fixed sleep lost the race on a busy machine)."""
+    direct = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while len(direct.keys(PREFIX + "*")) < count:
+            assert time.monotonic() < deadline, f"Redis holds {len(direct.keys(PREFIX + '*'))} of {count} entries"
+            time.sleep(0.05)
+    finally:
+        direct.close()
+
+
 def _sync_fleet(fleet: Fleet, redis_url: str, whoami_delay: float = 0.0) -> dict:
     """Main (whoami for TOKENS) and three sync workers; the router configuration for them."""
     fleet.add("main", whoami=TOKENS, whoami_delay=whoami_delay)
@@ -47,7 +59,7 @@ def test_two_routers_one_whoami_call_per_token_and_redis_down_keeps_routing(
             }
 
     on_a = where(a)
-    time.sleep(0.3)  # writes to the shared cache happen just after each answer
+    _wait_for_shared_entries(url, len(TOKENS))  # a writes each answer to Redis just after it routes
     on_b = where(b)
     assert on_a == on_b  # deterministic: both instances send each user to the same worker
     assert fleet["main"].stats()["whoami_calls"] == len(TOKENS)  # not 2 x

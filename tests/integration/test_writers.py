@@ -5,6 +5,9 @@ pool configured), and reads go on to the pools that may serve them."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -30,7 +33,7 @@ def _requests_seen(fleet: Fleet, name: str) -> int:
     ids=["router-sent", "streamed"],
 )
 def test_a_write_whose_writer_is_down_is_answered_503_not_sent_to_main(
-    fleet: Fleet, start_router, method: str, path: str, body: bytes
+    fleet: Fleet, start_router, tmp_path: Path, method: str, path: str, body: bytes
 ) -> None:
     fleet.add("main", whoami={TOKEN: "@alice:x"})
     fleet.add("reader1")
@@ -39,6 +42,7 @@ def test_a_write_whose_writer_is_down_is_answered_503_not_sent_to_main(
         "workers": {"typing": [dead], "device_lists": [dead], "client_reader": [fleet["reader1"].url]},
         "health": HEALTH,
         "whoami": {"timeout": 10},
+        "access_log": {"enabled": True, "format": "json", "path": str(tmp_path / "access.log")},
     }
     router = start_router(fleet["main"].url, config)
     before = _requests_seen(fleet, "main")
@@ -48,6 +52,11 @@ def test_a_write_whose_writer_is_down_is_answered_503_not_sent_to_main(
         assert response.json()["errcode"] == "M_UNKNOWN"
         assert int(response.headers["retry-after"]) >= 1
     assert _requests_seen(fleet, "main") == before  # main, not the writer, never saw a write
+    # the second 503 was made without asking any process: its access-log line has no upstream time
+    lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    made = [line for line in lines if line["path"] == path.split("?")[0]][-1]
+    assert made["status"] == 503 and made["worker"] == "router"
+    assert made.get("upstream_ms") is None, made
     # reads of a writer's stream still have somewhere to go
     assert served(httpx.get(router.url + "/_matrix/client/v3/devices", headers=AUTH, timeout=30))["server"] in (
         "reader1",

@@ -402,3 +402,16 @@ def test_reads_of_a_writer_stream_fall_back_when_the_writer_is_down() -> None:
     route = engine.match("GET", "/_matrix/client/v3/user/@a:x/account_data/m.x").route
     decision = engine.select(route, "k", "user", {"http://127.0.0.1:1"}, {})
     assert not decision.writer_down and decision.upstream is not None and decision.pool == "client_reader"
+
+
+def test_explain_ends_a_writer_chain_with_the_routers_503_not_main() -> None:
+    """router.explain printed `typing -> main` although a typing write never falls back to main."""
+    path = "/_matrix/client/v3/rooms/!r:x/typing/@a:x"
+    engine = Engine(parse_config("workers:\n  typing: [http://127.0.0.1:1]\n"))
+    lines = engine.explain("PUT", path, "k", "user", {"http://127.0.0.1:1"})
+    assert "pool chain: typing -> 503 from the router" in lines
+    assert lines[-1] == "decision: typing -> no usable writer (typing:no usable worker): 503 from the router"
+    assert engine.chain(engine.match("PUT", path).route) == ["typing", "503 from the router"]
+    # no writer pool configured: main is the writer, and the chain says so
+    plain = Engine(parse_config("workers:\n  client_reader: [http://127.0.0.1:2]\n"))
+    assert "pool chain: (typing: not configured) -> main" in plain.explain("PUT", path, "k", "user", set())

@@ -50,6 +50,17 @@ def test_the_installed_command_answers_without_starting_a_proxy() -> None:
     assert "listening" not in done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("words", [["-q", "routes", "audit"], ["--set", "listen_port=0", "config", "check"]])
+def test_a_subcommand_after_an_option_is_refused_not_a_flow_filter(words: list[str]) -> None:
+    """mitmdump's command line takes trailing words as a flow filter: `synapse-router -q routes
+    audit` started a proxy filtering flows by "routes audit"."""
+    done = subprocess.run([LAUNCHER, *words], capture_output=True, text=True, timeout=120)
+    word = next(w for w in words if w in ("routes", "config"))
+    assert done.returncode == 1
+    assert f"`{word}` is a subcommand: it comes first" in done.stderr
+    assert "listening" not in done.stdout + done.stderr
+
+
 def test_the_router_help_names_the_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])

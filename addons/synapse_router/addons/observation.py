@@ -15,7 +15,7 @@ from mitmproxy import http
 from ..config import ConfigError, RouterConfig
 from ..edge import clienterrors
 from ..observability.accesslog import AccessLogFormatter, AccessRecord
-from ..routing.engine import Decision
+from ..routing.engine import ROUTER, Decision
 from ..routing.exchange import FailureKind
 from . import flowdata
 from .state import RouterState
@@ -74,7 +74,8 @@ class Observation:
         access-log line. `failure`: how it failed, if it did."""
         request, response = flow.request, flow.response
         upstream_seconds = None
-        if not decision.refused and response is not None and response.timestamp_start and request.timestamp_end:
+        asked = decision.worker != ROUTER  # a refusal or a writer-down 503: no process was asked
+        if asked and response is not None and response.timestamp_start and request.timestamp_end:
             upstream_seconds = max(0.0, (response.timestamp_end or response.timestamp_start) - request.timestamp_end)
         client_error = flowdata.client_error(flow)
         if response is not None:

@@ -23,6 +23,7 @@ from mitmproxy.tools import main as mitmproxy_main
 
 from ..addon import REQUIRED_OPTIONS
 from ..config import ConfigError, load_config
+from ..tools.subcommands import SUBCOMMANDS
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,12 @@ def apply_options(opts: options.Options, parser: argparse.ArgumentParser, args: 
         log.warning(f"{PROG}: ignoring option(s) of addons it does not load: {', '.join(sorted(opts.deferred))}")
         opts.deferred.clear()
     mitmproxy_main.process_options(parser, opts, args)  # type: ignore[no-untyped-call]
+    if args.filter_args and args.filter_args[0] in SUBCOMMANDS:
+        word = args.filter_args[0]
+        raise exceptions.OptionsError(  # type: ignore[no-untyped-call]
+            f"`{word}` is a subcommand: it comes first, before any option ({PROG} {word} --help); "
+            f"as a flow filter, write it as '~u {word}'"
+        )
     if args.filter_args:
         log.info(f'Only processing flows that match "{" & ".join(args.filter_args)}"')
         opts.update(dumper_filter=" ".join(args.filter_args))  # type: ignore[no-untyped-call]

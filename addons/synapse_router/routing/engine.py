@@ -11,6 +11,8 @@ from .routes import MAIN, Balance, Match, Route
 from .upstream import Upstream
 
 ROUTER = "router"  # pool and worker of a response the router made itself
+# The end of a stream writer's pool chain when its writer pool is configured: main cannot write.
+WRITER_DOWN = "503 from the router"
 
 
 @dataclass(slots=True)
@@ -80,10 +82,12 @@ class Engine:
         return self.table.match(method, path_and_query)
 
     def chain(self, route: Route | None) -> list[str]:
-        """The configured pools a route may use, in order, ending with main."""
+        """The configured pools a route may use, in order, ending with main (or, for a stream
+        writer's route whose writer pool is configured, with the router's 503)."""
         if route is None:
             return [MAIN]
-        return [p for p in route.pools if p in self.pools] + [MAIN]
+        last = WRITER_DOWN if self.writes_only_to_writer(route) else MAIN
+        return [p for p in route.pools if p in self.pools] + [last]
 
     def select(
         self,
@@ -114,9 +118,14 @@ class Engine:
                 decision.pool, decision.upstream = name, upstream
                 return decision
             decision.fallbacks.append(f"{name}:no usable worker")
-        if route.writer and any(name in self.pools for name in route.pools):
+        if self.writes_only_to_writer(route):
             decision.writer_down, decision.pool = True, ROUTER
         return decision
+
+    def writes_only_to_writer(self, route: Route) -> bool:
+        """A stream writer's route whose writer pool is configured: main, not being the writer,
+        is no fallback (the router answers 503 when no writer is usable)."""
+        return route.writer and any(name in self.pools for name in route.pools)
 
     def failover(self, failed: Decision, unusable: Set[str], in_flight: Mapping[str, int], reason: str) -> Decision:
         """Choose again for a request whose worker failed: the same route and key, without it.
@@ -141,7 +150,8 @@ class Engine:
             f"balance {route.balance.value}, key {key_kind}"
         ]
         chain = [p if p in self.pools else f"({p}: not configured)" for p in route.pools]
-        lines.append("pool chain: " + " -> ".join([*chain, MAIN]))
+        last = WRITER_DOWN if self.writes_only_to_writer(route) else MAIN
+        lines.append("pool chain: " + " -> ".join([*chain, last]))
         decision = self.select(route, key, key_kind, unusable, {})
         for name in route.pools:
             pool = self.pools.get(name)

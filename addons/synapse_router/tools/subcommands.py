@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, RouterConfig, load_config
 from ..routing.routes import RouteTable
 from .audit import audit, introspect, parse_servlets
 from .synapse_config import SynapseConfigError, check, read_deployment, router_yaml
@@ -103,7 +103,7 @@ def main(arguments: Sequence[str], out: TextIO | None = None, err: TextIO | None
             else:
                 out.write(text)
             return 0
-        problems = check(load_config(args.router_config), read_deployment(args.synapse[0], args.synapse[1:]))
+        problems = check(_router_config(args.router_config), read_deployment(args.synapse[0], args.synapse[1:]))
         for problem in problems:
             out.write(f"{problem}\n")
         out.write(f"{len(problems)} disagreement(s) between {args.router_config} and Synapse's configuration\n")
@@ -111,6 +111,14 @@ def main(arguments: Sequence[str], out: TextIO | None = None, err: TextIO | None
     except (ValueError, OSError) as e:  # ConfigError, SynapseConfigError, bad JSON: the message names it
         err.write(f"{PROG}: {e}\n")
         return 2
+
+
+def _router_config(path: str) -> RouterConfig:
+    """The router's configuration; its errors name the file (several files are read here)."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _audit(parser: argparse.ArgumentParser, args: argparse.Namespace, out: TextIO) -> int:
@@ -123,7 +131,7 @@ def _audit(parser: argparse.ArgumentParser, args: argparse.Namespace, out: TextI
     if args.save_servlets:
         args.save_servlets.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     version, servlets = parse_servlets(data)
-    table = RouteTable(load_config(args.router_config).routes) if args.router_config else RouteTable()
+    table = RouteTable(_router_config(args.router_config).routes) if args.router_config else RouteTable()
     report = audit(version, servlets, table)
     if args.json:
         findings = {
