@@ -70,9 +70,9 @@ def classify(flow: http.HTTPFlow) -> FailureKind:
     """How a flow mitmproxy reports failed (the `error` hook) failed: the one place the router
     reads mitmproxy's error message. A client error the router answered below the hooks
     (clienterrors) is kept on the flow for the access log."""
-    error = flow.error
-    if error is not None and error.msg == error.KILLED_MESSAGE:
+    if killed(flow):
         return FailureKind.KILLED
+    error = flow.error
     found = clienterrors.parse(error.msg if error is not None else None)
     if found is not None:
         if flowdata.client_error(flow) is None:
@@ -83,3 +83,9 @@ def classify(flow: http.HTTPFlow) -> FailureKind:
     if flow.server_conn.timestamp_tcp_setup is None:
         return FailureKind.CONNECT_ERROR
     return FailureKind.NO_RESPONSE
+
+
+def killed(flow: http.HTTPFlow) -> bool:
+    """The flow was killed (`flow.kill()`: by the router, or an operator in mitmweb)."""
+    error = flow.error
+    return error is not None and error.msg == error.KILLED_MESSAGE

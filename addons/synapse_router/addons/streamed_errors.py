@@ -23,6 +23,7 @@ from ..edge.wellformed import head_relayable
 from ..routing.exchange import FailureKind
 from . import flowdata
 from .connection_limits import client_io
+from .exchange import killed
 from .responses import matrix_error, no_process_available, respond
 from .state import RouterState
 
@@ -52,7 +53,7 @@ class StreamedErrors:
             flowdata.decision(flow) is None
             or flow.response is not None
             or flow.error is None
-            or flow.error.msg == flow.error.KILLED_MESSAGE
+            or killed(flow)
             or not flow.live
         ):
             return
