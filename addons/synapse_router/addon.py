@@ -3,8 +3,10 @@
 mitmproxy calls a parent addon's hooks and then its `addons`, in list order, so this list is
 the order in which each hook runs (a part that raises is logged and the later ones still run:
 addons/isolation.py) (for a request: limits, then routing, then the router's own
-upstream path or connect failover, then, once answered, logout eviction and observation). The
-addons share one RouterState (state.py) and per-flow data through flowdata.py.
+upstream path or connect failover, then, once answered, logout eviction, the end of the
+exchange and observation). The addons share one RouterState (state.py), in which every request
+in flight is an exchange with one owner (routing/exchange.py), and per-flow data through
+flowdata.py.
 
     LogRedaction      load, running, done: no token in the event log (mitmproxy's, libraries')
     ConnectionLimits  client_connected/disconnected, requestheaders, response, error: timeouts, caps
@@ -16,7 +18,9 @@ addons share one RouterState (state.py) and per-flow data through flowdata.py.
     RouterSent        request, running, done: long-polls the router sends (and retries) itself
     ConnectFailover   server_connect: probe before mitmproxy connects
     StreamedErrors    error/responseheaders: a Matrix 502/503, not mitmproxy's page or a bad head, on its path
-    Observation       responseheaders (debug headers), response, error: redaction, metrics, access log
+    ExchangeOwner     response, error, client_disconnected: ends each exchange once (releases,
+                      then Observation's metrics and access log, then redaction)
+    Observation       responseheaders (debug headers); `observe`, called by ExchangeOwner
     MetricsListener   running, done: the Prometheus endpoint
     ListenBacklog     running, done: the listening sockets' accept queue (limits.listen_backlog)
     GracefulStop      running (SIGTERM/SIGINT), responseheaders, response, done: drain, then stop
@@ -30,6 +34,7 @@ from .addons.configuration import Applier, Configuration
 from .addons.connect_failover import ConnectFailover
 from .addons.connection_limits import ConnectionLimits
 from .addons.credentials import LogRedaction
+from .addons.exchange import ExchangeOwner
 from .addons.flowdata import METADATA_KEY
 from .addons.graceful_stop import GracefulStop
 from .addons.health import HealthChecks
@@ -95,6 +100,7 @@ class SynapseRouter:
             self.router_sent,
             ConnectFailover(state, self.routing, self.health),
             StreamedErrors(state),
+            ExchangeOwner(state, self.observation),
             self.observation,
             self.metrics_listener,
             self.listen_backlog,

@@ -16,7 +16,6 @@ from mitmproxy.addons.errorcheck import ErrorCheckHandler
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 from synapse_router.addon import METADATA_KEY, SynapseRouter
-from synapse_router.addons import flowdata
 from synapse_router.addons.configuration import Configuration
 from synapse_router.identity.resolver import Source
 from synapse_router.identity.tokens import short_hash, token_key
@@ -401,14 +400,18 @@ def test_absolute_form_target_is_refused(router) -> None:
 
 def test_each_hook_is_owned_by_one_addon_and_runs_in_list_order() -> None:
     # The router is a composition of small addons: it holds no hook itself, and each hook
-    # runs in its addons' list order (limits first, observation late).
+    # runs in its addons' list order (limits first, the exchange's owner late; Observation
+    # observes what the owner hands it, and holds no per-flow end hook).
     router = SynapseRouter()
     hooks_of = {name for name in dir(router) if name in {"requestheaders", "request", "response", "error"}}
     assert not hooks_of
     owners = [type(a).__name__ for a in router.addons if hasattr(a, "requestheaders")]
     assert owners == ["ConnectionLimits", "Routing"]
     owners = [type(a).__name__ for a in router.addons if hasattr(a, "response")]
-    assert owners == ["ConnectionLimits", "WhoamiIdentity", "Observation", "GracefulStop"]
+    assert owners == ["ConnectionLimits", "WhoamiIdentity", "ExchangeOwner", "GracefulStop"]
+    for end in ("error", "client_disconnected"):
+        assert "ExchangeOwner" in [type(a).__name__ for a in router.addons if hasattr(a, end)]
+        assert "Observation" not in [type(a).__name__ for a in router.addons if hasattr(a, end)]
     assert [type(a).__name__ for a in router.addons if hasattr(a, "request")] == ["RouterSent"]
 
 
@@ -559,7 +562,8 @@ def test_which_requests_the_router_sends_itself(
     flow = make_flow(path, {"Authorization": "Bearer t", "Content-Length": str(len(body))}, method=method)
     flow.request.raw_content = body
     hook(addon, "requestheaders", flow)
-    assert flowdata.sending(flow) is how
+    exchange = addon.state.exchanges.find(flow.client_conn.id, flow.id)
+    assert exchange is not None and exchange.sending is how
 
 
 def test_a_flow_ended_by_neither_response_nor_error_is_ended_when_its_client_goes(router) -> None:
@@ -574,13 +578,13 @@ def test_a_flow_ended_by_neither_response_nor_error_is_ended_when_its_client_goe
     assert addon.state.in_flight[url] == 2
     hook(addon, "client_disconnected", flow.client_conn)
     assert addon.state.in_flight[url] == 1
-    assert flow.client_conn.id not in addon.state.unfinished
+    assert flow.client_conn.id not in addon.state.exchanges.open
     assert 'synapse_router_requests_total{method="GET",pool="client_reader",route="room_read",status_class="error"' in (
         addon.metrics.render().decode()
     )
     other.response = tutils.tresp()
     hook(addon, "response", other)
-    assert addon.state.in_flight[url] == 0 and addon.state.unfinished == {}
+    assert addon.state.in_flight[url] == 0 and addon.state.exchanges.open == {}
     hook(addon, "client_disconnected", other.client_conn)  # already over: nothing counted twice
     assert addon.state.in_flight[url] == 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..routing.engine import Decision
-from ..routing.retry import Sending
 
 if TYPE_CHECKING:
     from mitmproxy import http
@@ -19,7 +18,6 @@ METADATA_KEY = "synapse_router"
 _TOKEN = f"{METADATA_KEY}.token"  # the routed token's short hash: 8 hex digits, never a token
 _CLIENT_IP = f"{METADATA_KEY}.client_ip"
 _LOGOUT = f"{METADATA_KEY}.logout"  # (everywhere, token key) of a logout request
-_FORWARD = f"{METADATA_KEY}.forward"  # the router sends this request itself: how (a Sending)
 _REDACTED = f"{METADATA_KEY}.redacted"  # the request's credentials are labels now
 _UPLOAD_CUT = f"{METADATA_KEY}.upload_cut"  # answered while the client was still sending its body
 _RELAYED = f"{METADATA_KEY}.relayed"  # a router-sent answer streamed through the relay
@@ -65,22 +63,6 @@ def set_logout(flow: http.HTTPFlow, everywhere: bool, key: bytes) -> None:
 def pop_logout(flow: http.HTTPFlow) -> tuple[bool, bytes] | None:
     found = flow.metadata.pop(_LOGOUT, None)
     return found if isinstance(found, tuple) else None
-
-
-def router_sends(flow: http.HTTPFlow) -> bool:
-    return bool(flow.metadata.get(_FORWARD))
-
-
-def sending(flow: http.HTTPFlow) -> Sending | None:
-    found = flow.metadata.get(_FORWARD)
-    return found if isinstance(found, Sending) else None
-
-
-def set_sending(flow: http.HTTPFlow, how: Sending | None) -> None:
-    if how is not None:
-        flow.metadata[_FORWARD] = how
-    else:
-        flow.metadata.pop(_FORWARD, None)
 
 
 def redacted(flow: http.HTTPFlow) -> bool:

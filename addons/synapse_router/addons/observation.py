@@ -1,6 +1,7 @@
-"""Observation: what each request shows once it is over. Debug headers, credentials redacted
-in the flow, the decision kept as plain data, in-flight counts, metrics and the access log
-(to its file, or mitmproxy's event log)."""
+"""Observation: what each request shows. Debug headers as the answer's head leaves, and once
+its exchange is over (ExchangeOwner calls `observe`, once per exchange) its metrics and
+access-log line (to its file, or mitmproxy's event log). It only observes: the exchange's
+releases and the flow's redaction are ExchangeOwner's."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from mitmproxy import connection, http
-from mitmproxy.connection import ConnectionState
+from mitmproxy import http
 
 from ..config import ConfigError, RouterConfig
 from ..edge import clienterrors
 from ..observability.accesslog import AccessLogFormatter, AccessRecord
 from ..routing.engine import ROUTER, Decision
-from . import credentials, flowdata
+from ..routing.exchange import FailureKind
+from . import flowdata
 from .state import RouterState
 
 access_log = logging.getLogger("synapse_router.access")
+
+# A flow mitmproxy forwarded that failed this way without a response (ExchangeOwner's `classify`:
+# the client was still there both ways) got mitmproxy's own 502 page.
+MITMPROXY_ANSWERS_502 = frozenset({FailureKind.CONNECT_ERROR, FailureKind.NO_RESPONSE})
 
 
 class Observation:
@@ -64,58 +69,24 @@ class Observation:
             flow.response.headers["X-Synapse-Router-Pool"] = decision.pool
             flow.response.headers["X-Synapse-Router-Worker"] = decision.worker
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        decision = flowdata.decision(flow)
-        if decision is None:  # answered before routing (a limit, mitmproxy itself)
-            credentials.redact_answered(flow)
-            return
-        self._finish(flow, decision)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        decision = flowdata.decision(flow)
-        if decision is None:  # refused by mitmproxy's parser, or failed before routing
-            credentials.redact_answered(flow)
-            return
-        self._finish(flow, decision, _mitmproxy_error_status(flow))
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        """The client has gone: a flow of its that neither `response` nor `error` ended (mitmproxy
-        failing inside its HTTP layer, say) is ended now, so its in-flight count, connection
-        registration and access-log line are not lost."""
-        for flow in list(self.state.unfinished.pop(client.id, {}).values()):
-            decision = flowdata.decision(flow)
-            if decision is not None:
-                self._finish(flow, decision)
-
-    def _finish(self, flow: http.HTTPFlow, decision: Decision, error_status: int | None = None) -> None:
-        state = self.state
-        flows = state.unfinished.get(flow.client_conn.id)
-        if flows is not None:
-            flows.pop(flow.id, None)
-            if not flows:
-                del state.unfinished[flow.client_conn.id]
-        flowdata.settle_decision(flow, decision)
-        if state.connecting.get(flow.client_conn.id) is flow:
-            del state.connecting[flow.client_conn.id]
-        if decision.upstream is not None:
-            url = decision.upstream.url
-            state.in_flight[url] = max(0, state.in_flight.get(url, 0) - 1)
-        try:
-            self._observe(flow, decision, error_status)  # first: it reads the client error mitmproxy's layer gave
-        finally:
-            credentials.redact_answered(flow)
-
-    def _observe(self, flow: http.HTTPFlow, decision: Decision, error_status: int | None) -> None:
+    def observe(self, flow: http.HTTPFlow, decision: Decision, failure: FailureKind | None) -> None:
+        """An exchange is over (ExchangeOwner closed it, once): count it and write its
+        access-log line. `failure`: how it failed, if it did."""
         request, response = flow.request, flow.response
         upstream_seconds = None
         asked = decision.worker != ROUTER  # a refusal or a writer-down 503: no process was asked
         if asked and response is not None and response.timestamp_start and request.timestamp_end:
             upstream_seconds = max(0.0, (response.timestamp_end or response.timestamp_start) - request.timestamp_end)
-        status = response.status_code if response is not None else error_status
         client_error = flowdata.client_error(flow)
-        if client_error is None and flow.error is not None and (found := clienterrors.parse(flow.error.msg)):
+        if response is not None:
+            status: int | None = response.status_code
+        elif failure is FailureKind.CLIENT_ERROR and client_error in clienterrors.ERRORS:
             # answered in mitmproxy's HTTP/1 layer (compat/http1.py): the flow has no response
-            status, client_error = found.status, found.reason
+            status = clienterrors.ERRORS[client_error].status
+        else:
+            # A worker's side failed before any response byte while the client was there:
+            # mitmproxy answered it 502 with its own page. Otherwise nothing was answered.
+            status = 502 if failure in MITMPROXY_ANSWERS_502 else None
         upstream = decision.upstream
         if upstream is None or (decision.pool, upstream.url) in self.state.published:
             # Not for a worker a reload removed from this pool while this request was on it:
@@ -138,6 +109,7 @@ class Observation:
             token_hash=flowdata.token_label(flow),
             upload_cut=flowdata.upload_cut(flow),
             client_error=client_error,
+            failure=failure.value if failure is not None else None,
         )
         record.set_decision(decision)
         line = self._access.format(record)
@@ -161,14 +133,3 @@ def _bytes_sent(flow: http.HTTPFlow) -> int | None:
     if response.raw_content is not None:
         return len(response.raw_content)
     return flowdata.streamed_bytes(flow)
-
-
-def _mitmproxy_error_status(flow: http.HTTPFlow) -> int | None:
-    """The status mitmproxy answers a flow it forwarded and that failed upstream before any
-    response byte, where StreamedErrors could not answer instead: 502, with its own page. None
-    when nothing is answered: the client left (or can no longer be written to), the flow was
-    killed, or the response had begun."""
-    if flow.response is not None or flow.error is None or flow.error.msg == flow.error.KILLED_MESSAGE:
-        return None
-    open_both_ways = flow.client_conn.state & ConnectionState.OPEN == ConnectionState.OPEN
-    return 502 if open_both_ways else None

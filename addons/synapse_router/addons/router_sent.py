@@ -22,7 +22,10 @@ from ..config import RouterConfig
 from ..edge import upstream_client
 from ..edge.relay import HEADER as RELAY_HEADER
 from ..edge.relay import Relay
+from ..routing import failover
 from ..routing.engine import Decision
+from ..routing.exchange import Exchange, FailureKind
+from ..routing.failover import Answer, Step
 from ..routing.retry import Sending, head_timeout
 from . import credentials, flowdata
 from .health import HealthChecks
@@ -38,7 +41,6 @@ class RouterSent:
         self.state = state
         self.routing = routing
         self.health = health
-        self._sending: dict[str, http.HTTPFlow] = {}  # flows in flight on this path, by flow id
         self._sweep: asyncio.Task[None] | None = None
         self.relay = Relay()
 
@@ -63,17 +65,20 @@ class RouterSent:
         self.state.upstream.close()
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        how = flowdata.sending(flow)
-        if how is None or flow.response is not None:
+        exchange = self.state.exchanges.find(flow.client_conn.id, flow.id)
+        if exchange is None or exchange.sending is None or flow.response is not None:
             return None
         decision = flowdata.decision(flow)
-        return None if decision is None else self._send(flow, decision, how)
+        return None if decision is None else self._send(flow, exchange, decision, exchange.sending)
 
-    async def _send(self, flow: http.HTTPFlow, decision: Decision, how: Sending) -> None:
-        """Send the request to its worker (or main); on a failed connection move on to the next
-        worker (each failure marks one down, so this ends at main at the latest); after a worker
-        that gave no response, resend once if `how` allows it. Every failure is answered with a
-        Matrix error. A client that leaves abandons the exchange."""
+    async def _send(
+        self, flow: http.HTTPFlow, exchange: Exchange[http.HTTPFlow], decision: Decision, how: Sending
+    ) -> None:
+        """Send the request to its worker (or main); after a failure, failover.py decides
+        whether it goes to the next worker (a failed connection always does, each marking one
+        down or excluded, so this ends at main at the latest; after a worker that gave no
+        response only a request `how` allows to be resent, once). Every failure left is
+        answered with a Matrix error. A client that leaves abandons the exchange."""
         state = self.state
         request = flow.request
         method, path = request.method, request.path
@@ -86,13 +91,12 @@ class RouterSent:
         health = state.workers.config
         timeouts = {"read_timeout": health.read_timeout, "head_timeout": head_timeout(path, health.read_timeout)}
         resent = False
-        tried: set[str] = set()
         while True:
             upstream = decision.upstream or state.main
             if upstream is None:  # not in reverse mode: mitmproxy forwards it as addressed
-                self._hand_to_mitmproxy(flow, fields, path)
+                self._hand_to_mitmproxy(flow, exchange, fields, path)
                 return
-            self._sending[flow.id] = flow
+            exchange.in_upstream = True  # closing the exchange abandons the upstream one
             try:
                 answer = await state.upstream.send(
                     upstream,
@@ -109,43 +113,45 @@ class RouterSent:
                 respond(flow, matrix_error(400, "M_INVALID_PARAM", "Invalid request header."))
                 return
             except upstream_client.NoResponse as e:
-                if not flow.client_conn.state & ConnectionState.CAN_READ:
+                over = exchange.closed or not flow.client_conn.state & ConnectionState.CAN_READ
+                on_worker = decision.upstream is not None
+                verdict = failover.after_failure(
+                    e.failure,
+                    refused=e.refused,
+                    over=over,
+                    on_worker=on_worker,
+                    resendable=how is Sending.RESEND,
+                    resent=resent,
+                )
+                if verdict.step is Step.GIVE_UP:
+                    exchange.note(FailureKind.CLIENT_GONE)
                     flow.kill()  # type: ignore[no-untyped-call]  # the client left: nothing to answer
                     return
-                if e.failure is upstream_client.Failure.READ_TIMEOUT:  # not resent: it may be slow
-                    respond(flow, matrix_error(504, "M_UNKNOWN", "The server did not answer in time."))
-                    return
-                on_worker = decision.upstream is not None
-                # A refused connection takes the worker down at once. A connect timeout or a
-                # reset only moves this request: a burst filling the accept queue, or a client
-                # abandoning its long-poll, look the same; the health checks judge the worker.
-                if e.refused and decision.upstream is not None:
+                if verdict.mark_down and decision.upstream is not None:
                     self.health.mark_down(decision.upstream.url, str(e))
-                connect_failed = e.failure is not upstream_client.Failure.NO_RESPONSE
-                if not connect_failed:  # the worker may have acted on the request
-                    if how is not Sending.RESEND or resent:
-                        respond(flow, matrix_error(502, "M_UNKNOWN", "The server gave no response."))
-                        return
+                if verdict.resend:
                     resent = True
                     state.metrics.observe_retry(decision.pool)
-                if not on_worker:  # main was the last resort
-                    respond(flow, self._unavailable(e.failure))
+                if verdict.step is Step.ANSWER:
+                    exchange.note(e.failure)
+                    respond(flow, self._answer(verdict.answer, e.failure))
                     return
-                reason = "connect" if connect_failed else "no_response"
-                decision = self.routing.fail_over(flow, decision, tried, reason, str(e))
+                decision = self.routing.fail_over(flow, exchange, decision, verdict.reason, str(e))
                 if flow.response is not None:  # answered by the router: no writer left
                     return
                 continue
             finally:
-                self._sending.pop(flow.id, None)
+                exchange.in_upstream = False
             if isinstance(answer, upstream_client.StreamedAnswer):
-                await self._hand_to_relay(flow, answer)
+                await self._hand_to_relay(flow, exchange, answer)
                 return
             answer.timestamp_end = time.time()
             flow.response = answer
             return
 
-    async def _hand_to_relay(self, flow: http.HTTPFlow, answer: upstream_client.StreamedAnswer) -> None:
+    async def _hand_to_relay(
+        self, flow: http.HTTPFlow, exchange: Exchange[http.HTTPFlow], answer: upstream_client.StreamedAnswer
+    ) -> None:
         """Let mitmproxy forward the (redacted) request to the relay, which answers it with the
         worker's answer as it arrives; mitmproxy streams that to the client (Routing)."""
         try:
@@ -154,32 +160,43 @@ class RouterSent:
             answer.close()
             respond(flow, matrix_error(502, "M_UNKNOWN", "The server gave no response."))
             return
-        if not flow.live or not flow.client_conn.state & ConnectionState.CAN_READ:
+        if exchange.closed or not flow.live or not flow.client_conn.state & ConnectionState.CAN_READ:
             answer.close()
+            exchange.note(FailureKind.CLIENT_GONE)
             flow.kill()  # type: ignore[no-untyped-call]  # the client left meanwhile
             return
         data = flow.request.data
         data.scheme, data.host, data.port = b"http", self.relay.host, port
         flow.request.headers[RELAY_HEADER] = self.relay.hand(answer)
-        flowdata.set_sending(flow, None)
+        exchange.sending = None
         flowdata.set_relayed(flow)
 
-    def _unavailable(self, failure: upstream_client.Failure) -> http.Response:
+    def _answer(self, answer: Answer | None, failure: FailureKind) -> http.Response:
+        """The Matrix error for a failure failover.py says to answer."""
+        if answer is Answer.GATEWAY_TIMEOUT:
+            return matrix_error(504, "M_UNKNOWN", "The server did not answer in time.")
+        if answer is Answer.NO_RESPONSE:
+            return matrix_error(502, "M_UNKNOWN", "The server gave no response.")
+        return self._unavailable(failure)
+
+    def _unavailable(self, failure: FailureKind) -> http.Response:
         """No process could take the request: every worker of its chain and main failed."""
         retry_after = self.state.workers.config.retry_after
-        if failure is upstream_client.Failure.NO_RESPONSE:
+        if failure is FailureKind.NO_RESPONSE:
             return matrix_error(502, "M_UNKNOWN", "The server gave no response.", retry_after)
-        if failure is upstream_client.Failure.CONNECT_TIMEOUT:
+        if failure is FailureKind.CONNECT_TIMEOUT:
             return matrix_error(504, "M_UNKNOWN", "No Synapse process answered in time.", retry_after)
         return no_process_available(retry_after)
 
-    def _hand_to_mitmproxy(self, flow: http.HTTPFlow, fields: tuple[tuple[bytes, bytes], ...], path: str) -> None:
+    def _hand_to_mitmproxy(
+        self, flow: http.HTTPFlow, exchange: Exchange[http.HTTPFlow], fields: tuple[tuple[bytes, bytes], ...], path: str
+    ) -> None:
         """Let mitmproxy forward the request to the flow's target, token and all."""
         credentials.restore(flow, fields, path)
-        flowdata.set_sending(flow, None)
+        exchange.sending = None
         decision = flowdata.decision(flow)
         if decision is not None and decision.upstream is not None:
-            self.state.connecting[flow.client_conn.id] = flow
+            exchange.await_connection()
 
     async def _abandon_left_forever(self) -> None:
         """Close the worker connection of each router-sent exchange whose client has closed its
@@ -187,6 +204,7 @@ class RouterSent:
         long-polls cannot pin worker connections and descriptors)."""
         while True:
             await asyncio.sleep(CLIENT_SWEEP_INTERVAL)
-            for flow_id, flow in list(self._sending.items()):
-                if not flow.client_conn.state & ConnectionState.CAN_READ:
-                    self.state.upstream.abandon(flow_id)
+            for client_exchanges in list(self.state.exchanges.open.values()):
+                for exchange in list(client_exchanges.values()):
+                    if exchange.in_upstream and not exchange.flow.client_conn.state & ConnectionState.CAN_READ:
+                        self.state.upstream.abandon(exchange.key)

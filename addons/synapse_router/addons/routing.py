@@ -18,6 +18,7 @@ from ..identity import tokens
 from ..identity.resolver import Resolution, Source
 from ..routing import retry
 from ..routing.engine import ROUTER, Decision, Engine
+from ..routing.exchange import Exchange
 from ..routing.retry import Sending
 from ..routing.routes import MAIN, Balance, Match, room_from_path
 from . import credentials, flowdata
@@ -90,17 +91,26 @@ class Routing:
         if decision.stream_bodies or _large_or_unknown(flow.request, flow.response):
             flow.response.stream = True
 
-    def apply(self, flow: http.HTTPFlow, decision: Decision, answer: bool = True) -> None:
-        """Point the flow at its worker (or main), keeping the client's Host; a stream writer's
-        write with no usable writer is answered 503 instead (`answer` False: by the caller)."""
+    def apply(
+        self,
+        flow: http.HTTPFlow,
+        decision: Decision,
+        answer: bool = True,
+        exchange: Exchange[http.HTTPFlow] | None = None,
+    ) -> Exchange[http.HTTPFlow]:
+        """Point the flow at its worker (or main), keeping the client's Host, and count its
+        exchange there; a stream writer's write with no usable writer is answered 503 instead
+        (`answer` False: by the caller). Returns the flow's exchange (`exchange`, else opened
+        now); a closed one counts nothing."""
         if decision.writer_down:
-            flowdata.set_sending(flow, None)
-            self._decided(flow, decision)
+            exchange = self._decided(flow, decision, exchange)
+            exchange.count_on(None)
+            exchange.sending = None
             if answer:
                 respond(flow, no_process_available(self.state.workers.config.retry_after))
             flow.comment = decision.summary()
             flow.marked = ":warning:"
-            return
+            return exchange
         request = flow.request
         upstream = decision.upstream
         target = upstream or self.state.main
@@ -109,44 +119,53 @@ class Routing:
             # header, which must stay the client's (an origin-form request has no authority).
             data = request.data
             data.scheme, data.host, data.port = target.scheme.encode(), target.host, target.port
-        if upstream is not None:
-            in_flight = self.state.in_flight
-            in_flight[upstream.url] = in_flight.get(upstream.url, 0) + 1
-        sending = _sending(request, decision) if target is not None else None
-        flowdata.set_sending(flow, sending)
+        exchange = self._decided(flow, decision, exchange)
+        exchange.count_on(upstream.url if upstream is not None else None)
+        sending = exchange.sending = _sending(request, decision) if target is not None else None
         if upstream is not None and sending is None:
-            self.state.connecting[flow.client_conn.id] = flow
+            exchange.await_connection()
         if decision.strip_accept_encoding and "accept-encoding" in request.headers:
             del request.headers["accept-encoding"]
         # A request the router sends has a held body of known, bounded length: never streamed.
         if decision.stream_bodies or (sending is None and _large_or_unknown_request(request)):
             request.stream = True
-        self._decided(flow, decision)
         flow.comment = decision.summary()
         if decision.failover or decision.fallbacks:
             flow.marked = ":warning:"  # stands out in mitmweb's flow list
+        return exchange
 
-    def _decided(self, flow: http.HTTPFlow, decision: Decision) -> None:
-        """Give the flow its decision and register it as unfinished until Observation ends it
-        (in `response`, `error` or, failing both, `client_disconnected`)."""
+    def _decided(
+        self, flow: http.HTTPFlow, decision: Decision, exchange: Exchange[http.HTTPFlow] | None = None
+    ) -> Exchange[http.HTTPFlow]:
+        """Give the flow its decision; its exchange (opened now if not given) is open until
+        ExchangeOwner closes it (in `response`, `error` or `client_disconnected`)."""
         flowdata.set_decision(flow, decision)
-        self.state.unfinished.setdefault(flow.client_conn.id, {})[flow.id] = flow
+        if exchange is not None:
+            return exchange
+        # A flow decided after its client left (while whoami answered) is opened all the same:
+        # mitmproxy ends it with `error` after the hook (HttpStream.check_killed).
+        return self.state.exchanges.open_exchange(flow, flow.client_conn.id, flow.id)
 
     def fail_over(
-        self, flow: http.HTTPFlow, failed: Decision, tried: set[str], reason: str, detail: str = "", answer: bool = True
+        self,
+        flow: http.HTTPFlow,
+        exchange: Exchange[http.HTTPFlow],
+        failed: Decision,
+        reason: str,
+        detail: str = "",
+        answer: bool = True,
     ) -> Decision:
-        """Move a request off a failed worker, never back to one it already tried. `reason` is
-        a short fixed word (a metric label). A write left without a writer is answered 503
-        (`answer` False: the caller answers it)."""
+        """Move a request off a failed worker (failover.py decided it may go on), never back to
+        one its exchange already tried. `reason` is a short fixed word (a metric label). A write
+        left without a writer is answered 503 (`answer` False: the caller answers it)."""
         state = self.state
         assert state.engine is not None and failed.upstream is not None
-        tried.add(failed.upstream.url)
-        state.in_flight[failed.upstream.url] = max(0, state.in_flight.get(failed.upstream.url, 0) - 1)
+        tried = exchange.failed_on(failed.upstream.url)
         state.metrics.observe_failover(failed.pool, reason)
         why = f"{reason} ({detail})" if detail else reason
         decision = state.engine.failover(failed, state.workers.unusable | tried, state.in_flight, why)
         log.info(f"synapse-router: {failed.route}: failover {decision.failover}")
-        self.apply(flow, decision, answer)
+        self.apply(flow, decision, answer, exchange)
         return decision
 
     @command.command("router.explain")

@@ -1,8 +1,9 @@
 """What the router's addons share: one plain object, built by SynapseRouter and handed to each.
 
 Each field has one writer: the configuration's appliers set `engine`, `trusted`, `identity` and
-the workers they track; Configuration sets `config_path` and `main`; Routing and Observation
-keep `in_flight` and `connecting`.
+the workers they track; Configuration sets `config_path` and `main`. Every request in flight
+is an exchange in `exchanges` (routing/exchange.py): Routing opens it and counts it on its
+worker, ExchangeOwner (exchange.py) closes it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..edge.client_address import TrustedProxies
 from ..edge.upstream_client import UpstreamClient
 from ..observability.metrics import RouterMetrics
 from ..routing.availability import WorkerStates
+from ..routing.exchange import Ledger
 
 if TYPE_CHECKING:
     from mitmproxy import http
@@ -33,10 +35,8 @@ class RouterState:
     trusted: TrustedProxies = field(default_factory=TrustedProxies)
     workers: WorkerStates = field(default_factory=WorkerStates)
     identity: IdentityResolver | None = None
-    in_flight: dict[str, int] = field(default_factory=dict)  # worker URL -> requests in flight
-    # client connection id -> flow id -> its flows that have a decision and are not over yet:
-    # what Observation finishes when the client goes without a response or error hook for them
-    unfinished: dict[str, dict[str, http.HTTPFlow]] = field(default_factory=dict)
+    # every exchange (a request with a decision) not over yet, and the counts they hold
+    exchanges: Ledger[http.HTTPFlow] = field(default_factory=Ledger)
     # a flow -> the cache key of the token it carries, while it is in flight (never in the flow,
     # which saved flows serialise): a worker's 401 M_UNKNOWN_TOKEN evicts that token's user
     token_keys: weakref.WeakKeyDictionary[http.HTTPFlow, bytes] = field(default_factory=weakref.WeakKeyDictionary)
@@ -45,8 +45,14 @@ class RouterState:
     # (pool, worker URL) pairs of the configuration, whose series the metrics export
     published: frozenset[tuple[str, str]] = frozenset()
     upstream: UpstreamClient = field(default_factory=UpstreamClient)  # requests the router sends itself
-    # client connection id -> the flow waiting for its upstream connection (mitmproxy's path)
-    connecting: dict[str, http.HTTPFlow] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.exchanges.abandon = self.upstream.abandon  # a closed exchange's upstream exchange goes too
+
+    @property
+    def in_flight(self) -> dict[str, int]:
+        """Worker URL -> exchanges counted on it (least_conn, `synapse_router_worker_in_flight`)."""
+        return self.exchanges.in_flight
 
     def not_ready(self) -> str | None:
         """Why this router should get no new traffic (`/ready`), or None."""

@@ -25,7 +25,9 @@ from ..compat.connections import client_io
 from ..compat.http1 import INVALID_WORKER_HEAD
 from ..edge.upstream_client import MAX_HEAD
 from ..edge.wellformed import head_bytes, head_relayable, transfer_chunked
+from ..routing.exchange import FailureKind
 from . import flowdata
+from .exchange import killed
 from .responses import matrix_error, no_process_available, respond
 from .state import RouterState
 
@@ -63,6 +65,7 @@ class StreamedErrors:
             why = "a Transfer-Encoding other than chunked"
         else:
             return
+        self._note(flow, FailureKind.NO_RESPONSE)
         self._answer_and_kill(flow, matrix_error(*INVALID_WORKER_HEAD), why)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -76,6 +79,7 @@ class StreamedErrors:
             # mitmproxy refused the worker's head before any hook saw it (validate_inbound_headers:
             # Content-Length with Transfer-Encoding, ...): compat.http1 writes the Matrix 502 in
             # place of mitmproxy's page; the flow gets it too, for the access log and metrics.
+            self._note(flow, FailureKind.NO_RESPONSE)
             respond(flow, matrix_error(*INVALID_WORKER_HEAD))
             flow.comment = f"{flow.comment} | answered 502: the worker's response head was refused"
             return
@@ -83,7 +87,7 @@ class StreamedErrors:
             flowdata.decision(flow) is None
             or flow.response is not None
             or flow.error is None
-            or flow.error.msg == flow.error.KILLED_MESSAGE
+            or killed(flow)
             or not flow.live
         ):
             return
@@ -97,11 +101,20 @@ class StreamedErrors:
             return
         if flow.server_conn.timestamp_tcp_setup is None:  # never connected: every process refused
             response = no_process_available(self.state.workers.config.retry_after)
+            self._note(flow, FailureKind.CONNECT_ERROR)
         elif flow.error.msg.startswith(UNPARSABLE_HEAD):  # mitmproxy's client layer could not frame the head
             response = matrix_error(*INVALID_WORKER_HEAD)
+            self._note(flow, FailureKind.NO_RESPONSE)
         else:
             response = matrix_error(502, "M_UNKNOWN", "The server gave no response.")
+            self._note(flow, FailureKind.NO_RESPONSE)
         self._answer_and_kill(flow, response, flow.error.msg)
+
+    def _note(self, flow: http.HTTPFlow, failure: FailureKind) -> None:
+        """How the exchange failed (the flow is killed next: its `error` hook says only that)."""
+        exchange = self.state.exchanges.find(flow.client_conn.id, flow.id)
+        if exchange is not None:
+            exchange.note(failure)
 
     @staticmethod
     def _answer_and_kill(flow: http.HTTPFlow, response: http.Response, why: str) -> None:

@@ -41,7 +41,6 @@ import math
 import ssl
 import time
 from collections.abc import Callable, Iterable
-from enum import StrEnum
 from functools import partial
 from typing import cast
 
@@ -50,6 +49,7 @@ from mitmproxy import http
 from mitmproxy.net.http import http1, validate
 
 from ..compat.h11parts import ChunkedReader, ContentLengthReader, Http10Reader, ReceiveBuffer, request_head
+from ..routing.exchange import FailureKind
 from ..routing.retry import SAFE_METHODS
 from ..routing.upstream import Upstream
 from .connect import open_socket
@@ -78,11 +78,9 @@ _HEAD = http.Request.make("HEAD", "http://upstream/")
 _NOT_HEAD = http.Request.make("GET", "http://upstream/")
 
 
-class Failure(StrEnum):
-    CONNECT_ERROR = "connect_error"  # refused, unreachable: the worker is not listening
-    CONNECT_TIMEOUT = "connect_timeout"  # no connection within the connect timeout
-    NO_RESPONSE = "no_response"  # connected, but the whole response never arrived
-    READ_TIMEOUT = "read_timeout"  # connected, sent; the worker sent nothing for the read timeout
+# How an exchange failed: one enum for the whole router (routing/exchange.py), of which this
+# client raises CONNECT_ERROR, CONNECT_TIMEOUT, NO_RESPONSE and READ_TIMEOUT.
+Failure = FailureKind
 
 
 class NoResponse(Exception):

@@ -62,6 +62,9 @@ class AccessRecord:
     # The router answered because the client broke the request (clienterrors: bad_chunked_body,
     # body_timeout); a fixed word, never a byte the client sent.
     client_error: str | None = None
+    # How the exchange failed (routing/exchange.FailureKind: connect_error, connect_timeout,
+    # no_response, read_timeout, client_gone, client_error, killed), None when it did not.
+    failure: str | None = None
 
     def set_decision(self, decision: RoutingFacts) -> None:
         """Copy the routing fields of a decision (its summary, no token, no user id)."""
@@ -126,6 +129,7 @@ class AccessLogFormatter:
             ("token_hash", token_hash),
             ("upload", "cut" if record.upload_cut else None),
             ("client_error", record.client_error),
+            ("failure", record.failure),
             ("user_id", record.user_id if self.include_user else None),
         ]
         return {k: v for k, v in candidates if v is not None and v != "" and v != []}
