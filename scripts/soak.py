@@ -91,6 +91,16 @@ from tests.e2e.deployment import Deployment, bring_up  # noqa: E402
 from tests.e2e.matrix_helpers import register_user  # noqa: E402
 from tests.harness import router_command  # noqa: E402
 
+ALL_FAULTS = (
+    "kill_worker",
+    "stop_worker",
+    "stop_main",
+    "kill_redis",
+    "hup_storm",
+    "kill_main",
+    "replace",
+    "kill_child",
+)
 PHASE_OF: dict[str, str] = {}  # router instance name -> phase
 PROXY_PORT = 28600
 METRICS_PORT = 28610
@@ -99,6 +109,7 @@ STATE_DIR = ROOT / ".soak-deploy"
 SLIDING = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
 LONGPOLL_MS = 8000
 HOSTILE_SOURCE = "127.0.0.2"
+HOSTILE_THREADS = 3
 HEALTH = {"interval": 0.5, "timeout": 1.0, "fall": 2, "rise": 2, "connect_timeout": 1.0}
 SLACK = 3.0  # seconds added to a fault window (health checks notice within about 1 s)
 
@@ -169,6 +180,22 @@ class Soak:
     peak_concurrency: int = 0
     in_progress: int = 0
 
+    counter_drops: list[str] = field(default_factory=list)
+    storm_pairs: set[tuple[str, str]] = field(default_factory=set)
+    storming: bool = False
+    fault_cycle: list[str] = field(default_factory=list)
+    fault_index: int = 0
+
+    def next_fault(self, applicable: set[str]) -> str:
+        if not self.fault_cycle:
+            self.fault_cycle = sorted(ALL_FAULTS)
+            self.rng.shuffle(self.fault_cycle)
+        while True:
+            kind = self.fault_cycle[self.fault_index % len(self.fault_cycle)]
+            self.fault_index += 1
+            if kind in applicable:
+                return kind
+
     def violate(self, invariant: str, detail: str) -> None:
         say(f"VIOLATION {invariant}: {detail}")
         self.violations.append(Violation(invariant, detail))
@@ -224,6 +251,28 @@ def sockets_of(pid: int) -> list[tuple[int, int, str]]:
                     inodes.append(int(target[8:-1]))
     table = _tcp_table(pid)
     return [table[i] for i in inodes if i in table]
+
+
+def other_fds(pid: int) -> list[str]:
+    """What the process's descriptors that are not TCP sockets of its table are: files, pipes,
+    anon inodes, unix sockets, and sockets no table lists (a TCP socket whose connection was
+    reset and never closed: `socket:orphan`)."""
+    tcp = _tcp_table(pid)
+    unix: set[int] = set()
+    with contextlib.suppress(OSError):
+        unix = {int(line.split()[6]) for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]}
+    out = []
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inode = int(target[8:-1])
+                    if inode in tcp:
+                        continue
+                    target = "socket:unix" if inode in unix else "socket:orphan"
+                out.append(re.sub(r"\[\d+\]$", "", target))
+    return sorted(out)
 
 
 def listeners_of(pid: int) -> list[int]:
@@ -336,7 +385,8 @@ def wait_serving(soak: Soak, inst: RouterInstance, timeout: float = 90.0) -> Non
                 finally:
                     rec.t1 = now()
                     soak.records.append(rec)
-            if ok and (inst.processes == 1 or len(children_of(inst.proc.pid)) >= inst.processes):
+            kids = children_of(inst.proc.pid) if inst.processes > 1 else [inst.proc.pid]
+            if ok and len(kids) >= inst.processes and all(PROXY_PORT in listeners_of(k) for k in kids):
                 return
         except httpx.HTTPError:
             pass
@@ -668,20 +718,11 @@ class Faults:
         self.set = set_
 
     def kinds(self) -> list[str]:
-        kinds = [
-            "kill_worker",
-            "stop_worker",
-            "stop_main",
-            "kill_redis",
-            "hup_storm",
-            "kill_worker",
-            "hup_storm",
-            "kill_main",
-        ]
+        kinds = ["kill_worker", "stop_worker", "stop_main", "kill_redis", "hup_storm", "kill_main"]
         if self.launcher == "synapse-router":
             kinds.append("replace")
         if self.processes > 1:
-            kinds += ["kill_child", "kill_child"]
+            kinds.append("kill_child")
         return kinds
 
     def run(self, kind: str) -> None:
@@ -761,6 +802,7 @@ class Faults:
             (good(final_variant, METRICS_ALT[0]), 0.0),  # the metrics address A -> B -> C
             (good(final_variant, METRICS_ALT[1]), 2.0),  # in one turn (two SIGHUPs at once)
         ]
+        soak.storming = True
         start = now()
         for content, pause in steps:
             inst.config_path.write_bytes(content)
@@ -782,8 +824,10 @@ class Faults:
         inst.touched |= pool_pairs(config_for(soak, inst.access_path, METRICS_PORT, "base")) ^ pool_pairs(
             config_for(soak, inst.access_path, METRICS_PORT, "moved")
         )
+        soak.storm_pairs |= inst.touched
         time.sleep(3)
         soak.metrics_moved.append([start, now()])
+        soak.storming = False
         # The last file wins: metrics back on METRICS_PORT, nothing left on the other address.
         for port in METRICS_ALT:
             with contextlib.suppress(httpx.HTTPError):
@@ -841,7 +885,31 @@ def sample_procs(soak: Soak, inst: RouterInstance) -> None:
         st.end_rss, st.end_fd = rss, fds
 
 
+def watch_counters(soak: Soak, inst: RouterInstance, text: str, last: dict[tuple[str, ...], float]) -> None:
+    """A requests_total series that disappears or goes down between two scrapes of one router
+    instance lost counts: by design only for a (pool, worker) a reload removed (inst.touched)."""
+    seen: dict[tuple[str, ...], float] = {}
+    for name, labels, value in parse_metrics(text):
+        if name == "synapse_router_requests_total":
+            seen[(inst.name, *sorted(labels.items()))] = value  # type: ignore[arg-type]
+    for key, before in list(last.items()):
+        if key[0] != inst.name:
+            del last[key]
+            continue
+        after = seen.get(key)
+        if after is None or after < before:
+            labels = dict(key[1:])  # type: ignore[arg-type]
+            pair = (labels.get("pool", ""), labels.get("worker", ""))
+            what = f"{inst.name}: requests_total{labels} went from {before:.0f} to {after} at {clock(now())}"
+            if pair in soak.storm_pairs or labels.get("process"):
+                soak.counter_drops.append(what)  # a removed pair, or a restarted --processes child
+            else:
+                soak.violate("counted_once", what + " (a series no reload removed)")
+    last.update(seen)
+
+
 async def monitor(soak: Soak, get: Callable[[], RouterInstance], stop: asyncio.Event) -> None:
+    last: dict[tuple[str, ...], float] = {}
     async with httpx.AsyncClient(timeout=5) as c:
         while not stop.is_set():
             for path in ("/metrics", "/health"):
@@ -851,6 +919,8 @@ async def monitor(soak: Soak, get: Callable[[], RouterInstance], stop: asyncio.E
                     r = await c.get(f"http://127.0.0.1:{METRICS_PORT}{path}")
                     if r.status_code != 200:
                         soak.probe_failures.append((t, path, f"status {r.status_code}"))
+                    elif path == "/metrics" and not overlaps(soak.metrics_moved, t - 5, t) and not soak.storming:
+                        watch_counters(soak, get(), r.text, last)
                 except httpx.HTTPError as e:
                     soak.probe_failures.append((t, path, type(e).__name__))
             sample_procs(soak, get())
@@ -957,7 +1027,10 @@ def check_quiet_instance(soak: Soak, inst: RouterInstance, baseline: dict[str, A
         if settled or time.monotonic() > deadline:
             break
         time.sleep(1)
-    bound = soak.peak_concurrency + 8
+    # Idle upstream connections are kept (upstream_client.MAX_IDLE_PER_WORKER): at most as many as
+    # requests were ever in flight at once: the traffic clients, the hostile ones, whoami calls
+    # (max_in_flight 16) and the health checks (one per process).
+    bound = soak.peak_concurrency + HOSTILE_THREADS + 16 + len(soak.dep.workers) + 1
     for k, v in end.items():
         b = baseline.get(k)
         if b is None:
@@ -1041,11 +1114,13 @@ def process_view(soak: Soak, inst: RouterInstance) -> dict[str, Any]:
         view[f"pid{i}"] = {
             "fds": fds,
             "other_fds": fds - len(socks),  # files, pipes, eventfds, unix sockets
+            "other": dict(Counter(other_fds(pid))),
             "listeners": sorted(lp for lp, _, st in socks if st == "0A"),
             "clients": sum(1 for lp, _, st in socks if st != "0A" and lp == PROXY_PORT),
             "upstream": sum(1 for _, rp, _ in socks if rp in upstream_ports),
             "redis": sum(1 for _, rp, _ in socks if rp == redis_port),
-            "close_wait": sum(1 for _, _, st in socks if st == "08"),
+            "close_wait_upstream": sum(1 for _, rp, st in socks if st == "08" and rp in upstream_ports),
+            "close_wait_redis": sum(1 for _, rp, st in socks if st == "08" and rp == redis_port),
         }
     return view
 
@@ -1161,19 +1236,18 @@ async def run_phase(
     stop_hostile = threading.Event()
     hostile_threads = [
         threading.Thread(target=hostile_loop, args=(soak, stop_hostile, soak.rng.random()), daemon=True)
-        for _ in range(3)
+        for _ in range(HOSTILE_THREADS)
     ]
     for t in hostile_threads:
         t.start()
     run = asyncio.create_task(traffic.run())
     end = time.monotonic() + seconds
-    order = faults.kinds()
-    soak.rng.shuffle(order)
-    i = 0
+    applicable = set(faults.kinds())
     await asyncio.sleep(min(5, seconds / 6))
     while time.monotonic() < end - 8:
-        kind = order[i % len(order)]
-        i += 1
+        # One seeded cycle over every kind, carried across phases (a short run still meets most
+        # kinds); the kinds this phase cannot have (--replace under mitmdump) are passed over.
+        kind = soak.next_fault(applicable)
         try:
             await asyncio.to_thread(faults.run, kind)
         except Exception as e:
@@ -1344,6 +1418,8 @@ def print_summary(
             f"  fds {st.start_fd} / {st.peak_fd} / {st.end_fd}"
         )
     print(f"peak client concurrency: {soak.peak_concurrency}")
+    for drop in soak.counter_drops[:10]:
+        print(f"note: by design (a reload removed the pair, or a process restarted): {drop}")
     for note in soak.notes:
         print(f"note: {note}")
     invariants = [
