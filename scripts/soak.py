@@ -183,6 +183,7 @@ class Soak:
     counter_drops: list[str] = field(default_factory=list)
     storm_pairs: set[tuple[str, str]] = field(default_factory=set)
     storming: bool = False
+    replacing: bool = False
     fault_cycle: list[str] = field(default_factory=list)
     fault_index: int = 0
 
@@ -841,6 +842,13 @@ class Faults:
             )
 
     def replace(self) -> None:
+        self.soak.replacing = True
+        try:
+            self._replace()
+        finally:
+            self.soak.replacing = False
+
+    def _replace(self) -> None:
         old = self.get()
         start = now()
         new = start_router(self.soak, old.launcher, old.processes, replace=old)
@@ -922,7 +930,11 @@ async def monitor(soak: Soak, get: Callable[[], RouterInstance], stop: asyncio.E
                     r = await c.get(f"http://127.0.0.1:{METRICS_PORT}{path}")
                     if r.status_code != 200:
                         soak.probe_failures.append((t, path, f"status {r.status_code}"))
-                    elif path == "/metrics" and not overlaps(soak.metrics_moved, t - 5, t) and not soak.storming:
+                    elif soak.storming or soak.replacing or overlaps(soak.metrics_moved, t - 5, t):
+                        # A storm moves the address; during --replace two routers share the
+                        # port (SO_REUSEPORT) and either may answer: no instance to compare.
+                        last.clear()
+                    elif path == "/metrics":
                         watch_counters(soak, get(), r.text, last)
                 except httpx.HTTPError as e:
                     soak.probe_failures.append((t, path, type(e).__name__))
