@@ -22,7 +22,15 @@ import pytest
 
 from tests.harness import ROOT
 
-pytestmark = pytest.mark.e2e
+# Not yet in the default run (`scripts/test`, CI): 10-20 minutes, and SyTest's own fixed
+# timeouts fail tests through either proxy on a loaded machine (docs/conformance.md).
+# SYNAPSE_ROUTER_SYTEST=1 runs it.
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        os.environ.get("SYNAPSE_ROUTER_SYTEST") != "1", reason="SYNAPSE_ROUTER_SYTEST=1 runs the SyTest comparison"
+    ),
+]
 
 LAUNCHER = "mitmdump" if os.environ.get("SYNAPSE_ROUTER_LAUNCHER", "mitmdump") == "mitmdump" else "synapse-router"
 

@@ -101,6 +101,47 @@ def test_60_mib_answers_are_relayed_intact_with_bounded_memory(fleet: Fleet, sta
     assert all(line["worker"] == fleet["w1"].url for line in big), big
 
 
+def test_fifty_60_mib_answers_at_once_are_relayed_within_the_memory_bound(fleet: Fleet, start_router, tmp_path) -> None:
+    """Issue 20's figure: 50 concurrent 60 MiB answers, GET and POST, chunked and not. The
+    previous router held each whole (6 GiB for 50; +2.3 GiB for 20). Each exchange now holds at
+    most limits.response_buffer (256 KiB) plus its head and the relay's socket buffers, under
+    limits.buffer_budget (64 MiB) for all: 96 MiB of growth is far above what the budget allows
+    plus the 50 relays' fixed buffers, and far below one held answer per request."""
+    router, access = _start(fleet, start_router, tmp_path, ["w1"])
+    size = 60 * MIB
+    expected = pattern_sha256(size)
+    kinds = [
+        ("GET", f"{MESSAGES}?standin_bytes={size}", b""),
+        ("GET", f"{MESSAGES}?standin_bytes={size}&standin_chunked=1", b""),
+        ("POST", f"{SEND}?standin_bytes={size}", b'{"body": "x"}'),
+        ("POST", f"{SEND}?standin_bytes={size}&standin_chunked=1", b'{"body": "x"}'),
+    ]
+    cases = [kinds[i % len(kinds)] for i in range(50)]
+    limits = httpx.Limits(max_connections=60, max_keepalive_connections=60)
+    with httpx.Client(base_url=router.url, timeout=300, limits=limits) as client:
+        assert _fetch(client, "GET", f"{MESSAGES}?standin_delay=0")[0] == 200  # warmed up
+        baseline = router.rss_peak_kib()
+        results: list[tuple[int, int, str, httpx.Headers] | None] = [None] * len(cases)
+
+        def run(i: int) -> None:
+            method, url, body = cases[i]
+            results[i] = _fetch(client, method, url, body)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for (method, url, _), result in zip(cases, results, strict=True):
+        assert result is not None, (method, url)
+        status, got, digest, _ = result
+        assert (status, got, digest) == (200, size, expected), (method, url, status, got)
+    growth_mib = (router.rss_peak_kib() - baseline) / 1024
+    assert growth_mib < 96, f"router peak memory grew {growth_mib:.0f} MiB relaying 50 x 60 MiB at once"
+    big = [line for line in _access(access) if line["method"] in ("GET", "POST") and line.get("bytes_sent") == size]
+    assert len(big) == 50 and all(line["status"] == 200 for line in big)
+
+
 def test_a_post_answer_over_64_mib_is_relayed(fleet: Fleet, start_router, tmp_path) -> None:
     # Was: 502 "The response was too large to relay." after the worker had acted.
     router, access = _start(fleet, start_router, tmp_path, ["w1"])
