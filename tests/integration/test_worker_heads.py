@@ -37,6 +37,8 @@ MALFORMED_HEADS = {
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(GZ), GZ)
     ),
     "a head over 64 KiB": b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+    # an outside trial: relayed as `HTTP/1.1 2000 OK` and logged status=2000
+    "a status code of four digits": b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\n{}",
 }
 
 
@@ -74,3 +76,42 @@ def test_a_malformed_worker_head_on_mitmproxys_path_gets_a_matrix_502_logged_502
     assert json.loads(body) == {"errcode": "M_UNKNOWN", "error": "The server gave an invalid response."}
     assert b"aaaa" not in received and GZ not in received
     assert _access_statuses(log, 1) == [502]
+
+
+ROUTER_SENT_HEADS = {
+    "a status code of four digits": b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\n{}",
+    "a header line without a colon": (
+        b"HTTP/1.1 200 OK\r\nSet-Cookie session=WORKERLEAK77\r\nContent-Length: 2\r\n\r\n{}"
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", list(ROUTER_SENT_HEADS.values()), ids=list(ROUTER_SENT_HEADS))
+def test_a_malformed_worker_head_on_the_router_sent_path_is_resent_and_never_quoted(
+    fleet: Fleet, start_router, tmp_path, answer: bytes
+) -> None:
+    """A GET the router sends itself goes on to main when its worker's head is malformed; the
+    access log's failover reason says so in the router's words, never quoting the worker's
+    bytes (an outside trial found `Invalid header line: b'Set-Cookie session=...'` there)."""
+    fleet.add("main")
+    worker = _ScriptedWorker(answer)
+    log = tmp_path / "access.log"
+    config = {
+        "workers": {"room": [worker.url]},
+        "health": HEALTH,
+        "access_log": {"enabled": True, "format": "json", "path": str(log)},
+    }
+    router = start_router(fleet["main"].url, config)
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(b"GET /_matrix/client/v3/rooms/!r:test.local/messages HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        received = b""
+        while b"\r\n\r\n" not in received or not received.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 "), received[:300]  # main's answer, after the resend
+    assert _access_statuses(log, 1) == [200]
+    text = log.read_text() + router.log()
+    assert "malformed response" in log.read_text()
+    assert b"WORKERLEAK77" not in received and "WORKERLEAK77" not in text and '"status": 2000' not in log.read_text()

@@ -75,11 +75,12 @@ def test_secret_fields_of_json_bodies_are_redacted_at_any_depth() -> None:
             "password": "S1",
             "auth": {"new_password": "S2", "Token": ["S3"]},
             "n": [{"refresh_token": "S4"}],
+            "threepid_creds": {"sid": "x", "client_secret": "S6"},  # 3PID validation secret
         }
     ).encode()
     shown = logsafety.shown_body(body)
     assert shown is not None
-    assert not any(s in shown for s in (b"S1", b"S2", b"S3", b"S4"))
+    assert not any(s in shown for s in (b"S1", b"S2", b"S3", b"S4", b"S6"))
     assert json.loads(shown)["type"] == "m.login.password"
     escaped = b'{"pass\\u0077ord": "S5"}'
     assert b"S5" not in (logsafety.shown_body(escaped) or escaped)

@@ -55,7 +55,7 @@ class StreamedErrors:
             return  # not a worker's answer on mitmproxy's path (the router sent or made it)
         self._heads_seen.add(flow)
         status, reason, fields = response.status_code, response.data.reason, response.headers.fields
-        if status < 200:
+        if not 200 <= status <= 599:
             why = f"the worker answered {status}"
         elif not head_relayable(reason, fields):
             why = "a control byte in the worker's response head"

@@ -578,27 +578,29 @@ async def _read_response(
         lines = buffer.maybe_extract_lines()
         if lines is None:
             if size > MAX_HEAD:
-                raise ValueError(f"response head over {MAX_HEAD} bytes")
+                raise MalformedAnswer(f"response head over {MAX_HEAD} bytes")
             await connection.wait_for_data(head_timeout)
             continue
         if size - len(buffer) > MAX_HEAD:
-            raise ValueError(f"response head over {MAX_HEAD} bytes")
+            raise MalformedAnswer(f"response head over {MAX_HEAD} bytes")
         if not lines:
-            raise ValueError("no status line")
+            raise MalformedAnswer("no status line")
         response = http1.read_response_head([bytes(line) for line in lines])
+        if not 100 <= response.status_code <= 599:  # mitmproxy's parser takes any integer
+            raise MalformedAnswer("a status code outside 100-599")
         if response.status_code >= 200:
             break
         if response.status_code == 101:  # nobody asked to switch protocols (Upgrade is not relayed)
-            raise ValueError("unexpected 101 Switching Protocols")
+            raise MalformedAnswer("unexpected 101 Switching Protocols")
     validate.validate_headers(response)
     fields = response.headers.fields
     # mitmproxy's parser keeps a bare CR or a NUL in a value; relayed, a client could read a
     # line break there (response splitting). Only what a client may safely read goes back.
     if not head_relayable(response.data.reason, fields):
-        raise ValueError("a control byte in the response head")
+        raise MalformedAnswer("a control byte in the response head")
     transfer_encoding = response.headers.get("transfer-encoding")
     if transfer_encoding is not None and validate.parse_transfer_encoding(transfer_encoding) != "chunked":
-        raise ValueError(f"transfer-encoding {transfer_encoding!r}: the body would be relayed still encoded")
+        raise MalformedAnswer("a transfer-encoding other than chunked: the body would be relayed still encoded")
     expected = http1.expected_http_body_size(_HEAD if method == "HEAD" else _NOT_HEAD, response)
     reader = (
         ChunkedReader() if expected is None else Http10Reader() if expected == -1 else ContentLengthReader(expected)
@@ -645,13 +647,17 @@ async def _read_response(
     return response
 
 
+class MalformedAnswer(ValueError):
+    """A worker's answer the router will not relay, said in the router's own fixed words."""
+
+
 def _h11_head(response: http.Response, fields: tuple[tuple[bytes, bytes], ...]) -> h11.Response:
     """The head as h11 writes it on to the client (relay.py); h11's field rules are checked
     now, before anything of the answer is committed (ValueError: a malformed response)."""
     try:
         return h11.Response(status_code=response.status_code, headers=list(fields), reason=response.data.reason)
-    except h11.LocalProtocolError as e:
-        raise ValueError(f"response head not relayable: {e}") from None
+    except h11.LocalProtocolError:
+        raise MalformedAnswer("a response head h11 would not write") from None
 
 
 def _describe(error: BaseException, connection: _Connection) -> str:
@@ -661,6 +667,10 @@ def _describe(error: BaseException, connection: _Connection) -> str:
     # a connection that ended early (h11's connection would have said "remote" for both).
     if isinstance(error, h11.RemoteProtocolError) and connection.closed:
         return "the worker closed the connection before a complete response"
-    if isinstance(error, (h11.ProtocolError, ValueError)):
+    if isinstance(error, MalformedAnswer):  # the router's own words, no byte of the worker's
         return f"malformed response: {error}"
+    if isinstance(error, (h11.ProtocolError, ValueError)):
+        # A parser's message quotes the worker's bytes (a header line, a chunk size): a
+        # worker's Set-Cookie must not reach the access log.
+        return f"malformed response ({type(error).__name__})"
     return str(error) or type(error).__name__

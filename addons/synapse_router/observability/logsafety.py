@@ -130,7 +130,7 @@ def traceback_without_message(
 
 # Fields of Matrix request and answer bodies whose values are secrets (login, register,
 # refresh, password change, UIA, login tokens); matched case-insensitively, at any depth.
-SECRET_FIELDS = frozenset({"password", "new_password", "token", "access_token", "refresh_token"})
+SECRET_FIELDS = frozenset({"password", "new_password", "token", "access_token", "refresh_token", "client_secret"})
 # What a body must contain before it can spell a secret field: a key is JSON text, so a letter
 # is written as itself or as a \\u escape.
 _MAY_SPELL_SECRET = re.compile(rb"(?i)password|token|\\u")
