@@ -140,6 +140,30 @@ async def test_repeated_transport_failures_back_off(error: Exception) -> None:
     assert fake.calls == UNAVAILABLE_AFTER + 1
 
 
+async def test_timeouts_pause_whoami_only_while_main_fails_its_health_checks() -> None:
+    """An outside trial: under a flood the router's loop was late, calls timed out with main
+    answering in 1.0 s, and whoami was paused for everybody. Given main's health, timeouts
+    count only while main's checks fail; connection errors count either way."""
+    failing = [False]
+    fake = FakeWhoami({"t1": "@alice:x", "t2": "@bob:x"})
+    clock = Clock()
+    resolver = IdentityResolver(WhoamiConfig(), fake, clock, main_failing=lambda: failing[0])  # type: ignore[arg-type]
+    fake.fail = httpx.ReadTimeout("slow")
+    for _ in range(UNAVAILABLE_AFTER * 2):
+        assert (await resolve(resolver, "t1")).source is Source.UNRESOLVED
+    fake.fail = None
+    assert (await resolve(resolver, "t2")).user_id == "@bob:x"  # not paused: main is healthy
+    failing[0] = True
+    fake.fail = httpx.ReadTimeout("slow")
+    for _ in range(UNAVAILABLE_AFTER):
+        await resolve(resolver, "t1")
+    calls = fake.calls
+    fake.fail = None
+    del resolver.users[token_key("t2")]
+    assert (await resolve(resolver, "t2")).source is Source.UNRESOLVED  # paused: main fails its checks too
+    assert fake.calls == calls
+
+
 async def test_one_timeout_does_not_back_off() -> None:
     resolver, fake, _ = make({"t1": "@alice:x"})
     fake.fail = httpx.ReadTimeout("slow")

@@ -104,7 +104,9 @@ class WhoamiIdentity:
 
         shared = SharedCache(config.redis) if config.redis else None
         call = self._observed(whoami_over_http(self._client, base_url, config.timeout))
-        return IdentityResolver(config, call, shared=shared)
+        # Asking main (the default): its health checks must fail too before timeouts pause whoami.
+        main_failing = (lambda: state.main_reachable is False) if config.url is None else None
+        return IdentityResolver(config, call, shared=shared, main_failing=main_failing)
 
     def _observed(self, call: WhoamiCall) -> WhoamiCall:
         metrics = self.state.metrics

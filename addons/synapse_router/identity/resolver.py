@@ -10,7 +10,8 @@ Keys are SHA-256 digests of the token (plus an appservice's `user_id`), never to
   queue, nor anything the client sent, nor the event loop's own lateness: a timeout counts only
   if the call had at least half the timeout beyond the worst lateness of the loop's timers
   while it ran (looplag.py; a flood that saturates the loop delays the read of whoami's answer
-  and the deadline's timer alike, which says nothing about main).
+  and the deadline's timer alike, which says nothing about main), and, when whoami asks main,
+  only while main also fails its health checks.
 - Bounded, so that clients cannot steer it: a request waits for its user at most `timeout`,
   queueing included, under one deadline over the slot and the whole call (httpx's timeout
   bounds each phase of a call, not the call); the event loop acts on it as soon as it gets
@@ -102,9 +103,15 @@ class IdentityResolver:
         call: WhoamiCall,
         clock: Callable[[], float] = time.monotonic,
         shared: SharedCache | None = None,
+        main_failing: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
         self._call = call
+        # Whether whoami's server fails its own health checks (None: not checked). When given,
+        # a timed-out call counts against main only while they fail too: a flood that saturates
+        # the router's loop makes calls time out while main answers in time (an outside trial
+        # saw whoami paused with main answering in 1.0 s), which loop lateness alone misjudged.
+        self._main_failing = main_failing
         self.shared = shared
         self._background: set[asyncio.Task[None]] = set()  # shared-cache writes in flight
         self._clock = clock
@@ -294,6 +301,7 @@ class IdentityResolver:
             isinstance(error, httpx.TimeoutException)
             and not isinstance(error, httpx.PoolTimeout)
             and budget - lateness >= self.config.timeout / 2
+            and (self._main_failing is None or self._main_failing())
         )
 
     def _in_background(self, work: Awaitable[None]) -> None:
