@@ -92,8 +92,8 @@ def test_one_address_flooding_new_tokens_leaves_whoami_slots_for_others(fleet: F
     with new tokens at once while whoami takes 3 s; a new user from another address then
     gets a call slot at once and is resolved within `whoami.timeout` (4.5 s). Before, the
     flooding address held all 16 slots, the new user waited for one and its call was cut
-    (`unresolved`). Beyond its 4 calls the flooding address's requests are routed by token
-    hash without a call (`limited`)."""
+    (`unresolved`). Beyond its 4 calls the flooding address's requests wait for one of its own
+    and are cut at the deadline (`unresolved`), holding none of the process's slots."""
     flood = {f"flood{i}": f"@flood{i}:test.local" for i in range(16)}
     fleet.add("main", whoami={**flood, "newuser": "@new:test.local"}, whoami_delay=3)
     fleet.add("sync1")
@@ -126,4 +126,4 @@ def test_one_address_flooding_new_tokens_leaves_whoami_slots_for_others(fleet: F
     assert lines[_label("newuser")]["identity"] == "whoami"
     assert lines[_label("newuser")]["client_ip"] == "127.0.0.2"
     flooded = sorted(lines[_label(token)]["identity"] for token in flood)
-    assert flooded == ["limited"] * 12 + ["whoami"] * 4
+    assert flooded == ["unresolved"] * 12 + ["whoami"] * 4

@@ -618,21 +618,23 @@ def test_main_failed_discounts_the_loops_lateness() -> None:
 
 async def test_one_address_cannot_hold_every_whoami_slot() -> None:
     # Issue 20: an address flooding new tokens had every `max_in_flight` slot, and a new user
-    # from elsewhere waited for one. Beyond `max_in_flight_per_client` its requests are routed
-    # by token hash at once (LIMITED), without a call, a wait or a rate-limit token.
+    # from elsewhere waited for one. Beyond `max_in_flight_per_client` its requests wait for
+    # one of its own calls (within the deadline), never for the slots of others; they are not
+    # routed by token hash (a user's concurrent first requests from one address, e.g. behind a
+    # NAT, would then land on different workers).
     fake = FakeWhoami({f"t{i}": f"@u{i}:x" for i in range(20)}, delay=0.2)
     config = WhoamiConfig(max_in_flight=4, max_in_flight_per_client=2, timeout=5)
     resolver = IdentityResolver(config, fake, time.monotonic)  # type: ignore[arg-type]
     flood = [asyncio.ensure_future(resolve(resolver, f"t{i}")) for i in range(6)]
     await asyncio.sleep(0.05)
-    assert resolver.calls_of("198.51.100.7") == 2 and fake.calls == 2
+    assert resolver.calls_of("198.51.100.7") == 6 and fake.calls == 2  # two calls, four waiting for them
     started = time.monotonic()
     other = await resolver.resolve(token_key("t10"), "t10", None, None, "203.0.113.9")
     assert other.source is Source.WHOAMI and time.monotonic() - started < 1.0  # no wait for a slot
     sources = [r.source for r in await asyncio.gather(*flood)]
-    assert sources.count(Source.WHOAMI) == 2 and sources.count(Source.LIMITED) == 4
+    assert sources == [Source.WHOAMI] * 6 and fake.calls == 7  # in turn, two at a time
     assert resolver.calls_of("198.51.100.7") == 0 and not resolver._per_client
-    assert (await resolve(resolver, "t5")).source is Source.WHOAMI  # its calls ended: the address may ask again
+    assert (await resolve(resolver, "t6")).source is Source.WHOAMI  # its calls ended: the address may ask again
 
 
 def test_loop_lag_keeps_the_worst_lateness_of_a_window() -> None:

@@ -17,9 +17,12 @@ Keys are SHA-256 digests of the token (plus an appservice's `user_id`), never to
   bounds each phase of a call, not the call); the event loop acts on it as soon as it gets
   its turn (late by a turn when a flood keeps it busy); at most `max_in_flight` calls run at
   once, and at most `max_in_flight_per_client` for one client address (so one address sending
-  new tokens cannot hold every slot); calls for tokens the cache does not know are rate-limited
-  for the process and per client address, and beyond these a request is routed by its token's
-  hash (source LIMITED) at once, without a call or a wait.
+  new tokens cannot hold every slot; its other requests wait for one of its own, within their
+  deadline: many first requests of one address, e.g. behind a NAT, are resolved in turn, not
+  routed by token hash, which would put a user's devices on different sync workers); calls
+  for tokens the cache does not know are rate-limited for the process and per client address,
+  and beyond these a request is routed by its token's hash (source LIMITED) at once, without a
+  call or a wait.
 - Concurrent first requests of one token share one whoami call: in one process through a
   future per token; across processes through the shared cache (`whoami.redis`), where the
   process that claims the token asks whoami and the others wait for its answer, at most the
@@ -122,6 +125,8 @@ class IdentityResolver:
         self._in_flight: dict[bytes, asyncio.Future[Resolution]] = {}
         self._slots = asyncio.Semaphore(config.max_in_flight)
         self._per_client: dict[str, int] = {}  # client address -> its calls in flight (slot wait included)
+        # client address -> the slots its calls share (max_in_flight_per_client), while it has any
+        self._client_slots: dict[str, asyncio.Semaphore] = {}
         self.lag = LoopLag(clock=clock)
         self.limiter = NewTokenLimiter(
             config.new_token_rate,
@@ -154,11 +159,9 @@ class IdentityResolver:
             return Resolution(result.user_id, Source.COALESCED if result.user_id else result.source)
         if self._clock() < self._unavailable_until:
             return Resolution(None, Source.UNRESOLVED)
-        # Checked before the rate limit, so a request refused here costs its client no token.
-        calls = self._per_client.get(client_ip, 0)
-        if calls >= self.config.max_in_flight_per_client or not self.limiter.allow(client_ip):
+        if not self.limiter.allow(client_ip):
             return Resolution(None, Source.LIMITED)
-        self._per_client[client_ip] = calls + 1
+        self._per_client[client_ip] = self._per_client.get(client_ip, 0) + 1
         future: asyncio.Future[Resolution] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         deadline = self._clock() + self.config.timeout
@@ -175,6 +178,7 @@ class IdentityResolver:
                 self._per_client[client_ip] = left
             else:
                 del self._per_client[client_ip]
+                self._client_slots.pop(client_ip, None)  # nobody of this address holds or awaits it
 
     def calls_of(self, client_ip: str) -> int:
         """The whoami calls in flight (or waiting for a slot) for one client address."""
@@ -238,15 +242,23 @@ class IdentityResolver:
         self.lag.watch()
         try:
             async with limit:
-                await self._slots.acquire()
-                try:
-                    started = self._clock()
-                    budget = deadline - started
-                    if budget <= 0:
-                        return unresolved
-                    user = await self._call(token, as_user, user_agent, client_ip, budget)
-                finally:
-                    self._slots.release()
+                # One of its address's slots first, then one of the process's: an address with
+                # many new tokens at once waits for its own calls (within the deadline) and
+                # holds at most max_in_flight_per_client of the process's slots.
+                client_slots = self._client_slots.get(client_ip)
+                if client_slots is None:
+                    client_slots = asyncio.Semaphore(self.config.max_in_flight_per_client)
+                    self._client_slots[client_ip] = client_slots
+                async with client_slots:
+                    await self._slots.acquire()
+                    try:
+                        started = self._clock()
+                        budget = deadline - started
+                        if budget <= 0:
+                            return unresolved
+                        user = await self._call(token, as_user, user_agent, client_ip, budget)
+                    finally:
+                        self._slots.release()
         except TimeoutError:
             if not limit.expired():
                 raise
