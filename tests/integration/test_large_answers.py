@@ -54,6 +54,37 @@ def _fetch(client: httpx.Client, method: str, url: str, body: bytes = b"") -> tu
         return r.status_code, size, digest.hexdigest(), r.headers
 
 
+Case = tuple[str, str, bytes]  # method, URL, request body
+
+
+def _large_answer_kinds(size: int) -> list[Case]:
+    """A GET and a POST the router sends itself, each answered with and without a length."""
+    return [
+        ("GET", f"{MESSAGES}?standin_bytes={size}", b""),
+        ("GET", f"{MESSAGES}?standin_bytes={size}&standin_chunked=1", b""),
+        ("POST", f"{SEND}?standin_bytes={size}", b'{"body": "x"}'),
+        ("POST", f"{SEND}?standin_bytes={size}&standin_chunked=1", b'{"body": "x"}'),
+    ]
+
+
+def _fetch_at_once(client: httpx.Client, cases: list[Case]) -> list[tuple[int, int, str, httpx.Headers]]:
+    """Every case at the same time, one thread each; the results in the cases' order."""
+    results: list[tuple[int, int, str, httpx.Headers] | None] = [None] * len(cases)
+
+    def run(i: int) -> None:
+        method, url, body = cases[i]
+        results[i] = _fetch(client, method, url, body)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    missing = [cases[i][:2] for i, r in enumerate(results) if r is None]
+    assert not missing, f"no answer for {missing}"
+    return [r for r in results if r is not None]
+
+
 def _access(access: Path) -> list[dict]:
     return [json.loads(line) for line in access.read_text().splitlines()]
 
@@ -71,23 +102,8 @@ def test_60_mib_answers_are_relayed_intact_with_bounded_memory(fleet: Fleet, sta
     with httpx.Client(base_url=router.url, timeout=120) as client:
         assert _fetch(client, "GET", f"{MESSAGES}?standin_delay=0")[0] == 200  # warmed up
         baseline = router.rss_peak_kib()
-        cases = [
-            ("GET", f"{MESSAGES}?standin_bytes={size}", b""),
-            ("GET", f"{MESSAGES}?standin_bytes={size}&standin_chunked=1", b""),
-            ("POST", f"{SEND}?standin_bytes={size}", b'{"body": "x"}'),
-            ("POST", f"{SEND}?standin_bytes={size}&standin_chunked=1", b'{"body": "x"}'),
-        ]
-        results: list[tuple[int, int, str, httpx.Headers]] = [None] * len(cases)  # type: ignore[list-item]
-
-        def run(i: int) -> None:
-            method, url, body = cases[i]
-            results[i] = _fetch(client, method, url, body)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        cases = _large_answer_kinds(size)
+        results = _fetch_at_once(client, cases)
         status, length, _, headers = _fetch(client, "HEAD", f"{MESSAGES}?standin_bytes={size}")
     for (method, url, _), (status_, got, digest, _) in zip(cases, results, strict=True):
         assert (status_, got) == (200, size), (method, url, status_, got)
@@ -110,31 +126,14 @@ def test_fifty_60_mib_answers_at_once_are_relayed_within_the_memory_bound(fleet:
     router, access = _start(fleet, start_router, tmp_path, ["w1"])
     size = 60 * MIB
     expected = pattern_sha256(size)
-    kinds = [
-        ("GET", f"{MESSAGES}?standin_bytes={size}", b""),
-        ("GET", f"{MESSAGES}?standin_bytes={size}&standin_chunked=1", b""),
-        ("POST", f"{SEND}?standin_bytes={size}", b'{"body": "x"}'),
-        ("POST", f"{SEND}?standin_bytes={size}&standin_chunked=1", b'{"body": "x"}'),
-    ]
+    kinds = _large_answer_kinds(size)
     cases = [kinds[i % len(kinds)] for i in range(50)]
     limits = httpx.Limits(max_connections=60, max_keepalive_connections=60)
     with httpx.Client(base_url=router.url, timeout=300, limits=limits) as client:
         assert _fetch(client, "GET", f"{MESSAGES}?standin_delay=0")[0] == 200  # warmed up
         baseline = router.rss_peak_kib()
-        results: list[tuple[int, int, str, httpx.Headers] | None] = [None] * len(cases)
-
-        def run(i: int) -> None:
-            method, url, body = cases[i]
-            results[i] = _fetch(client, method, url, body)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    for (method, url, _), result in zip(cases, results, strict=True):
-        assert result is not None, (method, url)
-        status, got, digest, _ = result
+        results = _fetch_at_once(client, cases)
+    for (method, url, _), (status, got, digest, _) in zip(cases, results, strict=True):
         assert (status, got, digest) == (200, size, expected), (method, url, status, got)
     growth_mib = (router.rss_peak_kib() - baseline) / 1024
     assert growth_mib < 96, f"router peak memory grew {growth_mib:.0f} MiB relaying 50 x 60 MiB at once"
