@@ -256,6 +256,26 @@ def test_transfer_encoding_other_than_chunked_is_refused(env: Env, coding: bytes
     env.check_output()
 
 
+@pytest.mark.parametrize("method", [b"GET", b"PUT"])
+def test_a_refused_transfer_coding_is_answered_before_any_body_arrives(env: Env, method: bytes) -> None:
+    """A client that sends `Transfer-Encoding: gzip, chunked` and waits for the answer before
+    sending its body (or never sends one) gets the 501 at once: the router does not wait for a
+    body it will not read (nginx answers at once too). Was answered after limits.body_timeout,
+    logged client_error=body_timeout."""
+    path = VERSIONS if method == b"GET" else SEND
+    raw = request(method, path, new_nonce(), [b"Transfer-Encoding: gzip, chunked"], b"", close=False)
+    with socket.create_connection(("127.0.0.1", env.router.port), timeout=30) as sock:
+        sock.sendall(raw)
+        data = _read_until_closed(sock, BODY_TIMEOUT + GRACE)
+    replies, _ = parse_replies(data, eof=True)
+    assert len(replies) == 1, data[:500]
+    check_router_error(replies[0], 501, "M_UNRECOGNIZED")
+    assert replies[0].header(b"connection") == b"close", replies[0]
+    line = [entry for entry in env.access_lines() if entry["path"] == path.decode()][-1]
+    assert line["status"] == 501 and line.get("client_error") is None, line
+    env.check_output()
+
+
 def test_a_content_length_with_a_leading_zero_is_refused_by_mitmproxy(env: Env) -> None:
     """`Content-Length: 02` is valid by RFC 9110 (nginx and Twisted read 2); mitmproxy's
     parser refuses it with its HTML 400 and the router leaves it so (docs/security.md)."""

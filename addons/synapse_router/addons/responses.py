@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 from mitmproxy import http
+from mitmproxy.net.http import http1
 
+from ..compat.connections import client_io
 from ..edge.limits import CORS_HEADERS
+from . import flowdata
 
 
 def matrix_error(status: int, errcode: str, message: str, retry_after: int | None = None) -> http.Response:
@@ -28,3 +31,22 @@ def respond(flow: http.HTTPFlow, response: http.Response) -> None:
     if flow.request.method == "HEAD":
         response.raw_content = b""
     flow.response = response
+
+
+def answer_and_close(flow: http.HTTPFlow, response: http.Response, why: str) -> None:
+    """Write `response` on the client's connection now and kill the flow: mitmproxy then closes
+    the connection and writes nothing of its own. For an answer that cannot wait for mitmproxy's
+    own path: in the `error` hook (mitmproxy would write its HTML page), or before a request
+    body the router will not read (mitmproxy would wait for it before answering)."""
+    io = client_io(flow.client_conn.id)
+    writer = getattr(io, "writer", None)
+    if writer is None or writer.is_closing():
+        flow.kill()  # type: ignore[no-untyped-call]
+        return
+    response.headers["Connection"] = "close"
+    respond(flow, response)  # the flow's answer, bodiless for a HEAD
+    writer.write(http1.assemble_response(response))  # type: ignore[no-untyped-call]
+    if flow.request.timestamp_end is None:
+        flowdata.set_upload_cut(flow)
+    flow.comment = f"{flow.comment} | answered {response.status_code}: {why}"  # kill() replaces the error
+    flow.kill()  # type: ignore[no-untyped-call]  # mitmproxy closes the connection, no page

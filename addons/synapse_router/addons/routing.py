@@ -22,7 +22,7 @@ from ..routing.exchange import Exchange
 from ..routing.retry import Sending
 from ..routing.routes import MAIN, Balance, Match, room_from_path
 from . import credentials, flowdata
-from .responses import matrix_error, no_process_available, respond
+from .responses import answer_and_close, matrix_error, no_process_available, respond
 from .state import RouterState
 
 log = logging.getLogger("synapse_router")
@@ -243,12 +243,15 @@ class Routing:
         flowdata.set_client_ip(flow, client_ip)
         self._decided(flow, decision)
         response = matrix_error(refused.status, refused.errcode, str(refused))
-        if refused.close:
-            response.headers["Connection"] = "close"
-        respond(flow, response)
         flow.comment = decision.summary()
         flow.marked = ":no_entry:"
         credentials.redact(flow)
+        if refused.close:
+            # The body's framing is not trusted, so it is never read: answer now and close
+            # (on mitmproxy's path the answer would wait for the body, up to body_timeout).
+            answer_and_close(flow, response, str(refused))
+        else:
+            respond(flow, response)
 
     def _set_forwarding_headers(self, flow: http.HTTPFlow) -> str:
         headers = flow.request.headers

@@ -19,16 +19,14 @@ import weakref
 
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
-from mitmproxy.net.http import http1
 
-from ..compat.connections import client_io
 from ..compat.http1 import INVALID_WORKER_HEAD
 from ..edge.upstream_client import MAX_HEAD
 from ..edge.wellformed import head_bytes, head_relayable, transfer_chunked
 from ..routing.exchange import FailureKind
 from . import flowdata
 from .exchange import killed
-from .responses import matrix_error, no_process_available, respond
+from .responses import answer_and_close, matrix_error, no_process_available, respond
 from .state import RouterState
 
 # mitmproxy's Http1Client, for a head it cannot frame (two Transfer-Encoding fields, a bad
@@ -66,7 +64,7 @@ class StreamedErrors:
         else:
             return
         self._note(flow, FailureKind.NO_RESPONSE)
-        self._answer_and_kill(flow, matrix_error(*INVALID_WORKER_HEAD), why)
+        answer_and_close(flow, matrix_error(*INVALID_WORKER_HEAD), why)
 
     def error(self, flow: http.HTTPFlow) -> None:
         response = flow.response
@@ -108,27 +106,10 @@ class StreamedErrors:
         else:
             response = matrix_error(502, "M_UNKNOWN", "The server gave no response.")
             self._note(flow, FailureKind.NO_RESPONSE)
-        self._answer_and_kill(flow, response, flow.error.msg)
+        answer_and_close(flow, response, flow.error.msg)
 
     def _note(self, flow: http.HTTPFlow, failure: FailureKind) -> None:
         """How the exchange failed (the flow is killed next: its `error` hook says only that)."""
         exchange = self.state.exchanges.find(flow.client_conn.id, flow.id)
         if exchange is not None:
             exchange.note(failure)
-
-    @staticmethod
-    def _answer_and_kill(flow: http.HTTPFlow, response: http.Response, why: str) -> None:
-        """Write `response` on the client's connection and kill the flow: mitmproxy then closes
-        the connection and writes nothing of its own."""
-        io = client_io(flow.client_conn.id)
-        writer = getattr(io, "writer", None)
-        if writer is None or writer.is_closing():
-            flow.kill()  # type: ignore[no-untyped-call]
-            return
-        response.headers["Connection"] = "close"
-        respond(flow, response)  # the flow's answer, bodiless for a HEAD
-        writer.write(http1.assemble_response(response))  # type: ignore[no-untyped-call]
-        if flow.request.timestamp_end is None:
-            flowdata.set_upload_cut(flow)
-        flow.comment = f"{flow.comment} | answered {response.status_code}: {why}"  # kill() replaces the error
-        flow.kill()  # type: ignore[no-untyped-call]  # mitmproxy closes the connection, no page
