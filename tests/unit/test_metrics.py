@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -469,6 +471,42 @@ async def test_a_second_server_shares_the_port_and_keeps_it_when_the_first_stops
     finally:
         await old.stop()
         await new.stop()
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+async def test_probes_queued_or_being_read_when_the_server_stops_are_answered() -> None:
+    """A rolling restart: the old router's endpoint stops while probes wait in its accept queue
+    (the kernel spread them over both SO_REUSEPORT listeners) or are half sent. Each is
+    answered; closing the listener used to reset the queued ones and close the half-read one."""
+    server = MetricsServer(RouterMetrics().render, "127.0.0.1:0", read_timeout=5.0)
+    await server.start()
+    port = server.port
+    # Half a request on an accepted connection: the server is reading it when the stop begins.
+    half = socket.create_connection(("127.0.0.1", port), timeout=5)
+    half.sendall(b"GET /health HTTP/1.1\r\n")
+    # A whole probe after it: answered once the half-sent one (queued before it) was accepted.
+    assert (await get(port, "/health")).status_code == 200
+    # Connected while the event loop does not run: left in the accept queue when stop() begins.
+    queued = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    for sock in queued:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    stopping = asyncio.create_task(server.stop())
+    await asyncio.sleep(0.05)
+    half.sendall(b"Host: x\r\n\r\n")
+    await stopping
+    for sock in [half, *queued]:
+        with sock:
+            answer = await asyncio.to_thread(_read_all, sock)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"OK\n"), answer
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 @pytest.mark.parametrize(

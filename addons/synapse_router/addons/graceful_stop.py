@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from mitmproxy.utils import asyncio_utils
 from ..compat.connections import open_connections
 from ..compat.listening import closed_listener_retry, listening_servers, serve_accepted
 from ..config import RouterConfig
+from ..edge.accept_queue import accept_waiting
 from ..edge.shutdown import ShutdownConfig, drained_line, grace_over_line, immediate_line, stopping_line
 from ..launcher.signals import on_signal
 from .connection_limits import ConnectionLimits
@@ -152,27 +152,10 @@ class GracefulStop:
                     continue
                 for transport_socket in server.sockets:
                     if transport_socket.type == socket.SOCK_STREAM:
-                        for conn in _accept_waiting(transport_socket.fileno()):
+                        for conn in accept_waiting(transport_socket.fileno()):
                             task = asyncio_utils.create_task(
                                 serve_accepted(instance, conn), name="connection accepted while stopping", keep_ref=True
                             )
                             self._handed_over.add(task)
                             task.add_done_callback(self._handed_over.discard)
                 server.close()  # right after the last accept: nothing runs in between
-
-
-def _accept_waiting(fileno: int) -> list[socket.socket]:
-    """The connections waiting in a listening socket's accept queue, accepted."""
-    accepted = []
-    with socket.socket(fileno=os.dup(fileno)) as listening:
-        listening.setblocking(False)
-        while True:
-            try:
-                conn, _ = listening.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:  # out of descriptors: the rest are reset with the listener
-                log.warning(f"synapse-router: accepting the connections queued at stop: {e.strerror or e}")
-                break
-            accepted.append(conn)
-    return accepted

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from ..edge.accept_queue import accept_waiting
 from ..edge.wellformed import TOKEN
 from ..routing.upstream import parse_listen
 
@@ -23,6 +24,8 @@ HEALTH_PATH = "/health"  # liveness for an orchestrator (container HEALTHCHECK, 
 READY_PATH = "/ready"  # readiness: 503 from the moment a stop begins, and while main is unreachable
 _PLAIN = "text/plain; charset=utf-8"
 REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+STREAM_LIMIT = 16 * 1024  # the longest request line or header line read
+STOP_GRACE = 1.0  # seconds a request being served at stop gets to be answered (a probe takes ms)
 
 _REASONS = {
     200: "OK",
@@ -84,6 +87,7 @@ class MetricsServer:
         self.max_header_lines = max_header_lines
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[object]] = set()  # the requests being served
 
     @property
     def port(self) -> int:
@@ -100,22 +104,43 @@ class MetricsServer:
         if self._server is not None:
             return
         self._server = await asyncio.start_server(
-            self._handle, self.host, self._configured_port, limit=16 * 1024, reuse_port=REUSE_PORT
+            self._handle, self.host, self._configured_port, limit=STREAM_LIMIT, reuse_port=REUSE_PORT
         )
 
     async def stop(self) -> None:
+        """Stop listening. The probes already connected are still answered: those in the
+        listening sockets' queues are accepted first (closing the listener would reset them
+        while a new router on the same port is serving), and the requests being read or answered
+        get up to STOP_GRACE seconds before their connections are closed."""
         server, self._server = self._server, None
         if server is None:
             return
-        server.close()
+        waiting = [conn for sock in server.sockets for conn in accept_waiting(sock.fileno())]
+        server.close()  # right after the last accept: nothing runs in between
+        for conn in waiting:
+            self._handlers.add(asyncio.create_task(self._serve_accepted(conn), name="metrics probe queued at stop"))
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=STOP_GRACE)
         for writer in list(self._writers):
             writer.close()  # the handler sees EOF and finishes
         await server.wait_closed()
+
+    async def _serve_accepted(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=STREAM_LIMIT)
+        except OSError:
+            conn.close()
+            return
+        await self._handle(reader, writer)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._writers) >= self.max_connections:
             writer.close()
             return
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         self._writers.add(writer)
         try:
             try:
