@@ -33,8 +33,9 @@ Invariants (each violation is printed with its evidence; the exit status is 1 if
 - safe_requests: no client-visible error on a safe request (GET, sliding-sync POST, send with a
   txnId) that Synapse did not send (Synapse's answers carry `Server: Synapse/...`, the router's
   do not): a router-made 502/503/504 is excused only while the target named by the debug header
-  (`X-Synapse-Router-Worker`) was down or stopped; a transport error only while a router
-  process was being killed. Errors on unsafe requests (uploads, logins, logouts) are counted.
+  (`X-Synapse-Router-Worker`) was down or stopped, a 504 (`health.read_timeout`) also while
+  main was (a worker's request waiting on main is never answered); a transport error only while
+  a router process was being killed. Errors on unsafe requests (uploads, logins, logouts) are counted.
 - sends_exactly_once: each txnId's body appears exactly once in the room's timeline
   (/messages on main after the run); a send that failed, at most once.
 - in_flight_zero: `synapse_router_worker_in_flight` back to 0 after traffic stops.
@@ -995,6 +996,10 @@ def judge_records(soak: Soak) -> dict[str, Any]:
             target_down, target = bool(downs), "unnamed (" + ",".join(downs) + " down)"
         if r.status in (502, 503, 504) and target_down:
             figures[f"excused: router {r.status} while {target} was down"] += 1
+        elif r.status == 504 and overlaps(soak.down["main"], r.t0 - SLACK, r.t1):
+            # The worker was up but waited on main (replication, a writer call), which died or
+            # stopped meanwhile: the worker never answered, and the router's read_timeout did.
+            figures[f"excused: router 504 ({target} up, waiting on main, which was down)"] += 1
         elif overlaps(soak.router_down, r.t0, r.t1) and r.status in (502, 503):
             figures["excused: router error while a router process was killed"] += 1
         elif r.safe:
