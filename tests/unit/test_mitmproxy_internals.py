@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import inspect
 import io
+import logging
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -30,10 +31,6 @@ def params(func: Callable[..., Any]) -> list[str]:
     return list(inspect.signature(func).parameters)
 
 
-def source(func: Callable[..., Any]) -> str:
-    return inspect.getsource(func)
-
-
 # --- Master ---
 
 
@@ -52,15 +49,50 @@ async def test_master_constructor_attributes_and_legacy_log_events() -> None:
         await plain.done()
 
 
-def test_master_run_finishes_the_errorcheck_after_the_last_startup_check() -> None:
-    """StartupCheck tells a `--processes` parent "serving" from `finish()`: Master.run must look
-    the check up as "errorcheck" and call `finish()` once the servers are up and `running` ran."""
-    run = source(master.Master.run)
-    assert 'self.addons.get("errorcheck")' in run
-    assert 'self.addons.get("proxyserver")' in run and "setup_servers()" in run
-    finish = run.index("ec.finish()")
-    assert run.index("await self.running()") < finish
-    assert run.rindex("shutdown_if_errored()") < finish
+class _RunningProbe:
+    """Notes, in `running`, whether the proxy listens, and logs an error there when asked to."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+        self.events: list[str] = []
+
+    def running(self) -> None:
+        self.events.append("running")
+        if self.fail:
+            logging.error("an error in the last part of start-up")
+
+
+def _plain_master(probe: _RunningProbe, check: StartupCheck) -> master.Master:
+    opts = options.Options(mode=["reverse:http://127.0.0.1:9"], listen_host="127.0.0.1", listen_port=0)
+    plain = master.Master(opts)
+    plain.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig())
+    plain.addons.add(probe, check)
+    return plain
+
+
+async def test_master_run_finishes_the_errorcheck_after_the_last_startup_check() -> None:
+    """StartupCheck tells a `--processes` parent "serving" from `finish()`: Master.run must find
+    it as "errorcheck" and call `finish()` once the servers listen and `running` has run, after
+    the last check for errors logged during start-up (an error there exits, never `finish()`)."""
+    events: list[str] = []
+    probe = _RunningProbe(fail=False)
+    plain: master.Master
+
+    def started() -> None:
+        addrs = plain.addons.get("proxyserver").listen_addrs()
+        with socket.create_connection(addrs[0][:2], timeout=5):
+            events.append("finish, listening")
+        plain.shutdown()
+
+    plain = _plain_master(probe, StartupCheck(started))
+    await asyncio.wait_for(plain.run(), 30)
+    assert probe.events + events == ["running", "finish, listening"]
+
+    failing = _RunningProbe(fail=True)
+    plain = _plain_master(failing, StartupCheck(lambda: events.append("finish after an error")))
+    with pytest.raises(SystemExit):
+        await asyncio.wait_for(plain.run(), 30)
+    assert failing.events == ["running"] and events == ["finish, listening"]  # no finish after the error
 
 
 # --- AddonManager ---
@@ -259,21 +291,59 @@ def test_shared_port_loop_sets_so_reuseport_on_a_start_server_socket() -> None:
         loop.close()
 
 
-def test_a_flow_killed_in_the_error_hook_gets_no_error_page() -> None:
+class _KillOnError:
+    """What StreamedErrors does in the `error` hook, reduced to the kill; records the hook ran."""
+
+    def __init__(self, kill: bool) -> None:
+        self.kill = kill
+        self.errors: list[str] = []
+        self.started = asyncio.Event()
+
+    def running(self) -> None:
+        self.started.set()
+
+    def error(self, flow: Any) -> None:
+        self.errors.append(flow.error.msg)
+        if self.kill:
+            flow.kill()
+
+
+async def _answer_through_a_proxy_to_a_worker_that_hangs_up(addon: _KillOnError) -> bytes:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()  # no response at all: mitmproxy's client layer sees a protocol error
+
+    worker = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    worker_port = worker.sockets[0].getsockname()[1]
+    opts = options.Options(mode=[f"reverse:http://127.0.0.1:{worker_port}"], listen_host="127.0.0.1", listen_port=0)
+    plain = master.Master(opts)
+    plain.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), addon)
+    run = asyncio.create_task(plain.run())
+    try:
+        await asyncio.wait_for(addon.started.wait(), 30)
+        host, port = plain.addons.get("proxyserver").listen_addrs()[0][:2]
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        return answer
+    finally:
+        plain.shutdown()
+        await asyncio.wait_for(run, 30)
+        worker.close()
+
+
+async def test_a_flow_killed_in_the_error_hook_gets_no_error_page() -> None:
     """StreamedErrors (addons/streamed_errors.py) writes its Matrix 502 in the `error` hook and
-    kills the flow: mitmproxy must run that hook before it hands the failure to the client's
-    HTTP/1 layer (which writes the HTML page), must check for a kill between the two, and a
-    killed flow's error (ErrorCode.KILL) must map to no page."""
-    from mitmproxy.proxy.layers.http import HttpStream
+    kills the flow: mitmproxy must run that hook before its client layer writes the HTML page,
+    and must then write nothing for a killed flow (only close the connection)."""
     from mitmproxy.proxy.layers.http._events import ErrorCode
 
-    handle = source(HttpStream.handle_protocol_error)
-    hook, killed, forward = (
-        handle.index("yield HttpErrorHook(self.flow)"),
-        handle.index("self.check_killed(False)"),
-        handle.index("yield SendHttp(event, self.context.client)"),
-    )
-    assert hook < killed < forward
-    assert 'ResponseProtocolError(self.stream_id, "killed", ErrorCode.KILL)' in source(HttpStream.check_killed)
+    left_alone = _KillOnError(kill=False)
+    page = await _answer_through_a_proxy_to_a_worker_that_hangs_up(left_alone)
+    assert page.startswith(b"HTTP/1.1 502 ") and left_alone.errors, page  # the page the kill must prevent
+    killed = _KillOnError(kill=True)
+    assert await _answer_through_a_proxy_to_a_worker_that_hangs_up(killed) == b""
+    assert killed.errors == left_alone.errors
     assert ErrorCode.KILL.http_status_code() is None
     assert ErrorCode.GENERIC_SERVER_ERROR.http_status_code() == 502
