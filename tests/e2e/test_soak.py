@@ -20,11 +20,10 @@ import pytest
 
 from tests.harness import ROOT
 
-# Not yet in the default run (`scripts/test`, CI): on a loaded machine its probes still time
-# out now and then (docs/soak.md, "Open"). SYNAPSE_ROUTER_SOAK=1 runs it.
+# In the default run (`scripts/test`, CI); SYNAPSE_ROUTER_SOAK=0 leaves it out of a quick run.
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(os.environ.get("SYNAPSE_ROUTER_SOAK") != "1", reason="SYNAPSE_ROUTER_SOAK=1 runs the soak"),
+    pytest.mark.skipif(os.environ.get("SYNAPSE_ROUTER_SOAK") == "0", reason="SYNAPSE_ROUTER_SOAK=0 skips it"),
 ]
 
 
