@@ -208,3 +208,19 @@ def test_a_failure_the_router_passes_on_a_recheck_is_not_a_router_only_failure()
     assert "passed through it on a recheck run: 1\n  - A" in sytest_run.comparison(
         {"haproxy": haproxy, "router": router}
     )
+
+
+def test_a_recheck_whose_homeservers_never_start_keeps_the_runs_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a loaded machine a recheck run may fail to start a homeserver: what it passed before
+    that still clears, the rest stay router-only failures, and the comparison is still made
+    (it used to raise, and the whole run's results were lost)."""
+    haproxy = sytest_run.parse_tap("ok 1 A\nok 2 B\nok 3 C\n")
+    router = sytest_run.parse_tap("not ok 1 A\nnot ok 2 B\nok 3 C\n")
+    router.files.update({"A": "tests/a.pl", "B": "tests/b.pl"})
+    runs = iter([(sytest_run.parse_tap("ok 1 A\n"), False), (sytest_run.parse_tap(""), False)])
+    monkeypatch.setattr(sytest_run, "_run_once", lambda *args: next(runs))
+    setup = sytest_run.Setup(*[None] * 8, attempts=2, ports="27000:27999")  # type: ignore[arg-type]
+    results = {"haproxy": haproxy, "router": router}
+    sytest_run.recheck(setup, results, rounds=1)
+    assert router.cleared == {"A"}
+    assert sytest_run.router_only_failures(haproxy, router) == ["B"]
