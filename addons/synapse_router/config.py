@@ -22,7 +22,7 @@ from .edge.limits import LimitsConfig, LimitsConfigError, parse_limits
 from .edge.shutdown import ShutdownConfig, ShutdownConfigError, parse_shutdown
 from .observability.accesslog import AccessLogConfig, AccessLogConfigError, parse_access_log_config
 from .routing.availability import HealthConfig
-from .routing.routes import MAIN, Balance, Route, RouteTable
+from .routing.routes import BUILTIN_ROUTES, MAIN, Balance, Route, RouteTable
 from .routing.upstream import Upstream, parse_listen, parse_upstream_url
 
 KeyPath = tuple[str | int, ...]
@@ -419,6 +419,20 @@ _TOP_KEYS = frozenset(
 )
 
 
+def _check_every_pool_is_used(doc: _Doc, pools: Mapping[str, tuple[Upstream, ...]], table: RouteTable) -> None:
+    """A pool no route sends to is a misspelt name (`meida:`): its workers would get nothing and
+    the traffic meant for them would go to main, silently."""
+    used = {pool for route in table.routes for pool in route.pools}
+    for name in pools:
+        if name not in used:
+            builtin = ", ".join(sorted({pool for route in BUILTIN_ROUTES for pool in route.pools}))
+            raise doc.error(
+                ("workers", name),
+                f"no route sends to pool {name!r}: the built-in routes use {builtin}; "
+                "a pool of your own needs a route in `routes` that names it",
+            )
+
+
 def parse_config(text: str) -> RouterConfig:
     """Parse and validate a YAML configuration; raise ConfigError naming the bad key."""
     doc = _Doc(text)
@@ -429,6 +443,7 @@ def parse_config(text: str) -> RouterConfig:
         table = RouteTable(routes)
     except re.error as e:  # a pattern that compiles alone but not beside the others
         raise doc.error(("routes",), f"the route patterns cannot be combined: {e}") from None
+    _check_every_pool_is_used(doc, pools, table)
     return RouterConfig(
         pools=pools,
         routes=routes,

@@ -67,6 +67,8 @@ def test_empty_config_is_valid() -> None:
         ("workers:\n  Sync: [http://a:1]\n", "workers.Sync", 2, "lower-case"),
         ("workers:\n  main: [http://a:1]\n", "workers.main", 2, "reverse-mode target"),
         ("workers:\n  sync: [http://a:1, http://a:1]\n", "workers.sync[1]", 2, "twice"),
+        # a misspelt pool would get nothing and its traffic would go to main, silently
+        ("workers:\n  sync: [http://a:1]\n  meida: [http://b:1]\n", "workers.meida", 3, "no route sends to pool"),
         (
             "routes:\n  - {name: x, paths: ['^/a('], pool: main}\n",
             "routes[0].paths[0]",
