@@ -223,6 +223,9 @@ def comparison(results: dict[str, Results]) -> str:
         better = sorted(results["router"].passed - results["haproxy"].passed)
         lines.append(f"passes through the router, fails through HAProxy: {len(better)}")
         lines += [f"  - {name}" for name in better]
+        both = sorted(results["haproxy"].failed & (results["router"].failed - results["router"].cleared))
+        lines.append(f"fails through both: {len(both)}")
+        lines += [f"  - {name}" for name in both]
     return "\n".join(lines)
 
 

@@ -224,3 +224,11 @@ def test_a_recheck_whose_homeservers_never_start_keeps_the_runs_results(monkeypa
     sytest_run.recheck(setup, results, rounds=1)
     assert router.cleared == {"A"}
     assert sytest_run.router_only_failures(haproxy, router) == ["B"]
+
+
+def test_the_comparison_lists_the_tests_that_fail_through_both() -> None:
+    haproxy = sytest_run.parse_tap("ok 1 A\nnot ok 2 B\nnot ok 3 C\n")
+    router = sytest_run.parse_tap("ok 1 A\nnot ok 2 B\nok 3 C\n")
+    text = sytest_run.comparison({"haproxy": haproxy, "router": router})
+    assert "fails through both: 1\n  - B" in text
+    assert "passes through the router, fails through HAProxy: 1\n  - C" in text

@@ -67,16 +67,16 @@ def make_parser() -> argparse.ArgumentParser:
     )
     from_synapse = config.add_parser(
         "from-synapse",
-        help="write a router configuration from Synapse's",
+        help="write a router configuration from Synapse's configuration files",
         description="Write a router YAML whose pools come from Synapse's configuration: stream writers exactly as "
-        "stream_writers says, the other workers by name or listener (README, 'Synapse's configuration as the source').",
+        "stream_writers says, the other workers by name or listener (docs/synapse-tools.md).",
     )
     from_synapse.add_argument("homeserver", help="homeserver.yaml")
     from_synapse.add_argument("workers", nargs="*", help="the worker configuration files")
     from_synapse.add_argument("-o", "--output", type=Path, help="write here instead of standard output")
     checker = config.add_parser(
         "check",
-        help="report every disagreement between a router configuration and Synapse's",
+        help="report every disagreement between a router configuration and Synapse's files",
         description="Report every disagreement: a writer pool that is not the stream writer, a pool worker whose "
         "listener lacks the resource its pool needs (client, federation, media), a router URL no worker listens "
         "on, a worker with no pool. Exits 1 if there is any.",
