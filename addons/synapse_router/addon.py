@@ -73,7 +73,7 @@ class SynapseRouter:
         self.observation = Observation(state)
         self.metrics_listener = MetricsListener(state)
         self.listen_backlog = ListenBacklog(self.limits.headroom)
-        self.graceful_stop = GracefulStop(self.limits, state)
+        self.graceful_stop = GracefulStop(self.limits, state, self.metrics_listener.stopping)
         # Prepared in this order, then switched to in this order. Observation opens the access
         # log file, the one part that can fail on a valid file: last, so nothing is left open.
         appliers: list[Applier] = [

@@ -26,6 +26,8 @@ PURE = (
     "edge.clienterrors",
     "observability.loopfilters",
     "launcher.listener",
+    "edge.accept_queue",
+    "edge.port_sharing",
 )
 _IMPORT = re.compile(r"^\s*from (\.+)([\w.]*) import ([\w, ()\n]+?)(?:\)|$)", re.M)
 

@@ -47,9 +47,12 @@ SHUTDOWN_REASON = "shutdown"
 
 
 class GracefulStop:
-    def __init__(self, limits: ConnectionLimits, state: RouterState) -> None:
+    def __init__(
+        self, limits: ConnectionLimits, state: RouterState, on_stop: Callable[[], None] = lambda: None
+    ) -> None:
         self.limits = limits
         self.state = state
+        self.on_stop = on_stop  # told once a graceful stop begins (MetricsListener.stopping)
         self.config = ShutdownConfig()
         self._drain: asyncio.Task[None] | None = None
         self._handed_over: set[asyncio.Task[None]] = set()  # connections accepted while stopping
@@ -95,6 +98,7 @@ class GracefulStop:
         """The first call drains; a second one stops at once."""
         if self._drain is None:
             self.state.stopping = True  # `/ready` answers 503 from now on
+            self.on_stop()
             self._drain = asyncio_utils.create_task(self._drain_then_shut_down(), name="graceful stop", keep_ref=True)
             return
         log.warning(immediate_line(self.limits.requests_in_flight, self._connections()))

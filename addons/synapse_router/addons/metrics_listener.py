@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from mitmproxy.utils import asyncio_utils
+
 from ..config import RouterConfig
 from ..launcher.listener import SwitchedListener
 from ..observability.metrics_server import MetricsServer
@@ -40,9 +42,24 @@ class MetricsListener:
 
         return switch
 
-    def running(self) -> None:
+    async def running(self) -> None:
+        # Awaited before start-up is over: a `--replace` router stops the old one only once
+        # its own endpoint listens (the old one then leaves the shared address to it).
         self._running = True
         self._listener.want(self.listen)
+        await self._listener.settled()
+
+    def stopping(self) -> None:
+        """A graceful stop began. If another router listens on the metrics address too (the one
+        replacing this one, `--replace`), it answers `/health`, `/ready` and `/metrics` from now
+        on: this one stops listening (answering the probes already queued), so no probe meets
+        this router's `/ready` 503 while the new one is ready. Otherwise they stay until done."""
+        server = self._listener.server
+        if isinstance(server, MetricsServer) and server.shares_its_port():
+            log.info(
+                f"synapse-router: stopping: /health, /ready and /metrics left to the router sharing {server.listen}"
+            )
+            asyncio_utils.create_task(self._listener.close(), name="metrics hand-over", keep_ref=True)
 
     async def done(self) -> None:
         self._running = False

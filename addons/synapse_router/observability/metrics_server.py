@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from ..edge.accept_queue import accept_waiting
+from ..edge.port_sharing import shared_with_another
 from ..edge.wellformed import TOKEN
 from ..routing.upstream import parse_listen
 
@@ -99,6 +100,10 @@ class MetricsServer:
     @property
     def running(self) -> bool:
         return self._server is not None
+
+    def shares_its_port(self) -> bool:
+        """Whether another socket (a router replacing this one) listens on this address too."""
+        return self._server is not None and shared_with_another(self._server.sockets)
 
     async def start(self) -> None:
         if self._server is not None:
