@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 from synapse_router.config import parse_config
+from synapse_router.routing.routes import BUILTIN_ROUTES
 from synapse_router.tools.subcommands import main
 from synapse_router.tools.synapse_config import SynapseConfigError, check, read_deployment, router_pools
-
-from synapse_router.routing.routes import BUILTIN_ROUTES
 
 from scripts.synapse_deploy import (
     DEFAULT_TOPOLOGY,
