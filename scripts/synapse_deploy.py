@@ -130,7 +130,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -693,8 +693,50 @@ RECIPE_TOOLS = (
 )
 
 
-def ensure_system_packages() -> tuple[Path, Path]:
+def missing_debian_packages(packages: Sequence[str]) -> list[str]:
+    """Those of `packages` dpkg does not have installed."""
     missing = []
+    for package in packages:
+        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True).stdout
+        if not status.endswith("installed") or "not-installed" in status:
+            missing.append(package)
+    return missing
+
+
+def apt_get_install(packages: Sequence[str], who: str) -> None:
+    """`apt-get install` them (as root; DeployError else), their default services kept from
+    starting by a policy-rc.d (`who` wrote it) while it runs; waits up to 600 s for the dpkg lock."""
+    if not packages:
+        return
+    if not is_root():
+        raise DeployError(f"missing Debian packages {list(packages)}; install them (as root) and retry")
+    say(f"apt-get install {' '.join(packages)} (their default services are kept from starting)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    lock = ["-o", "DPkg::Lock::Timeout=600"]
+    created_policy = False
+    if not POLICY_RC_D.exists():
+        POLICY_RC_D.write_text(f"#!/bin/sh\n# written by {who} during apt-get install\nexit 101\n")
+        POLICY_RC_D.chmod(0o755)
+        created_policy = True
+    try:
+        subprocess.run(["apt-get", *lock, "update", "-q"], check=True, env=env, stdout=sys.stderr)
+        subprocess.run(
+            ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *packages],
+            check=True,
+            env=env,
+            stdout=sys.stderr,
+        )
+    except subprocess.CalledProcessError as e:
+        raise DeployError(f"apt-get failed: {e}") from None
+    finally:
+        if created_policy:
+            POLICY_RC_D.unlink(missing_ok=True)
+
+
+def ensure_system_packages(extra: Sequence[str] = ()) -> tuple[Path, Path]:
+    """PostgreSQL, Redis, Prometheus, the recipes' tools and `extra` Debian packages (one
+    apt-get run for what is missing); the PostgreSQL bin directory and redis-server."""
+    missing = missing_debian_packages(extra)
     bindir = pg_bindir()
     if bindir is None or not (bindir / "initdb").exists():
         missing.append("postgresql")
@@ -706,29 +748,7 @@ def ensure_system_packages() -> tuple[Path, Path]:
     for tool, package in RECIPE_TOOLS:
         if shutil.which(tool) is None and package not in missing:
             missing.append(package)
-    if missing:
-        if not is_root():
-            raise DeployError(f"missing Debian packages {missing}; install them (as root) and retry")
-        say(f"apt-get install {' '.join(missing)} (their default services are kept from starting)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        created_policy = False
-        if not POLICY_RC_D.exists():
-            POLICY_RC_D.write_text("#!/bin/sh\n# written by synapse_deploy.py during apt-get install\nexit 101\n")
-            POLICY_RC_D.chmod(0o755)
-            created_policy = True
-        try:
-            subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=sys.stderr)
-            subprocess.run(
-                ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-                check=True,
-                env=env,
-                stdout=sys.stderr,
-            )
-        except subprocess.CalledProcessError as e:
-            raise DeployError(f"apt-get failed: {e}") from None
-        finally:
-            if created_policy:
-                POLICY_RC_D.unlink(missing_ok=True)
+    apt_get_install(missing, "synapse_deploy.py")
     bindir, redis = pg_bindir(), redis_server_bin()
     if bindir is None or redis is None or prometheus_bin() is None:
         raise DeployError("postgresql, redis-server or prometheus still missing after apt-get install")
@@ -836,27 +856,45 @@ def start_postgres(layout: Layout, bindir: Path, ports: Ports) -> None:
             old = int(stale.read_text().split()[0])
             if not (pid_alive(old) and pid_is_ours(old, layout)):
                 stale.unlink()
-    settings = {
-        "port": str(ports.postgres),
-        "listen_addresses": HOST,
-        "unix_socket_directories": pg_socket_dir(layout, ports.postgres),
-        "max_connections": "200",
-        # A throwaway test database: durability buys nothing here.
-        "fsync": "off",
-        "synchronous_commit": "off",
-        "full_page_writes": "off",
-    }
-    options = " ".join(f"-c {shlex.quote(f'{k}={v}')}" for k, v in settings.items())
     say(f"starting PostgreSQL on {HOST}:{ports.postgres}")
-    run_as_pg(
-        [str(bindir / "pg_ctl"), "-D", str(layout.pg_data), "-l", str(log), "-w", "-t", "60", "-o", options, "start"],
-        cwd=str(layout.pg_root),
+    pg_ctl_start(
+        bindir,
+        layout.pg_data,
+        log,
+        layout.pg_root,
+        {"port": str(ports.postgres), "unix_socket_directories": pg_socket_dir(layout, ports.postgres)},
     )
     try:
         pid = int((layout.pg_data / "postmaster.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         raise DeployError(f"PostgreSQL started but wrote no postmaster.pid\n{tail(log)}") from None
     write_pid(layout, "postgres", pid)
+
+
+def pg_ctl_start(bindir: Path, data: Path, log: Path, cwd: Path, settings: Mapping[str, str]) -> None:
+    """`pg_ctl start` the cluster in `data` as a throwaway test database (durability off,
+    listening on HOST, 200 connections unless `settings` say otherwise), waiting up to 60 s."""
+    settings = {
+        "listen_addresses": HOST,
+        "max_connections": "200",
+        # A throwaway test database: durability buys nothing here.
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "full_page_writes": "off",
+        **settings,
+    }
+    options = " ".join(f"-c {shlex.quote(f'{k}={v}')}" for k, v in settings.items())
+    run_as_pg(
+        [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start"],
+        cwd=str(cwd),
+    )
+
+
+def pg_ctl_stop(bindir: Path, data: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`pg_ctl stop -m fast`, waiting up to 60 s; its result (not checked)."""
+    return run_as_pg(
+        [str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop"], check=False, cwd=str(cwd)
+    )
 
 
 def psql(bindir: Path, ports: Ports, sec: Secrets, sql: str) -> str:
@@ -891,11 +929,7 @@ def stop_postgres(layout: Layout, bindir: Path | None) -> None:
     pid = running_pid(layout, "postgres")
     if pid is not None and bindir is not None:
         say(f"stopping PostgreSQL (pid {pid}): pg_ctl stop -m fast")
-        result = run_as_pg(
-            [str(bindir / "pg_ctl"), "-D", str(layout.pg_data), "-m", "fast", "-w", "-t", "60", "stop"],
-            check=False,
-            cwd=str(layout.pg_root),
-        )
+        result = pg_ctl_stop(bindir, layout.pg_data, layout.pg_root)
         if result.returncode != 0:
             say(f"pg_ctl stop failed: {result.stderr.strip()}")
     if pid is not None and pid_alive(pid):
@@ -906,9 +940,9 @@ def stop_postgres(layout: Layout, bindir: Path | None) -> None:
 # --------------------------------------------------------------------------- Redis
 
 
-def redis_ping(port: int) -> bool:
+def redis_ping(port: int, host: str = HOST) -> bool:
     try:
-        with socket.create_connection((HOST, port), timeout=1.0) as s:
+        with socket.create_connection((host, port), timeout=1.0) as s:
             s.sendall(b"PING\r\n")
             return s.recv(64).startswith(b"+PONG")
     except OSError:
@@ -922,16 +956,34 @@ def start_redis(layout: Layout, redis: Path, ports: Ports, deadline: float) -> N
         raise DeployError(f"port {ports.redis} (Redis) is already taken by a process we did not start")
     layout.redis_dir.mkdir(exist_ok=True)
     say(f"starting Redis on {HOST}:{ports.redis}")
-    argv = [str(redis), "--bind", HOST, "--port", str(ports.redis), "--protected-mode", "yes"]
-    argv += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(layout.redis_dir)]
     redis_log = layout.state / "logs" / "redis.log"
-    argv += ["--logfile", str(redis_log)]
-    spawn(layout, "redis", argv, cwd=layout.redis_dir, log=redis_log)
-    while not redis_ping(ports.redis):
+    spawn(
+        layout, "redis", redis_argv(redis, HOST, ports.redis, layout.redis_dir, redis_log), layout.redis_dir, redis_log
+    )
+
+    def alive() -> bool:
         pid = read_pid(layout, "redis")
-        if pid is None or not pid_alive(pid) or time.monotonic() > deadline:
-            raise DeployError(f"Redis did not start\n{failure_report(layout, 'redis', redis_log)}")
-        time.sleep(0.1)
+        return pid is not None and pid_alive(pid)
+
+    if not wait_until(lambda: redis_ping(ports.redis), alive, deadline):
+        raise DeployError(f"Redis did not start\n{failure_report(layout, 'redis', redis_log)}")
+
+
+def redis_argv(redis: Path, host: str, port: int, directory: Path, log: Path) -> list[str]:
+    """redis-server in the foreground on host:port, persisting nothing, its log in `log`."""
+    argv = [str(redis), "--bind", host, "--port", str(port), "--protected-mode", "yes"]
+    argv += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(directory)]
+    return [*argv, "--logfile", str(log)]
+
+
+def wait_until(ready: Callable[[], bool], alive: Callable[[], bool], deadline: float, step: float = 0.1) -> bool:
+    """Poll `ready` until it holds (True), the process dies or the monotonic `deadline` passes
+    (False)."""
+    while not ready():
+        if not alive() or time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
 
 
 # --------------------------------------------------------------------------- Synapse
@@ -982,14 +1034,18 @@ def _ensure_venv(layout: Layout) -> str:
         if not venv_has_synapse(layout):
             raise DeployError(f"{layout.venv} still cannot import Synapse after pip install")
     if not layout.version_file.exists():
-        version = subprocess.run(
-            [str(layout.python), "-c", "import importlib.metadata as m; print(m.version('matrix-synapse'))"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        layout.version_file.write_text(version + "\n")
+        layout.version_file.write_text(synapse_version(layout.python) + "\n")
     return layout.version_file.read_text().strip()
+
+
+def synapse_version(python: Path) -> str:
+    """The version of matrix-synapse installed for `python`."""
+    return subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('matrix-synapse'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 def ratelimit(per_second: float = 10000, burst_count: int = 100000) -> dict[str, float]:

@@ -232,43 +232,6 @@ def comparison(results: dict[str, Results]) -> str:
 # --------------------------------------------------------------------------- installation
 
 
-def missing_debian_packages(packages: Sequence[str]) -> list[str]:
-    missing = []
-    for package in packages:
-        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True).stdout
-        if not status.endswith("installed") or "not-installed" in status:
-            missing.append(package)
-    return missing
-
-
-def apt_install(packages: Sequence[str]) -> None:
-    if not packages:
-        return
-    if not deploy.is_root():
-        raise SytestError(f"missing Debian packages {list(packages)}; install them (as root) and retry")
-    say(f"apt-get install {' '.join(packages)} (their default services are kept from starting)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    lock = ["-o", "DPkg::Lock::Timeout=600"]
-    created_policy = False
-    if not deploy.POLICY_RC_D.exists():
-        deploy.POLICY_RC_D.write_text("#!/bin/sh\n# written by scripts/sytest during apt-get install\nexit 101\n")
-        deploy.POLICY_RC_D.chmod(0o755)
-        created_policy = True
-    try:
-        subprocess.run(["apt-get", *lock, "update", "-q"], check=True, env=env, stdout=sys.stderr)
-        subprocess.run(
-            ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *packages],
-            check=True,
-            env=env,
-            stdout=sys.stderr,
-        )
-    except subprocess.CalledProcessError as e:
-        raise SytestError(f"apt-get failed: {e}") from None
-    finally:
-        if created_policy:
-            deploy.POLICY_RC_D.unlink(missing_ok=True)
-
-
 def ensure_synapse() -> Path:
     """synapse_deploy's Synapse (its pin, its virtualenv) plus the `url-preview` extra."""
     layout = deploy.Layout(state=Path(os.environ.get("E2E_STATE_DIR", ROOT / ".synapse-deploy")).resolve())
@@ -340,28 +303,15 @@ class Postgres:
         deploy.chown_to_pg(log)
         settings = {
             "port": str(self.port),
-            "listen_addresses": deploy.HOST,
             "unix_socket_directories": "",
             "max_connections": "500",  # two homeservers of 14 processes each, as Synapse's CI sets it
-            "fsync": "off",
-            "synchronous_commit": "off",
-            "full_page_writes": "off",
         }
-        options = " ".join(f"-c {shlex.quote(f'{k}={v}')}" for k, v in settings.items())
         say(f"starting PostgreSQL on {deploy.HOST}:{self.port}")
-        deploy.run_as_pg(
-            [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(log), "-w", "-t", "60", "-o", options]
-            + ["start"],
-            cwd=str(self.work / "pg"),
-        )
+        deploy.pg_ctl_start(self.bindir, self.data, log, self.work / "pg", settings)
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
-            deploy.run_as_pg(
-                [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop"],
-                check=False,
-                cwd=str(self.work / "pg"),
-            )
+            deploy.pg_ctl_stop(self.bindir, self.data, self.work / "pg")
 
     def psql(self, sql: str) -> None:
         self.query(sql)
@@ -383,12 +333,7 @@ class Postgres:
         (lib/SyTest/Homeserver.pm, _clear_db_pg): Synapse's schema made once per Synapse version
         by Synapse's own `update_synapse_database`, so that a homeserver's main process does not
         build it during SyTest's 60 s start-up window."""
-        version = subprocess.run(
-            [str(python), "-c", "import importlib.metadata as m; print(m.version('matrix-synapse'))"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        version = deploy.synapse_version(python)
         exists = self.query(f"SELECT 1 FROM pg_database WHERE datname = '{TEMPLATE}'") == "1"
         if (
             exists
@@ -439,15 +384,14 @@ def redis(work: Path, binary: Path) -> Iterator[str]:
     host = free_redis_host()
     run = work / "redis"
     run.mkdir(exist_ok=True)
-    argv = [str(binary), "--bind", host, "--port", str(REDIS_PORT), "--save", "", "--appendonly", "no"]
-    argv += ["--daemonize", "no", "--dir", str(run), "--logfile", str(run / "redis.log")]
+    argv = deploy.redis_argv(binary, host, REDIS_PORT, run, run / "redis.log")
     proc = subprocess.Popen(argv, cwd=run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
-        while not _redis_ping(host):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SytestError(f"Redis did not start on {host}:{REDIS_PORT} (see {run / 'redis.log'})")
-            time.sleep(0.1)
+        ready = deploy.wait_until(
+            lambda: deploy.redis_ping(REDIS_PORT, host), lambda: proc.poll() is None, time.monotonic() + 30
+        )
+        if not ready:
+            raise SytestError(f"Redis did not start on {host}:{REDIS_PORT} (see {run / 'redis.log'})")
         yield host
     finally:
         proc.terminate()
@@ -456,15 +400,6 @@ def redis(work: Path, binary: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _redis_ping(host: str) -> bool:
-    try:
-        with socket.create_connection((host, REDIS_PORT), timeout=1.0) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- one run
@@ -641,8 +576,7 @@ def clear(router: Results, bad: Sequence[str], again: Results) -> None:
 def run_all(
     args: argparse.Namespace, proxies: Sequence[str], files: Sequence[str], work: Path, results: dict[str, Results]
 ) -> None:
-    apt_install(missing_debian_packages(PERL_PACKAGES))
-    bindir, redis_bin = deploy.ensure_system_packages()
+    bindir, redis_bin = deploy.ensure_system_packages(extra=PERL_PACKAGES)
     python = ensure_synapse()
     work.mkdir(parents=True, exist_ok=True)
     deploy.let_pg_traverse(work)

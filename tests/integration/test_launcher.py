@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -519,3 +520,27 @@ def test_a_restarted_process_runs_the_configuration_its_siblings_run(
             with httpx.Client(base_url=router.url, timeout=30) as client:
                 assert served(client.get("/_matrix/client/versions"))["server"] == "reader2"
     assert "Traceback" not in router.log()
+
+
+def test_processes_log_only_true_metrics_addresses(fleet: Fleet, start: StartFn) -> None:
+    """`--processes 2` with metrics.listen on P: every "... on http://ADDRESS/metrics" line
+    names an address that serves (the parent's merged endpoint on P; each process's own on
+    P + i, said to be its own); no process claims P (an outside trial: both children logged
+    "metrics on http://127.0.0.1:P/metrics", the parent's address)."""
+    fleet.add("main")
+    metrics = _ports_below_ephemeral_range(3)
+    config = {"workers": {}, "metrics": {"listen": f"127.0.0.1:{metrics}"}}
+    router = start(fleet["main"].url, config, ["--processes", "2"], wait=False)
+    _both_serving(router)
+    for port in (metrics, metrics + 1, metrics + 2):
+        _wait_for(lambda port=port: _answers(f"http://127.0.0.1:{port}/metrics"), 30, f"metrics on {port}")
+    _wait_for(lambda: router.log().count("/metrics") >= 3, 10, "the three addresses logged")
+    lines = [line for line in router.log().splitlines() if "/metrics" in line]
+    claims = [re.search(r"http://127\.0\.0\.1:(\d+)/metrics", line) for line in lines]
+    assert all(claims), lines
+    merged = [line for line in lines if f"127.0.0.1:{metrics}/metrics" in line]
+    assert len(merged) == 1 and "merged metrics of the processes" in merged[0], lines
+    for i in (1, 2):
+        own = [line for line in lines if f"127.0.0.1:{metrics + i}/metrics" in line]
+        assert len(own) == 1 and "of this process" in own[0], lines
+    assert len(lines) == 3, lines

@@ -264,7 +264,8 @@ def _hold_connections(router: Router, count: int) -> list[socket.socket]:
 def test_out_of_file_descriptors_does_not_flood_the_log(tmp_path: Path, fleet: Fleet) -> None:
     """With more connections than descriptors the accept errors make a few lines, not
     thousands of tracebacks; the fd budget warning comes once; the router recovers."""
-    router = _start_with_fd_limit(tmp_path, fleet, 200, {"header_timeout": 60})
+    # an explicit max_connections that does not fit (the default is derived to fit: no warning)
+    router = _start_with_fd_limit(tmp_path, fleet, 200, {"header_timeout": 60, "max_connections": 10000})
     try:
         socks = _hold_connections(router, 400)
         time.sleep(5)
@@ -284,6 +285,44 @@ def test_out_of_file_descriptors_does_not_flood_the_log(tmp_path: Path, fleet: F
     # Besides mitmproxy's per-connection lines ("[time][client] client connect"), a few lines.
     other = [line for line in log.splitlines() if not re.match(r"^\[[0-9:.]+\]\[[^\]]*\] ", line)]
     assert len(other) < 30, "\n".join(other[:100])
+
+
+def test_default_max_connections_fits_the_open_files_limit(tmp_path: Path, fleet: Fleet) -> None:
+    """limits.max_connections not set, open-files limit 20000 (this machine's): no warning at
+    start, one info line saying the derived value and how to raise it."""
+    router = _start_with_fd_limit(tmp_path, fleet, 20000, {"header_timeout": 60})
+    try:
+        with httpx.Client(base_url=router.url, timeout=30) as client:
+            assert client.get("/_matrix/client/versions").status_code == 200
+    finally:
+        router.stop()
+    log = router.log()
+    assert "needs about" not in log
+    assert log.count("limits.max_connections not set: 9872 client connections per process") == 1, log[-3000:]
+    assert "ulimit -n" in log
+
+
+def test_default_max_connections_is_enforced_as_derived(tmp_path: Path, fleet: Fleet) -> None:
+    """Open-files limit 400, max_connections not set: the router holds (400 - 256) // 2 = 72,
+    at least a quarter of the limit = 100 client connections, refuses the next ones, and never
+    runs out of descriptors."""
+    router = _start_with_fd_limit(tmp_path, fleet, 400, {"header_timeout": 60})
+    try:
+        socks = _hold_connections(router, 150)
+        time.sleep(2)
+        for sock in socks:
+            sock.close()
+        time.sleep(0.5)
+        with httpx.Client(base_url=router.url, timeout=30) as client:
+            assert client.get("/_matrix/client/versions").status_code == 200
+    finally:
+        router.stop()
+    log = router.log()
+    assert "limits.max_connections not set: 100 client connections per process" in log
+    refused = [line for line in log.splitlines() if "refused" in line]
+    assert refused and all("limits.max_connections=100 connections open" in line for line in refused), refused
+    assert "out of file descriptors" not in log
+    assert "needs about" not in log
 
 
 def test_max_connections_within_fd_limit_keeps_descriptors(tmp_path: Path, fleet: Fleet) -> None:

@@ -143,7 +143,8 @@ def test_send_to_device_is_never_resent(fleet: Fleet, start_router) -> None:
 
 def test_media_upload_is_never_resent(fleet: Fleet, start_router, tmp_path) -> None:
     # Media bodies are streamed by mitmproxy, never held by the router: never resent. The worker
-    # dies after the whole body was sent: a Matrix 502 (not mitmproxy's page), in the access log.
+    # dies after the whole body was sent: a Matrix 502 (not mitmproxy's page), in the access log,
+    # with the debug headers every router answer carries.
     fleet.add("main")
     fleet.add("m1")
     access = tmp_path / "media-access.log"
@@ -153,6 +154,7 @@ def test_media_upload_is_never_resent(fleet: Fleet, start_router, tmp_path) -> N
             "workers": {"media": [fleet["m1"].url]},
             "health": HEALTH,
             "access_log": {"enabled": True, "format": "json", "path": str(access)},
+            "debug_headers": True,
         },
     )
     with httpx.Client(base_url=router.url, timeout=30) as client:
@@ -163,6 +165,9 @@ def test_media_upload_is_never_resent(fleet: Fleet, start_router, tmp_path) -> N
     assert r.status_code == 502
     assert r.headers["content-type"] == "application/json", r.text
     assert r.json()["errcode"] == "M_UNKNOWN", r.text
+    assert r.headers.get("x-synapse-router-route") == "media", r.headers
+    assert r.headers.get("x-synapse-router-pool") == "media", r.headers
+    assert r.headers.get("x-synapse-router-worker") == fleet["m1"].url, r.headers
     assert fleet["main"].stats()["requests"].get("POST", 0) == 0  # not resent to main
     lines = [json.loads(line) for line in access.read_text().splitlines()]
     posts = [line for line in lines if line["method"] == "POST"]
@@ -172,8 +177,8 @@ def test_media_upload_is_never_resent(fleet: Fleet, start_router, tmp_path) -> N
 def test_chunked_upload_whose_worker_dies_mid_upload_gets_a_matrix_error(fleet: Fleet, start_router, tmp_path) -> None:
     """A chunked request (streamed by mitmproxy, never held) whose worker is killed while the
     client is still sending: the client gets the router's Matrix 502 with CORS headers and
-    nothing else (not mitmproxy's HTML page), and the access log says that the upload was cut
-    under the answer."""
+    nothing else (not mitmproxy's HTML page), with the debug headers, and the access log says
+    that the upload was cut under the answer."""
     fleet.add("main")
     fleet.add("w1")
     access = tmp_path / "chunked-access.log"
@@ -183,6 +188,7 @@ def test_chunked_upload_whose_worker_dies_mid_upload_gets_a_matrix_error(fleet: 
             "workers": {"room": [fleet["w1"].url]},
             "health": HEALTH,
             "access_log": {"enabled": True, "format": "json", "path": str(access)},
+            "debug_headers": True,
         },
     )
     with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
@@ -203,6 +209,9 @@ def test_chunked_upload_whose_worker_dies_mid_upload_gets_a_matrix_error(fleet: 
     assert lines[0] == "HTTP/1.1 502 Bad Gateway", received
     assert headers["content-type"] == "application/json" and headers["access-control-allow-origin"] == "*", headers
     assert len(body) == int(headers["content-length"]), received  # one answer, no page after it
+    assert headers.get("x-synapse-router-pool") == "room", headers
+    assert headers.get("x-synapse-router-worker") == fleet["w1"].url, headers
+    assert headers.get("x-synapse-router-route"), headers
     assert json.loads(body)["errcode"] == "M_UNKNOWN", body
     time.sleep(0.3)
     logged = [json.loads(line) for line in access.read_text().splitlines()]

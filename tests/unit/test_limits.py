@@ -23,7 +23,9 @@ from synapse_router.edge.limits import (
     LimitsConfig,
     LimitsConfigError,
     Throttle,
+    derived_max_connections,
     fd_budget_warning,
+    fit_to_nofile,
     header_block_size,
     parse_limits,
     too_large_body,
@@ -138,6 +140,44 @@ def test_fd_budget_warning() -> None:
     assert f"at most {(4096 - FD_MARGIN) // 2}" in warning
     small = fd_budget_warning(10, 100)
     assert small is not None and "at most" not in small
+
+
+def test_default_max_connections_fits_the_open_files_limit() -> None:
+    """Not set: 10000, or what fits in the open-files limit (this machine's 20000 included,
+    which 10000 connections' 20256 descriptors do not fit); set: kept, the warning's business."""
+    assert derived_max_connections(20000) == 9872 == (20000 - FD_MARGIN) // 2
+    assert derived_max_connections(2 * 10000 + FD_MARGIN) == 10000
+    assert derived_max_connections(1048576) == 10000
+    assert derived_max_connections(1024) == 384
+    assert derived_max_connections(200) == 50  # a quarter of a tiny limit
+    assert derived_max_connections(1) == 1
+    config, note = fit_to_nofile(parse_limits({}), 20000)
+    assert config.max_connections == 9872 and not config.max_connections_set
+    assert note is not None and "not set: 9872" in note and "open-files limit 20000" in note and "ulimit -n" in note
+    assert fit_to_nofile(parse_limits({}), 1048576) == (LimitsConfig(), None)  # the default fits: nothing said
+    assert fit_to_nofile(parse_limits({}), None) == (LimitsConfig(), None)  # unknown or unlimited
+    explicit = parse_limits({"max_connections": 10000})
+    assert explicit.max_connections_set
+    assert fit_to_nofile(explicit, 20000) == (explicit, None)
+    assert fd_budget_warning(explicit.max_connections, 20000) is not None
+
+
+async def test_default_max_connections_is_derived_once_and_an_explicit_one_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limits = ConnectionLimits(None)
+    limits._nofile_raised, limits._nofile = True, 20000  # this machine's limit, without touching the process's
+    with caplog.at_level(logging.INFO, logger="synapse_router.edge.limits"):
+        limits.use(parse_limits({}))
+        limits.use(parse_limits({"header_timeout": 5}))  # a reload: said once
+        assert limits.config.max_connections == 9872
+        assert [r.levelno for r in caplog.records] == [logging.INFO]
+        assert "limits.max_connections not set: 9872" in caplog.records[0].getMessage()
+        caplog.clear()
+        limits.use(parse_limits({"max_connections": 10000}))
+        assert limits.config.max_connections == 10000
+        assert [r.levelno for r in caplog.records] == [logging.WARNING]
+        assert "needs about 20256 file descriptors" in caplog.records[0].getMessage()
 
 
 def test_raise_nofile_limit_lifts_soft_to_hard() -> None:

@@ -9,10 +9,19 @@ from pathlib import Path
 import pytest
 import yaml
 from synapse_router.config import parse_config
+from synapse_router.routing.routes import BUILTIN_ROUTES
 from synapse_router.tools.subcommands import main
 from synapse_router.tools.synapse_config import SynapseConfigError, check, read_deployment, router_pools
 
-from scripts.synapse_deploy import FULL_TOPOLOGY, Layout, Ports, Secrets, write_synapse_configs
+from scripts.synapse_deploy import (
+    DEFAULT_TOPOLOGY,
+    FULL_TOPOLOGY,
+    Layout,
+    Ports,
+    Secrets,
+    Topology,
+    write_synapse_configs,
+)
 
 BASE = 18000
 
@@ -40,6 +49,8 @@ def test_from_synapse_pools(full: list[str]) -> None:
         "federation_reader": [url("federation_reader1")],
         **writers,  # exactly stream_writers; the event persister has no HTTP listener: no pool
         "quarantined_media_changes": [url("media1")],
+        # room events (room, generic) had no pool: the generic worker client_reader1 serves them
+        "generic": [url("client_reader1")],
     }
 
 
@@ -50,6 +61,62 @@ def test_from_synapse_writes_a_router_config_that_checks_clean(full: list[str], 
     assert set(config.pools) >= {"sync", "typing", "media"}
     assert check(config, read_deployment(full[0], full[1:])) == []
     assert main(["config", "check", str(out), "--synapse", *full]) == 0
+
+
+def synapse_files(tmp_path: Path, topology: Topology) -> list[str]:
+    layout = Layout(tmp_path, topology)
+    write_synapse_configs(layout, Ports.from_base(BASE, topology), Secrets("a", "b", "c", "d", "e"))
+    return [str(layout.homeserver_yaml), *(str(layout.worker_yaml(n)) for n in topology.worker_names)]
+
+
+@pytest.mark.parametrize("topology", [FULL_TOPOLOGY, DEFAULT_TOPOLOGY], ids=lambda t: t.name)
+def test_from_synapse_leaves_no_route_on_main_a_generic_worker_serves(topology: Topology, tmp_path: Path) -> None:
+    """Every route of the built-in table a generic worker serves (all but the main-only ones,
+    stream writes and media) reaches a worker: on both of synapse_deploy's topologies (the
+    operator's trial: room sends stayed on main with only client_reader1)."""
+    files = synapse_files(tmp_path, topology)
+    pools = router_pools(read_deployment(files[0], files[1:]))
+    uncovered = [
+        route.name
+        for route in BUILTIN_ROUTES
+        if route.pools and not route.writer and route.pools != ("media",) and not any(p in pools for p in route.pools)
+    ]
+    assert uncovered == []
+    out = tmp_path / "router.yaml"
+    assert main(["config", "from-synapse", *files, "-o", str(out)]) == 0
+    assert check(parse_config(out.read_text()), read_deployment(files[0], files[1:])) == []
+    assert main(["config", "check", str(out), "--synapse", *files]) == 0
+
+
+def test_from_synapse_fills_an_uncovered_pool_with_workers_that_can_serve_it(tmp_path: Path) -> None:
+    """Client-only generic workers (no federation listener) cannot be `generic` (federation
+    routes fall back to it): room events go to `room` instead; the general-purpose worker is
+    preferred over the sync worker; federation stays on main (nobody listens for it); a stream
+    writer joins no other pool."""
+    hs = tmp_path / "hs.yaml"
+    hs.write_text("stream_writers: {typing: [writer1]}\n")
+    files = []
+    for name, port in (("sync1", 8081), ("client_reader1", 8082), ("writer1", 8083)):
+        path = tmp_path / f"{name}.yaml"
+        listener = {"type": "http", "port": port, "bind_addresses": ["10.0.0.1"], "resources": [{"names": ["client"]}]}
+        path.write_text(
+            yaml.safe_dump(
+                {"worker_app": "synapse.app.generic_worker", "worker_name": name, "worker_listeners": [listener]}
+            )
+        )
+        files.append(str(path))
+    assert router_pools(read_deployment(hs, files)) == {
+        "sync": ["http://10.0.0.1:8081"],
+        "client_reader": ["http://10.0.0.1:8082"],
+        "typing": ["http://10.0.0.1:8083"],
+        "room": ["http://10.0.0.1:8082"],
+    }
+    # only a sync worker: it takes what no other worker can
+    assert router_pools(read_deployment(hs, files[:1])) == {
+        "sync": ["http://10.0.0.1:8081"],
+        "client_reader": ["http://10.0.0.1:8081"],
+        "room": ["http://10.0.0.1:8081"],
+    }
 
 
 def pools_yaml(pools: dict[str, list[str]]) -> str:

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import shutil
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -232,3 +236,23 @@ def test_the_comparison_lists_the_tests_that_fail_through_both() -> None:
     text = sytest_run.comparison({"haproxy": haproxy, "router": router})
     assert "fails through both: 1\n  - B" in text
     assert "passes through the router, fails through HAProxy: 1\n  - C" in text
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
+def test_shared_redis_helpers_start_and_wait_for_a_real_redis(tmp_path: Path) -> None:
+    """The helpers scripts/sytest_run.py takes from scripts/synapse_deploy.py (one copy of the
+    redis-server command line, its ping and the bounded wait) run a real redis-server."""
+    deploy = sytest_run.deploy
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = deploy.redis_argv(Path(str(shutil.which("redis-server"))), "127.0.0.1", port, tmp_path, tmp_path / "r.log")
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        alive = lambda: proc.poll() is None  # noqa: E731
+        assert deploy.wait_until(lambda: deploy.redis_ping(port, "127.0.0.1"), alive, time.monotonic() + 30)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert not deploy.redis_ping(port, "127.0.0.1")
+    assert not deploy.wait_until(lambda: False, lambda: False, time.monotonic() + 600)  # a dead process: no wait

@@ -35,6 +35,7 @@ from ..edge.limits import (
     LimitsConfig,
     Throttle,
     fd_budget_warning,
+    fit_to_nofile,
     header_block_size,
     too_large_body,
 )
@@ -124,6 +125,7 @@ class ConnectionLimits:
         self._nofile: int | None = None
         self._nofile_raised = False
         self._warned: int | None = None  # the max_connections last warned about
+        self._noted: str | None = None  # the last derived max_connections logged (fit_to_nofile)
         self._refused = _ThrottledLog(
             lambda n: (
                 f"synapse-router: refused {n} client connection(s) in the last {LOG_INTERVAL:g}s at most: "
@@ -177,7 +179,13 @@ class ConnectionLimits:
         return lambda: self.use(config.limits)
 
     def use(self, config: LimitsConfig) -> None:
-        """Switch to a configuration; running timers keep their deadlines."""
+        """Switch to a configuration; running timers keep their deadlines. An unset
+        max_connections is derived from the open-files limit (said once at info level)."""
+        self._raise_nofile()
+        config, note = fit_to_nofile(config, self._nofile)
+        if note is not None and note != self._noted:
+            log.info(f"synapse-router: {note}")
+        self._noted = note
         self.config = config
         self.body_watch.timeout = config.body_timeout  # for bodies from now on
         self._check_fd_budget()
@@ -205,7 +213,8 @@ class ConnectionLimits:
         self.loop_filters.remove(self._resource_error)
 
     def _check_fd_budget(self) -> None:
-        self._raise_nofile()
+        if not self.config.max_connections_set:
+            return  # derived to fit (use)
         warning = fd_budget_warning(self.config.max_connections, self._nofile)
         if warning is not None and self._warned != self.config.max_connections:
             self._warned = self.config.max_connections

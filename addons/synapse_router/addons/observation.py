@@ -18,6 +18,7 @@ from ..observability.accesslog import AccessLogFormatter, AccessRecord
 from ..routing.engine import ROUTER, Decision
 from ..routing.exchange import FailureKind
 from . import flowdata
+from .responses import set_debug_headers
 from .state import RouterState
 
 access_log = logging.getLogger("synapse_router.access")
@@ -30,7 +31,6 @@ MITMPROXY_ANSWERS_502 = frozenset({FailureKind.CONNECT_ERROR, FailureKind.NO_RES
 class Observation:
     def __init__(self, state: RouterState) -> None:
         self.state = state
-        self.debug_headers = False
         self._access: AccessLogFormatter | None = None
         self._access_file: TextIO | None = None  # None: the mitmproxy event log
 
@@ -49,7 +49,7 @@ class Observation:
         def switch() -> None:
             self._close_file()
             self._access, self._access_file = formatter, opened
-            self.debug_headers = config.debug_headers
+            self.state.debug_headers = config.debug_headers
 
         return switch
 
@@ -61,13 +61,9 @@ class Observation:
         """Debug headers go on before the response headers leave: a streamed response (every
         JSON answer of Synapse's, chunked) is sent on as its headers arrive. mitmproxy calls this
         hook for responses addons make too."""
-        if not self.debug_headers or flow.response is None:
+        if not self.state.debug_headers or flow.response is None:
             return
-        decision = flowdata.decision(flow)
-        if decision is not None:
-            flow.response.headers["X-Synapse-Router-Route"] = decision.route
-            flow.response.headers["X-Synapse-Router-Pool"] = decision.pool
-            flow.response.headers["X-Synapse-Router-Worker"] = decision.worker
+        set_debug_headers(flow, flow.response)
 
     def observe(self, flow: http.HTTPFlow, decision: Decision, failure: FailureKind | None) -> None:
         """An exchange is over (ExchangeOwner closed it, once): count it and write its

@@ -33,17 +33,31 @@ def respond(flow: http.HTTPFlow, response: http.Response) -> None:
     flow.response = response
 
 
-def answer_and_close(flow: http.HTTPFlow, response: http.Response, why: str) -> None:
+def set_debug_headers(flow: http.HTTPFlow, response: http.Response) -> None:
+    """`debug_headers`: name the flow's route, pool and worker on `response` (nothing for a flow
+    without a decision)."""
+    decision = flowdata.decision(flow)
+    if decision is not None:
+        response.headers["X-Synapse-Router-Route"] = decision.route
+        response.headers["X-Synapse-Router-Pool"] = decision.pool
+        response.headers["X-Synapse-Router-Worker"] = decision.worker
+
+
+def answer_and_close(flow: http.HTTPFlow, response: http.Response, why: str, debug_headers: bool = False) -> None:
     """Write `response` on the client's connection now and kill the flow: mitmproxy then closes
     the connection and writes nothing of its own. For an answer that cannot wait for mitmproxy's
     own path: in the `error` hook (mitmproxy would write its HTML page), or before a request
-    body the router will not read (mitmproxy would wait for it before answering)."""
+    body the router will not read (mitmproxy would wait for it before answering). Such an
+    answer passes no `responseheaders` hook before it is written: `debug_headers` (the
+    configuration's) puts the headers Observation puts on every other answer."""
     io = client_io(flow.client_conn.id)
     writer = getattr(io, "writer", None)
     if writer is None or writer.is_closing():
         flow.kill()  # type: ignore[no-untyped-call]
         return
     response.headers["Connection"] = "close"
+    if debug_headers:
+        set_debug_headers(flow, response)
     respond(flow, response)  # the flow's answer, bodiless for a HEAD
     writer.write(http1.assemble_response(response))  # type: ignore[no-untyped-call]
     if flow.request.timestamp_end is None:

@@ -249,7 +249,7 @@ class Routing:
         if refused.close:
             # The body's framing is not trusted, so it is never read: answer now and close
             # (on mitmproxy's path the answer would wait for the body, up to body_timeout).
-            answer_and_close(flow, response, str(refused))
+            answer_and_close(flow, response, str(refused), self.state.debug_headers)
         else:
             respond(flow, response)
 

@@ -1,7 +1,8 @@
 """What the router's addons share: one plain object, built by SynapseRouter and handed to each.
 
-Each field has one writer: the configuration's appliers set `engine`, `trusted`, `identity` and
-the workers they track; Configuration sets `config_path` and `main`. Every request in flight
+Each field has one writer: the configuration's appliers set `engine`, `trusted`, `identity`,
+`debug_headers` (Observation) and the workers they track; Configuration sets `config_path` and
+`main`. Every request in flight
 is an exchange in `exchanges` (routing/exchange.py): Routing opens it and counts it on its
 worker, ExchangeOwner (exchange.py) closes it.
 """
@@ -41,6 +42,7 @@ class RouterState:
     # which saved flows serialise): a worker's 401 M_UNKNOWN_TOKEN evicts that token's user
     token_keys: weakref.WeakKeyDictionary[http.HTTPFlow, bytes] = field(default_factory=weakref.WeakKeyDictionary)
     stopping: bool = False  # a graceful stop has begun: not ready for new traffic
+    debug_headers: bool = False  # the configuration's `debug_headers` (Observation sets it)
     main_reachable: bool | None = None  # main's health checks: None until judged
     # (pool, worker URL) pairs of the configuration, whose series the metrics export
     published: frozenset[tuple[str, str]] = frozenset()

@@ -64,7 +64,7 @@ class StreamedErrors:
         else:
             return
         self._note(flow, FailureKind.NO_RESPONSE)
-        answer_and_close(flow, matrix_error(*INVALID_WORKER_HEAD), why)
+        answer_and_close(flow, matrix_error(*INVALID_WORKER_HEAD), why, self.state.debug_headers)
 
     def error(self, flow: http.HTTPFlow) -> None:
         response = flow.response
@@ -106,7 +106,7 @@ class StreamedErrors:
         else:
             response = matrix_error(502, "M_UNKNOWN", "The server gave no response.")
             self._note(flow, FailureKind.NO_RESPONSE)
-        answer_and_close(flow, response, flow.error.msg)
+        answer_and_close(flow, response, flow.error.msg, self.state.debug_headers)
 
     def _note(self, flow: http.HTTPFlow, failure: FailureKind) -> None:
         """How the exchange failed (the flow is killed next: its `error` hook says only that)."""

@@ -22,7 +22,9 @@
   been received (mitmproxy 12.3 itself has no limit: it buffers a head until its blank line).
 - `max_connections`: client connections one router process holds at most; beyond, a new
   client is closed at once, counted in `synapse_router_client_connections_refused_total`, and
-  reported in at most one log line per 10 s.
+  reported in at most one log line per 10 s. Not set: 10000, or what fits in the open-files
+  limit L if less (`derived_max_connections`: (L - 256) // 2, at least L // 4), said once at
+  info level.
 - `response_buffer`: bytes of a worker's answer body the router holds for one request it sends
   itself (so that a safe request can still be resent while nothing of its answer reached the
   client); a longer answer is streamed to the client from there on (upstream_client.py, relay.py).
@@ -30,7 +32,8 @@
   a new answer is streamed as soon as its head is read (no buffer, so no resend after its head).
 
 Start-up raises the soft open-files limit (RLIMIT_NOFILE) to the hard one and warns once if
-`max_connections` does not fit in it (each client connection may hold an upstream one too).
+a `max_connections` the configuration sets does not fit in it (each client connection may hold
+an upstream one too); the default never warns, it is derived from that limit.
 When descriptors run out anyway, asyncio's accept errors (one traceback per failed accept,
 tens of thousands a second) are collapsed into one log line per 10 s with a count.
 
@@ -45,12 +48,13 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from itertools import chain
 
 log = logging.getLogger(__name__)
 
 LOG_INTERVAL = 10.0  # seconds: at most one line per interval for refused connections / fd errors
+DEFAULT_MAX_CONNECTIONS = 10000  # per process, when the open-files limit allows it
 FD_MARGIN = 256  # descriptors beyond 2 per client connection: workers, health checks, metrics, logs
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -72,13 +76,16 @@ class LimitsConfig:
     header_timeout: float = 60.0  # seconds from connecting to the first request's complete head
     keepalive_timeout: float = 75.0  # seconds a connection may idle between requests
     max_header_bytes: int = 65536  # request line + header fields
-    max_connections: int = 10000  # client connections per process
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # client connections per process
     # Connections the kernel queues before the router accepts them (the kernel caps it at
     # net.core.somaxconn); asyncio's default, 100, overflows in a reconnect storm.
     listen_backlog: int = 4096
     response_buffer: int = 256 * 1024  # answer body bytes held per router-sent request
     buffer_budget: int = 64 * 1024 * 1024  # answer body bytes held by all of them together
     body_timeout: float = 60.0  # seconds a request body may go without a byte while it is read
+    # The configuration sets max_connections (else it is derived from the open-files limit:
+    # fit_to_nofile). Not compared: a configuration is the same whether it spells the default.
+    max_connections_set: bool = field(default=False, compare=False)
 
 
 class LimitsConfigError(ValueError):
@@ -136,6 +143,7 @@ def parse_limits(raw: object) -> LimitsConfig:
         # 0: every answer with a body is streamed from its head on (no resend after the head).
         response_buffer=count("response_buffer", d.response_buffer, 0),
         buffer_budget=count("buffer_budget", d.buffer_budget, 0),
+        max_connections_set="max_connections" in raw,
     )
 
 
@@ -161,6 +169,32 @@ def too_large_body(limit: int) -> bytes:
     """The Matrix error body of a 431 answer."""
     error = f"Request header fields too large (limit {limit} bytes)"
     return json.dumps({"errcode": TOO_LARGE_ERRCODE, "error": error}).encode()
+
+
+def derived_max_connections(nofile: int) -> int:
+    """The default `max_connections` under an open-files limit: 10000, or fewer so that two
+    descriptors per connection plus FD_MARGIN fit ((nofile - 256) // 2), never below a quarter of
+    the limit (so a small limit still serves: the router's own descriptors rarely reach 256)."""
+    return max(1, min(DEFAULT_MAX_CONNECTIONS, max((nofile - FD_MARGIN) // 2, nofile // 4)))
+
+
+def fit_to_nofile(config: LimitsConfig, nofile: int | None) -> tuple[LimitsConfig, str | None]:
+    """The configuration in force under the open-files limit `nofile` (None: unknown or
+    unlimited), and the info line to log when the default was lowered to fit (None else). A
+    `max_connections` the configuration sets is kept as it is (fd_budget_warning tells if it
+    does not fit)."""
+    if config.max_connections_set or nofile is None:
+        return config, None
+    derived = derived_max_connections(nofile)
+    if derived == config.max_connections:
+        return config, None
+    note = (
+        f"limits.max_connections not set: {derived} client connections per process, what fits in the "
+        f"open-files limit {nofile} (2 descriptors per connection + {FD_MARGIN}; {DEFAULT_MAX_CONNECTIONS} "
+        f"needs {2 * DEFAULT_MAX_CONNECTIONS + FD_MARGIN}); raise the limit (ulimit -n, LimitNOFILE=) or set "
+        "limits.max_connections for more"
+    )
+    return replace(config, max_connections=derived), note
 
 
 def fd_budget_warning(max_connections: int, nofile: int | None) -> str | None:

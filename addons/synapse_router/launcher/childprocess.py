@@ -113,8 +113,7 @@ class SharedPorts:
                     "(SO_REUSEPORT) until that one stops (--replace PID stops it once this one serves)"
                 )
         elif port and self.metrics_offset and port == self.metrics_port():
-            port, configured = port + self.metrics_offset, port
-            log.info(f"{PROG}: metrics of this process on port {port} ({configured} + {self.metrics_offset})")
+            port += self.metrics_offset  # said by the metrics listener, with the bound address (listener.py)
         return await super().create_server(protocol_factory, host, port, **kwargs)  # type: ignore[misc, no-any-return]
 
 

@@ -16,7 +16,12 @@ from typing import Protocol
 
 
 class Server(Protocol):
-    listen: str
+    listen: str  # the address asked for
+
+    @property
+    def bound(self) -> str:
+        """The address it serves once started (another port than `listen`'s: see `_settle`)."""
+        ...
 
     async def start(self) -> None: ...
 
@@ -77,11 +82,22 @@ class SwitchedListener:
             try:
                 await new.start()
             except OSError as e:
-                where = f"they stay on http://{self.listen}/metrics" if self.server is not None else "none served"
+                where = f"they stay on http://{self.server.bound}/metrics" if self.server is not None else "none served"
                 self._warn(f"cannot serve {self._what} on {wanted}: {e.strerror or e}; {where}")
                 refused.add(wanted)
                 continue
             old, self.server = self.server, new
-            self._info(f"{self._what} on http://{wanted}/metrics")
+            self._info(self._served(wanted, new.bound))
             if old is not None:
                 await old.stop()
+
+    def _served(self, wanted: str, bound: str) -> str:
+        """The line saying where it serves. Its bound port differs from the one asked for when
+        that was 0 (ephemeral), or in a `--processes` child, whose event loop serves process i's
+        own metrics on P + i while the parent serves all of them merged on P (childprocess.py)."""
+        if bound == wanted or wanted.endswith(":0"):
+            return f"{self._what} on http://{bound}/metrics"
+        return (
+            f"{self._what} of this process alone on http://{bound}/metrics "
+            f"(the --processes parent serves every process's merged on {wanted})"
+        )

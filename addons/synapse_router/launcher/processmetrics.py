@@ -153,6 +153,10 @@ class _MergedServer:
         self._configured = configured
         self._server = MetricsServer(self._render, listen, ready=self._not_ready)
 
+    @property
+    def bound(self) -> str:
+        return self._server.bound
+
     def _aim(self) -> None:
         """The processes serve on the configured P + i even while this endpoint stays on an
         older address (the configured one could not be bound): scrape them there."""
@@ -193,6 +197,7 @@ class MergedMetricsServer:
         warn: Callable[[str], None],
         restarts: Callable[[], Mapping[int, int]] | None = None,
         stopping: Callable[[], bool] = lambda: False,
+        info: Callable[[str], None] = lambda _message: None,
     ) -> None:
         self.count = count
         self.warn = warn
@@ -201,6 +206,7 @@ class MergedMetricsServer:
         self.listener = SwitchedListener(
             lambda listen: _MergedServer(listen, count, restarts, stopping, lambda: self.configured),
             warn,
+            info,
             what="merged metrics of the processes",
         )
         self.thread = threading.Thread(target=self.loop.run_forever, name="merged-metrics", daemon=True)

@@ -237,7 +237,7 @@ class Supervisor:
         if self.stopping:
             return
         self.metrics = MergedMetricsServer(
-            self.count, self.warn, lambda: dict(self.restarts), stopping=lambda: self.stopping
+            self.count, self.warn, lambda: dict(self.restarts), stopping=lambda: self.stopping, info=self.say
         )
         self.metrics.serve(self.applied.config.metrics_listen if self.applied and self.applied.config else None)
         if not self._until_ready([self._start(i) for i in range(1, self.count)]):

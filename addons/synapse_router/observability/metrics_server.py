@@ -98,6 +98,12 @@ class MetricsServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     @property
+    def bound(self) -> str:
+        """The address it serves: `listen` with the bound port (an ephemeral port's number; in a
+        `--processes` child, the port its event loop moved it to: launcher/childprocess.py)."""
+        return f"{self.listen.rpartition(':')[0]}:{self.port}"
+
+    @property
     def running(self) -> bool:
         return self._server is not None
 

@@ -13,7 +13,10 @@ config/router.yaml names them:
   `room1`; `user_dir1`; `federation_reader1`; `generic_worker1` -> generic), else by its listener
   (client -> generic, federation only -> federation_reader). A stream writer is in no other pool
   unless its name says so; a worker without such a listener (event persister, pusher,
-  federation sender) is in none.
+  federation sender) is in none;
+- then a built-in route whose pools are all still empty gets, in the last pool of its chain
+  they can serve, the generic workers able to serve it (`_fill_uncovered_routes`), so no route
+  falls back to main while a generic worker could serve it.
 
 `check` reports every disagreement between a router configuration and Synapse's.
 """
@@ -205,7 +208,37 @@ def router_pools(dep: SynapseDeployment) -> dict[str, list[str]]:
         urls = [u for n in names if n in by_name and (u := by_name[n].url_with(resource))]
         if urls:
             pools[stream] = urls
+    _fill_uncovered_routes(dep, pools, writers)
     return pools
+
+
+def _fill_uncovered_routes(dep: SynapseDeployment, pools: dict[str, list[str]], writers: set[str]) -> None:
+    """Any generic worker serves every client and federation endpoint of Synapse's worker
+    documentation; so a route whose pools are all empty (it would fall back to main) gets, in
+    the last pool of its chain they can serve, the generic workers that can: those of the
+    general-purpose pools (`client_reader`, `generic`, or no pool of their name) if one can,
+    else every other (sync, room, ...). Never a stream pool or `media`: writers stay exactly as
+    `stream_writers` says, and a stream writer, a media worker never joins another pool."""
+    helpers: list[tuple[SynapseWorker, bool]] = []  # (worker, general-purpose)
+    for worker in dep.workers:
+        if worker.app == MEDIA_APP or "media" in worker.resources or worker.name in writers:
+            continue
+        if worker.app != "synapse.app.generic_worker" and _named_pool(worker) is None:
+            continue  # a legacy app with no pool of its own (pusher, federation sender, ...)
+        named = _named_pool(worker)
+        helpers.append((worker, named in (None, "client_reader", "generic")))
+    for route in BUILTIN_ROUTES:
+        if route.writer or not route.pools or any(pool in pools for pool in route.pools):
+            continue
+        for pool in reversed(route.pools):
+            if pool in STREAM_POOLS or NEEDS.get(pool) == ("media",):
+                continue
+            needs = NEEDS.get(pool, DEFAULT_NEEDS)
+            able = [(w, general) for w, general in helpers if all(w.url_with(r) for r in needs)]
+            chosen = [w for w, general in able if general] or [w for w, _ in able]
+            if chosen:
+                pools[pool] = [url for w in chosen if (url := w.url_with(needs[0]))]
+                break
 
 
 def router_yaml(dep: SynapseDeployment, sources: Sequence[str]) -> str:
