@@ -242,17 +242,22 @@ def test_rolling_restart_refuses_nothing(fleet: Fleet, start_router: RouterStart
     DEFAULT_LAUNCHER == "mitmdump",
     reason="mitmdump binds its listening socket without SO_REUSEPORT: a second one cannot share the port",
 )
-def test_a_replaced_router_leaves_health_and_ready_to_the_new_one(fleet: Fleet, start_router: RouterStarter) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_replaced_router_leaves_health_and_ready_to_the_new_one(
+    fleet: Fleet, start_router: RouterStarter, processes: int
+) -> None:
     """Router B replaces A (`--replace`) on the same proxy and metrics ports. While A drains its
     long-polls, every `/ready` probe is answered 200 by B: A stops listening on the shared
     metrics port as its stop begins (it answered `503 not ready: stopping` to the probes the
-    kernel gave it, about half of them, which takes a ready node out of a load balancer)."""
+    kernel gave it, about half of them, which takes a ready node out of a load balancer). With
+    `--processes 2` B's parent listens there only once both its processes serve."""
     config = _fleet_config(fleet)
     config["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
     ready = f"http://{config['metrics']['listen']}/ready"
-    old = start_router(fleet["main"].url, config)
+    extra = ["--processes", "2"] if processes == 2 else []
+    old = start_router(fleet["main"].url, config, extra)
     long_polls = _in_flight(fleet, old, sync=3, initial=1, delay=8)
-    new = start_router(fleet["main"].url, config, ["--replace", str(old.proc.pid)], port=old.port, wait=False)
+    new = start_router(fleet["main"].url, config, [*extra, "--replace", str(old.proc.pid)], port=old.port, wait=False)
     _wait_for(lambda: "synapse-router: stopping" in old.log(), "A stopping")
     answers: Counter[str] = Counter()
     for _ in range(60):
@@ -262,7 +267,7 @@ def test_a_replaced_router_leaves_health_and_ready_to_the_new_one(fleet: Fleet, 
         time.sleep(0.02)
     assert old.proc.poll() is None, "A must still be draining while the probes ran"
     assert answers == Counter({"200 OK": 60}), answers
-    assert "/health, /ready and /metrics left to the router sharing" in old.log()
+    assert "/health, /ready and /metrics left to the router sharing" in old.log(), old.log()
     assert _statuses(long_polls) == Counter({200: 4})
     assert old.proc.wait(DEADLINE) == 0
     assert new.proc.poll() is None

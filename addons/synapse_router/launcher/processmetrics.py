@@ -185,6 +185,9 @@ class _MergedServer:
         await self._server.stop()
         await self._source.close()
 
+    def shares_its_port(self) -> bool:
+        return self._server.shares_its_port()
+
 
 class MergedMetricsServer:
     """The parent's metrics endpoint (the merge of its processes'), on a thread and event loop
@@ -228,6 +231,22 @@ class MergedMetricsServer:
             return self.listener.listen
 
         return asyncio.run_coroutine_threadsafe(settle(), self.loop).result(timeout=timeout)
+
+    def hand_over(self, timeout: float = 10.0) -> bool:
+        """A stop began: if another router listens on the served address too (the one that
+        replaces this one, `--replace`), stop serving there (answering the probes already
+        queued), so that it answers them from now on. Whether it did."""
+
+        async def hand_over() -> bool:
+            server = self.listener.server
+            if not isinstance(server, _MergedServer) or not server.shares_its_port():
+                return False
+            await self.listener.close()
+            return True
+
+        with contextlib.suppress(TimeoutError):
+            return asyncio.run_coroutine_threadsafe(hand_over(), self.loop).result(timeout=timeout)
+        return False
 
     def stop(self) -> None:
         with contextlib.suppress(TimeoutError):  # the parent exits anyway; the thread is a daemon

@@ -121,6 +121,8 @@ class Supervisor:
             if signum == signal.SIGHUP:
                 self.reload_asked = True  # acted on once no child is starting (_loop)
             elif signum != signal.SIGCHLD:
+                if not self.stopping and self.metrics is not None and self.metrics.hand_over():
+                    self.say("stopping: /health, /ready and /metrics left to the router sharing their address")
                 self.stopping = True
                 self._signal_children(signum)
 
@@ -236,16 +238,21 @@ class Supervisor:
             return
         if self.stopping:
             return
-        self.metrics = MergedMetricsServer(
-            self.count, self.warn, lambda: dict(self.restarts), stopping=lambda: self.stopping, info=self.say
-        )
-        self.metrics.serve(self.applied.config.metrics_listen if self.applied and self.applied.config else None)
         if not self._until_ready([self._start(i) for i in range(1, self.count)]):
             if not self.stopping:  # all or nothing at start-up; later, a child that dies is restarted
                 self.say("a process failed to start: stopping the others")
                 self.stopping = True
                 self._signal_children(signal.SIGTERM)
         elif not self.stopping:
+            # The merged endpoint only once every process serves: its `/ready` would say 503
+            # meanwhile, and in a rolling restart the old router (sharing the address) answers
+            # until then. Bound before the old router is told to stop (--replace).
+            self.metrics = MergedMetricsServer(
+                self.count, self.warn, lambda: dict(self.restarts), stopping=lambda: self.stopping, info=self.say
+            )
+            self.metrics.serve(self.applied.config.metrics_listen if self.applied and self.applied.config else None)
+            with contextlib.suppress(TimeoutError):  # not bound within 10 s: it says why, later
+                self.metrics.served()
             pids = ", ".join(str(pid) for pid in self.children)
             self.say(f"{self.count} processes serving (pids {pids})")
             sdnotify.ready()  # systemd Type=notify
