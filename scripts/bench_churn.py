@@ -108,7 +108,10 @@ def curl(port: int) -> float:
 
 
 def closes(metrics_port: int) -> dict[str, int]:
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    try:  # the router may still be working off the churn's backlog
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=120).text
+    except httpx.HTTPError as e:
+        return {"metrics unread": type(e).__name__}  # type: ignore[dict-item]
     out = {}
     for line in text.splitlines():
         if line.startswith("synapse_router_client_connections_closed_total{"):
