@@ -9,7 +9,6 @@ import math
 import socket
 
 import pytest
-
 from synapse_router.compat.listening import MAX_REFUSED_PER_CALL, ScreenedListener, accept_per_wakeup
 from synapse_router.config import parse_config
 from synapse_router.edge.address_limits import AddressBounds
