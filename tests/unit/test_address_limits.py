@@ -137,12 +137,15 @@ def _connect(port: int, source: str) -> socket.socket:
 
 async def _screened_server(refuse: object) -> tuple[asyncio.Server, list[str]]:
     served: list[str] = []
+    writers: list[asyncio.StreamWriter] = []
 
     def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         served.append(writer.get_extra_info("peername")[0])
+        writers.append(writer)  # left open until the end of the test
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     assert accept_per_wakeup(server, lambda: 100, refuse)  # type: ignore[arg-type]
+    server.writers = writers  # type: ignore[attr-defined]
     return server, served
 
 
@@ -169,8 +172,10 @@ def test_refused_connections_never_reach_the_server() -> None:
             except TimeoutError:
                 received.append(b"open")
             client.close()
+        for writer in server.writers:  # type: ignore[attr-defined]
+            writer.close()
         server.close()
-        await server.wait_closed()
+        await asyncio.wait_for(server.wait_closed(), 10)
         return asked, served, received
 
     asked, served, received = asyncio.run(run())
