@@ -4,6 +4,7 @@
         [--whoami-delay 1] [--timeout 2] [--warmup 4] [--gap 2] [--launchers mitmdump,synapse-router]
         [--before REF]    # also the router of commit REF (a git worktree of it), before each launcher
         [--processes N]   # the lean launcher with `--processes N` (mitmdump runs one process)
+        [--per-address N] # limits.max_connections_per_address: N (default: the router's default)
 
 Upstreams (tests/standin.py, real processes on loopback): main, whose whoami answers every
 request after `--whoami-delay` seconds (401 M_UNKNOWN_TOKEN for made-up tokens, the user for
@@ -17,7 +18,11 @@ from one machine: past its per-client new-token burst most requests are routed w
 call, so the flood runs as fast as the router can answer; `--sources 400`: one per client, so
 only the process-wide limit stops their calls and whoami's slots stay full).
 After `--warmup` seconds, `--runs` times (every `--gap` seconds) a separate `curl` process
-sends a legitimate user's first sync (a token the router has never seen) from 127.0.0.1.
+sends a legitimate user's first sync (a token the router has never seen) from 127.0.0.1, an
+address of its own: `whoami.max_in_flight_per_client` makes an address's first requests wait
+for that address's own calls, so a legitimate user on the flood's address would measure that
+queue, not the bound. With `--per-address N` the router holds the flood's address to N open
+connections (the rest are reset at accept and the flood's clients reconnect).
 
 Printed per run: curl's time to connect and total time (outside the router's process), the
 router's own `total_ms` and `upstream_ms` for that request from its access log (from the
@@ -176,6 +181,7 @@ def measure(launcher: str, args: argparse.Namespace, work: Path, before: Path | 
                     "workers": {"sync": [sync.url]},
                     "whoami": {"timeout": args.timeout},
                     "access_log": {"enabled": True, "format": "json", "path": str(log)},
+                    **({"limits": {"max_connections_per_address": args.per_address}} if args.per_address else {}),
                 }
             )
         )
@@ -251,12 +257,14 @@ def main() -> int:
     parser.add_argument("--launchers", default="mitmdump,synapse-router")
     parser.add_argument("--before", metavar="REF", help="also measure commit REF's router (a git worktree of it)")
     parser.add_argument("--processes", type=int, default=1, help="the lean launcher's --processes")
+    parser.add_argument("--per-address", type=int, default=0, help="limits.max_connections_per_address")
     args = parser.parse_args()
     print("$ " + shlex.join([Path(sys.executable).name, *sys.argv]))
     print(
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; whoami answers in {args.whoami_delay} s, "
         f"whoami.timeout {args.timeout} s, {args.clients} flooding clients from {args.sources} addresses"
         + (f", synapse-router --processes {args.processes}" if args.processes > 1 else "")
+        + (f", limits.max_connections_per_address {args.per_address}" if args.per_address else "")
     )
     with tempfile.TemporaryDirectory(prefix="bench-whoami-flood-") as tmp:
         before = Path(tmp) / "before" if args.before else None

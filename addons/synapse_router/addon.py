@@ -72,7 +72,9 @@ class SynapseRouter:
         self.router_sent = RouterSent(state, self.routing, self.health)
         self.observation = Observation(state)
         self.metrics_listener = MetricsListener(state)
-        self.listen_backlog = ListenBacklog(self.limits.headroom)
+        self.listen_backlog = ListenBacklog(
+            self.limits.headroom, self.limits.refuse_at_accept, self.limits.set_screening
+        )
         self.graceful_stop = GracefulStop(self.limits, state, self.metrics_listener.stopping)
         # Prepared in this order, then switched to in this order. Observation opens the access
         # log file, the one part that can fail on a valid file: last, so nothing is left open.

@@ -371,3 +371,131 @@ def test_listen_backlog_is_raised_and_follows_reloads(fleet: Fleet, start_router
     router.config_path.write_text("workers: {}\nlimits: {listen_backlog: 1000}\n")
     router.proc.send_signal(signal.SIGHUP)
     _wait(lambda: _listen_backlog(router.port) == min(1000, somaxconn), 10, "backlog after reload")
+
+
+# --- per-address bounds (issue 20: one address churning or hoarding connections) ---------------
+
+FLOODER = "127.0.0.2"  # loopback has all of 127/8: the hostile client's own address
+
+
+def _connect_from(router: Router, source: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", router.port))
+    return sock
+
+
+def _exchange_from(router: Router, source: str, request: bytes, *, linger: bool = False) -> bytes:
+    """Open a connection from `source`, send `request`, and return what came back before the
+    router closed it or answered (b"": closed or reset unanswered, at connect included)."""
+    try:
+        with _connect_from(router, source) as sock:
+            sock.sendall(request)
+            if linger:
+                return _closed_within(sock, GRACE)
+            sock.settimeout(30)
+            return sock.recv(65536)
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+
+
+def _labelled(router_metrics_port: int, reason: str) -> float:
+    return _metric(router_metrics_port, f'synapse_router_client_connections_closed_total{{reason="{reason}"}}')
+
+
+def _client_connects_from(router: Router, source: str) -> int:
+    """How many connections from `source` mitmproxy made a connection handler for (its
+    `client connect` line: a connection refused at accept never gets one)."""
+    return len(re.findall(rf"\[{re.escape(source)}:\d+\] client connect", router.log()))
+
+
+def test_connections_beyond_the_per_address_bound_are_refused_at_accept(fleet: Fleet, start_router) -> None:
+    metrics_port = free_port()
+    router = _router(
+        fleet,
+        start_router,
+        {"max_connections_per_address": 5, "header_timeout": 60},
+        metrics={"listen": f"127.0.0.1:{metrics_port}"},
+    )
+    wait_for_port(metrics_port, router.proc)
+    _wait_metric(metrics_port, "synapse_router_client_connections", 0)
+    held = [_connect_from(router, FLOODER) for _ in range(5)]
+    try:
+        _wait_metric(metrics_port, "synapse_router_client_connections", 5)
+        for _ in range(30):
+            secret = _request("/_matrix/client/versions?access_token=syt_SECRET_refused")
+            assert _exchange_from(router, FLOODER, secret, linger=True) == b""  # closed at once, unanswered
+            # Another address is served all along.
+            with _connect_from(router, "127.0.0.1") as other:
+                other.sendall(_request("/_matrix/client/versions"))
+                assert _read_response(other)[0] == 200
+        assert _labelled(metrics_port, "address_connections") == 30
+        assert _metric(metrics_port, "synapse_router_client_connections_refused_total") == 0  # not max_connections
+        held[0].sendall(_request("/_matrix/client/versions"))  # a held connection is still served
+        assert _read_response(held[0])[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(1)
+    with _connect_from(router, FLOODER) as sock:  # room again once they closed
+        sock.sendall(_request("/_matrix/client/versions"))
+        assert _read_response(sock)[0] == 200
+    # Refused at accept: mitmproxy never made a connection for them (5 held + the last one).
+    assert _client_connects_from(router, FLOODER) == 6
+    log = router.log()
+    lines = [line for line in log.splitlines() if "per-address limits" in line]
+    assert len(lines) == 1, lines  # the next one would come 10 s later at the earliest
+    assert "refused 1 client connection" in lines[0] and f"last from {FLOODER}" in lines[0]
+    assert "SECRET" not in log
+
+
+def test_a_churning_address_is_held_to_its_connection_rate(fleet: Fleet, start_router) -> None:
+    metrics_port = free_port()
+    router = _router(
+        fleet,
+        start_router,
+        {"connection_rate_per_address": 1, "connection_burst_per_address": 10},
+        metrics={"listen": f"127.0.0.1:{metrics_port}"},
+    )
+    wait_for_port(metrics_port, router.proc)
+    started = time.monotonic()
+    answered = refused = 0
+    for i in range(60):  # open, ask, close: as fast as the router answers or refuses
+        received = _exchange_from(router, FLOODER, _request("/_matrix/client/versions"))
+        if received.startswith(b"HTTP/1.1 200"):
+            answered += 1
+        else:
+            assert received == b"", received[:200]
+            refused += 1
+        if i % 10 == 0:
+            with httpx.Client(base_url=router.url, timeout=30) as client:  # from 127.0.0.1
+                assert client.get("/_matrix/client/versions").status_code == 200
+    elapsed = time.monotonic() - started
+    assert answered <= 10 + elapsed * 1 + 1, (answered, elapsed)  # the burst, then 1 a second
+    assert answered >= 10  # the burst is admitted
+    assert _labelled(metrics_port, "address_rate") == refused == 60 - answered
+
+
+def test_a_trusted_proxy_is_not_bounded_as_one_client(fleet: Fleet, start_router) -> None:
+    router = _router(
+        fleet,
+        start_router,
+        {"max_connections_per_address": 2, "connection_rate_per_address": 1, "connection_burst_per_address": 2},
+        trusted_proxies=[f"{FLOODER}/32"],
+    )
+    held = [_connect_from(router, FLOODER) for _ in range(8)]
+    try:
+        for sock in held:
+            sock.sendall(_request("/_matrix/client/versions"))
+            assert _read_response(sock)[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+    # An untrusted address with the same bounds is held to them.
+    held = [_connect_from(router, "127.0.0.3") for _ in range(2)]
+    try:
+        assert _exchange_from(router, "127.0.0.3", _request("/_matrix/client/versions"), linger=True) == b""
+    finally:
+        for sock in held:
+            sock.close()

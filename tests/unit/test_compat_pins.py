@@ -27,6 +27,7 @@ COVERED: dict[str, list[tuple[str, str]]] = {
     "listening": [
         ("AsyncioServerInstance._servers, ServerInstance.handle_stream", "test_compat_connections.py"),
         ("asyncio _accept_connection / _add_reader / Server._sockets", "test_listen_backlog.py"),
+        ("asyncio _accept_connection taking each connection with sock.accept()", "test_address_limits.py"),
         ("asyncio's _start_serving retry on a closed listener", "test_compat_connections.py"),
     ],
     "addonmanager": [

@@ -1,6 +1,8 @@
 """ConnectionLimits: the mitmproxy addon that enforces the `limits` configuration (limits.py)
-on client connections: header and keep-alive timers, oversized heads, the connection cap, and
-descriptor exhaustion that never floods the log.
+on client connections: header and keep-alive timers, oversized heads, the connection cap, the
+per-address bounds (edge/address_limits.py: checked at accept through ListenBacklog's screen,
+and exactly when mitmproxy reports the client), and descriptor exhaustion that never floods the
+log.
 
 The mitmproxy internals it needs (a live connection's reader, writer and task; the head
 mitmproxy's HTTP/1 layer holds) are in compat/connections.py, with behavioural tests.
@@ -23,6 +25,7 @@ from ..compat.connections import client_io
 from ..compat.connections import close_client as _close
 from ..compat.connections import unsent_bytes as _unsent_bytes
 from ..edge import clienterrors
+from ..edge.address_limits import AddressBounds
 from ..edge.descriptors import raise_nofile_limit
 from ..edge.limits import (
     BODY_TIMEOUT,
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
     from mitmproxy import connection
 
     from ..config import RouterConfig
+    from ..edge.client_address import IPNetwork
     from ..observability.metrics import RouterMetrics
 
 log = logging.getLogger("synapse_router.edge.limits")
@@ -121,6 +125,11 @@ class ConnectionLimits:
         # shared with GracefulStop: one handler on the event loop for both (loopfilters.py)
         self.loop_filters = loop_filters if loop_filters is not None else LoopExceptionFilters()
         self._conns: dict[str, _Conn] = {}  # client connection id -> state, for admitted clients
+        self.addresses = AddressBounds(self.config)
+        self._hosts: dict[str, str] = {}  # client connection id -> peer host, counted in self.addresses
+        # True once new connections are screened at accept (the rate is charged there, not again
+        # in client_connected); False on an event loop where that cannot be done (uvloop).
+        self.screening = False
         self.body_watch = compat_http1.BodyWatch(self.config.body_timeout, self.body_timed_out)
         self._nofile: int | None = None
         self._nofile_raised = False
@@ -133,6 +142,16 @@ class ConnectionLimits:
             ),
             logging.WARNING,
         )
+        self._address_refused = _ThrottledLog(
+            lambda n: (
+                f"synapse-router: refused {n} client connection(s) in the last {LOG_INTERVAL:g}s at most: "
+                f"per-address limits (limits.max_connections_per_address={self.config.max_connections_per_address}, "
+                f"limits.connection_rate_per_address={self.config.connection_rate_per_address:g}/s); "
+                f"last from {self._last_refused}"
+            ),
+            logging.WARNING,
+        )
+        self._last_refused = ""
         self._fd_errors = _ThrottledLog(
             lambda n: (
                 f"synapse-router: out of file descriptors (or socket buffers): {n} failed accept(s) "
@@ -176,9 +195,9 @@ class ConnectionLimits:
         return max(0, self.config.max_connections - len(self._conns))
 
     def prepare(self, config: RouterConfig) -> Callable[[], None]:
-        return lambda: self.use(config.limits)
+        return lambda: self.use(config.limits, config.trusted_proxies)
 
-    def use(self, config: LimitsConfig) -> None:
+    def use(self, config: LimitsConfig, trusted: tuple[IPNetwork, ...] | None = None) -> None:
         """Switch to a configuration; running timers keep their deadlines. An unset
         max_connections is derived from the open-files limit (said once at info level)."""
         self._raise_nofile()
@@ -187,6 +206,7 @@ class ConnectionLimits:
             log.info(f"synapse-router: {note}")
         self._noted = note
         self.config = config
+        self.addresses.use(config, self.addresses.trusted if trusted is None else trusted)
         self.body_watch.timeout = config.body_timeout  # for bodies from now on
         self._check_fd_budget()
 
@@ -209,6 +229,7 @@ class ConnectionLimits:
         for conn in self._conns.values():
             conn.cancel_timer()
         self._refused.cancel()
+        self._address_refused.cancel()
         self._fd_errors.cancel()
         self.loop_filters.remove(self._resource_error)
 
@@ -219,6 +240,26 @@ class ConnectionLimits:
         if warning is not None and self._warned != self.config.max_connections:
             self._warned = self.config.max_connections
             log.warning(f"synapse-router: {warning}")
+
+    # --- per-address bounds ---
+
+    def refuse_at_accept(self, host: str) -> bool:
+        """Whether a connection just accepted from `host` is closed at once (ListenBacklog
+        screens the listening sockets with this): before mitmproxy sees it."""
+        reason = self.addresses.refusal(host)
+        if reason is None:
+            return False
+        self._address_refusal(host, reason)
+        return True
+
+    def set_screening(self, on: bool) -> None:
+        """ListenBacklog screens new connections with refuse_at_accept (True), or cannot."""
+        self.screening = on
+
+    def _address_refusal(self, host: str, reason: str) -> None:
+        self._count_close(reason)
+        self._last_refused = host  # the TCP peer's address: not a byte the client sent
+        self._address_refused.hit()
 
     # --- hooks ---
 
@@ -231,11 +272,24 @@ class ConnectionLimits:
                 self.metrics.observe_refused_connection()
             self._refused.hit()
             return
+        host = client.peername[0] if client.peername else ""
+        if host:
+            # Exact where the accept-time screen ran ahead of the count (a batch of accepts
+            # before their clients were reported), and the only check where it cannot run.
+            reason = self.addresses.opened(host, charge_rate=not self.screening)
+            if reason is not None:
+                client.error = f"synapse-router: {reason}"  # mitmproxy closes it at once
+                self._address_refusal(host, reason)
+                return
+            self._hosts[client.id] = host
         conn = self._conns[client.id] = _Conn()
         self._set_deadline(client.id, conn, self.config.header_timeout, HEADER_TIMEOUT)
         _HeadGuard.install(client.id, self.config.max_header_bytes, self._head_too_large)
 
     def client_disconnected(self, client: connection.Client) -> None:
+        host = self._hosts.pop(client.id, None)
+        if host is not None:
+            self.addresses.closed(host)
         conn = self._conns.pop(client.id, None)
         if conn is not None:
             conn.cancel_timer()

@@ -18,6 +18,12 @@ descriptors that `2 x max_connections + 256` budgeted. Each turn empties the que
 connections wait in the router (cheaply: a socket and a task) instead of in SYN back-off.
 That re-registration uses asyncio's selector loop internals (Python 3.12; compat/listening.py,
 run by tests/unit/test_listen_backlog.py); on another loop only the backlog is raised.
+The same handler screens each connection as it is accepted (`refuse`, the per-address bounds of
+ConnectionLimits): one it refuses is reset at once, before asyncio makes a transport and a task
+for it and before mitmproxy makes a connection handler and its layers, so a client churning
+connections from one address costs an accept and a close each. Where the handler cannot be
+replaced (another event loop), `screening(False)` tells ConnectionLimits to apply every bound
+when mitmproxy reports the client instead.
 After an accept failed for lack of descriptors, asyncio registers its own handler again with
 the count of that moment, until the servers are re-made.
 """
@@ -49,10 +55,19 @@ def accept_count(backlog: int, headroom: int) -> int:
 
 
 class ListenBacklog:
-    def __init__(self, headroom: Callable[[], int] | None = None) -> None:
-        """`headroom`: how many more client connections the router admits now."""
+    def __init__(
+        self,
+        headroom: Callable[[], int] | None = None,
+        refuse: Callable[[str], bool] | None = None,
+        screening: Callable[[bool], None] | None = None,
+    ) -> None:
+        """`headroom`: how many more client connections the router admits now; `refuse(host)`:
+        whether a connection just accepted from that peer address is closed at once;
+        `screening(on)`: told whether the listening sockets are screened with it."""
         self.backlog = LimitsConfig().listen_backlog
         self.headroom = headroom or (lambda: self.backlog)
+        self.refuse = refuse
+        self.screening = screening
         self._servers: Any = None  # mitmproxy's Servers, once running
 
     def prepare(self, config: RouterConfig) -> Callable[[], None]:
@@ -82,6 +97,7 @@ class ListenBacklog:
         """Set the backlog of every listening TCP socket of the proxy's servers."""
         if self._servers is None:
             return
+        screened = True
         for instance in self._servers:
             for server in listening_servers(instance):
                 for transport_socket in server.sockets:
@@ -89,4 +105,7 @@ class ListenBacklog:
                         continue
                     with socket.socket(fileno=os.dup(transport_socket.fileno())) as listening:
                         listening.listen(self.backlog)
-                accept_per_wakeup(server, lambda: accept_count(self.backlog, self.headroom()))
+                count = lambda: accept_count(self.backlog, self.headroom())  # noqa: E731
+                screened = accept_per_wakeup(server, count, self.refuse) and screened
+        if self.screening is not None:
+            self.screening(screened and self.refuse is not None)

@@ -11,7 +11,8 @@ installed version, so that an upgrade which changes one fails a test, not a user
     connections  a live client connection's task, reader and writer (Proxyserver.connections,
               ConnectionHandler.transports), HeadGuard (the head mitmproxy's layer holds)
     listening  the proxy's asyncio servers (`_servers`), accepting per wake-up (asyncio's
-              `_accept_connection`), serving a connection accepted here (`handle_stream`)
+              `_accept_connection`, screening each connection as it is accepted), serving a
+              connection accepted here (`handle_stream`)
     addonmanager  AddonManager `_iter_hooks`/`_configure_all`, Master `_legacy_log_events`
     h11parts  h11's receive buffer, body readers, request writer, `Request(_parsed=True)`
 

@@ -9,7 +9,10 @@ tests/unit/test_compat_listening.py):
  - asyncio's selector loop accepts with `_accept_connection(factory, sock, sslcontext, server,
    backlog, ssl_handshake_timeout, ssl_shutdown_timeout)` registered by `_add_reader` on the
    listening socket, from the Server's `_loop`, `_sockets`, `_protocol_factory`,
-   `_ssl_context`, `_ssl_handshake_timeout` and `_ssl_shutdown_timeout`;
+   `_ssl_context`, `_ssl_handshake_timeout` and `_ssl_shutdown_timeout`; it takes each
+   connection with `sock.accept()` (ended by BlockingIOError) and only then makes a transport
+   and a task for it, so a socket whose `accept()` closes some connections itself screens them
+   before asyncio or mitmproxy spends anything on them (`ScreenedListener`);
  - after an accept that ran out of descriptors asyncio retries `_start_serving` 1 s later, and
    on a listener closed meanwhile that retry raises ValueError ("Invalid file descriptor: -1")
    reported as "Exception in callback ..._start_serving(...)".
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from asyncio import selector_events
 from collections.abc import Callable
 from typing import Any
@@ -31,20 +35,63 @@ def listening_servers(instance: Any) -> list[Any]:
     return list(servers) if isinstance(servers, list) else []
 
 
-def accept_per_wakeup(server: asyncio.Server, count: Callable[[], int]) -> bool:
+# A refused connection is closed with a reset (SO_LINGER 0): no FIN handshake, no TIME_WAIT
+# socket left behind per refused connection of a churning client.
+_RESET = struct.pack("ii", 1, 0)
+# Refused connections closed in one accept() before it returns to the loop (which calls it
+# again in its next turn if more wait): a churning client cannot hold the loop in one call.
+MAX_REFUSED_PER_CALL = 1000
+
+
+class ScreenedListener:
+    """A listening socket as asyncio's accept handler uses it, whose `accept()` closes at once
+    (a reset) every connection `refuse(peer_host)` names, and returns the next admitted one."""
+
+    __slots__ = ("_sock", "_refuse")
+
+    def __init__(self, sock: socket.socket, refuse: Callable[[str], bool]) -> None:
+        self._sock = sock
+        self._refuse = refuse
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        for _ in range(MAX_REFUSED_PER_CALL):
+            conn, addr = self._sock.accept()  # BlockingIOError once none waits: asyncio's end of a batch
+            host = addr[0] if isinstance(addr, tuple) and addr and isinstance(addr[0], str) else ""
+            if not host or not self._refuse(host):
+                return conn, addr
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            except OSError:
+                pass
+            conn.close()
+        raise BlockingIOError("synapse-router: refused connections; the rest in the next turn")
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def __getattr__(self, name: str) -> Any:  # family, type, getsockname, ... for asyncio's logs
+        return getattr(self._sock, name)
+
+
+def accept_per_wakeup(
+    server: asyncio.Server, count: Callable[[], int], refuse: Callable[[str], bool] | None = None
+) -> bool:
     """Make the event loop accept up to `count()` connections each time the listening sockets
     of `server` (serving) are readable; asyncio fixes this at the backlog given when it started
-    serving (100 for mitmproxy's servers). False where the loop is not asyncio's selector loop."""
+    serving (100 for mitmproxy's servers). With `refuse`, a connection whose peer address it
+    names is closed as it is accepted (ScreenedListener), before any transport or task is made
+    for it. False where the loop is not asyncio's selector loop (nothing is changed then)."""
     loop = getattr(server, "_loop", None)
     if not isinstance(loop, selector_events.BaseSelectorEventLoop) or not server.is_serving():
         return False
     accept = loop._accept_connection  # type: ignore[attr-defined]
 
     def on_readable(sock: socket.socket) -> None:
-        # asyncio's own handler, with the arguments Server._start_serving gave it except the count.
+        # asyncio's own handler, with the arguments Server._start_serving gave it except the
+        # count (and the socket, screened).
         accept(
             server._protocol_factory,  # type: ignore[attr-defined]
-            sock,
+            ScreenedListener(sock, refuse) if refuse is not None else sock,
             server._ssl_context,  # type: ignore[attr-defined]
             server,
             count(),

@@ -25,6 +25,16 @@
   reported in at most one log line per 10 s. Not set: 10000, or what fits in the open-files
   limit L if less (`derived_max_connections`: (L - 256) // 2, at least L // 4), said once at
   info level.
+- `max_connections_per_address`: client connections one TCP peer address may hold open at
+  once in one process; `connection_rate_per_address` / `connection_burst_per_address`: new
+  connections per second one address may open (a token bucket of that many per second, that
+  deep). Beyond either, a new connection is closed at accept (reset, no answer: it costs the
+  router an accept and a close, not a mitmproxy connection), counted in
+  `synapse_router_client_connections_closed_total{reason="address_connections"|"address_rate"}`
+  and reported in at most one log line per 10 s. The address is the TCP peer's: connection
+  bounds apply before any header is read, so X-Forwarded-For plays no part, and a peer in
+  `trusted_proxies` is exempt (it carries many clients; bound those where it sees them, e.g.
+  nginx's `limit_conn`).
 - `response_buffer`: bytes of a worker's answer body the router holds for one request it sends
   itself (so that a safe request can still be resent while nothing of its answer reached the
   client); a longer answer is streamed to the client from there on (upstream_client.py, relay.py).
@@ -63,7 +73,9 @@ HEADER_TIMEOUT = "header_timeout"
 KEEPALIVE_TIMEOUT = "keepalive_timeout"
 HEADER_TOO_LARGE = "header_too_large"
 BODY_TIMEOUT = "body_timeout"
-CLOSE_REASONS = (HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, HEADER_TOO_LARGE, BODY_TIMEOUT)
+ADDRESS_CONNECTIONS = "address_connections"  # limits.max_connections_per_address reached
+ADDRESS_RATE = "address_rate"  # limits.connection_rate_per_address exceeded
+CLOSE_REASONS = (HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, HEADER_TOO_LARGE, BODY_TIMEOUT, ADDRESS_CONNECTIONS, ADDRESS_RATE)
 
 TOO_LARGE_ERRCODE = "M_TOO_LARGE"
 
@@ -86,6 +98,12 @@ class LimitsConfig:
     # The configuration sets max_connections (else it is derived from the open-files limit:
     # fit_to_nofile). Not compared: a configuration is the same whether it spells the default.
     max_connections_set: bool = field(default=False, compare=False)
+    # Per TCP peer address (trusted proxies exempt), per process: open connections at once, and
+    # new connections per second (a token bucket this deep). A NATed office of ~1,000 people
+    # with a browser's usual 2 connections each, all reconnecting at once, stays within them.
+    max_connections_per_address: int = 2000
+    connection_rate_per_address: float = 200.0
+    connection_burst_per_address: int = 2000
 
 
 class LimitsConfigError(ValueError):
@@ -106,6 +124,9 @@ _KEYS = (
     "listen_backlog",
     "response_buffer",
     "buffer_budget",
+    "max_connections_per_address",
+    "connection_rate_per_address",
+    "connection_burst_per_address",
 )
 
 
@@ -120,10 +141,10 @@ def parse_limits(raw: object) -> LimitsConfig:
             raise LimitsConfigError(str(key), f"unknown key; expected one of {', '.join(sorted(_KEYS))}")
     d = LimitsConfig()
 
-    def seconds(key: str, default: float) -> float:
+    def seconds(key: str, default: float, unit: str = "seconds") -> float:
         value = raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            raise LimitsConfigError(key, f"must be a number > 0 (seconds), got {value!r}")
+            raise LimitsConfigError(key, f"must be a number > 0 ({unit}), got {value!r}")
         return float(value)
 
     def count(key: str, default: int, minimum: int) -> int:
@@ -144,6 +165,11 @@ def parse_limits(raw: object) -> LimitsConfig:
         response_buffer=count("response_buffer", d.response_buffer, 0),
         buffer_budget=count("buffer_budget", d.buffer_budget, 0),
         max_connections_set="max_connections" in raw,
+        max_connections_per_address=count("max_connections_per_address", d.max_connections_per_address, 1),
+        connection_rate_per_address=seconds(
+            "connection_rate_per_address", d.connection_rate_per_address, "connections per second"
+        ),
+        connection_burst_per_address=count("connection_burst_per_address", d.connection_burst_per_address, 1),
     )
 
 

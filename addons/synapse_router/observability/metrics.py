@@ -175,7 +175,8 @@ class RouterMetrics:
         )
         self.limit_closes_total = Counter(
             "synapse_router_client_connections_closed",
-            "Client connections closed by a limit: header_timeout, keepalive_timeout, header_too_large (431).",
+            "Client connections closed by a limit: header_timeout, keepalive_timeout, header_too_large (431), "
+            "body_timeout (408), address_connections and address_rate (per-address bounds, reset at accept).",
             ["reason"],
             registry=r,
         )
