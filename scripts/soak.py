@@ -809,7 +809,7 @@ class Faults:
         soak.storming = True
         start = now()
         for content, pause in steps:
-            inst.config_path.write_bytes(content)
+            write_atomically(inst.config_path, content)
             os.kill(parent, signal.SIGHUP)
             if pause:
                 time.sleep(pause)
@@ -822,7 +822,7 @@ class Faults:
             soak.violate(
                 "listeners", f"{inst.name}: metrics moved A -> B -> C in one turn, and C does not answer: {e!r}"
             )
-        inst.config_path.write_bytes(good(final_variant, METRICS_PORT))  # back to A
+        write_atomically(inst.config_path, good(final_variant, METRICS_PORT))  # back to A
         os.kill(parent, signal.SIGHUP)
         inst.variant = final_variant
         inst.touched |= pool_pairs(config_for(soak, inst.access_path, METRICS_PORT, "base")) ^ pool_pairs(
@@ -958,6 +958,15 @@ def clock(t: float) -> str:
 
 def overlaps(windows: list[list[float]], t0: float, t1: float) -> bool:
     return any(s <= t1 and t0 <= e for s, e in windows)
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Replace the file as configuration tools do (a new file renamed over it): a router reading
+    it on a SIGHUP sees the old bytes or the new ones, never a file cut short. (Writing it in
+    place let the router read it empty between two SIGHUPs; an empty file is refused since.)"""
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_bytes(content)
+    os.replace(fresh, path)
 
 
 def judge_records(soak: Soak) -> dict[str, Any]:

@@ -475,10 +475,22 @@ def read_config(path: str | Path) -> tuple[bytes, RouterConfig]:
 
 
 def parse_config_bytes(raw: bytes, path: str | Path) -> RouterConfig:
-    """parse_config for a file's bytes: a byte that is not UTF-8 is a ConfigError too."""
+    """parse_config for a file's bytes: a byte that is not UTF-8 is a ConfigError too, and so is
+    a file with no YAML document at all (empty, or comments only): that is a file read while it
+    was being written (an editor or a tool that truncates, then writes), and applying it would
+    send every request to main and drop every worker's series."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise ConfigError((), f"{path} is not UTF-8 text (byte {raw[e.start]:#04x})", line) from None
+    if _no_document(text):
+        raise ConfigError((), f"{path} is empty (no YAML document); a configuration without workers is `workers: {{}}`")
     return parse_config(text)
+
+
+def _no_document(text: str) -> bool:
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader) is None
+    except yaml.YAMLError:
+        return False  # parse_config says what is wrong with it

@@ -64,7 +64,8 @@ def test_metrics_listen_from_the_router_config_on_a_command_line(tmp_path: Path)
 def test_the_applied_configuration_is_the_last_good_file(tmp_path: Path) -> None:
     """AppliedConfig (launcher/applied.py): the parent's one source. A valid file's exact bytes
     become the file the children read (mode 0600, in a private directory); a YAML error, a
-    byte that is not UTF-8 or a missing file is a ConfigError and leaves the applied one."""
+    byte that is not UTF-8, an empty file or a missing file is a ConfigError and leaves the
+    applied one."""
     operator = tmp_path / "router.yaml"
     good = b"workers: {}\nmetrics:\n  listen: 127.0.0.1:9300\n"
     operator.write_bytes(good)
@@ -78,6 +79,9 @@ def test_the_applied_configuration_is_the_last_good_file(tmp_path: Path) -> None
             (b"# caf\xe9\nworkers: {}\n", "not UTF-8"),
             (b"workers: {\n", "invalid YAML"),
             (b"workers:\n  sync:\n    - htp://x:1\n", "workers.sync[0]"),
+            # read while a tool truncated it to write it anew: would send everything to main
+            (b"", "is empty (no YAML document)"),
+            (b"\n# only a comment\n", "is empty (no YAML document)"),
         ):
             operator.write_bytes(bad)
             with pytest.raises(ConfigError, match=re.escape(words)):
