@@ -66,6 +66,18 @@ class Prometheus:
     def targets(self) -> list[dict[str, Any]]:
         return list(self.api("targets", {"state": "active"})["activeTargets"])
 
+    def wait_scraped(self, timeout: float = 60.0) -> None:
+        """Until every target was scraped successfully once: a counter's first sample is its
+        baseline, so what happens before it shows in no rate()."""
+        deadline = time.monotonic() + timeout
+        while True:
+            targets = self.targets()
+            if targets and all(t["health"] == "up" for t in targets):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Prometheus did not scrape its targets within {timeout:g}s: {targets}")
+            time.sleep(SCRAPE_INTERVAL / 4)
+
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
         """The series of `expr` over [start, end] (a matrix: [{metric, values: [[t, "v"], ...]}])."""
         data = self.api("query_range", {"query": expr, "start": start, "end": end, "step": step})

@@ -321,6 +321,9 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
     usable_at_end = {"sync": float(len(workers)), "client_reader": 1.0}
     prom = start_prometheus(tmp_path / "prometheus", [f"127.0.0.1:{metrics_port}"])
     stop_at_end.append(prom)
+    # The traffic's first whoami calls must come after the first scrape, or the counters'
+    # baseline includes them and the whoami latency panel has no rate (a CI failure at load).
+    prom.wait_scraped()
     start = time.time()
 
     # A few users, at least one of them with their syncs on the worker that will be stopped.
