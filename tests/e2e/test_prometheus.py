@@ -58,7 +58,10 @@ pytestmark = pytest.mark.e2e
 
 DASHBOARD = ROOT / "config" / "grafana-dashboard.json"
 PASSWORD = "e2e-password-1"
-LIMITS = {"header_timeout": 3, "max_connections": 48}
+# request pacing low enough that _paced_burst (from another address) is paced, and far above
+# what this test's own traffic from 127.0.0.1 (one request at a time per user) needs
+LIMITS = {"header_timeout": 3, "max_connections": 48, "request_rate_per_address": 50, "request_burst_per_address": 100}
+PACED_BURST = (30, 8)  # connections from 127.0.0.2, requests on each: over the burst in any process
 LONG_POLL_MS = 2000
 VICTIM_LONG_POLLS = 3  # concurrent long-polls of each user of the stopped worker: one is in flight when it stops
 # Synapse answers a read receipt with 500 on a worker that is not the `receipts` stream writer
@@ -198,6 +201,20 @@ async def _leave_long_poll(router: Router, user: User) -> None:
     await writer.drain()
     await asyncio.sleep(1.5)
     writer.close()
+
+
+async def _paced_burst(router: Router) -> list[int]:
+    """More requests from one other address than its burst allows (limits.request_*_per_address):
+    the surplus waits for its turn (synapse_router_paced_requests_total{outcome="delayed"})."""
+    connections, each = PACED_BURST
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(base_url=router.url, transport=transport, limits=limits, timeout=60) as client:
+
+        async def serial() -> list[int]:
+            return [(await client.get("/_matrix/client/versions")).status_code for _ in range(each)]
+
+        return [s for statuses in await asyncio.gather(*(serial() for _ in range(connections))) for s in statuses]
 
 
 async def _connection_limits(router: Router, processes: int) -> dict[str, Any]:
@@ -407,6 +424,7 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
             await asyncio.sleep(SCRAPE_INTERVAL)
         await leaving
         limits = await _connection_limits(router, processes)
+        paced = await _paced_burst(router)
         await asyncio.sleep(4 * SCRAPE_INTERVAL)  # the last changes scraped
     end = time.time()
 
@@ -414,6 +432,7 @@ async def test_every_dashboard_query_returns_series_from_real_prometheus(
     assert not failed_syncs, f"syncs failed: {failed_syncs}"
     assert all(s[-1] == 200 for s in during), f"receipts did not fall back to main while {victim} was down: {during}"
     assert limits["oversized_status"].endswith(b"431 Request Header Fields Too Large"), limits
+    assert paced == [200] * (PACED_BURST[0] * PACED_BURST[1]), paced  # delayed, none refused
 
     # The router's exposition is clean by Prometheus' own linter.
     exposition = await asyncio.to_thread(_metrics_text, metrics_url)

@@ -22,6 +22,7 @@ _REDACTED = f"{METADATA_KEY}.redacted"  # the request's credentials are labels n
 _UPLOAD_CUT = f"{METADATA_KEY}.upload_cut"  # answered while the client was still sending its body
 _RELAYED = f"{METADATA_KEY}.relayed"  # a router-sent answer streamed through the relay
 _STREAMED_BYTES = f"{METADATA_KEY}.streamed_bytes"  # body bytes of a relayed answer sent on
+_PACED = f"{METADATA_KEY}.paced"  # seconds the request waited for its address's turn (pacing)
 _CLIENT_ERROR = f"{METADATA_KEY}.client_error"  # clienterrors: what the client did wrong, if the router answered it
 
 
@@ -99,6 +100,15 @@ def streamed_bytes(flow: http.HTTPFlow) -> int | None:
 
 def add_streamed_bytes(flow: http.HTTPFlow, size: int) -> None:
     flow.metadata[_STREAMED_BYTES] = flow.metadata.get(_STREAMED_BYTES, 0) + size
+
+
+def paced(flow: http.HTTPFlow) -> float | None:
+    found = flow.metadata.get(_PACED)
+    return found if isinstance(found, float) else None
+
+
+def set_paced(flow: http.HTTPFlow, delay: float) -> None:
+    flow.metadata[_PACED] = delay
 
 
 def client_error(flow: http.HTTPFlow) -> str | None:

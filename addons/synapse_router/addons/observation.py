@@ -100,6 +100,7 @@ class Observation:
             status=status,
             bytes_sent=_bytes_sent(flow),
             upstream_ms=upstream_seconds * 1000 if upstream_seconds is not None else None,
+            paced_ms=paced * 1000 if (paced := flowdata.paced(flow)) is not None else None,
             total_ms=(time.time() - request.timestamp_start) * 1000,
             user_id=decision.key if decision.key_kind == "user" else None,
             token_hash=flowdata.token_label(flow),

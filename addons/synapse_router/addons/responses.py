@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from mitmproxy import http
 from mitmproxy.net.http import http1
@@ -18,6 +19,19 @@ def matrix_error(status: int, errcode: str, message: str, retry_after: int | Non
         headers["Retry-After"] = str(retry_after)
     body = json.dumps({"errcode": errcode, "error": message} | ({"soft_logout": False} if status == 401 else {}))
     return http.Response.make(status, body.encode(), headers)
+
+
+LIMIT_EXCEEDED = "M_LIMIT_EXCEEDED"
+
+
+def too_many_requests(retry_after: float) -> http.Response:
+    """A 429 as Synapse's own rate limits answer it: `retry_after_ms` in the body (what Matrix
+    clients read) and Retry-After in whole seconds."""
+    retry_ms = max(1, math.ceil(retry_after * 1000))
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **dict(CORS_HEADERS)}
+    headers["Retry-After"] = str(math.ceil(retry_ms / 1000))
+    body = {"errcode": LIMIT_EXCEEDED, "error": "Too many requests from this address.", "retry_after_ms": retry_ms}
+    return http.Response.make(429, json.dumps(body).encode(), headers)
 
 
 def no_process_available(retry_after: int) -> http.Response:

@@ -4,6 +4,7 @@ moves a request to another worker when its worker failed (`fail_over`); `router.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -14,15 +15,17 @@ from mitmproxy.net.http import http1
 from ..config import RouterConfig
 from ..edge import wellformed
 from ..edge.client_address import TrustedProxies, without_spoofable
+from ..edge.request_pacing import NOW
 from ..identity import tokens
 from ..identity.resolver import Resolution, Source
+from ..observability.metrics import PACED_DELAYED, PACED_REFUSED
 from ..routing import retry
 from ..routing.engine import ROUTER, Decision, Engine
 from ..routing.exchange import Exchange
 from ..routing.retry import Sending
 from ..routing.routes import MAIN, Balance, Match, room_from_path
 from . import credentials, flowdata
-from .responses import answer_and_close, matrix_error, no_process_available, respond
+from .responses import LIMIT_EXCEEDED, answer_and_close, matrix_error, no_process_available, respond, too_many_requests
 from .state import RouterState
 
 log = logging.getLogger("synapse_router")
@@ -37,15 +40,19 @@ class Routing:
 
     def prepare(self, config: RouterConfig) -> Callable[[], None]:
         engine, trusted = Engine(config), TrustedProxies(config.trusted_proxies)
+        limits = config.limits
 
         def switch() -> None:
             self.state.engine, self.state.trusted = engine, trusted
+            self.state.pacing.use(
+                limits.request_rate_per_address, limits.request_burst_per_address, limits.request_delay_max
+            )
 
         return switch
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        # Not `async def`: a cache hit routes synchronously; only a miss returns a coroutine,
-        # which mitmproxy awaits, so the common case pays no task switch.
+        # Not `async def`: a cache hit routes synchronously; only a miss (or a paced request)
+        # returns a coroutine, which mitmproxy awaits, so the common case pays no task switch.
         state = self.state
         if state.engine is None or flow.response is not None or flow.error is not None or not flow.live:
             return None
@@ -62,17 +69,42 @@ class Routing:
             return None
         if found is not None:
             state.token_keys[flow] = found.key
+        admission = NOW if state.trusted.trusts_host(client_ip) else state.pacing.admit(client_ip)
+        if admission.refused:
+            self._refuse_paced(flow, match, client_ip, admission.retry_after)
+            return None
+        if admission.delay > 0.0:
+            flowdata.set_paced(flow, admission.delay)
+            state.metrics.observe_paced(PACED_DELAYED, admission.delay)
+            return self._after_turn(flow, admission.delay, match, found, client_ip)
+        return self._identify_and_route(flow, match, found, client_ip)
+
+    def _identify_and_route(
+        self, flow: http.HTTPFlow, match: Match, found: tokens.FoundToken | None, client_ip: str
+    ) -> Awaitable[None] | None:
         logout = LOGOUT_PATH.match(match.path) if found is not None else None
         if logout is not None and found is not None:
             flowdata.set_logout(flow, logout.group(1) is not None, found.key)
         resolution = None
-        identity = state.identity
+        identity = self.state.identity
         if match.route is not None and match.route.balance is Balance.USER and found is not None and identity:
             resolution = identity.cached(found.key)
             if resolution is None:
                 return self._route_after_whoami(flow, match, found, client_ip)
         self._route(flow, match, found, client_ip, resolution)
         return None
+
+    async def _after_turn(
+        self, flow: http.HTTPFlow, delay: float, match: Match, found: tokens.FoundToken | None, client_ip: str
+    ) -> None:
+        """A paced request: its address's turn comes after `delay` seconds; nothing is done on
+        it meanwhile (a client that left is not routed at all)."""
+        await asyncio.sleep(delay)
+        if flow.response is not None or flow.error is not None or not flow.live:
+            return
+        routing = self._identify_and_route(flow, match, found, client_ip)
+        if routing is not None:
+            await routing
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         decision = flowdata.decision(flow)
@@ -236,13 +268,22 @@ class Routing:
         flowdata.set_client_ip(flow, client_ip)
         self.apply(flow, decision)
 
-    def _refuse(self, flow: http.HTTPFlow, match: Match, client_ip: str, refused: wellformed.Refused) -> None:
-        """Answer a request the router will not pass on, with a Matrix error; nothing is sent."""
+    def _refuse(
+        self,
+        flow: http.HTTPFlow,
+        match: Match,
+        client_ip: str,
+        refused: wellformed.Refused,
+        response: http.Response | None = None,
+    ) -> None:
+        """Answer a request the router will not pass on, with a Matrix error (`response`, else
+        one made from `refused`); nothing is sent."""
         route = match.route.name if match.route is not None else MAIN
         decision = Decision(route, ROUTER, None, "none", refused=refused.errcode)
         flowdata.set_client_ip(flow, client_ip)
         self._decided(flow, decision)
-        response = matrix_error(refused.status, refused.errcode, str(refused))
+        if response is None:
+            response = matrix_error(refused.status, refused.errcode, str(refused))
         flow.comment = decision.summary()
         flow.marked = ":no_entry:"
         credentials.redact(flow)
@@ -252,6 +293,15 @@ class Routing:
             answer_and_close(flow, response, str(refused), self.state.debug_headers)
         else:
             respond(flow, response)
+
+    def _refuse_paced(self, flow: http.HTTPFlow, match: Match, client_ip: str, retry_after: float) -> None:
+        """A request whose turn is beyond limits.request_delay_max: 429, as Synapse's own rate
+        limits answer (`retry_after_ms` and Retry-After), and the connection closed: a client
+        looping on it pays a reconnect (bounded by the per-address connection rate), and its
+        body is never read."""
+        self.state.metrics.observe_paced(PACED_REFUSED, 0.0)
+        refused = wellformed.Refused(429, LIMIT_EXCEEDED, "Too many requests from this address.", close=True)
+        self._refuse(flow, match, client_ip, refused, too_many_requests(retry_after))
 
     def _set_forwarding_headers(self, flow: http.HTTPFlow) -> str:
         headers = flow.request.headers

@@ -1,6 +1,6 @@
 """What the router's addons share: one plain object, built by SynapseRouter and handed to each.
 
-Each field has one writer: the configuration's appliers set `engine`, `trusted`, `identity`,
+Each field has one writer: the configuration's appliers set `engine`, `trusted`, `pacing`, `identity`,
 `debug_headers` (Observation) and the workers they track; Configuration sets `config_path` and
 `main`. Every request in flight
 is an exchange in `exchanges` (routing/exchange.py): Routing opens it and counts it on its
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..edge.client_address import TrustedProxies
+from ..edge.request_pacing import RequestPacing
 from ..edge.upstream_client import UpstreamClient
 from ..observability.metrics import RouterMetrics
 from ..routing.availability import WorkerStates
@@ -34,6 +35,7 @@ class RouterState:
     config_path: str | None = None
     main: Upstream | None = None  # the reverse-mode target, when in reverse mode
     trusted: TrustedProxies = field(default_factory=TrustedProxies)
+    pacing: RequestPacing = field(default_factory=RequestPacing)  # limits.request_*_per_address
     workers: WorkerStates = field(default_factory=WorkerStates)
     identity: IdentityResolver | None = None
     # every exchange (a request with a decision) not over yet, and the counts they hold

@@ -79,6 +79,13 @@ class TrustedProxies:
     def trusts(self, addr: IPAddress) -> bool:
         return any(addr in net for net in self.networks)
 
+    def trusts_host(self, host: str) -> bool:
+        """`trusts` for an address as text (False for one that does not parse)."""
+        if not self.networks:
+            return False
+        addr = parse_ip(host)
+        return addr is not None and self.trusts(addr)
+
     def resolve(self, peer: str, xff: str | None, xfp: str | None, tls: bool) -> Forwarding:
         """The real client address and scheme, given the TCP peer and the headers it sent."""
         proto = "https" if tls else "http"

@@ -35,6 +35,13 @@
   bounds apply before any header is read, so X-Forwarded-For plays no part, and a peer in
   `trusted_proxies` is exempt (it carries many clients; bound those where it sees them, e.g.
   nginx's `limit_conn`).
+- `request_rate_per_address` / `request_burst_per_address` / `request_delay_max`: requests one
+  client address may start per second beyond a burst of that many; a later one waits for its
+  turn (no work is done on it meanwhile), and one whose turn is more than `request_delay_max`
+  seconds away is answered 429 `M_LIMIT_EXCEEDED` (as nginx's `limit_req ... burst=`). The
+  address is the one the router attributes the request to (X-Forwarded-For from a trusted
+  proxy); a trusted proxy's own is not paced. `request_rate_per_address: 0` turns pacing off
+  (edge/request_pacing.py).
 - `response_buffer`: bytes of a worker's answer body the router holds for one request it sends
   itself (so that a safe request can still be resent while nothing of its answer reached the
   client); a longer answer is streamed to the client from there on (upstream_client.py, relay.py).
@@ -104,6 +111,12 @@ class LimitsConfig:
     max_connections_per_address: int = 2000
     connection_rate_per_address: float = 200.0
     connection_burst_per_address: int = 2000
+    # Per client address (as attributed: X-Forwarded-For from a trusted proxy), per process:
+    # requests started per second beyond a burst; later ones wait their turn, up to
+    # request_delay_max seconds (edge/request_pacing.py). 0: no pacing.
+    request_rate_per_address: float = 200.0
+    request_burst_per_address: int = 400
+    request_delay_max: float = 10.0
 
 
 class LimitsConfigError(ValueError):
@@ -127,6 +140,9 @@ _KEYS = (
     "max_connections_per_address",
     "connection_rate_per_address",
     "connection_burst_per_address",
+    "request_rate_per_address",
+    "request_burst_per_address",
+    "request_delay_max",
 )
 
 
@@ -153,6 +169,12 @@ def parse_limits(raw: object) -> LimitsConfig:
             raise LimitsConfigError(key, f"must be an integer >= {minimum}, got {value!r}")
         return value
 
+    def rate_or_off(key: str, default: float) -> float:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise LimitsConfigError(key, f"must be a number >= 0 (requests per second; 0: not paced), got {value!r}")
+        return float(value)
+
     return LimitsConfig(
         header_timeout=seconds("header_timeout", d.header_timeout),
         keepalive_timeout=seconds("keepalive_timeout", d.keepalive_timeout),
@@ -170,6 +192,9 @@ def parse_limits(raw: object) -> LimitsConfig:
             "connection_rate_per_address", d.connection_rate_per_address, "connections per second"
         ),
         connection_burst_per_address=count("connection_burst_per_address", d.connection_burst_per_address, 1),
+        request_rate_per_address=rate_or_off("request_rate_per_address", d.request_rate_per_address),
+        request_burst_per_address=count("request_burst_per_address", d.request_burst_per_address, 1),
+        request_delay_max=seconds("request_delay_max", d.request_delay_max),
     )
 
 

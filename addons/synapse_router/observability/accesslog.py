@@ -53,6 +53,7 @@ class AccessRecord:
     fallbacks: list[str] = field(default_factory=list)
     failover: str | None = None
     upstream_ms: float | None = None
+    paced_ms: float | None = None  # the wait for its address's turn (limits.request_rate_per_address)
     total_ms: float | None = None
     user_id: str | None = None  # written only with include_user
     token_hash: str | None = None  # tokens.short_hash(key): 8 hex digits, never a token
@@ -119,6 +120,7 @@ class AccessLogFormatter:
             ("bytes_sent", record.bytes_sent),
             ("total_ms", _ms(record.total_ms)),
             ("upstream_ms", _ms(record.upstream_ms)),
+            ("paced_ms", _ms(record.paced_ms)),
             ("route", record.route),
             ("pool", record.pool),
             ("worker", record.worker),

@@ -33,6 +33,9 @@ NO_RESPONSE = "error"  # the status class of a request that got no response
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", NO_RESPONSE)
 
 WHOAMI_OUTCOMES = ("user", "rejected", "error")
+PACED_DELAYED = "delayed"  # a request that waited for its address's turn (limits.request_rate_per_address)
+PACED_REFUSED = "refused"  # answered 429: its turn was beyond limits.request_delay_max
+PACED_OUTCOMES = (PACED_DELAYED, PACED_REFUSED)
 IDENTITY_SOURCES = tuple(source.value for source in Source)
 OTHER = "other"  # an outcome or source outside the vocabularies above (a bug, but bounded)
 
@@ -185,6 +188,18 @@ class RouterMetrics:
             "Failed accepts for want of file descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).",
             registry=r,
         )
+        self.paced_total = Counter(
+            "synapse_router_paced_requests",
+            "Requests over their client address's rate (limits.request_rate_per_address): delayed to their "
+            "turn, or refused 429 when it was beyond limits.request_delay_max.",
+            ["outcome"],
+            registry=r,
+        )
+        self.paced_seconds_total = Counter(
+            "synapse_router_paced_delay_seconds",
+            "Seconds delayed requests waited for their turn, together.",
+            registry=r,
+        )
         self._in_flight = _InFlight()
         r.register(self._in_flight)
         # The fixed vocabularies start at zero, so rate() and ratios work from the first scrape.
@@ -192,6 +207,8 @@ class RouterMetrics:
             self.limit_closes_total.labels(reason)
         for outcome in WHOAMI_OUTCOMES:
             self.whoami_calls_total.labels(outcome)
+        for outcome in PACED_OUTCOMES:
+            self.paced_total.labels(outcome)
         for source in IDENTITY_SOURCES:
             self.identity_lookups_total.labels(source)
 
@@ -266,6 +283,11 @@ class RouterMetrics:
     def bind_client_connections(self, fn: Callable[[], int]) -> None:
         """Report `fn()` as the open client connections at each scrape."""
         self.client_connections.set_function(lambda: float(fn()))
+
+    def observe_paced(self, outcome: str, delay: float) -> None:
+        self.paced_total.labels(outcome if outcome in PACED_OUTCOMES else OTHER).inc()
+        if delay > 0.0:
+            self.paced_seconds_total.inc(delay)
 
     def observe_refused_connection(self) -> None:
         self.refused_connections_total.inc()

@@ -1,0 +1,119 @@
+"""Per-address request pacing (limits.request_rate_per_address, request_burst_per_address,
+request_delay_max) against a real router process: requests beyond an address's burst wait for
+their turn, one whose turn is beyond the bound gets Synapse's 429 and its connection closed,
+another address is not paced, and behind a trusted proxy the forwarded client is."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Fleet, Router
+
+pytestmark = pytest.mark.integration
+
+# Turns every 2 s after a burst of 2; a turn more than 3 s away is refused: of 4 requests sent
+# at once, 2 start at once, 1 waits ~2 s and 1 is refused (its turn would be ~4 s away).
+LIMITS = {"request_rate_per_address": 0.5, "request_burst_per_address": 2, "request_delay_max": 3}
+Result = tuple[int, dict[str, str], bytes, bool]  # status, headers, body, closed after it
+VERSIONS = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: matrix.example.org\r\n"
+
+
+def _router(fleet: Fleet, start_router, tmp_path: Path) -> tuple[Router, Path]:
+    fleet.add("main")
+    fleet.add("sync")
+    access = tmp_path / "access.log"
+    config = {
+        "workers": {"sync": [fleet["sync"].url]},
+        "limits": LIMITS,
+        "trusted_proxies": ["127.0.0.3/32"],
+        "access_log": {"enabled": True, "format": "json", "path": str(access)},
+    }
+    return start_router(fleet["main"].url, config), access
+
+
+def _exchange(router: Router, source: str, extra: bytes = b"") -> Result:
+    """One request from `source` on a new connection."""
+    with socket.create_connection(("127.0.0.1", router.port), timeout=30, source_address=(source, 0)) as sock:
+        sock.sendall(VERSIONS + extra + b"\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed before a response head: {data!r}"
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        while len(body) < int(headers.get("content-length", "0")):
+            chunk = sock.recv(65536)
+            assert chunk, "closed inside a response body"
+            body += chunk
+        sock.settimeout(1.0)
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        return int(lines[0].split()[1]), headers, body, closed
+
+
+def _at_once(router: Router, source: str, count: int, extra: bytes = b"") -> list[Result]:
+    results: list[Result | BaseException] = [RuntimeError("not run")] * count
+
+    def one(i: int) -> None:
+        try:
+            results[i] = _exchange(router, source, extra)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results  # type: ignore[return-value]
+
+
+def _lines(access: Path, client_ip: str) -> list[dict[str, object]]:
+    return [e for e in map(json.loads, access.read_text().splitlines()) if e.get("client_ip") == client_ip]
+
+
+def test_an_address_over_its_rate_waits_its_turn_and_past_the_bound_gets_429(
+    fleet: Fleet, start_router, tmp_path: Path
+) -> None:
+    router, access = _router(fleet, start_router, tmp_path)
+    results = _at_once(router, "127.0.0.2", 4)
+    assert sorted(status for status, *_ in results) == [200, 200, 200, 429], results
+    refused = next(r for r in results if r[0] == 429)
+    _, headers, body, closed = refused
+    answer = json.loads(body)
+    assert answer["errcode"] == "M_LIMIT_EXCEEDED" and 0 < answer["retry_after_ms"] <= 3000, answer
+    assert headers["connection"] == "close" and closed and int(headers["retry-after"]) >= 1
+    assert all(not closed for status, _, _, closed in results if status == 200)  # kept alive
+    # Another address is not paced, while 127.0.0.2's schedule is still full.
+    assert _exchange(router, "127.0.0.1")[0] == 200
+    router.stop()
+    paced = [e for e in _lines(access, "127.0.0.2") if "paced_ms" in e]
+    assert len(paced) == 1 and paced[0]["status"] == 200 and float(paced[0]["paced_ms"]) > 1000, paced  # type: ignore[arg-type]
+    refusal = [e for e in _lines(access, "127.0.0.2") if e["status"] == 429]
+    assert len(refusal) == 1 and refusal[0]["worker"] == "router", refusal
+    assert all("paced_ms" not in e for e in _lines(access, "127.0.0.1"))
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_is_paced_not_the_proxy(
+    fleet: Fleet, start_router, tmp_path: Path
+) -> None:
+    router, access = _router(fleet, start_router, tmp_path)
+    # The proxy's own requests (no X-Forwarded-For), more than any burst: none waits.
+    assert [r[0] for r in _at_once(router, "127.0.0.3", 6)] == [200] * 6
+    forwarded = _at_once(router, "127.0.0.3", 4, b"X-Forwarded-For: 198.51.100.9\r\n")
+    assert sorted(status for status, *_ in forwarded) == [200, 200, 200, 429], forwarded
+    router.stop()
+    assert all("paced_ms" not in e for e in _lines(access, "127.0.0.3"))
+    assert len([e for e in _lines(access, "198.51.100.9") if "paced_ms" in e]) == 1

@@ -1,0 +1,206 @@
+"""Per-address request pacing: the schedule (edge/request_pacing.py), its configuration, and
+what the routing addon does with it (a delayed request waits without being routed, a refused
+one gets Synapse's 429, a trusted proxy's own address is not paced)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import taddons
+from synapse_router.addon import METADATA_KEY, SynapseRouter
+from synapse_router.addons import flowdata
+from synapse_router.addons.responses import too_many_requests
+from synapse_router.config import parse_config
+from synapse_router.edge import request_pacing
+from synapse_router.edge.limits import LimitsConfig, LimitsConfigError, parse_limits
+from synapse_router.edge.request_pacing import RequestPacing
+
+from .test_addon import hook, make_flow
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- the schedule ---
+
+
+def test_a_burst_starts_at_once_then_requests_wait_their_turn_at_the_rate() -> None:
+    clock = Clock()
+    pacing = RequestPacing(rate=10, burst=3, delay_max=1.0, clock=clock)
+    assert [pacing.admit("a").delay for _ in range(3)] == [0.0, 0.0, 0.0]
+    delays = [pacing.admit("a").delay for _ in range(4)]
+    assert delays == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert pacing.admit("b").delay == 0.0  # another address has its own schedule
+    clock.now += 0.45  # the four delayed ones have started: the next waits one interval
+    assert pacing.admit("a").delay == pytest.approx(0.05 + 0.0)  # due at +0.5 = 0.05 from now
+    clock.now += 10  # idle for longer than burst / rate: the whole burst again
+    assert [pacing.admit("a").delay for _ in range(3)] == [0.0, 0.0, 0.0]
+
+
+def test_a_turn_beyond_the_bound_is_refused_with_the_wait_to_a_turn_within_it() -> None:
+    clock = Clock()
+    pacing = RequestPacing(rate=10, burst=1, delay_max=0.25, clock=clock)
+    assert pacing.admit("a").delay == 0.0
+    assert pacing.admit("a").delay == pytest.approx(0.1)
+    assert pacing.admit("a").delay == pytest.approx(0.2)
+    refused = pacing.admit("a")  # would start 0.3 s from now
+    assert refused.refused and refused.retry_after == pytest.approx(0.05)
+    assert pacing.admit("a").refused  # a refused request takes no turn: the schedule is unchanged
+    clock.now += 0.1
+    assert pacing.admit("a") == request_pacing.Admission(delay=pytest.approx(0.2))
+
+
+def test_rate_zero_paces_nothing_and_a_new_rate_starts_afresh() -> None:
+    clock = Clock()
+    pacing = RequestPacing(clock=clock)
+    pacing.use(0.0, 1, 1.0)
+    assert all(pacing.admit("a") is request_pacing.NOW for _ in range(1000))
+    assert pacing.tracked() == 0
+    pacing.use(1.0, 1, 5.0)
+    assert pacing.admit("a").delay == 0.0 and pacing.admit("a").delay == pytest.approx(1.0)
+    pacing.use(1.0, 1, 9.0)  # same rate and burst: the schedule is kept
+    assert pacing.admit("a").delay == pytest.approx(2.0)
+    pacing.use(2.0, 1, 9.0)
+    assert pacing.admit("a").delay == 0.0
+
+
+def test_the_429_is_synapses_with_the_wait_in_milliseconds_and_whole_seconds() -> None:
+    response = too_many_requests(0.0301)
+    assert response.status_code == 429 and response.headers["Retry-After"] == "1"
+    assert response.json() == {
+        "errcode": "M_LIMIT_EXCEEDED",
+        "error": "Too many requests from this address.",
+        "retry_after_ms": 31,
+    }
+    assert too_many_requests(2.5).headers["Retry-After"] == "3"
+
+
+def test_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(request_pacing, "MAX_TRACKED", 100)
+    pacing = RequestPacing(rate=1, burst=1, delay_max=10, clock=Clock())
+    for i in range(1000):
+        pacing.admit(f"10.0.{i // 256}.{i % 256}")
+    assert pacing.tracked() == 100
+
+
+# --- configuration ---
+
+
+def test_defaults_and_values() -> None:
+    config = LimitsConfig()
+    assert (config.request_rate_per_address, config.request_burst_per_address, config.request_delay_max) == (
+        200.0,
+        400,
+        10.0,
+    )
+    parsed = parse_limits({"request_rate_per_address": 0, "request_burst_per_address": 5, "request_delay_max": 2})
+    assert (parsed.request_rate_per_address, parsed.request_burst_per_address, parsed.request_delay_max) == (
+        0.0,
+        5,
+        2.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "words"),
+    [
+        ("request_rate_per_address", -1, "must be a number >= 0 (requests per second; 0: not paced)"),
+        ("request_rate_per_address", math.inf, "must be a number >= 0"),
+        ("request_rate_per_address", True, "must be a number >= 0"),
+        ("request_burst_per_address", 0, "must be an integer >= 1"),
+        ("request_delay_max", 0, "must be a number > 0 (seconds)"),
+    ],
+)
+def test_bad_values_name_the_key(key: str, bad: object, words: str) -> None:
+    with pytest.raises(LimitsConfigError) as info:
+        parse_limits({key: bad})
+    assert info.value.key == key and words in info.value.reason
+    with pytest.raises(ValueError, match=rf"limits\.{key}"):
+        parse_config(f"workers: {{}}\nlimits:\n  {key}: {bad!r}\n".replace("True", "true"))
+
+
+# --- the routing addon ---
+
+CONFIG = """
+workers:
+  sync: [http://10.0.0.1:8083]
+trusted_proxies: [10.9.0.0/16]
+limits: {request_rate_per_address: 20, request_burst_per_address: 2, request_delay_max: 0.12}
+"""
+
+
+@pytest.fixture
+def paced(tmp_path: Path):
+    path = tmp_path / "router.yaml"
+    path.write_text(CONFIG)
+    addon = SynapseRouter()
+    addon.state.pacing = RequestPacing(clock=Clock())  # the schedule's clock stands still
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, router_config=str(path), mode=["reverse:http://10.0.0.100:8008"])
+        yield addon
+
+
+def _from(address: str, path: str = "/_matrix/client/versions", **headers: str) -> http.HTTPFlow:
+    flow = make_flow(path, headers)
+    flow.client_conn.peername = (address, 40000)
+    return flow
+
+
+async def test_requests_over_the_rate_wait_unrouted_then_go_and_past_the_bound_get_429(paced) -> None:
+    addon = paced
+    first, second = _from("10.1.0.1"), _from("10.1.0.1")
+    assert hook(addon, "requestheaders", first) is None and hook(addon, "requestheaders", second) is None
+    assert METADATA_KEY in first.metadata and METADATA_KEY in second.metadata  # the burst: routed at once
+    third, fourth = _from("10.1.0.1"), _from("10.1.0.1")
+    waits = [hook(addon, "requestheaders", third), hook(addon, "requestheaders", fourth)]
+    assert all(asyncio.iscoroutine(w) for w in waits)
+    assert METADATA_KEY not in third.metadata  # no decision, no whoami call, no worker yet
+    fifth = _from("10.1.0.1")  # due 0.15 s from now, beyond request_delay_max
+    assert hook(addon, "requestheaders", fifth) is None
+    # answered 429 on the client's connection, which is closed (tests/integration/test_pacing.py;
+    # this test context has no connection, so the flow is only killed)
+    assert fifth.error is not None and fifth.metadata[METADATA_KEY].refused == "M_LIMIT_EXCEEDED"
+    other = _from("10.1.0.2")  # another client is not held back
+    assert hook(addon, "requestheaders", other) is None and METADATA_KEY in other.metadata
+    assert [flowdata.paced(third), flowdata.paced(fourth)] == pytest.approx([0.05, 0.1])  # the waits asked for
+    await asyncio.gather(*waits)  # type: ignore[arg-type]
+    assert METADATA_KEY in third.metadata and METADATA_KEY in fourth.metadata
+    assert (third.request.host, third.request.port) == ("10.0.0.100", 8008)  # main: /versions
+    text = addon.metrics.render().decode()
+    assert 'synapse_router_paced_requests_total{outcome="delayed"} 2.0' in text
+    assert 'synapse_router_paced_requests_total{outcome="refused"} 1.0' in text
+
+
+async def test_a_client_that_left_while_waiting_is_not_routed(paced) -> None:
+    addon = paced
+    for _ in range(2):
+        hook(addon, "requestheaders", _from("10.1.0.3"))
+    waiting = _from("10.1.0.3")
+    wait = hook(addon, "requestheaders", waiting)
+    assert asyncio.iscoroutine(wait)
+    waiting.kill()  # type: ignore[no-untyped-call]
+    await wait
+    assert METADATA_KEY not in waiting.metadata
+
+
+async def test_the_forwarded_client_is_paced_and_a_trusted_proxys_own_address_is_not(paced) -> None:
+    addon = paced
+    for _ in range(5):  # the proxy's own requests (no X-Forwarded-For): never paced
+        flow = _from("10.9.0.1")
+        assert hook(addon, "requestheaders", flow) is None and METADATA_KEY in flow.metadata
+    for _ in range(2):
+        assert hook(addon, "requestheaders", _from("10.9.0.1", **{"X-Forwarded-For": "192.0.2.7"})) is None
+    third = _from("10.9.0.2", **{"X-Forwarded-For": "192.0.2.7"})  # another proxy, the same client
+    wait = hook(addon, "requestheaders", third)
+    assert asyncio.iscoroutine(wait)
+    await wait
+    assert METADATA_KEY in third.metadata
