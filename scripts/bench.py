@@ -40,7 +40,7 @@ from synapse_router.routing.engine import Engine  # noqa: E402
 
 from scripts.procstat import cpu_seconds, rss_kib  # noqa: E402
 from scripts.wrkstat import parse_wrk  # noqa: E402
-from tests.harness import MITMDUMP, Fleet, free_port, router_command, wait_for_port  # noqa: E402
+from tests.harness import MITMDUMP, Fleet, free_port, router_command, unpaced, wait_for_port  # noqa: E402
 
 TOKEN = "syt_YmVuY2g_benchmarktoken_000000"
 SYNC_PATH = "/_matrix/client/v3/sync?since=s1&timeout=0"
@@ -91,7 +91,7 @@ def throughput(work: Path, duration: int, connections: int, rounds: int) -> list
         main = fleet.add("main", whoami={TOKEN: "@bench:example.org"})
         sync = fleet.add("sync1")
         config = work / "bench-router.yaml"
-        config.write_text(yaml.safe_dump({"workers": {"sync": [sync.url]}}))
+        config.write_text(yaml.safe_dump(unpaced({"workers": {"sync": [sync.url]}})))
         bare_port, router_port = free_port(), free_port()
         bare_cmd = [str(MITMDUMP), "--mode", f"reverse:{sync.url}@127.0.0.1:{bare_port}", *COMMON]
         router_cmd = router_command(main.url, router_port, config, COMMON)
@@ -146,7 +146,7 @@ def coalescing(work: Path, concurrent: int = 1000) -> tuple[int, int]:
         main = fleet.add("main", whoami={TOKEN: "@bench:example.org"}, whoami_delay=0.3)
         sync = fleet.add("sync1")
         config = work / "coalesce-router.yaml"
-        config.write_text(yaml.safe_dump({"workers": {"sync": [sync.url]}}))
+        config.write_text(yaml.safe_dump(unpaced({"workers": {"sync": [sync.url]}})))
         port = free_port()
         proc = start_proxy(router_command(main.url, port, config, ["-q"]), port, work / "coalesce.log")
         try:

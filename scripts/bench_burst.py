@@ -66,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.procstat import cpu_seconds, process_tree, rss_kib  # noqa: E402
+from tests.harness import unpaced  # noqa: E402
 
 BIN = Path(sys.executable).parent
 NOFILE = 65536  # open-files limit wanted for this script, its clients and the proxies
@@ -441,7 +442,7 @@ def start_proxy(kind: str, up: Upstreams, work: Path, procs: Processes, nginx: s
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if kind in ("lean", "mitmdump"):
         config = base.with_suffix(".yaml")
-        config.write_text(json.dumps({"workers": {"sync": up.workers}}))  # JSON is YAML
+        config.write_text(json.dumps(unpaced({"workers": {"sync": up.workers}})))  # JSON is YAML
         launcher = [str(BIN / "synapse-router")] if kind == "lean" else [str(BIN / "mitmdump"), "-s"]
         if kind == "mitmdump":
             launcher.append(str(ROOT / "addons" / "router.py"))

@@ -61,7 +61,7 @@ from scripts.procstat import children, cpu_seconds, rss_kib  # noqa: E402
 from scripts.wrkstat import parse_wrk  # noqa: E402
 from tests.e2e.deployment import Deployment, bring_up  # noqa: E402
 from tests.e2e.matrix_helpers import parse_access_line, register_user  # noqa: E402
-from tests.harness import MITMDUMP, Fleet, Standin, free_port, router_command, wait_for_port  # noqa: E402
+from tests.harness import MITMDUMP, Fleet, Standin, free_port, router_command, unpaced, wait_for_port  # noqa: E402
 
 # What the router enforces, given to bare mitmdump too: both run with the same options.
 MITM_OPTIONS = [
@@ -306,7 +306,7 @@ class Bench:
             return Proxy(kind, upstream, None)
         if kind == "router":
             config_path = base.with_suffix(".yaml")
-            config_path.write_text(yaml.safe_dump(router_config or {}))
+            config_path.write_text(yaml.safe_dump(unpaced(router_config or {})))
             options = ["--set", "flow_detail=0", *MITM_OPTIONS[1:]] if logged else MITM_OPTIONS
             cmd = router_command(main, port, config_path, options)
             proc = self.procs.start(kind, cmd, base.with_suffix(".log"), cwd=ROOT)

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.procstat import cpu_seconds, process_tree  # noqa: E402
 from scripts.wrkstat import parse_wrk  # noqa: E402
-from tests.harness import MITMDUMP, Fleet, Standin, free_port, router_command, wait_for_port  # noqa: E402
+from tests.harness import MITMDUMP, Fleet, Standin, free_port, router_command, unpaced, wait_for_port  # noqa: E402
 
 TOKEN = "syt_YmVuY2g_launcher_bench_token_0000"
 WORKLOADS = {
@@ -96,7 +96,8 @@ def bench_upstreams(
         add_standin(fleet, "sync")
         config = work / "router.yaml"
         workers = {"client_reader": [fleet["client_reader"].url], "sync": [fleet["sync"].url]}
-        config.write_text(yaml.safe_dump({"workers": workers} | ({"health": health} if health else {})))
+        doc = {"workers": workers} | ({"health": health} if health else {})
+        config.write_text(yaml.safe_dump(unpaced(doc, before)))
         yield fleet, config, before
     finally:
         fleet.stop()

@@ -76,6 +76,7 @@ from scripts.bench_burst import (  # noqa: E402
 )
 from scripts.procstat import cpu_seconds, rss_kib  # noqa: E402
 from scripts.wrkstat import parse_wrk  # noqa: E402
+from tests.harness import unpaced  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PY_SPY = BIN / "py-spy"
@@ -247,7 +248,8 @@ def router_config(up: Upstreams, work: Path, launcher: str) -> Path:
     config = work / f"router-{launcher}.yaml"
     access = {"enabled": True, "format": "logfmt", "path": str(work / f"access-{launcher}.log")}
     # Health checks hourly: background work does not depend on how long a phase takes.
-    config.write_text(json.dumps({"workers": {"sync": up.workers}, "access_log": access, "health": {"interval": 3600}}))
+    doc = {"workers": {"sync": up.workers}, "access_log": access, "health": {"interval": 3600}}
+    config.write_text(json.dumps(unpaced(doc)))
     return config
 
 

@@ -29,7 +29,7 @@ import redis as redis_sync
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.harness import Fleet, RouterStarter, free_port, wait_for_port  # noqa: E402
+from tests.harness import Fleet, RouterStarter, free_port, unpaced, wait_for_port  # noqa: E402
 
 
 async def load(url: str, tokens: list[str], per_token: int, at_once: bool) -> int:
@@ -85,7 +85,7 @@ def main() -> None:
                 whoami = {"timeout": 10, **({"redis": f"redis://127.0.0.1:{redis_port}/0"} if shared else {})}
                 router = starter(
                     main_upstream.url,
-                    {"workers": {"sync": [sync.url]}, "whoami": whoami},
+                    unpaced({"workers": {"sync": [sync.url]}, "whoami": whoami}),
                     ["-q", "--processes", "2"],
                     launcher="synapse-router",
                     wait_timeout=60,

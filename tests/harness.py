@@ -23,6 +23,17 @@ BIN = Path(sys.executable).parent
 MITMDUMP = BIN / "mitmdump"
 
 
+def unpaced(config: dict[str, Any], *checkouts: Path | None) -> dict[str, Any]:
+    """`config` with per-address request pacing off, for a benchmark whose load generator is one
+    address standing for many clients (paced, it would measure `limits.request_rate_per_address`);
+    unchanged if one of `checkouts` (a `--before` worktree) predates pacing: it would refuse
+    the key, and it paces nothing."""
+    if any(c is not None and not (c / "addons/synapse_router/edge/request_pacing.py").exists() for c in checkouts):
+        return config
+    limits = {**config.get("limits", {}), "request_rate_per_address": 0}
+    return {**config, "limits": limits}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
