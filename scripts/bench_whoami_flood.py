@@ -5,6 +5,7 @@
         [--before REF]    # also the router of commit REF (a git worktree of it), before each launcher
         [--processes N]   # the lean launcher with `--processes N` (mitmdump runs one process)
         [--per-address N] # limits.max_connections_per_address: N (default: the router's default)
+        [--pacing R,...]  # this checkout once per limits.request_rate_per_address R (0: off)
 
 Upstreams (tests/standin.py, real processes on loopback): main, whose whoami answers every
 request after `--whoami-delay` seconds (401 M_UNKNOWN_TOKEN for made-up tokens, the user for
@@ -162,10 +163,17 @@ def access_lines(path: Path) -> dict[str, dict[str, Any]]:
     return lines
 
 
-def measure(launcher: str, args: argparse.Namespace, work: Path, before: Path | None) -> list[str]:
-    """The runs of one launcher, of this checkout or (with `before`) of that worktree's code."""
+def measure(
+    launcher: str, args: argparse.Namespace, work: Path, before: Path | None, pacing: float | None = None
+) -> list[str]:
+    """The runs of one launcher, of this checkout or (with `before`) of that worktree's code;
+    `pacing`: limits.request_rate_per_address (None: the router's default)."""
     processes = args.processes if launcher == "synapse-router" else 1
     name = launcher + (f" x{processes}" if processes > 1 else "") + (" (before)" if before else "")
+    name += f" pacing {pacing:g}" if pacing is not None else ""
+    limits: dict[str, float] = {"max_connections_per_address": args.per_address} if args.per_address else {}
+    if pacing is not None:
+        limits["request_rate_per_address"] = pacing
     tokens = {f"legit_{i}_{secrets.token_hex(4)}": f"@legit{i}:example.org" for i in range(args.runs)}
     fleet = Fleet(work)
     router_proc = flood_proc = None
@@ -181,7 +189,7 @@ def measure(launcher: str, args: argparse.Namespace, work: Path, before: Path | 
                     "workers": {"sync": [sync.url]},
                     "whoami": {"timeout": args.timeout},
                     "access_log": {"enabled": True, "format": "json", "path": str(log)},
-                    **({"limits": {"max_connections_per_address": args.per_address}} if args.per_address else {}),
+                    **({"limits": limits} if limits else {}),
                 }
             )
         )
@@ -219,7 +227,7 @@ def measure(launcher: str, args: argparse.Namespace, work: Path, before: Path | 
             router_total = record.get("total_ms", float("nan")) / 1000
             upstream = record.get("upstream_ms", float("nan")) / 1000
             rows.append(
-                f"{name:24} {i:3}  {status:>6} {connect:8.3f} {total:8.3f}"
+                f"{name:34} {i:3}  {status:>6} {connect:8.3f} {total:8.3f}"
                 f"  {router_total:12.3f} {upstream:9.3f} {router_total - upstream:8.3f}"
                 f"  {record.get('identity', '-'):10}"
             )
@@ -229,10 +237,10 @@ def measure(launcher: str, args: argparse.Namespace, work: Path, before: Path | 
         pauses = [line for line in pauses if "whoami paused" in line]
         paused = "" if before is not None else f"; whoami paused {len(pauses)} times"
         rows.append(
-            f"{name:24} flood: {stats['answers']} answers in {stats['seconds']:.1f} s ({rate:.0f}/s), "
+            f"{name:34} flood: {stats['answers']} answers in {stats['seconds']:.1f} s ({rate:.0f}/s), "
             f"{stats['errors']} connection errors; router CPU {cpu:.1f} s ({share:.0f}% of a core){paused}"
         )
-        rows.extend(f"{name:24}   {line.split('synapse-router: ', 1)[-1][:150]}" for line in pauses[:3])
+        rows.extend(f"{name:34}   {line.split('synapse-router: ', 1)[-1][:150]}" for line in pauses[:3])
     finally:
         for proc in (flood_proc, router_proc):
             if proc is not None and proc.poll() is None:
@@ -258,6 +266,7 @@ def main() -> int:
     parser.add_argument("--before", metavar="REF", help="also measure commit REF's router (a git worktree of it)")
     parser.add_argument("--processes", type=int, default=1, help="the lean launcher's --processes")
     parser.add_argument("--per-address", type=int, default=0, help="limits.max_connections_per_address")
+    parser.add_argument("--pacing", default="", help="comma-separated limits.request_rate_per_address values")
     args = parser.parse_args()
     print("$ " + shlex.join([Path(sys.executable).name, *sys.argv]))
     print(
@@ -276,13 +285,15 @@ def main() -> int:
                 ["git", "-C", str(ROOT), "rev-parse", "--short", args.before], capture_output=True, text=True
             ).stdout.strip()
             print(f"before: {args.before} = {revision}, after: this checkout")
-        print(f"{'launcher':24} run  status  connect    total  router_total  upstream  without  identity")
+        print(f"{'launcher':34} run  status  connect    total  router_total  upstream  without  identity")
         try:
             for launcher in args.launchers.split(","):
-                for tree in ([before] if before else []) + [None]:
-                    work = Path(tmp) / f"{launcher}-{'before' if tree else 'after'}"
+                pacings: list[float | None] = [float(r) for r in args.pacing.split(",")] if args.pacing else [None]
+                variants = ([(before, None)] if before else []) + [(None, r) for r in pacings]
+                for i, (tree, pacing) in enumerate(variants):
+                    work = Path(tmp) / f"{launcher}-{i}"
                     work.mkdir()
-                    for row in measure(launcher, args, work, tree):
+                    for row in measure(launcher, args, work, tree, pacing):
                         print(row, flush=True)
         finally:
             if before is not None:
