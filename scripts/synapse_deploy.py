@@ -499,7 +499,11 @@ def state_lock(layout: Layout) -> Iterator[None]:
     """Serialise concurrent invocations on one state directory (e.g. parallel test sessions)."""
     layout.state.mkdir(parents=True, exist_ok=True)
     with open(layout.state / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another synapse_deploy.py works on {layout.state}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -1011,7 +1015,11 @@ def ensure_venv(layout: Layout) -> str:
     # A venv may be shared by deployments (--venv): one installs it, the others wait.
     layout.venv.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{layout.venv}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another deployment is installing Synapse into {layout.venv}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         return _ensure_venv(layout)
 
 

@@ -256,3 +256,27 @@ def test_shared_redis_helpers_start_and_wait_for_a_real_redis(tmp_path: Path) ->
         proc.wait(10)
     assert not deploy.redis_ping(port, "127.0.0.1")
     assert not deploy.wait_until(lambda: False, lambda: False, time.monotonic() + 600)  # a dead process: no wait
+
+
+def test_a_deployment_waiting_for_another_ones_synapse_install_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second run sharing the Synapse venv used to wait minutes in silence for the first's
+    pip install; now it says whom it waits for, then goes on once the lock is free."""
+    import fcntl
+    import threading
+
+    layout = sytest_run.deploy.Layout(tmp_path / "state", shared_venv=tmp_path / "venv")
+    monkeypatch.setattr(sytest_run.deploy, "_ensure_venv", lambda _layout: "installed")
+    (tmp_path / "venv").parent.mkdir(parents=True, exist_ok=True)
+    result: list[str] = []
+    with open(f"{layout.venv}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: result.append(sytest_run.deploy.ensure_venv(layout)))
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and not result  # waits for the holder
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiter.join(10)
+    assert result == ["installed"]
+    assert f"another deployment is installing Synapse into {layout.venv}; waiting for it" in capsys.readouterr().err
