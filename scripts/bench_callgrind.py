@@ -4,7 +4,8 @@ not move with whatever else the shared machine is doing, unlike CPU time.
     .venv/bin/python scripts/bench_callgrind.py [--requests 1000] [--connections 4]
     .venv/bin/python scripts/bench_callgrind.py --before REF   # this checkout against commit REF
 
-Each variant (the lean launcher and mitmdump + addon; with `--before REF` also both from a git
+Each variant (bare mitmdump in reverse mode to the workload's stand-in, no addon: what
+mitmproxy itself costs; the lean launcher and mitmdump + addon; with `--before REF` also both from a git
 worktree of commit REF, as scripts/bench_launcher.py does) runs under
 `valgrind --tool=callgrind --instr-atstart=no` against loopback stand-ins, on the workloads of
 bench_launcher (versions, sync, longpoll). After a warm-up (identity cache, upstream
@@ -34,9 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.bench_launcher import COMMON, TOKEN, WORKLOADS, bench_upstreams  # noqa: E402
-from tests.harness import Fleet, free_port, router_command, wait_for_port  # noqa: E402
+from tests.harness import MITMDUMP, Fleet, free_port, router_command, wait_for_port  # noqa: E402
 
-VARIANTS = {"lean launcher": "synapse-router", "mitmdump + addon": "mitmdump"}
+# variant -> launcher ("bare": mitmdump in reverse mode straight to the workload's stand-in,
+# no addon: what mitmproxy itself costs a request)
+VARIANTS = {"mitmdump bare": "bare", "mitmdump + addon": "mitmdump", "lean launcher": "synapse-router"}
 
 
 async def _client(port: int, path: str, count: int) -> None:
@@ -95,9 +98,12 @@ def measure(
     args: argparse.Namespace,
     before: Path | None,
 ) -> float:
-    path, _ = WORKLOADS[workload]
+    path, pool = WORKLOADS[workload]
     port = free_port()
-    cmd = router_command(fleet["main"].url, port, config, COMMON, launcher=launcher)
+    if launcher == "bare":
+        cmd = [str(MITMDUMP), "--mode", f"reverse:{fleet[pool].url}@127.0.0.1:{port}", *COMMON]
+    else:
+        cmd = router_command(fleet["main"].url, port, config, COMMON, launcher=launcher)
     env = dict(os.environ)
     if before is not None:
         cmd = [str(before / "addons" / "router.py") if c.endswith("/addons/router.py") else c for c in cmd]
@@ -146,20 +152,24 @@ def main() -> None:
         with bench_upstreams(work, Path(tmp), args.before, {"interval": 3600}) as (fleet, config, before):
             for workload in args.workloads:
                 for variant in args.variants:
-                    for ref in ([before] if before is not None else []) + [None]:
+                    # the before tree has no bare mitmdump of its own: the same mitmproxy
+                    refs = [before] if before is not None and VARIANTS[variant] != "bare" else []
+                    for ref in [*refs, None]:
                         ir = measure(work, variant, VARIANTS[variant], workload, fleet, config, args, ref)
                         results[(workload, variant, ref is not None)] = ir
                         label = f"{variant} ({args.before})" if ref is not None else variant
                         print(f"  {workload} {label}: {ir:,.0f} instructions/request", flush=True)
     print()
-    print(f"{'workload':<9} {'proxy':<17} {'before Ir/req':>14} {'after Ir/req':>13} {'change':>7}")
+    print(f"{'workload':<9} {'proxy':<17} {'before Ir/req':>14} {'after Ir/req':>13} {'change':>7} {'vs bare':>8}")
     for workload in args.workloads:
         for variant in args.variants:
             after = results[(workload, variant, False)]
             was = results.get((workload, variant, True))
             change = f"{(after / was - 1) * 100:+.1f}%" if was else "-"
             was_text = f"{was:,.0f}" if was else "-"
-            print(f"{workload:<9} {variant:<17} {was_text:>14} {after:>13,.0f} {change:>7}")
+            bare = results.get((workload, "mitmdump bare", False))
+            ratio = f"{after / bare:.2f}x" if bare else "-"
+            print(f"{workload:<9} {variant:<17} {was_text:>14} {after:>13,.0f} {change:>7} {ratio:>8}")
 
 
 if __name__ == "__main__":

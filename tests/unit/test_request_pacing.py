@@ -13,7 +13,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons
 from synapse_router.addon import METADATA_KEY, SynapseRouter
 from synapse_router.addons import flowdata
-from synapse_router.addons.responses import too_many_requests
+from synapse_router.addons.responses import cors_preflight, too_many_requests
 from synapse_router.config import parse_config
 from synapse_router.edge import request_pacing
 from synapse_router.edge.limits import LimitsConfig, LimitsConfigError, parse_limits
@@ -74,14 +74,17 @@ def test_rate_zero_paces_nothing_and_a_new_rate_starts_afresh() -> None:
 
 
 def test_the_429_is_synapses_with_the_wait_in_milliseconds_and_whole_seconds() -> None:
-    response = too_many_requests(0.0301)
+    response = too_many_requests(0.0301)  # at least a second: a client would only loop on reconnects
     assert response.status_code == 429 and response.headers["Retry-After"] == "1"
     assert response.json() == {
         "errcode": "M_LIMIT_EXCEEDED",
         "error": "Too many requests from this address.",
-        "retry_after_ms": 31,
+        "retry_after_ms": 1000,
     }
-    assert too_many_requests(2.5).headers["Retry-After"] == "3"
+    assert response.headers["Access-Control-Allow-Origin"] == "*"  # a web client can read it
+    longer = too_many_requests(2.5)
+    assert longer.headers["Retry-After"] == "3" and longer.json()["retry_after_ms"] == 2500
+    assert too_many_requests(1e300).json()["retry_after_ms"] == 3_600_000  # bounded, never an overflow
 
 
 def test_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,9 +116,11 @@ def test_defaults_and_values() -> None:
 @pytest.mark.parametrize(
     ("key", "bad", "words"),
     [
-        ("request_rate_per_address", -1, "must be a number >= 0 (requests per second; 0: not paced)"),
-        ("request_rate_per_address", math.inf, "must be a number >= 0"),
-        ("request_rate_per_address", True, "must be a number >= 0"),
+        ("request_rate_per_address", -1, "must be 0 (not paced) or a number >= 0.01 (requests per second)"),
+        ("request_rate_per_address", 1e-308, "must be 0 (not paced) or a number >= 0.01"),
+        ("request_rate_per_address", "1e12", "(YAML reads it as text: write it with a dot, e.g. 1.0e3)"),
+        ("request_rate_per_address", math.inf, "must be 0 (not paced) or a number"),
+        ("request_rate_per_address", True, "must be 0 (not paced) or a number"),
         ("request_burst_per_address", 0, "must be an integer >= 1"),
         ("request_delay_max", 0, "must be a number > 0 (seconds)"),
     ],
@@ -204,3 +209,58 @@ async def test_the_forwarded_client_is_paced_and_a_trusted_proxys_own_address_is
     assert asyncio.iscoroutine(wait)
     await wait
     assert METADATA_KEY in third.metadata
+
+
+def _exhaust(addon: SynapseRouter, address: str, **headers: str) -> None:
+    """Take the address's burst (2) and fill its schedule to the bound (2 more waiting)."""
+    for _ in range(4):
+        wait = hook(addon, "requestheaders", _from(address, **headers))
+        if asyncio.iscoroutine(wait):
+            wait.close()
+
+
+async def test_requests_the_router_would_refuse_are_paced_too(paced) -> None:
+    """A flood of malformed requests (refused 400 by the router's own checks, which keep the
+    connection open) costs its address turns like any other: an outside trial got 790/s of
+    them through a 200/s pace."""
+    addon = paced
+    _exhaust(addon, "10.1.0.5")
+    bad = _from("10.1.0.5", Authorization="Bearer a")
+    bad.request.headers.add("Authorization", "Bearer b")  # two tokens: refused 400 when checked
+    assert hook(addon, "requestheaders", bad) is None
+    assert bad.metadata[METADATA_KEY].refused == "M_LIMIT_EXCEEDED"  # paced first: 429, not 400
+    waiting = _from("10.1.0.6", Authorization="Bearer a")
+    waiting.request.headers.add("Authorization", "Bearer b")
+    for _ in range(2):
+        hook(addon, "requestheaders", _from("10.1.0.6"))
+    wait = hook(addon, "requestheaders", waiting)
+    assert asyncio.iscoroutine(wait) and METADATA_KEY not in waiting.metadata  # not checked yet
+    await wait
+    assert waiting.response is not None and waiting.response.status_code == 400  # checked on its turn
+
+
+async def test_a_cors_preflight_over_the_bound_gets_synapses_200_not_a_429(paced) -> None:
+    addon = paced
+    _exhaust(addon, "10.1.0.7")
+    preflight = _from("10.1.0.7", Origin="https://app.element.io", **{"Access-Control-Request-Method": "GET"})
+    preflight.request.method = "OPTIONS"
+    assert hook(addon, "requestheaders", preflight) is None
+    # answered on the connection, which is then closed (this context has none: only killed)
+    assert preflight.error is not None and preflight.metadata[METADATA_KEY].refused == "M_LIMIT_EXCEEDED"
+    answer = cors_preflight()
+    assert answer.status_code == 200 and answer.content == b"{}"
+    assert answer.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Authorization" in answer.headers["Access-Control-Allow-Headers"]
+
+
+async def test_a_trusted_proxy_naming_no_readable_client_is_paced_as_itself(paced) -> None:
+    """X-Forwarded-For that does not parse: the proxy's address stands for its unknown clients
+    (paced), unlike the proxy's own requests without the header (not paced)."""
+    addon = paced
+    for _ in range(2):
+        assert hook(addon, "requestheaders", _from("10.9.0.9", **{"X-Forwarded-For": "unknown1"})) is None
+    wait = hook(addon, "requestheaders", _from("10.9.0.9", **{"X-Forwarded-For": "unknown2"}))
+    assert asyncio.iscoroutine(wait)
+    wait.close()
+    own = _from("10.9.0.9")
+    assert hook(addon, "requestheaders", own) is None and METADATA_KEY in own.metadata

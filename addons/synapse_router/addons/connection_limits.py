@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -377,14 +378,20 @@ class ConnectionLimits:
         self._count_close(reason)
         _close(io, reason)
 
-    def body_timed_out(self, client_id: str) -> None:
+    def body_timed_out(self, client_id: str) -> bool:
         """No byte of the request body in flight for body_timeout seconds (self.body_watch):
-        answer 408 if nothing was answered yet, mark the flow for the access log, and close."""
+        answer 408 if nothing was answered yet, mark the flow for the access log, and close.
+        False (not timed out) while the router's routing hook waits on the request (its turn,
+        whoami) or stopped waiting less than body_timeout ago: the client's silence is timed
+        from the end of the router's wait at the earliest."""
         conn = self._conns.get(client_id)
         io = client_io(client_id)
         if conn is None or io is None:
-            return
+            return True
         flow = conn.body_flow
+        ended = flowdata.wait_ended(flow) if flow is not None else None
+        if ended is not None and time.monotonic() - ended < self.config.body_timeout:
+            return False
         if flow is not None:
             error = clienterrors.ERRORS[clienterrors.BODY_TIMEOUT]
             flowdata.set_client_error(flow, error.reason)
@@ -398,6 +405,7 @@ class ConnectionLimits:
         self._count_close(BODY_TIMEOUT)
         conn.cancel_timer()
         _close(io, BODY_TIMEOUT)
+        return True
 
     def _head_too_large(self, client_id: str) -> None:
         """A head still incomplete beyond max_header_bytes (the _HeadGuard answered 431)."""

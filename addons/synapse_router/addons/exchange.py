@@ -42,6 +42,11 @@ class ExchangeOwner:
         if exchange is None:  # refused by mitmproxy's parser, failed before routing, or over already
             credentials.redact_answered(flow)
             return
+        decision = flowdata.decision(flow)
+        if decision is not None and decision.refused and flow.response is not None and killed(flow):
+            # The router answered it and closed the connection (answer_and_close): answered.
+            self._end(flow, exchange, None)
+            return
         self._end(flow, exchange, classify(flow))
 
     def client_disconnected(self, client: connection.Client) -> None:

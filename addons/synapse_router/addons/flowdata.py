@@ -7,6 +7,8 @@ plain values under "synapse_router.<name>".
 
 from __future__ import annotations
 
+import math
+import time
 from typing import TYPE_CHECKING
 
 from ..routing.engine import Decision
@@ -23,6 +25,7 @@ _UPLOAD_CUT = f"{METADATA_KEY}.upload_cut"  # answered while the client was stil
 _RELAYED = f"{METADATA_KEY}.relayed"  # a router-sent answer streamed through the relay
 _STREAMED_BYTES = f"{METADATA_KEY}.streamed_bytes"  # body bytes of a relayed answer sent on
 _PACED = f"{METADATA_KEY}.paced"  # seconds the request waited for its address's turn (pacing)
+_WAITING = f"{METADATA_KEY}.waiting"  # the routing hook waits (its turn, whoami): when it stopped
 _CLIENT_ERROR = f"{METADATA_KEY}.client_error"  # clienterrors: what the client did wrong, if the router answered it
 
 
@@ -109,6 +112,17 @@ def paced(flow: http.HTTPFlow) -> float | None:
 
 def set_paced(flow: http.HTTPFlow, delay: float) -> None:
     flow.metadata[_PACED] = delay
+
+
+def wait_ended(flow: http.HTTPFlow) -> float | None:
+    """When the routing hook last stopped waiting on the request (time.monotonic()); inf while
+    it waits; None if it never waited."""
+    found = flow.metadata.get(_WAITING)
+    return found if isinstance(found, float) else None
+
+
+def set_waiting(flow: http.HTTPFlow, value: bool) -> None:
+    flow.metadata[_WAITING] = math.inf if value else time.monotonic()
 
 
 def client_error(flow: http.HTTPFlow) -> str | None:

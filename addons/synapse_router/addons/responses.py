@@ -22,16 +22,26 @@ def matrix_error(status: int, errcode: str, message: str, retry_after: int | Non
 
 
 LIMIT_EXCEEDED = "M_LIMIT_EXCEEDED"
+MAX_RETRY_AFTER = 3600.0  # seconds: the most a 429 tells a client to wait
 
 
 def too_many_requests(retry_after: float) -> http.Response:
     """A 429 as Synapse's own rate limits answer it: `retry_after_ms` in the body (what Matrix
     clients read) and Retry-After in whole seconds."""
-    retry_ms = max(1, math.ceil(retry_after * 1000))
+    # At least a second, and the same wait in both: a client told to come back within a few
+    # milliseconds would only loop on reconnects.
+    retry_ms = max(1000, math.ceil(min(retry_after, MAX_RETRY_AFTER) * 1000))
     headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **dict(CORS_HEADERS)}
     headers["Retry-After"] = str(math.ceil(retry_ms / 1000))
     body = {"errcode": LIMIT_EXCEEDED, "error": "Too many requests from this address.", "retry_after_ms": retry_ms}
     return http.Response.make(429, json.dumps(body).encode(), headers)
+
+
+def cors_preflight() -> http.Response:
+    """Synapse's answer to any OPTIONS request (synapse/http/server.py, OptionsResource): 200
+    `{}` with its CORS headers."""
+    headers = {"Content-Type": "application/json", **dict(CORS_HEADERS)}
+    return http.Response.make(200, b"{}", headers)
 
 
 def no_process_available(retry_after: int) -> http.Response:
@@ -74,7 +84,13 @@ def answer_and_close(flow: http.HTTPFlow, response: http.Response, why: str, deb
         set_debug_headers(flow, response)
     respond(flow, response)  # the flow's answer, bodiless for a HEAD
     writer.write(http1.assemble_response(response))  # type: ignore[no-untyped-call]
-    if flow.request.timestamp_end is None:
+    if flow.request.timestamp_end is None and _declares_body(flow.request):
         flowdata.set_upload_cut(flow)
     flow.comment = f"{flow.comment} | answered {response.status_code}: {why}"  # kill() replaces the error
     flow.kill()  # type: ignore[no-untyped-call]  # mitmproxy closes the connection, no page
+
+
+def _declares_body(request: http.Request) -> bool:
+    """The request has a body to come (a chunked one, or a Content-Length other than 0)."""
+    headers = request.headers
+    return "transfer-encoding" in headers or headers.get("content-length", "0").strip() not in ("0", "")

@@ -25,7 +25,15 @@ from ..routing.exchange import Exchange
 from ..routing.retry import Sending
 from ..routing.routes import MAIN, Balance, Match, room_from_path
 from . import credentials, flowdata
-from .responses import LIMIT_EXCEEDED, answer_and_close, matrix_error, no_process_available, respond, too_many_requests
+from .responses import (
+    LIMIT_EXCEEDED,
+    answer_and_close,
+    cors_preflight,
+    matrix_error,
+    no_process_available,
+    respond,
+    too_many_requests,
+)
 from .state import RouterState
 
 log = logging.getLogger("synapse_router")
@@ -57,8 +65,25 @@ class Routing:
         if state.engine is None or flow.response is not None or flow.error is not None or not flow.live:
             return None
         request = flow.request
+        forwarded = "x-forwarded-for" in request.headers
         client_ip = self._set_forwarding_headers(flow)
         match = state.engine.match(request.method, request.path)
+        # Paced before anything else is done on it: a request the router would refuse costs
+        # its address a turn too, or a flood of malformed ones would go unpaced. A trusted
+        # proxy's own requests (it names no client) are not paced.
+        own = not forwarded and state.trusted.trusts_host(client_ip)
+        admission = NOW if own else state.pacing.admit(client_ip)
+        if admission.refused:
+            self._refuse_paced(flow, match, client_ip, admission.retry_after)
+            return None
+        if admission.delay > 0.0:
+            flowdata.set_paced(flow, admission.delay)
+            state.metrics.observe_paced(PACED_DELAYED, admission.delay)
+            return self._after_turn(flow, admission.delay, match, client_ip)
+        return self._check_and_route(flow, match, client_ip)
+
+    def _check_and_route(self, flow: http.HTTPFlow, match: Match, client_ip: str) -> Awaitable[None] | None:
+        request = flow.request
         try:
             method, fields, version = request.method, request.headers.fields, request.http_version
             names = wellformed.check_request(method, request.authority, request.path, fields, version)
@@ -68,15 +93,7 @@ class Routing:
             self._refuse(flow, match, client_ip, refused)
             return None
         if found is not None:
-            state.token_keys[flow] = found.key
-        admission = NOW if state.trusted.trusts_host(client_ip) else state.pacing.admit(client_ip)
-        if admission.refused:
-            self._refuse_paced(flow, match, client_ip, admission.retry_after)
-            return None
-        if admission.delay > 0.0:
-            flowdata.set_paced(flow, admission.delay)
-            state.metrics.observe_paced(PACED_DELAYED, admission.delay)
-            return self._after_turn(flow, admission.delay, match, found, client_ip)
+            self.state.token_keys[flow] = found.key
         return self._identify_and_route(flow, match, found, client_ip)
 
     def _identify_and_route(
@@ -94,15 +111,18 @@ class Routing:
         self._route(flow, match, found, client_ip, resolution)
         return None
 
-    async def _after_turn(
-        self, flow: http.HTTPFlow, delay: float, match: Match, found: tokens.FoundToken | None, client_ip: str
-    ) -> None:
+    async def _after_turn(self, flow: http.HTTPFlow, delay: float, match: Match, client_ip: str) -> None:
         """A paced request: its address's turn comes after `delay` seconds; nothing is done on
-        it meanwhile (a client that left is not routed at all)."""
-        await asyncio.sleep(delay)
+        it meanwhile (a client that left is not routed at all), and its body, which the router
+        does not read meanwhile, is not timed (limits.body_timeout)."""
+        flowdata.set_waiting(flow, True)
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            flowdata.set_waiting(flow, False)
         if flow.response is not None or flow.error is not None or not flow.live:
             return
-        routing = self._identify_and_route(flow, match, found, client_ip)
+        routing = self._check_and_route(flow, match, client_ip)
         if routing is not None:
             await routing
 
@@ -241,9 +261,13 @@ class Routing:
         self, flow: http.HTTPFlow, match: Match, found: tokens.FoundToken, client_ip: str
     ) -> None:
         assert self.state.identity is not None
-        resolution = await self.state.identity.resolve(
-            found.key, found.token, found.as_user, flow.request.headers.get("user-agent"), client_ip
-        )
+        flowdata.set_waiting(flow, True)  # its body is not read meanwhile: not timed
+        try:
+            resolution = await self.state.identity.resolve(
+                found.key, found.token, found.as_user, flow.request.headers.get("user-agent"), client_ip
+            )
+        finally:
+            flowdata.set_waiting(flow, False)
         self._route(flow, match, found, client_ip, resolution)
 
     def _route(
@@ -301,6 +325,12 @@ class Routing:
         body is never read."""
         self.state.metrics.observe_paced(PACED_REFUSED, 0.0)
         refused = wellformed.Refused(429, LIMIT_EXCEEDED, "Too many requests from this address.", close=True)
+        if flow.request.method == "OPTIONS":
+            # A CORS preflight: a browser reads any answer but a 2xx as a network error, and
+            # never shows its page the 429; Synapse answers every preflight 200 `{}` with its
+            # CORS headers. The request it precedes gets the 429, with CORS headers, to read.
+            self._refuse(flow, match, client_ip, refused, cors_preflight())
+            return
         self._refuse(flow, match, client_ip, refused, too_many_requests(retry_after))
 
     def _set_forwarding_headers(self, flow: http.HTTPFlow) -> str:

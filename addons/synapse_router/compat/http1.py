@@ -58,10 +58,12 @@ Commands = Generator[commands.Command, Any, None]
 @dataclass(slots=True)
 class BodyWatch:
     """limits.body_timeout, held by ConnectionLimits: when a request body being read gets no
-    byte for `timeout` seconds, `on_timeout(client id)` answers and closes the connection."""
+    byte for `timeout` seconds, `on_timeout(client id)` answers and closes the connection, or
+    returns False when that silence is not the client's (the router's hook kept the request
+    waiting): then the body gets another `timeout` from now."""
 
     timeout: float = 60.0
-    on_timeout: Callable[[str], None] | None = None
+    on_timeout: Callable[[str], bool] | None = None
 
 
 def _answer(status: int, errcode: str, text: str) -> bytes:
@@ -177,8 +179,9 @@ class RouterHttp1Server(Http1Server):
         due = self._body_last + watch.timeout
         if loop.time() < due:
             self._body_timer = loop.call_at(due, self._check_body)
-        elif watch.on_timeout is not None:
-            watch.on_timeout(self.conn.id)
+        elif watch.on_timeout is not None and not watch.on_timeout(self.conn.id):
+            self._body_last = loop.time()
+            self._body_timer = loop.call_at(self._body_last + watch.timeout, self._check_body)
 
     def read_body(self, event: events.Event) -> Commands:
         """mitmproxy 12.3's read_body, but a framing error is answered, trailers dropped and

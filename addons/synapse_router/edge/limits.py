@@ -71,6 +71,7 @@ from itertools import chain
 log = logging.getLogger(__name__)
 
 LOG_INTERVAL = 10.0  # seconds: at most one line per interval for refused connections / fd errors
+MIN_REQUEST_RATE = 0.01  # requests per second: one per 100 s (below, a schedule's waits overflow)
 DEFAULT_MAX_CONNECTIONS = 10000  # per process, when the open-files limit allows it
 FD_MARGIN = 256  # descriptors beyond 2 per client connection: workers, health checks, metrics, logs
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -160,7 +161,7 @@ def parse_limits(raw: object) -> LimitsConfig:
     def seconds(key: str, default: float, unit: str = "seconds") -> float:
         value = raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            raise LimitsConfigError(key, f"must be a number > 0 ({unit}), got {value!r}")
+            raise LimitsConfigError(key, f"must be a number > 0 ({unit}), got {value!r}" + _text_number_hint(value))
         return float(value)
 
     def count(key: str, default: int, minimum: int) -> int:
@@ -171,8 +172,17 @@ def parse_limits(raw: object) -> LimitsConfig:
 
     def rate_or_off(key: str, default: float) -> float:
         value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise LimitsConfigError(key, f"must be a number >= 0 (requests per second; 0: not paced), got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or (value != 0 and value < MIN_REQUEST_RATE)
+        ):
+            raise LimitsConfigError(
+                key,
+                f"must be 0 (not paced) or a number >= {MIN_REQUEST_RATE:g} (requests per second), got {value!r}"
+                + _text_number_hint(value),
+            )
         return float(value)
 
     return LimitsConfig(
@@ -196,6 +206,17 @@ def parse_limits(raw: object) -> LimitsConfig:
         request_burst_per_address=count("request_burst_per_address", d.request_burst_per_address, 1),
         request_delay_max=seconds("request_delay_max", d.request_delay_max),
     )
+
+
+def _text_number_hint(value: object) -> str:
+    """For a number YAML read as text (YAML 1.1 floats need a dot: `1e3` is a string)."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (YAML reads it as text: write it with a dot, e.g. 1.0e3)"
+    return ""
 
 
 def header_block_size(method: str, target: str, version: str, fields: Sequence[tuple[bytes, bytes]]) -> int:
