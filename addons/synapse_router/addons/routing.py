@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from mitmproxy import command, exceptions, http
 from mitmproxy.net.http import http1
 
+from ..compat.connections import hold_reading
 from ..config import RouterConfig
 from ..edge import wellformed
 from ..edge.client_address import TrustedProxies, without_spoofable
@@ -77,8 +79,8 @@ class Routing:
             self._refuse_paced(flow, match, client_ip, admission.retry_after)
             return None
         if admission.delay > 0.0:
-            flowdata.set_paced(flow, admission.delay)
-            state.metrics.observe_paced(PACED_DELAYED, admission.delay)
+            flowdata.set_paced(flow, admission.delay)  # the wait planned; the wait had, once over
+            state.metrics.observe_paced(PACED_DELAYED)
             return self._after_turn(flow, admission.delay, match, client_ip)
         return self._check_and_route(flow, match, client_ip)
 
@@ -116,10 +118,16 @@ class Routing:
         it meanwhile (a client that left is not routed at all), and its body, which the router
         does not read meanwhile, is not timed (limits.body_timeout)."""
         flowdata.set_waiting(flow, True)
+        resume = hold_reading(flow.client_conn.id)  # its body waits in the kernel, not here
+        started = time.monotonic()
         try:
             await asyncio.sleep(delay)
         finally:
+            resume()
             flowdata.set_waiting(flow, False)
+            waited = time.monotonic() - started
+            flowdata.set_paced(flow, waited)
+            self.state.metrics.observe_paced_wait(waited)
         if flow.response is not None or flow.error is not None or not flow.live:
             return
         routing = self._check_and_route(flow, match, client_ip)
@@ -323,7 +331,7 @@ class Routing:
         limits answer (`retry_after_ms` and Retry-After), and the connection closed: a client
         looping on it pays a reconnect (bounded by the per-address connection rate), and its
         body is never read."""
-        self.state.metrics.observe_paced(PACED_REFUSED, 0.0)
+        self.state.metrics.observe_paced(PACED_REFUSED)
         refused = wellformed.Refused(429, LIMIT_EXCEEDED, "Too many requests from this address.", close=True)
         if flow.request.method == "OPTIONS":
             # A CORS preflight: a browser reads any answer but a 2xx as a network error, and

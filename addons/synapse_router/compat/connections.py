@@ -43,6 +43,25 @@ def unsent_bytes(io: Any) -> int:
     return int(transport.get_write_buffer_size()) if transport is not None else 0
 
 
+def hold_reading(client_id: str) -> Callable[[], None]:
+    """Stop reading the client's connection until the returned function is called: what it
+    sends meanwhile waits in the asyncio StreamReader (which then pauses the socket: its own
+    flow control, at twice its 64 KiB limit) and the kernel, whose full buffers close the TCP
+    window; not in the router's memory. mitmproxy reads a client without pause, a request's
+    body included while a hook holds the request (its events queue in the paused layer).
+    Done by the connection's HeadGuard, which mitmproxy's read loop calls; a no-op for a
+    connection gone or without one."""
+    io = client_io(client_id)
+    guard = getattr(io, "reader", None)
+    if not isinstance(guard, HeadGuard):
+        return _nothing
+    return guard.hold()
+
+
+def _nothing() -> None:
+    return None
+
+
 def close_client(io: Any, reason: str) -> None:
     """Close the connection as mitmproxy's own tcp_timeout does: cancel the task reading it."""
     if io.handler is not None:
@@ -52,7 +71,8 @@ def close_client(io: Any, reason: str) -> None:
 class HeadGuard:
     """Wraps a client's StreamReader: after each read it looks at what mitmproxy's HTTP/1 layer
     holds of a head not yet complete, and once that exceeds the limit it answers 431 and
-    closes the connection (mitmproxy 12.3 buffers a head without limit until its blank line)."""
+    closes the connection (mitmproxy 12.3 buffers a head without limit until its blank line);
+    while held (`hold`), reads wait."""
 
     def __init__(self, reader: asyncio.StreamReader, handler: Any, limit: int, on_close: Callable[[str], None]):
         self._reader = reader
@@ -60,6 +80,7 @@ class HeadGuard:
         self._limit = limit
         self._on_close = on_close
         self._http1: Any = None
+        self._held: asyncio.Event | None = None  # set: reads wait for it (hold_reading)
 
     @classmethod
     def install(cls, client_id: str, limit: int, on_close: Callable[[str], None]) -> None:
@@ -72,7 +93,20 @@ class HeadGuard:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reader, name)
 
+    def hold(self) -> Callable[[], None]:
+        """Reads wait until the returned function is called (once held, again: the same hold)."""
+        held = self._held = self._held or asyncio.Event()
+
+        def release() -> None:
+            if self._held is held:
+                self._held = None
+            held.set()
+
+        return release
+
     async def read(self, n: int = -1) -> bytes:
+        if self._held is not None:
+            await self._held.wait()
         handler = self._handler_ref()
         if handler is not None and self._head_bytes(handler) > self._limit:
             self._answer_too_large(handler)

@@ -71,6 +71,8 @@ from itertools import chain
 log = logging.getLogger(__name__)
 
 LOG_INTERVAL = 10.0  # seconds: at most one line per interval for refused connections / fd errors
+MAX_REQUEST_DELAY = 3600.0  # seconds a paced request may wait at most (request_delay_max's bound)
+MIN_SECONDS = 0.001  # the shortest wait request_delay_max may set
 MIN_REQUEST_RATE = 0.01  # requests per second: one per 100 s (below, a schedule's waits overflow)
 DEFAULT_MAX_CONNECTIONS = 10000  # per process, when the open-files limit allows it
 FD_MARGIN = 256  # descriptors beyond 2 per client connection: workers, health checks, metrics, logs
@@ -158,16 +160,20 @@ def parse_limits(raw: object) -> LimitsConfig:
             raise LimitsConfigError(str(key), f"unknown key; expected one of {', '.join(sorted(_KEYS))}")
     d = LimitsConfig()
 
-    def seconds(key: str, default: float, unit: str = "seconds") -> float:
+    def seconds(key: str, default: float, unit: str = "seconds", maximum: float = math.inf) -> float:
         value = raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
             raise LimitsConfigError(key, f"must be a number > 0 ({unit}), got {value!r}" + _text_number_hint(value))
+        if value > maximum or (maximum < math.inf and value < MIN_SECONDS):
+            raise LimitsConfigError(key, f"must be between {MIN_SECONDS:g} and {maximum:g} ({unit}), got {value!r}")
         return float(value)
 
-    def count(key: str, default: int, minimum: int) -> int:
+    def count(key: str, default: int, minimum: int, maximum: int | None = None) -> int:
         value = raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise LimitsConfigError(key, f"must be an integer >= {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise LimitsConfigError(key, f"must be an integer <= {maximum}, got {value!r}")
         return value
 
     def rate_or_off(key: str, default: float) -> float:
@@ -203,8 +209,8 @@ def parse_limits(raw: object) -> LimitsConfig:
         ),
         connection_burst_per_address=count("connection_burst_per_address", d.connection_burst_per_address, 1),
         request_rate_per_address=rate_or_off("request_rate_per_address", d.request_rate_per_address),
-        request_burst_per_address=count("request_burst_per_address", d.request_burst_per_address, 1),
-        request_delay_max=seconds("request_delay_max", d.request_delay_max),
+        request_burst_per_address=count("request_burst_per_address", d.request_burst_per_address, 1, 1_000_000),
+        request_delay_max=seconds("request_delay_max", d.request_delay_max, maximum=MAX_REQUEST_DELAY),
     )
 
 
@@ -215,7 +221,7 @@ def _text_number_hint(value: object) -> str:
             float(value)
         except ValueError:
             return ""
-        return " (YAML reads it as text: write it with a dot, e.g. 1.0e3)"
+        return " (text, not a number: write it unquoted, as 1000 or 1.0e+3)"
     return ""
 
 

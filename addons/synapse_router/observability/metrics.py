@@ -197,7 +197,7 @@ class RouterMetrics:
         )
         self.paced_seconds_total = Counter(
             "synapse_router_paced_delay_seconds",
-            "Seconds delayed requests waited for their turn, together.",
+            "Seconds delayed requests waited for their turn, together (counted as each wait ends).",
             registry=r,
         )
         self._in_flight = _InFlight()
@@ -284,10 +284,12 @@ class RouterMetrics:
         """Report `fn()` as the open client connections at each scrape."""
         self.client_connections.set_function(lambda: float(fn()))
 
-    def observe_paced(self, outcome: str, delay: float) -> None:
+    def observe_paced(self, outcome: str) -> None:
         self.paced_total.labels(outcome if outcome in PACED_OUTCOMES else OTHER).inc()
-        if delay > 0.0:
-            self.paced_seconds_total.inc(delay)
+
+    def observe_paced_wait(self, seconds: float) -> None:
+        """A delayed request's wait is over (its turn came, or its client left): how long it was."""
+        self.paced_seconds_total.inc(max(0.0, seconds))
 
     def observe_refused_connection(self) -> None:
         self.refused_connections_total.inc()
