@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import Fleet, Router, free_port, router_command, wait_for_port
+from tests.harness import Fleet, Router, free_port, read_response, router_command, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -57,26 +57,6 @@ def _closed_within(sock: socket.socket, seconds: float) -> bytes:
 
 def _request(path: str, extra_headers: str = "") -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: matrix.example.org\r\n{extra_headers}\r\n".encode()
-
-
-def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 response with a Content-Length body."""
-    sock.settimeout(30)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before a response head: {data!r}"
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "closed inside a response body"
-        rest += chunk
-    return status, headers, rest[:length]
 
 
 def _metric(router_metrics_port: int, name: str) -> float:
@@ -131,7 +111,7 @@ def test_idle_keepalive_connection_closed_after_keepalive_timeout(fleet: Fleet, 
     with _connect(router) as sock:
         for _ in range(2):  # keep-alive works: two requests on one connection
             sock.sendall(_request("/_matrix/client/versions"))
-            status, _, body = _read_response(sock)
+            status, _, body = read_response(sock)
             assert status == 200 and json.loads(body)["server"] == "main"
         assert _closed_within(sock, 2 + GRACE) == b""
 
@@ -150,11 +130,11 @@ def test_long_poll_never_cut_by_either_timer(fleet: Fleet, start_router, path: s
     router = _router(fleet, start_router, SHORT)
     with _connect(router) as sock:
         sock.sendall(_request(path, "Authorization: Bearer tok\r\n"))
-        status, _, body = _read_response(sock)
+        status, _, body = read_response(sock)
         assert status == 200, body
         assert json.loads(body)["server"] == server
         sock.sendall(_request("/_matrix/client/versions?standin_delay=2.5"))  # again, on the same connection
-        status, _, body = _read_response(sock)
+        status, _, body = read_response(sock)
         assert status == 200, body
         assert _closed_within(sock, 1 + GRACE) == b""
 
@@ -163,7 +143,7 @@ def test_oversized_head_answered_431(fleet: Fleet, start_router) -> None:
     router = _router(fleet, start_router, {"max_header_bytes": 8192})
     with _connect(router) as sock:
         sock.sendall(_request("/_matrix/client/versions", f"X-Big: {'a' * 9000}\r\n"))
-        status, headers, body = _read_response(sock)
+        status, headers, body = read_response(sock)
         assert status == 431
         assert headers["content-type"] == "application/json"
         assert json.loads(body)["errcode"] == "M_TOO_LARGE"
@@ -220,7 +200,7 @@ def test_max_connections_refuses_with_one_log_line_and_metrics(fleet: Fleet, sta
         assert _metric(metrics_port, "synapse_router_client_connections") == 5
         # A held connection is still served.
         held[0].sendall(_request("/_matrix/client/versions"))
-        assert _read_response(held[0])[0] == 200
+        assert read_response(held[0])[0] == 200
     finally:
         for sock in held:
             sock.close()
@@ -429,18 +409,18 @@ def test_connections_beyond_the_per_address_bound_are_refused_at_accept(fleet: F
             # Another address is served all along.
             with _connect_from(router, "127.0.0.1") as other:
                 other.sendall(_request("/_matrix/client/versions"))
-                assert _read_response(other)[0] == 200
+                assert read_response(other)[0] == 200
         assert _labelled(metrics_port, "address_connections") == 30
         assert _metric(metrics_port, "synapse_router_client_connections_refused_total") == 0  # not max_connections
         held[0].sendall(_request("/_matrix/client/versions"))  # a held connection is still served
-        assert _read_response(held[0])[0] == 200
+        assert read_response(held[0])[0] == 200
     finally:
         for sock in held:
             sock.close()
     time.sleep(1)
     with _connect_from(router, FLOODER) as sock:  # room again once they closed
         sock.sendall(_request("/_matrix/client/versions"))
-        assert _read_response(sock)[0] == 200
+        assert read_response(sock)[0] == 200
     # Refused at accept: mitmproxy never made a connection for them (5 held + the last one).
     assert _client_connects_from(router, FLOODER) == 6
     log = router.log()
@@ -488,7 +468,7 @@ def test_a_trusted_proxy_is_not_bounded_as_one_client(fleet: Fleet, start_router
     try:
         for sock in held:
             sock.sendall(_request("/_matrix/client/versions"))
-            assert _read_response(sock)[0] == 200
+            assert read_response(sock)[0] == 200
     finally:
         for sock in held:
             sock.close()
