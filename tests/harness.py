@@ -104,6 +104,10 @@ class Standin:
     def stats(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/__standin/stats", timeout=5).json()
 
+    def release(self) -> None:
+        """End every `standin_delay` now and from now on."""
+        httpx.get(f"{self.url}/__standin/release", timeout=5).raise_for_status()
+
 
 @dataclass
 class Fleet:

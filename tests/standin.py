@@ -6,7 +6,8 @@ loopback that answers every request with what it received.
 Response: JSON {"server", "method", "path", "headers", "body_bytes", "body_sha256"}, with a
 strong ETag and `Cache-Control: no-store, no-transform` as Synapse's rendezvous sends.
 Query parameters steer it (they pass through the router untouched):
-  standin_delay=S      answer after S seconds (a long-poll)
+  standin_delay=S      answer after S seconds (a long-poll), or as soon as `/__standin/release`
+                       is asked for (from then on every delay ends at once)
   standin_bytes=N      answer with N bytes of body, streamed in chunks (a media download)
   standin_status=C     answer with status C
   standin_errcode=E    answer Synapse's error body {"errcode": E, "error": ...} (with standin_status)
@@ -73,6 +74,7 @@ class StandinServer(ThreadingHTTPServer):
         self.open_connections = 0
         self.requests: dict[str, int] = {}  # method -> requests received (not /health, stats, whoami)
         self.lock = threading.Lock()
+        self.released = threading.Event()  # set by /__standin/release: every standin_delay ends
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -96,9 +98,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.open_connections -= 1
 
     def _client_gone_during(self, seconds: float) -> bool:
-        """Wait `seconds`; True (at once) if the client closed the connection meanwhile."""
+        """Wait `seconds` (less if released); True (at once) if the client closed the connection meanwhile."""
         deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
+        while (remaining := deadline - time.monotonic()) > 0 and not self.server.released.is_set():
             readable, _, _ = select.select([self.connection], [], [], min(remaining, 0.05))
             if not readable:
                 continue
@@ -107,7 +109,7 @@ class Handler(BaseHTTPRequestHandler):
                     return True
             except OSError:
                 return True
-            time.sleep(max(0.0, deadline - time.monotonic()))  # a pipelined request: just wait
+            self.server.released.wait(max(0.0, deadline - time.monotonic()))  # a pipelined request: just wait
             return False
         return False
 
@@ -160,7 +162,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         url = urlsplit(self.path)
-        if url.path not in ("/health", "/__standin/stats") and not url.path.endswith("/account/whoami"):
+        if url.path not in ("/health", "/__standin/stats", "/__standin/release") and not url.path.endswith(
+            "/account/whoami"
+        ):
             with self.server.lock:
                 self.server.requests[self.command] = self.server.requests.get(self.command, 0) + 1
         params = parse_qs(url.query)
@@ -185,6 +189,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "2")
             self.end_headers()
             self.wfile.write(body)
+            return
+        if url.path == "/__standin/release":
+            self.server.released.set()
+            self._send_json(200, {"server": self.server.name, "released": True})
             return
         if url.path == "/__standin/stats":
             with self.server.lock:

@@ -102,11 +102,17 @@ def _upstream_open(fleet: Fleet) -> int:
 
 def _in_flight(fleet: Fleet, router: Router, sync: int, initial: int, delay: float) -> list[socket.socket]:
     """`sync` long-polls and `initial` initial syncs sent, each on its own connection, and
-    waiting at the stand-ins (which answer after `delay` seconds)."""
+    waiting at the stand-ins (which answer after `delay` seconds, or once `_release`d)."""
     socks = [_send(router.port, SYNC.format(delay=delay), f"tok{i}") for i in range(sync)]
     socks += [_send(router.port, INITIAL_SYNC.format(delay=delay), f"tok{sync + i}") for i in range(initial)]
     _wait_for(lambda: _upstream_open(fleet) >= sync + initial, "requests at the stand-ins")
     return socks
+
+
+def _release(fleet: Fleet) -> None:
+    """Let the stand-ins answer the long-polls they hold."""
+    fleet["sync"].release()
+    fleet["initial"].release()
 
 
 def _refused(port: int) -> bool:
@@ -133,12 +139,13 @@ def test_sigterm_answers_every_request_in_flight(fleet: Fleet, start_router: Rou
     idle = socket.create_connection(("127.0.0.1", router.port), timeout=DEADLINE)  # an idle keep-alive one
     idle.sendall(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: matrix.example.org\r\n\r\n")
     assert _read_one(idle) == 200
-    socks = _in_flight(fleet, router, sync=30, initial=10, delay=6)
+    socks = _in_flight(fleet, router, sync=30, initial=10, delay=30)  # held until released below
 
     router.proc.send_signal(signal.SIGTERM)
     _wait_for(lambda: "synapse-router: stopping" in router.log(), "the stop logged")
     assert _refused(router.port)  # no new connection once stopping
     assert _until_closed(idle) == b""  # the idle keep-alive connection is closed, unanswered
+    _release(fleet)
 
     answers = [_until_closed(sock) for sock in socks]
     statuses = Counter(_status(a) for a in answers)
@@ -199,7 +206,7 @@ def test_rolling_restart_refuses_nothing(fleet: Fleet, start_router: RouterStart
     answered 200) and B takes every new connection: 0 refused, 0 failed."""
     config = _fleet_config(fleet)
     old = start_router(fleet["main"].url, config)
-    long_polls = _in_flight(fleet, old, sync=15, initial=5, delay=5)
+    long_polls = _in_flight(fleet, old, sync=15, initial=5, delay=30)  # held until B serves (released below)
     outcomes: Counter[str] = Counter()
     done = threading.Event()
 
@@ -224,6 +231,7 @@ def test_rolling_restart_refuses_nothing(fleet: Fleet, start_router: RouterStart
             with httpx.Client(timeout=DEADLINE) as client:
                 after[client.get(f"{old.url}/_matrix/client/versions").status_code] += 1
         assert after == Counter({200: 20})
+        _release(fleet)
         assert _statuses(long_polls) == Counter({200: 20})
         assert old.proc.wait(DEADLINE) == 0
     finally:
@@ -256,7 +264,9 @@ def test_a_replaced_router_leaves_health_and_ready_to_the_new_one(
     ready = f"http://{config['metrics']['listen']}/ready"
     extra = ["--processes", "2"] if processes == 2 else []
     old = start_router(fleet["main"].url, config, extra)
-    long_polls = _in_flight(fleet, old, sync=3, initial=1, delay=8)
+    # Held at the stand-ins until the probes are done (released below), well within A's grace
+    # (35 s): however slowly a loaded machine starts B and runs the probes, A drains meanwhile.
+    long_polls = _in_flight(fleet, old, sync=3, initial=1, delay=30)
     new = start_router(fleet["main"].url, config, [*extra, "--replace", str(old.proc.pid)], port=old.port, wait=False)
     _wait_for(lambda: "synapse-router: stopping" in old.log(), "A stopping")
     answers: Counter[str] = Counter()
@@ -266,6 +276,7 @@ def test_a_replaced_router_leaves_health_and_ready_to_the_new_one(
         answers[f"{response.status_code} {response.text.strip()}"] += 1
         time.sleep(0.02)
     assert old.proc.poll() is None, "A must still be draining while the probes ran"
+    _release(fleet)
     assert answers == Counter({"200 OK": 60}), answers
     assert "/health, /ready and /metrics left to the router sharing" in old.log(), old.log()
     assert _statuses(long_polls) == Counter({200: 4})

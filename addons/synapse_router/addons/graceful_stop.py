@@ -1,15 +1,16 @@
 """GracefulStop: SIGTERM (or a first SIGINT) drains the router instead of cutting every
 connection (`shutdown.grace`, shutdown.py); a second signal stops at once.
 
-Draining: the listening sockets are closed at once, after the connections already waiting in
-their accept queues have been accepted and handed to mitmproxy (a connection left in the queue
-of a closed listener is reset, and a new router sharing the port with SO_REUSEPORT takes every
-later one); idle keep-alive connections are closed; every request in flight is let finish and
-answered with `Connection: close`, so its connection closes after it; once no client connection
-is left (or the grace is over, and the rest are closed and counted in the log) mitmproxy is
-told to shut down, which stops the health checks, whoami and the metrics listener through their
-`done` hooks. Under mitmdump this replaces mitmproxy's own SIGINT/SIGTERM handlers (which stop
-at once) in `running`.
+Draining: the listening sockets are closed at once, after the connections the loop accepted
+have their transports and those still waiting in the accept queues have been accepted and
+handed to mitmproxy (compat.listening.close_listener: either would be dropped or reset
+otherwise, and a new router sharing the port with SO_REUSEPORT takes every later one); idle
+keep-alive connections are closed; every request in flight is let finish and answered with
+`Connection: close`, so its connection closes after it; once no client connection is left (or
+the grace is over, and the rest are closed and counted in the log) mitmproxy is told to shut
+down, which stops the health checks, whoami and the metrics listener through their `done`
+hooks. Under mitmdump this replaces mitmproxy's own SIGINT/SIGTERM handlers (which stop at
+once) in `running`.
 
 The mitmproxy and asyncio internals it uses (each instance's asyncio servers, the connections
 mitmproxy registered, serving a connection accepted here, asyncio's retry on a closed listener)
@@ -22,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +30,8 @@ from mitmproxy import ctx, http
 from mitmproxy.utils import asyncio_utils
 
 from ..compat.connections import open_connections
-from ..compat.listening import closed_listener_retry, listening_servers, serve_accepted
+from ..compat.listening import close_listener, closed_listener_retry, listening_servers, serve_accepted
 from ..config import RouterConfig
-from ..edge.accept_queue import accept_waiting
 from ..edge.shutdown import ShutdownConfig, drained_line, grace_over_line, immediate_line, stopping_line
 from ..launcher.signals import on_signal
 from .connection_limits import ConnectionLimits
@@ -110,7 +109,7 @@ class GracefulStop:
         started = loop.time()
         grace = self.config.grace
         self._ignore_closed_listener_retries()
-        self._stop_listening()
+        await self._stop_listening()
         idle = self.limits.close_idle(SHUTDOWN_REASON)
         log.info(stopping_line(grace, idle, self.limits.requests_in_flight, self._connections()))
         deadline = started + grace
@@ -143,7 +142,7 @@ class GracefulStop:
         registered = open_connections()
         return max(registered, sum(1 for task in self._handed_over if not task.done()))
 
-    def _stop_listening(self) -> None:
+    async def _stop_listening(self) -> None:
         """Close the proxy's listening sockets, first accepting what waits in their queues."""
         proxyserver = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]
         if proxyserver is None:
@@ -154,12 +153,9 @@ class GracefulStop:
                 # uvloop's Server is no subclass of it, and its listeners would stay open.
                 if getattr(server, "sockets", None) is None:
                     continue
-                for transport_socket in server.sockets:
-                    if transport_socket.type == socket.SOCK_STREAM:
-                        for conn in accept_waiting(transport_socket.fileno()):
-                            task = asyncio_utils.create_task(
-                                serve_accepted(instance, conn), name="connection accepted while stopping", keep_ref=True
-                            )
-                            self._handed_over.add(task)
-                            task.add_done_callback(self._handed_over.discard)
-                server.close()  # right after the last accept: nothing runs in between
+                for conn in await close_listener(server):
+                    task = asyncio_utils.create_task(
+                        serve_accepted(instance, conn), name="connection accepted while stopping", keep_ref=True
+                    )
+                    self._handed_over.add(task)
+                    task.add_done_callback(self._handed_over.discard)

@@ -15,7 +15,11 @@ tests/unit/test_compat_listening.py):
    before asyncio or mitmproxy spends anything on them (`ScreenedListener`);
  - after an accept that ran out of descriptors asyncio retries `_start_serving` 1 s later, and
    on a listener closed meanwhile that retry raises ValueError ("Invalid file descriptor: -1")
-   reported as "Exception in callback ..._start_serving(...)".
+   reported as "Exception in callback ..._start_serving(...)";
+ - the selector loop makes an accepted connection's transport one turn after accepting it
+   (`_accept_connection2`, a task), and if the Server was closed in between, `Server._attach`
+   asserts and the connection is dropped without a word: its client sees it closed or reset
+   unanswered (`close_listener`; uvloop makes the transport as it accepts).
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ import struct
 from asyncio import selector_events
 from collections.abc import Callable
 from typing import Any
+
+from ..edge.accept_queue import accept_waiting
+
+TURNS_TO_ATTACH = 2  # loop turns for connections accepted already to get their transports
 
 
 def listening_servers(instance: Any) -> list[Any]:
@@ -114,6 +122,25 @@ async def serve_accepted(instance: Any, conn: socket.socket) -> None:
         conn.close()
         return
     await instance.handle_stream(reader, writer)
+
+
+async def close_listener(server: Any) -> list[socket.socket]:
+    """Close a stream server (asyncio's or uvloop's) without losing a connection: the loop stops
+    accepting on its sockets, the connections it accepted already get their transports (a turn
+    later on the selector loop; closing first would drop them), the connections waiting in the
+    sockets' queues are accepted (closing the listener would reset them while another router
+    sharing the port serves), and only then is it closed. Returns those taken from the queues,
+    for the caller to serve."""
+    loop = asyncio.get_running_loop()
+    sockets = [sock for sock in (getattr(server, "sockets", None) or ()) if sock.type == socket.SOCK_STREAM]
+    if isinstance(loop, selector_events.BaseSelectorEventLoop):
+        for sock in sockets:
+            loop.remove_reader(sock.fileno())
+        for _ in range(TURNS_TO_ATTACH):
+            await asyncio.sleep(0)
+    waiting = [conn for sock in sockets for conn in accept_waiting(sock.fileno())]
+    server.close()  # right after the last accept: nothing runs in between
+    return waiting
 
 
 def closed_listener_retry(context: dict[str, Any]) -> bool:

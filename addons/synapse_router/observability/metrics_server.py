@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from ..edge.accept_queue import accept_waiting
+from ..compat.listening import close_listener
 from ..edge.port_sharing import shared_with_another
 from ..edge.wellformed import TOKEN
 from ..routing.upstream import parse_listen
@@ -119,16 +119,14 @@ class MetricsServer:
         )
 
     async def stop(self) -> None:
-        """Stop listening. The probes already connected are still answered: those in the
-        listening sockets' queues are accepted first (closing the listener would reset them
-        while a new router on the same port is serving), and the requests being read or answered
-        get up to STOP_GRACE seconds before their connections are closed."""
+        """Stop listening. The probes already connected are still answered: those accepted or
+        waiting in the listening sockets' queues (compat.listening.close_listener), and the
+        requests being read or answered get up to STOP_GRACE seconds before their connections
+        are closed."""
         server, self._server = self._server, None
         if server is None:
             return
-        waiting = [conn for sock in server.sockets for conn in accept_waiting(sock.fileno())]
-        server.close()  # right after the last accept: nothing runs in between
-        for conn in waiting:
+        for conn in await close_listener(server):
             self._handlers.add(asyncio.create_task(self._serve_accepted(conn), name="metrics probe queued at stop"))
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=STOP_GRACE)
