@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from synapse_router.addons.graceful_stop import IDLE_WAIT
 
-from tests.harness import DEFAULT_LAUNCHER, Fleet, Router, RouterStarter, free_port
+from tests.harness import DEFAULT_LAUNCHER, Fleet, Router, RouterStarter, free_port, read_response
 
 pytestmark = pytest.mark.integration
 
@@ -71,25 +72,6 @@ def _until_closed(sock: socket.socket) -> bytes:
             received += chunk
 
 
-def _read_one(sock: socket.socket) -> int | None:
-    """Read one response with a Content-Length body; its status."""
-    sock.settimeout(DEADLINE)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before a response head: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
-    )
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "closed inside a response body"
-        body += chunk
-    return _status(head)
-
-
 def _status(received: bytes) -> int | None:
     if not received.startswith(b"HTTP/1.1 "):
         return None
@@ -138,7 +120,8 @@ def test_sigterm_answers_every_request_in_flight(fleet: Fleet, start_router: Rou
     router = start_router(fleet["main"].url, config)
     idle = socket.create_connection(("127.0.0.1", router.port), timeout=DEADLINE)  # an idle keep-alive one
     idle.sendall(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: matrix.example.org\r\n\r\n")
-    assert _read_one(idle) == 200
+    assert read_response(idle, DEADLINE)[0] == 200
+    time.sleep(IDLE_WAIT + 0.2)  # idle for over IDLE_WAIT at the stop: closed at once
     socks = _in_flight(fleet, router, sync=30, initial=10, delay=30)  # held until released below
 
     router.proc.send_signal(signal.SIGTERM)
@@ -167,6 +150,47 @@ def _statuses(socks: list[socket.socket]) -> Counter[int | None]:
     return Counter(_status(_until_closed(sock)) for sock in socks)
 
 
+def test_a_keep_alive_connection_in_use_gets_its_next_answer_with_connection_close(
+    fleet: Fleet, start_router: RouterStarter
+) -> None:
+    """A client that keeps sending on one keep-alive connection (every 50 ms; an outer proxy's
+    pooled connection) is not cut while the router drains: its next request is answered, with
+    `Connection: close`, and the connection closes after it; no request goes unanswered."""
+    config = _fleet_config(fleet)
+    router = start_router(fleet["main"].url, config)
+    long_poll = _in_flight(fleet, router, sync=1, initial=0, delay=30)  # keeps the drain going
+    busy = socket.create_connection(("127.0.0.1", router.port), timeout=DEADLINE)
+    request = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: matrix.example.org\r\n\r\n"
+    answers: list[tuple[int, str]] = []
+    stopped = threading.Event()
+
+    def keep_sending() -> None:
+        while True:
+            busy.sendall(request)
+            status, headers, _ = read_response(busy, DEADLINE)
+            answers.append((status, headers.get("connection", "")))
+            if headers.get("connection", "").lower() == "close":
+                return
+            if stopped.is_set() and len(answers) > 200:
+                return  # never told to close: the assertion below says so
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    _wait_for(lambda: len(answers) >= 3, "answers before the stop")
+    router.proc.send_signal(signal.SIGTERM)
+    _wait_for(lambda: "synapse-router: stopping" in router.log(), "the stop logged")
+    stopped.set()
+    sender.join(DEADLINE)
+    assert answers[-1] == (200, "close"), answers[-3:]
+    assert all(status == 200 for status, _ in answers)
+    assert _until_closed(busy) == b""
+    _release(fleet)
+    assert _statuses(long_poll) == Counter({200: 1})
+    assert router.proc.wait(DEADLINE) == 0
+    _assert_clean_log(router)
+
+
 def test_grace_over_closes_the_rest_and_exits(fleet: Fleet, start_router: RouterStarter) -> None:
     """`shutdown.grace: 2` and requests the stand-ins answer after 30 s: past the grace they are
     closed (unanswered), counted in the log, and the router exits 0."""
@@ -178,6 +202,46 @@ def test_grace_over_closes_the_rest_and_exits(fleet: Fleet, start_router: Router
     assert _statuses(socks) == Counter({None: 5})  # closed without an answer
     log = router.log()
     assert "grace of 2s over: closing 5 request(s) still in flight on 5 connection(s)" in log, log
+    _assert_clean_log(router)
+
+
+def test_a_connection_that_sent_nothing_does_not_hold_the_drain(fleet: Fleet, start_router: RouterStarter) -> None:
+    """A connection open with nothing sent on it (a browser's preconnect, a load balancer's warm
+    connection) is closed while the router drains, unanswered: the router stops gracefully once
+    its requests in flight are answered, not at the end of the grace (35 s)."""
+    config = _fleet_config(fleet)
+    router = start_router(fleet["main"].url, config)
+    assert httpx.get(f"{router.url}/_matrix/client/versions", timeout=DEADLINE).status_code == 200  # serving
+    silent = socket.create_connection(("127.0.0.1", router.port), timeout=DEADLINE)
+    socks = _in_flight(fleet, router, sync=1, initial=1, delay=30)  # held until released below
+    router.proc.send_signal(signal.SIGTERM)
+    _wait_for(lambda: "synapse-router: stopping" in router.log(), "the stop logged")
+    _release(fleet)
+    assert _statuses(socks) == Counter({200: 2})
+    assert _until_closed(silent) == b""
+    assert router.proc.wait(DEADLINE) == 0
+    log = router.log()
+    assert "stopped gracefully: every request in flight answered" in log, log
+    assert "grace of" not in log, log
+    _assert_clean_log(router)
+
+
+def test_a_head_begun_is_not_silent_its_connection_waits_for_the_grace(
+    fleet: Fleet, start_router: RouterStarter
+) -> None:
+    """A connection that has sent part of a request head is not closed as silent: the client may
+    be slow, its header_timeout stands; the grace (2 s here) bounds it."""
+    config = _fleet_config(fleet, grace=2)
+    router = start_router(fleet["main"].url, config)
+    assert httpx.get(f"{router.url}/_matrix/client/versions", timeout=DEADLINE).status_code == 200  # serving
+    partial = socket.create_connection(("127.0.0.1", router.port), timeout=DEADLINE)
+    partial.sendall(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: matrix.example.org\r\n")
+    # The grace (2 s) outlasts the second a silent connection gets: kept for having sent something.
+    router.proc.send_signal(signal.SIGTERM)
+    assert router.proc.wait(DEADLINE) == 0
+    assert _until_closed(partial) == b""
+    log = router.log()
+    assert "grace of 2s over: closing 0 request(s) still in flight on 1 connection(s)" in log, log
     _assert_clean_log(router)
 
 

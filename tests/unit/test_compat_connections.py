@@ -94,6 +94,26 @@ async def test_an_incomplete_head_over_the_limit_is_answered_431() -> None:
         writer.close()
 
 
+async def test_a_connection_that_sent_nothing_is_told_from_one_that_sent_a_byte() -> None:
+    async with serving(Guarding(1024)) as (proxyserver, _, port):
+        _, silent = await connect(port)
+        _, talking = await connect(port)
+        await wait_until(lambda: len(proxyserver.connections) == 2, "the connections registered")
+        by_peer = {handler.client.peername: client_id for client_id, handler in proxyserver.connections.items()}
+        silent_id = by_peer[silent.get_extra_info("sockname")]
+        talking_id = by_peer[talking.get_extra_info("sockname")]
+        await asyncio.sleep(0.1)
+        assert connections.nothing_received(silent_id) and connections.nothing_received(talking_id)
+        talking.write(b"G")  # one byte of a head: no longer silent, read by mitmproxy or not
+        await talking.drain()
+        await wait_until(lambda: not connections.nothing_received(talking_id), "the byte seen")
+        await asyncio.sleep(0.1)
+        assert connections.nothing_received(silent_id)
+        assert not connections.nothing_received("no such connection")
+        silent.close()
+        talking.close()
+
+
 async def test_a_connection_accepted_outside_the_listener_is_served_and_registered() -> None:
     async with serving() as (proxyserver, instance, port):
         servers = listening.listening_servers(instance)

@@ -118,3 +118,12 @@ def test_close_listener_returns_the_connections_waiting_in_the_queue_and_closes(
     answers, serving, refused = asyncio.run(scenario())
     assert answers == [ANSWER] * 3
     assert not serving and refused
+
+
+def test_under_uvloop_an_accepted_connection_is_answered_either_way() -> None:
+    """uvloop makes the transport as it accepts: nothing to drop, and close_listener (which
+    leaves its accept handler alone) still answers what waits."""
+    import uvloop
+
+    assert uvloop.run(_close_right_after_an_accept(_plain_close)) == ANSWER
+    assert uvloop.run(_close_right_after_an_accept(_close_listener_serving_the_queue)) == ANSWER

@@ -16,13 +16,15 @@ from synapse_router.launcher.supervisor import exit_description, restart_delay
 
 
 def test_child_slot_round_trips_through_its_flag() -> None:
-    slot = ChildSlot(1, 4, 1234, 7)
+    slot = ChildSlot(1, 4, 1234, 7, 9)
     flag = slot.flag()
     assert flag.startswith("--launcher-child=")
     assert ChildSlot.parse(flag.split("=", 1)[1]) == slot
     assert slot.label == "process 2/4"
     with pytest.raises(argparse.ArgumentTypeError):
         ChildSlot.parse("1/4/x")
+    with pytest.raises(argparse.ArgumentTypeError):
+        ChildSlot.parse("1/4/1234/7")  # no channel: a parent of another version
 
 
 def test_last_value_of_a_set_option() -> None:

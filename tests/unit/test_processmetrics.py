@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 from prometheus_client.parser import text_string_to_metric_families
+from synapse_router.launcher.channels import ProcessChannels, served_socket
 from synapse_router.launcher.processmetrics import ProcessMetrics, merge
 from synapse_router.observability.metrics import RouterMetrics
 from synapse_router.observability.metrics_server import MetricsServer
@@ -63,29 +65,63 @@ def test_no_process_answering_still_renders() -> None:
     assert _samples(merged, "synapse_router_process_up") == {"1": 0.0, "2": 0.0}
 
 
-async def test_process_metrics_scrapes_ports_above_the_base() -> None:
-    first, second = _metrics(4), _metrics(1)
-    servers = [MetricsServer(first.render, "127.0.0.1:0"), MetricsServer(second.render, "127.0.0.1:0")]
+async def test_process_metrics_asks_each_process_on_its_slots_channel() -> None:
+    """Slots 1 and 2 serve on their channels; slot 3 has no process running (restarting): down
+    at once, and named by the readiness check, without waiting for a scrape to time out."""
+    channels = ProcessChannels(3)
+    servers = [
+        MetricsServer(_metrics(4).render, "channel 1", sock=served_socket(os.dup(channels.fileno(0)))),
+        MetricsServer(_metrics(1).render, "channel 2", sock=served_socket(os.dup(channels.fileno(1)))),
+    ]
     for server in servers:
         await server.start()
+    source = ProcessMetrics(channels.addresses, running=lambda index: index < 2)
     try:
-        with socket.socket() as closed:  # bound, not listening: the third "process" refuses
-            closed.bind(("127.0.0.1", 0))
-            ports = [servers[0].port, servers[1].port, closed.getsockname()[1]]
-            source = ProcessMetrics("0.0.0.0", 0, 3)
-            source.urls = [f"http://127.0.0.1:{p}/metrics" for p in ports]  # ephemeral, not base + i
-            merged = await source.render()
-            await source.close()
+        merged = await source.render()
         assert _samples(merged, "synapse_router_requests_total") == {"1": 4.0, "2": 1.0}
         assert _samples(merged, "synapse_router_process_up") == {"1": 1.0, "2": 1.0, "3": 0.0}
+        assert await source.not_ready() == "process 3 is not running"
+        source.running = lambda _index: True
+        assert (await source.render()).count(b'synapse_router_process_up{process="3"} 0.0') == 1
     finally:
+        await source.close()
         for server in servers:
             await server.stop()
+        channels.close()
 
 
-def test_process_metrics_addresses() -> None:
-    assert ProcessMetrics("0.0.0.0", 9105, 2).urls == [
-        "http://127.0.0.1:9106/metrics",
-        "http://127.0.0.1:9107/metrics",
-    ]
-    assert ProcessMetrics("10.1.2.3", 9105, 1).urls == ["http://10.1.2.3:9106/metrics"]
+async def test_the_parent_never_reaches_another_routers_process() -> None:
+    """A rolling restart: the old router's process 1 drains (its `/ready` says 503 stopping)
+    and shares the TCP port P + 1 with the new router's process 1 (SO_REUSEPORT). The new
+    parent asks its own process, on its channel, every time."""
+    old = MetricsServer(_metrics(9).render, "127.0.0.1:0", ready=lambda: "stopping")
+    await old.start()
+    shared = MetricsServer(_metrics(1).render, old.bound, ready=lambda: None)
+    await shared.start()  # the new process 1 on the same TCP port
+    channels = ProcessChannels(1)
+    own = MetricsServer(
+        _metrics(1).render, "channel 1", ready=lambda: None, sock=served_socket(os.dup(channels.fileno(0)))
+    )
+    await own.start()
+    source = ProcessMetrics(channels.addresses)
+    try:
+        for _ in range(30):
+            assert await source.not_ready() is None
+            assert _samples(await source.render(), "synapse_router_requests_total") == {"1": 1.0}
+    finally:
+        await source.close()
+        for server in (own, shared, old):
+            await server.stop()
+        channels.close()
+
+
+def test_channels_are_private_abstract_unix_sockets_per_slot() -> None:
+    first, second = ProcessChannels(2), ProcessChannels(2)
+    try:
+        assert len(set(first.addresses + second.addresses)) == 4  # one name per slot and parent
+        assert all(a.startswith("\0synapse-router-") and len(a) > 40 for a in first.addresses)
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(first.addresses[1])  # listening before any process serves it
+    finally:
+        first.close()
+        second.close()

@@ -22,7 +22,7 @@ from mitmproxy.net.http import http1
 
 from ..compat import http1 as compat_http1
 from ..compat.connections import HeadGuard as _HeadGuard
-from ..compat.connections import client_io
+from ..compat.connections import client_io, nothing_received
 from ..compat.connections import close_client as _close
 from ..compat.connections import unsent_bytes as _unsent_bytes
 from ..edge import clienterrors
@@ -73,6 +73,8 @@ class _Conn:
     reason: str = HEADER_TIMEOUT
     timer: asyncio.TimerHandle | None = None
     answered: bool = False  # a request has been answered on it (so, with no flows: idle keep-alive)
+    opened: float = 0.0  # loop time it was admitted
+    idle_since: float = 0.0  # loop time its last exchange ended
     body_flow: http.HTTPFlow | None = None  # the request in flight, whose body may still be arriving
 
     def cancel_timer(self) -> None:
@@ -171,14 +173,31 @@ class ConnectionLimits:
     def requests_in_flight(self) -> int:
         return sum(len(conn.flows) for conn in self._conns.values())
 
-    def close_idle(self, reason: str) -> int:
+    def close_idle(self, reason: str, idle_for: float = 0.0) -> int:
         """Close every keep-alive connection with no request in flight and its last response
-        sent (not a new one still to send its first request); the number closed."""
+        sent `idle_for` seconds ago or more (not a new one still to send its first request); the
+        number closed."""
         closed = 0
+        idle_by = asyncio.get_running_loop().time() - idle_for
         for client_id, conn in list(self._conns.items()):
-            if not conn.answered or conn.flows:
+            if not conn.answered or conn.flows or conn.idle_since > idle_by:
                 continue
             if (io := client_io(client_id)) is not None and _unsent_bytes(io) == 0:
+                conn.cancel_timer()
+                _close(io, reason)
+                closed += 1
+        return closed
+
+    def close_silent(self, reason: str, open_for: float) -> int:
+        """Close every connection that has sent nothing at all (a browser's preconnect, a load
+        balancer's warm connection) in the `open_for` seconds or more since it was admitted; the
+        number closed. One with part of a head is not silent: its header_timeout stands."""
+        closed = 0
+        admitted_by = asyncio.get_running_loop().time() - open_for
+        for client_id, conn in list(self._conns.items()):
+            if conn.answered or conn.flows or conn.opened > admitted_by or not nothing_received(client_id):
+                continue
+            if (io := client_io(client_id)) is not None:
                 conn.cancel_timer()
                 _close(io, reason)
                 closed += 1
@@ -283,7 +302,7 @@ class ConnectionLimits:
                 self._address_refusal(host, reason)
                 return
             self._hosts[client.id] = host
-        conn = self._conns[client.id] = _Conn()
+        conn = self._conns[client.id] = _Conn(opened=asyncio.get_running_loop().time())
         self._set_deadline(client.id, conn, self.config.header_timeout, HEADER_TIMEOUT)
         _HeadGuard.install(client.id, self.config.max_header_bytes, self._head_too_large)
 
@@ -336,6 +355,7 @@ class ConnectionLimits:
         if conn.body_flow is flow:
             conn.body_flow = None
         if not conn.flows:
+            conn.idle_since = asyncio.get_running_loop().time()
             self._set_deadline(flow.client_conn.id, conn, self.config.keepalive_timeout, KEEPALIVE_TIMEOUT)
 
     # --- timers ---

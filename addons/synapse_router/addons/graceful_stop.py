@@ -5,7 +5,9 @@ Draining: the listening sockets are closed at once, after the connections the lo
 have their transports and those still waiting in the accept queues have been accepted and
 handed to mitmproxy (compat.listening.close_listener: either would be dropped or reset
 otherwise, and a new router sharing the port with SO_REUSEPORT takes every later one); idle
-keep-alive connections are closed; every request in flight is let finish and answered with
+keep-alive connections are closed once idle for a second (one in use more often gets its next
+answer with `Connection: close`), and those that have sent nothing for a second (a
+preconnect); every request in flight is let finish and answered with
 `Connection: close`, so its connection closes after it; once no client connection is left (or
 the grace is over, and the rest are closed and counted in the log) mitmproxy is told to shut
 down, which stops the health checks, whoami and the metrics listener through their `done`
@@ -42,6 +44,8 @@ log = logging.getLogger("synapse_router")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL_INTERVAL = 0.05  # seconds between looks at the connections left while draining
 CLOSE_WAIT = 5.0  # seconds the connections closed at the end of the grace get to go
+IDLE_WAIT = 1.0  # seconds a keep-alive connection may be idle while draining before it is closed
+SILENT_WAIT = 1.0  # seconds a connection that has sent nothing is kept while draining
 SHUTDOWN_REASON = "shutdown"
 
 
@@ -110,12 +114,12 @@ class GracefulStop:
         grace = self.config.grace
         self._ignore_closed_listener_retries()
         await self._stop_listening()
-        idle = self.limits.close_idle(SHUTDOWN_REASON)
+        idle = self._close_idle()
         log.info(stopping_line(grace, idle, self.limits.requests_in_flight, self._connections()))
         deadline = started + grace
         while self._connections() and loop.time() < deadline:
             await asyncio.sleep(POLL_INTERVAL)
-            self.limits.close_idle(SHUTDOWN_REASON)  # answered meanwhile, or its last bytes now sent
+            self._close_idle()  # answered meanwhile, its last bytes now sent, or silent since
         if self._connections():
             log.warning(grace_over_line(grace, self.limits.requests_in_flight, self._connections()))
             self.limits.close_all(SHUTDOWN_REASON)
@@ -125,6 +129,16 @@ class GracefulStop:
         else:
             log.info(drained_line(loop.time() - started))
         ctx.master.shutdown()  # type: ignore[no-untyped-call]
+
+    def _close_idle(self) -> int:
+        """Close the keep-alive connections idle for IDLE_WAIT seconds or more, and those that
+        have sent nothing since they were opened SILENT_WAIT seconds ago or more. One in use
+        more often gets its next answer with `Connection: close` instead: closed at once, it
+        would often meet a request its client is sending, which then gets no answer (a busy
+        client, an outer proxy's pooled connection). A preconnect would otherwise hold the drain
+        for the whole grace; one accepted at the stop gets SILENT_WAIT for its first byte."""
+        idle = self.limits.close_idle(SHUTDOWN_REASON, IDLE_WAIT)
+        return idle + self.limits.close_silent(SHUTDOWN_REASON, SILENT_WAIT)
 
     def _ignore_closed_listener_retries(self) -> None:
         """After accept() ran out of descriptors asyncio retries it 1 s later, once per failed

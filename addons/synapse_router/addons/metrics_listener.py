@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 
 from mitmproxy.utils import asyncio_utils
@@ -28,6 +29,10 @@ class MetricsListener:
             lambda message: log.info(f"synapse-router: {message}"),
         )
         self._running = False
+        # A --processes child's private channel to its parent (launcher/channels.py): the same
+        # endpoint, served from start to done on a socket the parent made for this slot.
+        self.channel: socket.socket | None = None
+        self._channel_server: MetricsServer | None = None
 
     @property
     def served(self) -> str | None:
@@ -46,6 +51,14 @@ class MetricsListener:
         # Awaited before start-up is over: a `--replace` router stops the old one only once
         # its own endpoint listens (the old one then leaves the shared address to it).
         self._running = True
+        if self.channel is not None and self._channel_server is None:
+            self._channel_server = MetricsServer(
+                self.state.metrics.render,
+                "the --processes parent's channel",
+                ready=self.state.not_ready,
+                sock=self.channel,
+            )
+            await self._channel_server.start()
         self._listener.want(self.listen)
         await self._listener.settled()
 
@@ -57,10 +70,13 @@ class MetricsListener:
         server = self._listener.server
         if isinstance(server, MetricsServer) and server.shares_its_port():
             log.info(
-                f"synapse-router: stopping: /health, /ready and /metrics left to the router sharing {server.listen}"
+                f"synapse-router: stopping: /health, /ready and /metrics left to the router sharing {server.bound}"
             )
             asyncio_utils.create_task(self._listener.close(), name="metrics hand-over", keep_ref=True)
 
     async def done(self) -> None:
         self._running = False
         await self._listener.close()
+        channel, self._channel_server = self._channel_server, None
+        if channel is not None:
+            await channel.stop()

@@ -8,12 +8,15 @@ relies on (tests/unit/test_compat_connections.py runs each against a real Proxys
  - the client's reader is only read after the `client_connected` hook has returned;
  - the HTTP/1 server layer (`layers.http._http1.Http1Server`) keeps the unparsed bytes of a
    head in `buf` while its `state` is `read_headers`; HttpLayer maps the client to it in
-   `connections`, and the layer stack is `handler.layer.context.layers`.
+   `connections`, and the layer stack is `handler.layer.context.layers`;
+ - asyncio's StreamReader keeps what its transport read and nobody has read from it yet in
+   `_buffer` (CPython 3.12).
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +44,21 @@ def unsent_bytes(io: Any) -> int:
     """Bytes written to the client and not yet sent (a slow reader)."""
     transport = getattr(io.writer, "transport", None)
     return int(transport.get_write_buffer_size()) if transport is not None else 0
+
+
+def nothing_received(client_id: str) -> bool:
+    """Whether a live client connection has sent nothing at all yet: no byte read by mitmproxy,
+    none waiting in its reader or in the kernel (False when that cannot be told: no HeadGuard)."""
+    io = client_io(client_id)
+    guard = getattr(io, "reader", None)
+    if not isinstance(guard, HeadGuard) or guard.received or guard.buffered():
+        return False
+    transport = getattr(io.writer, "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    readable, _, _ = select.select([sock.fileno()], [], [], 0)  # a byte or the client's FIN waits
+    return not readable
 
 
 def hold_reading(client_id: str) -> Callable[[], None]:
@@ -81,6 +99,7 @@ class HeadGuard:
         self._on_close = on_close
         self._http1: Any = None
         self._held: asyncio.Event | None = None  # set: reads wait for it (hold_reading)
+        self.received = False  # mitmproxy has read a byte of the connection
 
     @classmethod
     def install(cls, client_id: str, limit: int, on_close: Callable[[str], None]) -> None:
@@ -111,7 +130,14 @@ class HeadGuard:
         if handler is not None and self._head_bytes(handler) > self._limit:
             self._answer_too_large(handler)
             return b""  # mitmproxy sees the client close
-        return await self._reader.read(n)
+        data = await self._reader.read(n)
+        if data:
+            self.received = True
+        return data
+
+    def buffered(self) -> int:
+        """Bytes the transport has read that mitmproxy has not read yet."""
+        return len(self._reader._buffer)  # type: ignore[attr-defined]
 
     def _head_bytes(self, handler: Any) -> int:
         """Bytes of an incomplete head the client's HTTP/1 layer holds (0 when it reads a body

@@ -51,24 +51,26 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 @dataclass(frozen=True)
 class ChildSlot:
-    """Who a child process is: `index` of `count` (0-based), its parent, and the pipe it
-    writes one byte to once it serves."""
+    """Who a child process is: `index` of `count` (0-based), its parent, the pipe it writes one
+    byte to once it serves, and the listening socket of its slot's private channel to the
+    parent, on which it serves its metrics endpoint too (channels.py; -1: none)."""
 
     index: int
     count: int
     parent_pid: int
     ready_fd: int
+    channel_fd: int = -1
 
     def flag(self) -> str:
-        return f"{CHILD_FLAG}={self.index}/{self.count}/{self.parent_pid}/{self.ready_fd}"
+        return f"{CHILD_FLAG}={self.index}/{self.count}/{self.parent_pid}/{self.ready_fd}/{self.channel_fd}"
 
     @classmethod
     def parse(cls, text: str) -> ChildSlot:
         try:
-            index, count, parent_pid, ready_fd = (int(part) for part in text.split("/"))
+            index, count, parent_pid, ready_fd, channel_fd = (int(part) for part in text.split("/"))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected INDEX/COUNT/PARENT_PID/FD, got {text!r}") from None
-        return cls(index, count, parent_pid, ready_fd)
+            raise argparse.ArgumentTypeError(f"expected INDEX/COUNT/PARENT_PID/FD/FD, got {text!r}") from None
+        return cls(index, count, parent_pid, ready_fd, channel_fd)
 
     @property
     def label(self) -> str:

@@ -60,6 +60,7 @@ from ..compat.addonmanager import drop_legacy_log_events, hook_functions, swap_a
 from ..config import RouterConfig, load_config
 from . import sdnotify
 from .applied import applied_loader
+from .channels import served_socket
 from .childprocess import ChildSlot, SharedPorts, die_with_parent, ready_signal, replace
 from .commandline import PROG, apply_options, make_parser, router_config_path
 from .eventloop import DEFAULT as DEFAULT_EVENT_LOOP
@@ -201,6 +202,8 @@ async def _serve(argv: Sequence[str], slot: ChildSlot | None, applied: str | Non
     args = parser.parse_args(argv)
     if slot is not None:
         when_started.append(ready_signal(slot))
+        if slot.channel_fd >= 0:
+            lean.router.metrics_listener.channel = served_socket(slot.channel_fd)
     else:
         when_started.append(sdnotify.ready)  # systemd Type=notify
         if args.replace is not None:

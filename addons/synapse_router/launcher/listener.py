@@ -99,5 +99,5 @@ class SwitchedListener:
             return f"{self._what} on http://{bound}/metrics"
         return (
             f"{self._what} of this process alone on http://{bound}/metrics "
-            f"(the --processes parent serves every process's merged on {wanted})"
+            f"(the --processes parent serves every process's merged on {wanted} if it can bind it, and says so)"
         )

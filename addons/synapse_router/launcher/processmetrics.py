@@ -1,12 +1,13 @@
 """One Prometheus endpoint for the N processes of `synapse-router --processes N`.
 
 With `metrics.listen` on port P, process i (1-based) serves its own metrics on P + i and the
-parent serves P: every process's exposition with each sample labelled `process="i"`, plus
-`synapse_router_process_up{process}` (0 for a process that did not answer within
-SCRAPE_TIMEOUT) and `synapse_router_process_restarts_total{process}` (how often the parent
-restarted that process after it died). Counters are not summed here: `sum without (process) (...)` does that in
-PromQL, and a process that exits takes its series with it instead of making a summed counter
-go backwards. The parent serves the merge with MergedMetricsServer, on a thread of its own.
+parent serves P: every process's exposition (asked on the process's private channel,
+channels.py) with each sample labelled `process="i"`, plus `synapse_router_process_up{process}`
+(0 for a process not running or that did not answer within SCRAPE_TIMEOUT) and
+`synapse_router_process_restarts_total{process}` (how often the parent restarted that process
+after it died). Counters are not summed here: `sum without (process) (...)` does that in
+PromQL, and a process that exits takes its series with it instead of making a summed counter go
+backwards. The parent serves the merge with MergedMetricsServer, on a thread of its own.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from ..observability.metrics_server import METRICS_PATH, READY_PATH, MetricsServer
-from ..routing.upstream import parse_listen
 from .listener import SwitchedListener
 
 PROCESS_LABEL = "process"
@@ -73,25 +73,31 @@ class _Families:
 
 
 class ProcessMetrics:
-    """Renders the merged metrics of the processes serving on `host`, ports base + 1 .. base + count."""
+    """Renders the merged metrics of the processes, each asked on its slot's private channel
+    (`addresses`, channels.py: never another router's process, wherever `metrics.listen` is)."""
 
     def __init__(
-        self, host: str, base_port: int, count: int, restarts: Callable[[], Mapping[int, int]] | None = None
+        self,
+        addresses: Sequence[str],
+        restarts: Callable[[], Mapping[int, int]] | None = None,
+        running: Callable[[int], bool] = lambda _index: True,
     ) -> None:
-        self.count = count
-        self.urls: list[str] = []
-        self.aim(host, base_port)
+        self.addresses = list(addresses)
         self.restarts = restarts  # slot index (0-based) -> restarts
-        self._client: httpx.AsyncClient | None = None
+        self.running = running  # slot index (0-based) -> whether a process runs in it
+        self._clients: list[httpx.AsyncClient] | None = None
 
-    def aim(self, host: str, base_port: int) -> None:
-        """Scrape the processes serving on `host`, ports base + 1 .. base + count from now on."""
-        self.urls = [f"http://{_dialable(host)}:{base_port + i}{METRICS_PATH}" for i in range(1, self.count + 1)]
+    def _each(self) -> list[httpx.AsyncClient]:
+        if self._clients is None:
+            self._clients = [
+                httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=address), timeout=SCRAPE_TIMEOUT)
+                for address in self.addresses
+            ]
+        return self._clients
 
     async def render(self) -> bytes:
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=SCRAPE_TIMEOUT, trust_env=False)
-        texts = await asyncio.gather(*(self._scrape(self._client, url) for url in self.urls))
+        clients = self._each()
+        texts = await asyncio.gather(*(self._scrape(index, client) for index, client in enumerate(clients)))
         restarts = None
         if self.restarts is not None:
             restarts = {str(index + 1): count for index, count in self.restarts().items()}
@@ -99,115 +105,89 @@ class ProcessMetrics:
 
     async def not_ready(self) -> str | None:
         """Why the processes should get no new traffic: the first one that is not ready (or
-        does not answer), or None when every one is."""
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=SCRAPE_TIMEOUT, trust_env=False)
-        client = self._client
+        not running, or not answering), or None when every one is."""
 
-        async def ask(i: int, url: str) -> str | None:
+        async def ask(index: int, client: httpx.AsyncClient) -> str | None:
+            name = f"process {index + 1}"
+            if not self.running(index):
+                return f"{name} is not running"
             try:
-                response = await client.get(url.removesuffix(METRICS_PATH) + READY_PATH)
+                response = await client.get(f"http://{_HOST}{READY_PATH}")
             except httpx.HTTPError:
-                return f"process {i} does not answer"
+                return f"{name} does not answer"
             if response.status_code == 200:
                 return None
-            return f"process {i} " + response.text.strip()[:200]
+            return f"{name} " + response.text.strip()[:200]
 
-        answers = await asyncio.gather(*(ask(i, url) for i, url in enumerate(self.urls, start=1)))
+        answers = await asyncio.gather(*(ask(index, client) for index, client in enumerate(self._each())))
         return next((a for a in answers if a is not None), None)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        clients, self._clients = self._clients, None
+        for client in clients or ():
+            await client.aclose()
 
-    @staticmethod
-    async def _scrape(client: httpx.AsyncClient, url: str) -> str | None:
+    async def _scrape(self, index: int, client: httpx.AsyncClient) -> str | None:
+        if not self.running(index):
+            return None
         try:
-            response = await client.get(url)
+            response = await client.get(f"http://{_HOST}{METRICS_PATH}")
         except httpx.HTTPError:
             return None
         return response.text if response.status_code == 200 else None
 
 
-def _dialable(host: str) -> str:
-    """The address to reach a listener bound to `host` (all interfaces: loopback)."""
-    return "127.0.0.1" if host in ("", "0.0.0.0") else host
+_HOST = "process"  # the Host of a request on a private channel (any name: the socket is the address)
 
 
 class _MergedServer:
-    """The merged endpoint on one address: its scrapes of the processes and its HTTP server."""
+    """The merged endpoint on one address: an HTTP server answering from the processes' scrapes."""
 
-    def __init__(
-        self,
-        listen: str,
-        count: int,
-        restarts: Callable[[], Mapping[int, int]] | None,
-        stopping: Callable[[], bool],
-        configured: Callable[[], str | None],
-    ) -> None:
+    def __init__(self, listen: str, source: ProcessMetrics, stopping: Callable[[], bool]) -> None:
         self.listen = listen
-        host, port = parse_listen(listen)
-        self._source = ProcessMetrics(host, port, count, restarts)
+        self._source = source
         self._stopping = stopping
-        self._configured = configured
-        self._server = MetricsServer(self._render, listen, ready=self._not_ready)
+        self._server = MetricsServer(source.render, listen, ready=self._not_ready)
 
     @property
     def bound(self) -> str:
         return self._server.bound
 
-    def _aim(self) -> None:
-        """The processes serve on the configured P + i even while this endpoint stays on an
-        older address (the configured one could not be bound): scrape them there."""
-        configured = self._configured()
-        if configured is not None:
-            self._source.aim(*parse_listen(configured))
-
-    async def _render(self) -> bytes:
-        self._aim()
-        return await self._source.render()
-
     async def _not_ready(self) -> str | None:
         if self._stopping():
             return "stopping"
-        self._aim()
         return await self._source.not_ready()
 
     async def start(self) -> None:
-        try:
-            await self._server.start()
-        except OSError:
-            await self._source.close()
-            raise
+        await self._server.start()
 
     async def stop(self) -> None:
         await self._server.stop()
-        await self._source.close()
 
     def shares_its_port(self) -> bool:
         return self._server.shares_its_port()
 
 
 class MergedMetricsServer:
-    """The parent's metrics endpoint (the merge of its processes'), on a thread and event loop
-    of its own: the parent's main thread waits for its children. `serve` asks for the address the
-    applied configuration names; one task serves the last one asked for (listener.py)."""
+    """The parent's metrics endpoint (the merge of its processes', asked on their private
+    channels: `addresses`), on a thread and event loop of its own: the parent's main thread
+    waits for its children. `serve` asks for the address the applied configuration names; one
+    task serves the last one asked for (listener.py)."""
 
     def __init__(
         self,
-        count: int,
+        addresses: Sequence[str],
         warn: Callable[[str], None],
         restarts: Callable[[], Mapping[int, int]] | None = None,
         stopping: Callable[[], bool] = lambda: False,
         info: Callable[[str], None] = lambda _message: None,
+        running: Callable[[int], bool] = lambda _index: True,
     ) -> None:
-        self.count = count
         self.warn = warn
         self.loop = asyncio.new_event_loop()
-        self.configured: str | None = None  # the address the configuration names (P)
+        self.source = ProcessMetrics(addresses, restarts, running)
         self.listener = SwitchedListener(
-            lambda listen: _MergedServer(listen, count, restarts, stopping, lambda: self.configured),
+            lambda listen: _MergedServer(listen, self.source, stopping),
             warn,
             info,
             what="merged metrics of the processes",
@@ -220,7 +200,6 @@ class MergedMetricsServer:
         self.loop.call_soon_threadsafe(self._want, listen)
 
     def _want(self, listen: str | None) -> None:
-        self.configured = listen
         self.listener.want(listen)
 
     def served(self, timeout: float = 10.0) -> str | None:
@@ -249,7 +228,11 @@ class MergedMetricsServer:
         return False
 
     def stop(self) -> None:
+        async def close() -> None:
+            await self.listener.close()
+            await self.source.close()
+
         with contextlib.suppress(TimeoutError):  # the parent exits anyway; the thread is a daemon
-            asyncio.run_coroutine_threadsafe(self.listener.close(), self.loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)

@@ -47,6 +47,7 @@ from types import FrameType
 from ..config import ConfigError
 from . import sdnotify
 from .applied import AppliedConfig
+from .channels import ProcessChannels
 from .childprocess import ChildSlot
 from .commandline import PROG, router_config_path
 from .processmetrics import MergedMetricsServer
@@ -93,6 +94,7 @@ class Supervisor:
         self.stopping = False
         self.status = 0
         self.metrics: MergedMetricsServer | None = None
+        self.channels = ProcessChannels(count)  # one private line per slot to its process's metrics
         self.failures: dict[int, int] = {}  # slot index -> deaths in a row, each soon after its start
         self.restarts: dict[int, int] = dict.fromkeys(range(count), 0)  # slot index -> restarts
         self.pending: dict[int, float] = {}  # slot index -> when (monotonic) to restart it
@@ -165,12 +167,13 @@ class Supervisor:
 
     def _start(self, index: int) -> Child:
         ready_read, ready_write = os.pipe()
-        slot = ChildSlot(index, self.count, os.getpid(), ready_write)
+        channel = self.channels.fileno(index)
+        slot = ChildSlot(index, self.count, os.getpid(), ready_write, channel)
         applied = [self.applied.flag()] if self.applied is not None else []
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "synapse_router.launcher.main", *self.argv, slot.flag(), *applied],
-                pass_fds=(ready_write,),
+                pass_fds=(ready_write, channel),
                 process_group=0,  # Ctrl-C in a terminal: the parent forwards one SIGINT
             )
         finally:
@@ -178,6 +181,12 @@ class Supervisor:
         child = Child(slot, proc, ready_read)
         self.children[proc.pid] = child
         return child
+
+    def _running(self, index: int) -> bool:
+        """Whether a process runs in slot `index` (asked from the metrics thread)."""
+        return any(
+            child.slot.index == index and child.proc.returncode is None for child in list(self.children.values())
+        )
 
     def _until_ready(self, children: Sequence[Child]) -> bool:
         """True once every one of `children` serves; False if one exited first (its write end
@@ -248,7 +257,12 @@ class Supervisor:
             # meanwhile, and in a rolling restart the old router (sharing the address) answers
             # until then. Bound before the old router is told to stop (--replace).
             self.metrics = MergedMetricsServer(
-                self.count, self.warn, lambda: dict(self.restarts), stopping=lambda: self.stopping, info=self.say
+                self.channels.addresses,
+                self.warn,
+                lambda: dict(self.restarts),
+                stopping=lambda: self.stopping,
+                info=self.say,
+                running=self._running,
             )
             self.metrics.serve(self.applied.config.metrics_listen if self.applied and self.applied.config else None)
             with contextlib.suppress(TimeoutError):  # not bound within 10 s: it says why, later
@@ -299,6 +313,7 @@ class Supervisor:
                 self.metrics.stop()
             if self.applied is not None:
                 self.applied.close()
+            self.channels.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             signal.set_wakeup_fd(previous_wakeup)

@@ -78,10 +78,14 @@ class MetricsServer:
         max_connections: int = 64,
         max_header_lines: int = 100,
         ready: Readiness | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.listen = listen
         self.ready = ready
-        self.host, self._configured_port = parse_listen(listen)
+        # `sock`: a listening Unix socket to serve instead of `listen` (a --processes child's
+        # private channel to its parent, launcher/channels.py; `listen` then only names it)
+        self._sock = sock
+        self.host, self._configured_port = parse_listen(listen) if sock is None else ("", 0)
         self.render = render
         self.read_timeout = read_timeout
         self.max_connections = max_connections
@@ -113,6 +117,9 @@ class MetricsServer:
 
     async def start(self) -> None:
         if self._server is not None:
+            return
+        if self._sock is not None:
+            self._server = await asyncio.start_unix_server(self._handle, sock=self._sock, limit=STREAM_LIMIT)
             return
         self._server = await asyncio.start_server(
             self._handle, self.host, self._configured_port, limit=STREAM_LIMIT, reuse_port=REUSE_PORT
