@@ -215,6 +215,7 @@ def test_a_stalled_body_is_answered_408_and_closed(env: Env, framing: str) -> No
     check_router_error(replies[0], 408)
     line = [entry for entry in env.access_lines() if entry["path"] == SEND.decode()][-1]
     assert line["status"] == 408 and line["client_error"] == "body_timeout", line
+    assert line["failure"] == "client_error", line  # answered, then closed: not "the client left first"
     metrics = httpx.get(f"http://127.0.0.1:{env.metrics_port}/metrics").text
     assert re.search(r'synapse_router_client_connections_closed_total\{reason="body_timeout"\} [1-9]', metrics)
     env.check_output()

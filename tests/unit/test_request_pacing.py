@@ -119,13 +119,14 @@ def test_defaults_and_values() -> None:
         ("request_rate_per_address", -1, "must be 0 (not paced) or a number >= 0.01 (requests per second)"),
         ("request_rate_per_address", 1e-308, "must be 0 (not paced) or a number >= 0.01"),
         ("request_rate_per_address", "1e12", "(text, not a number: write it unquoted, as 1000 or 1.0e+3)"),
-        ("request_delay_max", 3601, "must be between 0.001 and 3600 (seconds)"),
-        ("request_delay_max", 1e-9, "must be between 0.001 and 3600 (seconds)"),
+        ("request_delay_max", 3601, "must be a number between 0.001 and 3600 (seconds), got 3601"),
+        ("request_delay_max", 1e-9, "must be a number between 0.001 and 3600 (seconds), got 1e-09"),
         ("request_burst_per_address", 10**30, "must be an integer <= 1000000"),
         ("request_rate_per_address", math.inf, "must be 0 (not paced) or a number"),
         ("request_rate_per_address", True, "must be 0 (not paced) or a number"),
         ("request_burst_per_address", 0, "must be an integer >= 1"),
-        ("request_delay_max", 0, "must be a number > 0 (seconds)"),
+        ("request_delay_max", 0, "must be a number between 0.001 and 3600 (seconds), got 0"),
+        ("request_delay_max", -1, "must be a number between 0.001 and 3600 (seconds), got -1"),
     ],
 )
 def test_bad_values_name_the_key(key: str, bad: object, words: str) -> None:

@@ -83,6 +83,8 @@ def classify(flow: http.HTTPFlow) -> FailureKind:
         if flowdata.client_error(flow) is None:
             flowdata.set_client_error(flow, found.reason)
         return FailureKind.CLIENT_ERROR
+    if flowdata.client_error(flow) is not None:
+        return FailureKind.CLIENT_ERROR  # answered by the router on the connection (a 408), which it then closed
     if flow.client_conn.state & ConnectionState.OPEN != ConnectionState.OPEN:
         return FailureKind.CLIENT_GONE
     if flow.server_conn.timestamp_tcp_setup is None:

@@ -162,10 +162,13 @@ def parse_limits(raw: object) -> LimitsConfig:
 
     def seconds(key: str, default: float, unit: str = "seconds", maximum: float = math.inf) -> float:
         value = raw.get(key, default)
+        bounded = maximum < math.inf  # one message for every value out of its range
+        wanted = f"between {MIN_SECONDS:g} and {maximum:g}" if bounded else "> 0"
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            raise LimitsConfigError(key, f"must be a number > 0 ({unit}), got {value!r}" + _text_number_hint(value))
-        if value > maximum or (maximum < math.inf and value < MIN_SECONDS):
-            raise LimitsConfigError(key, f"must be between {MIN_SECONDS:g} and {maximum:g} ({unit}), got {value!r}")
+            hint = _text_number_hint(value)
+            raise LimitsConfigError(key, f"must be a number {wanted} ({unit}), got {value!r}" + hint)
+        if value > maximum or (bounded and value < MIN_SECONDS):
+            raise LimitsConfigError(key, f"must be a number {wanted} ({unit}), got {value!r}")
         return float(value)
 
     def count(key: str, default: int, minimum: int, maximum: int | None = None) -> int:
