@@ -73,8 +73,7 @@ class _Conn:
     reason: str = HEADER_TIMEOUT
     timer: asyncio.TimerHandle | None = None
     answered: bool = False  # a request has been answered on it (so, with no flows: idle keep-alive)
-    opened: float = 0.0  # loop time it was admitted
-    idle_since: float = 0.0  # loop time its last exchange ended
+    since: float = 0.0  # loop time its current deadline was set: admitted, or its last exchange over
     body_flow: http.HTTPFlow | None = None  # the request in flight, whose body may still be arriving
 
     def cancel_timer(self) -> None:
@@ -180,7 +179,7 @@ class ConnectionLimits:
         closed = 0
         idle_by = asyncio.get_running_loop().time() - idle_for
         for client_id, conn in list(self._conns.items()):
-            if not conn.answered or conn.flows or conn.idle_since > idle_by:
+            if not conn.answered or conn.flows or conn.since > idle_by:
                 continue
             if (io := client_io(client_id)) is not None and _unsent_bytes(io) == 0:
                 conn.cancel_timer()
@@ -195,7 +194,7 @@ class ConnectionLimits:
         closed = 0
         admitted_by = asyncio.get_running_loop().time() - open_for
         for client_id, conn in list(self._conns.items()):
-            if conn.answered or conn.flows or conn.opened > admitted_by or not nothing_received(client_id):
+            if conn.answered or conn.flows or conn.since > admitted_by or not nothing_received(client_id):
                 continue
             if (io := client_io(client_id)) is not None:
                 conn.cancel_timer()
@@ -302,7 +301,7 @@ class ConnectionLimits:
                 self._address_refusal(host, reason)
                 return
             self._hosts[client.id] = host
-        conn = self._conns[client.id] = _Conn(opened=asyncio.get_running_loop().time())
+        conn = self._conns[client.id] = _Conn()
         self._set_deadline(client.id, conn, self.config.header_timeout, HEADER_TIMEOUT)
         _HeadGuard.install(client.id, self.config.max_header_bytes, self._head_too_large)
 
@@ -355,7 +354,6 @@ class ConnectionLimits:
         if conn.body_flow is flow:
             conn.body_flow = None
         if not conn.flows:
-            conn.idle_since = asyncio.get_running_loop().time()
             self._set_deadline(flow.client_conn.id, conn, self.config.keepalive_timeout, KEEPALIVE_TIMEOUT)
 
     # --- timers ---
@@ -367,7 +365,8 @@ class ConnectionLimits:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (a unit test calling a hook directly)
             return
-        deadline = conn.deadline = loop.time() + delay
+        conn.since = loop.time()
+        deadline = conn.deadline = conn.since + delay
         conn.reason = reason
         timer = conn.timer
         if timer is None or timer.when() > deadline:
