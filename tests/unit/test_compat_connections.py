@@ -122,7 +122,7 @@ async def test_a_connection_accepted_outside_the_listener_is_served_and_register
         with socket.create_server(("127.0.0.1", 0)) as other:  # a listener that is not mitmproxy's
             ours = socket.create_connection(other.getsockname())
             theirs, _ = other.accept()
-        task = asyncio.get_running_loop().create_task(listening.serve_accepted(instance, theirs))
+        task = asyncio.get_running_loop().create_task(listening.serve_accepted(instance.handle_stream, theirs))
         await wait_until(lambda: len(proxyserver.connections) == 1, "the connection registered")
         ours.close()
         await asyncio.wait_for(task, 10)

@@ -169,7 +169,9 @@ class GracefulStop:
                     continue
                 for conn in await close_listener(server):
                     task = asyncio_utils.create_task(
-                        serve_accepted(instance, conn), name="connection accepted while stopping", keep_ref=True
+                        serve_accepted(instance.handle_stream, conn),
+                        name="connection accepted while stopping",
+                        keep_ref=True,
                     )
                     self._handed_over.add(task)
                     task.add_done_callback(self._handed_over.discard)

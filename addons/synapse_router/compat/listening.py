@@ -28,12 +28,13 @@ import asyncio
 import socket
 import struct
 from asyncio import selector_events
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..edge.accept_queue import accept_waiting
 
 TURNS_TO_ATTACH = 2  # loop turns for connections accepted already to get their transports
+STREAM_READER_LIMIT = 2**16  # asyncio's default, which asyncio.start_server gives mitmproxy's servers
 
 
 def listening_servers(instance: Any) -> list[Any]:
@@ -113,15 +114,20 @@ def accept_per_wakeup(
     return True
 
 
-async def serve_accepted(instance: Any, conn: socket.socket) -> None:
-    """Serve a connection accepted outside mitmproxy's listener as mitmproxy serves those its
-    own listener accepts (`instance`: one of its server instances)."""
+async def serve_accepted(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[object]],
+    conn: socket.socket,
+    limit: int = STREAM_READER_LIMIT,
+) -> None:
+    """Serve a connection accepted outside a server's own listener (close_listener's) as the
+    server serves those it accepts: `handle` is its client callback (for mitmproxy's, an
+    instance's `handle_stream`), `limit` its StreamReader limit."""
     try:
-        reader, writer = await asyncio.open_connection(sock=conn)
+        reader, writer = await asyncio.open_connection(sock=conn, limit=limit)
     except OSError:
         conn.close()
         return
-    await instance.handle_stream(reader, writer)
+    await handle(reader, writer)
 
 
 async def close_listener(server: Any) -> list[socket.socket]:

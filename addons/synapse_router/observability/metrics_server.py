@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from ..compat.listening import close_listener
+from ..compat.listening import close_listener, serve_accepted
 from ..edge.port_sharing import shared_with_another
 from ..edge.wellformed import TOKEN
 from ..routing.upstream import parse_listen
@@ -134,20 +134,13 @@ class MetricsServer:
         if server is None:
             return
         for conn in await close_listener(server):
-            self._handlers.add(asyncio.create_task(self._serve_accepted(conn), name="metrics probe queued at stop"))
+            queued = serve_accepted(self._handle, conn, STREAM_LIMIT)
+            self._handlers.add(asyncio.create_task(queued, name="metrics probe queued at stop"))
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=STOP_GRACE)
         for writer in list(self._writers):
             writer.close()  # the handler sees EOF and finishes
         await server.wait_closed()
-
-    async def _serve_accepted(self, conn: socket.socket) -> None:
-        try:
-            reader, writer = await asyncio.open_connection(sock=conn, limit=STREAM_LIMIT)
-        except OSError:
-            conn.close()
-            return
-        await self._handle(reader, writer)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._writers) >= self.max_connections:
