@@ -28,10 +28,13 @@ from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "addons"))
+sys.path.insert(0, str(ROOT))
 
 from synapse_router.compat import listening  # noqa: E402
 from synapse_router.observability import metrics_server  # noqa: E402
 from synapse_router.observability.metrics_server import MetricsServer  # noqa: E402
+
+from tests.harness import free_port  # noqa: E402
 
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
@@ -102,12 +105,6 @@ async def run(variant_name: str, handovers: int, clients: int) -> tuple[Counter[
             await asyncio.to_thread(thread.join)
         await new.stop()
     return outcomes, time.monotonic() - started
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:

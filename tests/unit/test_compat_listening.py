@@ -10,7 +10,7 @@ import gc
 import socket
 from collections.abc import Awaitable, Callable
 
-from synapse_router.compat.listening import close_listener
+from synapse_router.compat.listening import close_listener, serve_accepted
 
 ANSWER = b"answered\n"
 
@@ -20,11 +20,6 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     writer.write(ANSWER)
     await writer.drain()
     writer.close()
-
-
-async def _serve_one(conn: socket.socket) -> None:
-    reader, writer = await asyncio.open_connection(sock=conn)
-    await _serve(reader, writer)
 
 
 def _client(port: int) -> socket.socket:
@@ -84,7 +79,7 @@ async def _plain_close(server: asyncio.Server) -> None:
 
 
 async def _close_listener_serving_the_queue(server: asyncio.Server) -> None:
-    await asyncio.gather(*(_serve_one(conn) for conn in await close_listener(server)))
+    await asyncio.gather(*(serve_accepted(_serve, conn) for conn in await close_listener(server)))
 
 
 def test_cpython_drops_a_connection_accepted_in_the_turn_before_close() -> None:
@@ -105,7 +100,7 @@ def test_close_listener_returns_the_connections_waiting_in_the_queue_and_closes(
             asyncio.get_running_loop().remove_reader(sock.fileno())
         clients = [_client(port) for _ in range(3)]
         waiting = await close_listener(server)
-        served = [asyncio.create_task(_serve_one(conn)) for conn in waiting]
+        served = [asyncio.create_task(serve_accepted(_serve, conn)) for conn in waiting]
         answers = [await _answer(c) for c in clients]
         await asyncio.gather(*served)
         refused = False
