@@ -12,6 +12,7 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from mitmproxy.addons.next_layer import NextLayer
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons
@@ -112,6 +113,46 @@ async def test_a_connection_that_sent_nothing_is_told_from_one_that_sent_a_byte(
         assert not connections.nothing_received("no such connection")
         silent.close()
         talking.close()
+
+
+class Holding:
+    """Holds each request's connection from its `requestheaders` hook (what Routing does while a
+    request waits for its turn) and notes, a moment later, what the router has taken in of its
+    body meanwhile: the bytes in the client's StreamReader, and whether its transport reads."""
+
+    def __init__(self, pause: bool) -> None:
+        self.pause = pause
+        self.seen: list[tuple[int, bool]] = []
+
+    async def requestheaders(self, flow: Any) -> None:
+        resume = connections.hold_reading(flow.client_conn.id, pause=self.pause)
+        await asyncio.sleep(0.3)
+        io = connections.client_io(flow.client_conn.id)
+        self.seen.append((io.reader.buffered(), io.writer.transport.is_reading()))
+        resume()
+
+
+@pytest.mark.parametrize("pause", [True, False])
+async def test_a_held_connection_takes_in_at_most_one_read_when_paused(pause: bool) -> None:
+    """Held with `pause`, the transport stops reading: of a 1 MB body sent at once, at most one
+    read (64 KiB) waits in the router, the rest in the kernel. Held without, asyncio's own flow
+    control lets the reader fill past twice its 64 KiB limit (what a waiting upload cost, about
+    490 KB, before); reading resumes after the hold either way."""
+    holding = Holding(pause)
+    async with serving(Guarding(65536), holding) as (proxyserver, _, port):
+        reader, writer = await connect(port)
+        body = b"x" * 1_000_000
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await wait_until(lambda: holding.seen, "the hold over")
+        ((buffered, reading),) = holding.seen
+        if pause:
+            assert buffered <= connections.READ_SIZE and not reading
+        else:
+            assert buffered > 2 * 65536  # asyncio pauses the transport only past twice its limit
+        # Resumed: the whole body is read, then the upstream (which refuses) fails: a 502.
+        status_line = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
+        assert status_line.startswith(b"HTTP/1.1 502 "), status_line
+        writer.close()
 
 
 async def test_a_connection_accepted_outside_the_listener_is_served_and_registered() -> None:

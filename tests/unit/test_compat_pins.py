@@ -23,6 +23,7 @@ COVERED: dict[str, list[tuple[str, str]]] = {
     "connections": [
         ("Proxyserver.connections, ConnectionHandler.transports / ConnectionIO", "test_compat_connections.py"),
         ("Http1Server.buf and read_headers state (HeadGuard)", "test_compat_connections.py"),
+        ("StreamReader._buffer / _paused, the selector transport's max_size (hold)", "test_compat_connections.py"),
     ],
     "listening": [
         ("AsyncioServerInstance._servers, ServerInstance.handle_stream", "test_compat_connections.py"),
