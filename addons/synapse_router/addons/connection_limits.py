@@ -132,7 +132,7 @@ class ConnectionLimits:
         # True once new connections are screened at accept (the rate is charged there, not again
         # in client_connected); False on an event loop where that cannot be done (uvloop).
         self.screening = False
-        self.body_watch = compat_http1.BodyWatch(self.config.body_timeout, self.body_timed_out)
+        self.body_watch = compat_http1.BodyWatch(self.config.body_timeout, self.body_timed_out, self.body_refused)
         self._nofile: int | None = None
         self._nofile_raised = False
         self._warned: int | None = None  # the max_connections last warned about
@@ -425,6 +425,13 @@ class ConnectionLimits:
         conn.cancel_timer()
         _close(io, BODY_TIMEOUT)
         return True
+
+    def body_refused(self, client_id: str, reason: str) -> None:
+        """The router answered the request in flight because its body's framing was bad
+        (self.body_watch): the flow is marked for the access log."""
+        conn = self._conns.get(client_id)
+        if conn is not None and conn.body_flow is not None:
+            flowdata.set_client_error(conn.body_flow, reason)
 
     def _head_too_large(self, client_id: str) -> None:
         """A head still incomplete beyond max_header_bytes (the _HeadGuard answered 431)."""

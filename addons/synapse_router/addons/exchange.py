@@ -53,8 +53,10 @@ class ExchangeOwner:
         """The client has gone: an exchange of its that neither `response` nor `error` ended
         (mitmproxy failing inside its HTTP layer, a hook still running) ends now."""
         for exchange in self.state.exchanges.of_client(client.id):
+            # A client the router answered and closed (a body it could not read) did not leave.
+            answered = flowdata.client_error(exchange.flow) is not None
             try:
-                self._end(exchange.flow, exchange, FailureKind.CLIENT_GONE)
+                self._end(exchange.flow, exchange, FailureKind.CLIENT_ERROR if answered else FailureKind.CLIENT_GONE)
             except Exception as e:  # noqa: BLE001 - the client's other exchanges end all the same
                 report("ExchangeOwner.client_disconnected", e)
 

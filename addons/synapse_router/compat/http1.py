@@ -64,6 +64,10 @@ class BodyWatch:
 
     timeout: float = 60.0
     on_timeout: Callable[[str], bool] | None = None
+    # (client id, clienterrors reason): the router answered a request whose body it could not
+    # read; the flow's error may not say so (mitmproxy keeps its own when the request was
+    # already being sent on, or answered), so the request in flight is marked for the log
+    on_client_error: Callable[[str, str], None] | None = None
 
 
 def _answer(status: int, errcode: str, text: str) -> bytes:
@@ -130,6 +134,8 @@ class RouterHttp1Server(Http1Server):
             self.buf.maybe_extract_at_most(len(self.buf))  # nothing more is read from it
             error = clienterrors.ERRORS[clienterrors.BAD_CHUNKED_BODY]
             message = clienterrors.message(error)  # h11's message quotes the client's bytes
+            if self.body_watch is not None and self.body_watch.on_client_error is not None:
+                self.body_watch.on_client_error(self.conn.id, error.reason)
             if self.response is None and self.conn.state & ConnectionState.CAN_WRITE:
                 yield commands.SendData(self.conn, _answer(error.status, error.errcode, error.text))
         yield commands.CloseConnection(self.conn)
