@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -141,7 +142,7 @@ def test_sigterm_answers_every_request_in_flight(fleet: Fleet, start_router: Rou
     assert servers == Counter({"sync": 30, "initial": 10})
     assert router.proc.wait(DEADLINE) == 0
     log = router.log()
-    assert "1 idle connection(s) closed; waiting up to 35s for 40 request(s) in flight" in log, log
+    assert "1 idle connection(s) closed; waiting up to 35s for 40 request(s) in flight on 40 connection(s)" in log, log
     assert "stopped gracefully" in log
     _assert_clean_log(router)
 
@@ -242,6 +243,56 @@ def test_a_head_begun_is_not_silent_its_connection_waits_for_the_grace(
     assert _until_closed(partial) == b""
     log = router.log()
     assert "grace of 2s over: closing 0 request(s) still in flight on 1 connection(s)" in log, log
+    _assert_clean_log(router)
+
+
+def test_requests_waiting_for_their_turn_are_told_to_retry_not_held_to_it(
+    fleet: Fleet, start_router: RouterStarter, tmp_path: Path
+) -> None:
+    """Paced requests waiting for their address's turn (10 s and more away here) are answered
+    429 with the rest of their wait at the stop, while a long-poll still holds the drain: the
+    router taking over serves their retry; each is logged once, none reaches a worker."""
+    config = _fleet_config(fleet)
+    access = tmp_path / "access.log"
+    config["limits"] = {"request_rate_per_address": 0.1, "request_burst_per_address": 1, "request_delay_max": 60}
+    config["access_log"] = {"enabled": True, "format": "json", "path": str(access)}
+    metrics_port = free_port()
+    config["metrics"] = {"listen": f"127.0.0.1:{metrics_port}"}
+    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    router = start_router(fleet["main"].url, config)
+    socks = _in_flight(fleet, router, sync=1, initial=0, delay=30)  # the burst; held until released
+    waiting = [_send(router.port, "/_matrix/client/versions", "tok30") for _ in range(2)]
+    upload = socket.create_connection(("127.0.0.1", router.port), timeout=DEADLINE)
+    body = b"x" * 300_000  # its connection is not read while it waits: most of it stays with the client
+    upload.sendall(
+        f"POST /_matrix/client/v3/rooms/!r:x/send/m.room.message HTTP/1.1\r\nHost: m\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
+    upload.setblocking(False)
+    try:
+        upload.send(body)
+    except BlockingIOError:
+        pass
+    upload.setblocking(True)
+    delayed = 'synapse_router_paced_requests_total{outcome="delayed"} 3.0'
+    _wait_for(lambda: delayed in httpx.get(metrics, timeout=DEADLINE).text, "three requests waiting their turn")
+    sent_on = fleet["main"].stats()["requests"]
+    router.proc.send_signal(signal.SIGTERM)
+    for sock in [*waiting, upload]:
+        status, headers, answer = read_response(sock, timeout=DEADLINE)
+        assert status == 429 and headers.get("connection") == "close", (status, headers, answer)
+        assert json.loads(answer)["errcode"] == "M_LIMIT_EXCEEDED" and int(headers["retry-after"]) >= 1
+        sock.close()
+    assert router.proc.poll() is None  # the long-poll still holds the drain: not held to their turns
+    _release(fleet)
+    assert _statuses(socks) == Counter({200: 1})
+    assert router.proc.wait(DEADLINE) == 0
+    log = router.log()
+    assert "3 paced request(s) told to retry (429)" in log, log
+    lines = [json.loads(line) for line in access.read_text().splitlines()]
+    paced = [line for line in lines if "paced_ms" in line]
+    assert len(paced) == 3 and all(line["status"] == 429 and line["worker"] == "router" for line in paced), lines
+    assert fleet["main"].stats()["requests"] == sent_on, "nothing of theirs sent on"
     _assert_clean_log(router)
 
 

@@ -201,6 +201,44 @@ async def test_a_client_that_left_while_waiting_is_not_routed(paced) -> None:
     assert METADATA_KEY not in waiting.metadata
 
 
+async def test_a_stop_answers_the_waiting_requests_429_at_once_and_paces_none_after_it(paced) -> None:
+    """A graceful stop ends every wait (the router that takes over starts the address afresh):
+    each waiting request gets the 429 with the rest of its wait, not routed; a request beyond
+    the burst during the stop gets it too instead of waiting."""
+    addon = paced
+    for _ in range(2):
+        hook(addon, "requestheaders", _from("10.1.0.4"))
+    waiting = _from("10.1.0.4")
+    wait = asyncio.ensure_future(hook(addon, "requestheaders", waiting))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    assert len(addon.state.turns) == 1
+    addon.state.stopping = True
+    assert addon.state.turns.end_all() == 1
+    await asyncio.wait_for(wait, 0.04)  # its turn was 0.05 s away: ended before it
+    assert waiting.metadata[METADATA_KEY].refused == "M_LIMIT_EXCEEDED" and waiting.error is not None
+    assert 0.0 < flowdata.paced(waiting) < 0.05
+    during = _from("10.1.0.4")
+    assert hook(addon, "requestheaders", during) is None  # not a wait: answered at once
+    assert during.metadata[METADATA_KEY].refused == "M_LIMIT_EXCEEDED"
+    assert len(addon.state.turns) == 0
+
+
+async def test_a_wait_ends_at_its_turn_or_when_ended() -> None:
+    turns = request_pacing.Turns()
+    at_turn = asyncio.ensure_future(turns.wait("a", 0.01))
+    ended = asyncio.ensure_future(turns.wait("b", 60))
+    await asyncio.sleep(0.05)
+    assert at_turn.done() and at_turn.result() is True and len(turns) == 1
+    assert turns.end_all() == 1 and turns.end_all() == 0
+    assert await asyncio.wait_for(ended, 1) is False and len(turns) == 0
+    cancelled = asyncio.ensure_future(turns.wait("c", 60))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert len(turns) == 0
+
+
 async def test_the_forwarded_client_is_paced_and_a_trusted_proxys_own_address_is_not(paced) -> None:
     addon = paced
     for _ in range(5):  # the proxy's own requests (no X-Forwarded-For): never paced

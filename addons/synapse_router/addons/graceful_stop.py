@@ -7,8 +7,9 @@ handed to mitmproxy (compat.listening.close_listener: either would be dropped or
 otherwise, and a new router sharing the port with SO_REUSEPORT takes every later one); idle
 keep-alive connections are closed once idle for a second (one in use more often gets its next
 answer with `Connection: close`), and those that have sent nothing for a second (a
-preconnect); every request in flight is let finish and answered with
-`Connection: close`, so its connection closes after it; once no client connection is left (or
+preconnect); a request waiting for its address's turn (request pacing) is answered 429 at
+once, to be retried on the router that takes over; every request in flight is let finish and
+answered with `Connection: close`, so its connection closes after it; once no client connection is left (or
 the grace is over, and the rest are closed and counted in the log) mitmproxy is told to shut
 down, which stops the health checks, whoami and the metrics listener through their `done`
 hooks. Under mitmdump this replaces mitmproxy's own SIGINT/SIGTERM handlers (which stop at
@@ -105,6 +106,7 @@ class GracefulStop:
             self._drain = asyncio_utils.create_task(self._drain_then_shut_down(), name="graceful stop", keep_ref=True)
             return
         log.warning(immediate_line(self.limits.requests_in_flight, self._connections()))
+        self.state.turns.end_all()
         self.limits.close_all(SHUTDOWN_REASON)
         ctx.master.shutdown()  # type: ignore[no-untyped-call]
 
@@ -113,9 +115,11 @@ class GracefulStop:
         started = loop.time()
         grace = self.config.grace
         self._ignore_closed_listener_retries()
+        paced = self.state.turns.end_all()  # answered 429 (retry on the router taking over)
         await self._stop_listening()
         idle = self._close_idle()
-        log.info(stopping_line(grace, idle, self.limits.requests_in_flight, self._connections()))
+        left = max(0, self._connections() - idle)  # those just closed are still registered
+        log.info(stopping_line(grace, idle, self.limits.requests_in_flight, left, paced))
         deadline = started + grace
         while self._connections() and loop.time() < deadline:
             await asyncio.sleep(POLL_INTERVAL)

@@ -4,7 +4,6 @@ moves a request to another worker when its worker failed (`fail_over`); `router.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -78,6 +77,9 @@ class Routing:
         if admission.refused:
             self._refuse_paced(flow, match, client_ip, admission.retry_after)
             return None
+        if admission.delay > 0.0 and state.stopping:
+            self._refuse_paced(flow, match, client_ip, admission.delay)  # the next router serves it at once
+            return None
         if admission.delay > 0.0:
             flowdata.set_paced(flow, admission.delay)  # the wait planned; the wait had, once over
             state.metrics.observe_paced(PACED_DELAYED)
@@ -116,12 +118,16 @@ class Routing:
     async def _after_turn(self, flow: http.HTTPFlow, delay: float, match: Match, client_ip: str) -> None:
         """A paced request: its address's turn comes after `delay` seconds; nothing is done on
         it meanwhile (a client that left is not routed at all), and its body, which the router
-        does not read meanwhile, is not timed (limits.body_timeout)."""
+        does not read meanwhile, is not timed (limits.body_timeout). A graceful stop ends the
+        wait: the request is answered 429 at once, to be retried on the router that takes over
+        (which starts every address afresh), rather than holding the stop until its turn."""
         flowdata.set_waiting(flow, True)
-        resume = hold_reading(flow.client_conn.id)  # its body waits in the kernel, not here
+        # Its body waits in the kernel, not here; a request without one keeps its connection
+        # read, so that a client leaving is seen at once.
+        resume = hold_reading(flow.client_conn.id, pause=_has_body(flow.request))
         started = time.monotonic()
         try:
-            await asyncio.sleep(delay)
+            came = await self.state.turns.wait(flow.id, delay)
         finally:
             resume()
             flowdata.set_waiting(flow, False)
@@ -129,6 +135,9 @@ class Routing:
             flowdata.set_paced(flow, waited)
             self.state.metrics.observe_paced_wait(waited)
         if flow.response is not None or flow.error is not None or not flow.live:
+            return
+        if not came:
+            self._refuse_paced(flow, match, client_ip, delay - waited)
             return
         routing = self._check_and_route(flow, match, client_ip)
         if routing is not None:
@@ -392,6 +401,16 @@ def _sending(request: http.Request, decision: Decision) -> Sending | None:
         decision.stream_bodies,
         b"transfer-encoding" in names or b"upgrade" in names,
     )
+
+
+def _has_body(request: http.Request) -> bool:
+    """Whether the request's head announces a body (any Transfer-Encoding, a Content-Length
+    other than 0; not yet checked for well-formedness: when in doubt, a body)."""
+    for name, value in request.headers.fields:
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
 
 
 def _large_or_unknown_request(request: http.Request) -> bool:

@@ -4,7 +4,8 @@ Each field has one writer: the configuration's appliers set `engine`, `trusted`,
 `debug_headers` (Observation) and the workers they track; Configuration sets `config_path` and
 `main`. Every request in flight
 is an exchange in `exchanges` (routing/exchange.py): Routing opens it and counts it on its
-worker, ExchangeOwner (exchange.py) closes it.
+worker, ExchangeOwner (exchange.py) closes it. A paced request waits in `turns` (Routing), which
+GracefulStop ends.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..edge.client_address import TrustedProxies
-from ..edge.request_pacing import RequestPacing
+from ..edge.request_pacing import RequestPacing, Turns
 from ..edge.upstream_client import UpstreamClient
 from ..observability.metrics import RouterMetrics
 from ..routing.availability import WorkerStates
@@ -36,6 +37,7 @@ class RouterState:
     main: Upstream | None = None  # the reverse-mode target, when in reverse mode
     trusted: TrustedProxies = field(default_factory=TrustedProxies)
     pacing: RequestPacing = field(default_factory=RequestPacing)  # limits.request_*_per_address
+    turns: Turns = field(default_factory=Turns)  # the paced requests waiting for their turn
     workers: WorkerStates = field(default_factory=WorkerStates)
     identity: IdentityResolver | None = None
     # every exchange (a request with a decision) not over yet, and the counts they hold

@@ -21,11 +21,15 @@ The schedule is GCRA (the virtual-scheduling form of a token bucket): per addres
 `MAX_TRACKED` addresses are kept (least recently seen dropped; a dropped address starts again
 with its whole burst, which is what it would have once idle for `burst / rate` seconds).
 
-Pure: addons/routing.py asks `admit` for each request head.
+A request waits for its turn in `Turns`, which a graceful stop ends at once (`end_all`): the
+router that takes over starts every address afresh, so the client is told to retry there.
+
+Pure (no mitmproxy): addons/routing.py asks `admit` for each request head.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict
@@ -90,3 +94,39 @@ class RequestPacing:
 
     def tracked(self) -> int:
         return len(self._due)
+
+
+class Turns:
+    """The requests waiting for their turn: each wait ends at its turn (True), or earlier when
+    `end_all` is called (False: the router is stopping)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Future[bool]] = {}
+
+    async def wait(self, key: str, delay: float) -> bool:
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[bool] = loop.create_future()
+        timer = loop.call_later(delay, _settle, turn, True)
+        self._waiting[key] = turn
+        try:
+            return await turn
+        finally:
+            timer.cancel()
+            self._waiting.pop(key, None)
+
+    def end_all(self) -> int:
+        """End every wait now; the number ended."""
+        ended = 0
+        for turn in list(self._waiting.values()):
+            ended += _settle(turn, False)
+        return ended
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+
+def _settle(turn: asyncio.Future[bool], came: bool) -> bool:
+    if turn.done():
+        return False
+    turn.set_result(came)
+    return True

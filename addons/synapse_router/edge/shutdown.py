@@ -53,9 +53,10 @@ def parse_shutdown(raw: object) -> ShutdownConfig:
     return ShutdownConfig(grace=float(grace))
 
 
-def stopping_line(grace: float, idle: int, requests: int, connections: int) -> str:
+def stopping_line(grace: float, idle: int, requests: int, connections: int, paced: int = 0) -> str:
+    told = f", {paced} paced request(s) told to retry (429)" if paced else ""
     return (
-        f"synapse-router: stopping: no new connections, {idle} idle connection(s) closed; waiting up to "
+        f"synapse-router: stopping: no new connections, {idle} idle connection(s) closed{told}; waiting up to "
         f"{grace:g}s for {requests} request(s) in flight on {connections} connection(s)"
     )
 
