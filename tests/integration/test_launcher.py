@@ -329,8 +329,17 @@ def test_processes_restart_a_child_that_died_and_drain_on_sigterm(fleet: Fleet, 
     killed = before[1]
     killed_at = time.monotonic()
     os.kill(killed, signal.SIGKILL)
-    _wait_for(lambda: "restarted (pid" in router.log(), 60, "the replacement serving")
+    # Until the replacement serves, the merged `/ready` names the slot at once (it does not ask
+    # a process that is starting, which would hold the probe until it serves or times out).
+    meanwhile: list[str] = []
+    while "restarted (pid" not in router.log():
+        answer = httpx.get(f"http://127.0.0.1:{metrics}/ready", timeout=30)
+        meanwhile.append(f"{answer.status_code} {answer.text.strip()}")
+        assert time.monotonic() - killed_at < 60, "the replacement serving"
+        time.sleep(0.05)
     restart_latency = time.monotonic() - killed_at
+    slot_down = [line for line in meanwhile if "is not serving (starting, or exited)" in line]
+    assert slot_down and all(line.startswith("503 ") for line in slot_down), meanwhile
     after = _children(router.proc.pid)
     assert len(after) == 2 and before[0] in after and killed not in after, (before, after)
     replacement = next(pid for pid in after if pid != before[0])

@@ -66,7 +66,7 @@ def test_no_process_answering_still_renders() -> None:
 
 
 async def test_process_metrics_asks_each_process_on_its_slots_channel() -> None:
-    """Slots 1 and 2 serve on their channels; slot 3 has no process running (restarting): down
+    """Slots 1 and 2 serve on their channels; slot 3 has no process serving (restarting): down
     at once, and named by the readiness check, without waiting for a scrape to time out."""
     channels = ProcessChannels(3)
     servers = [
@@ -75,13 +75,13 @@ async def test_process_metrics_asks_each_process_on_its_slots_channel() -> None:
     ]
     for server in servers:
         await server.start()
-    source = ProcessMetrics(channels.addresses, running=lambda index: index < 2)
+    source = ProcessMetrics(channels.addresses, serving=lambda index: index < 2)
     try:
         merged = await source.render()
         assert _samples(merged, "synapse_router_requests_total") == {"1": 4.0, "2": 1.0}
         assert _samples(merged, "synapse_router_process_up") == {"1": 1.0, "2": 1.0, "3": 0.0}
-        assert await source.not_ready() == "process 3 is not running"
-        source.running = lambda _index: True
+        assert await source.not_ready() == "process 3 is not serving (starting, or exited)"
+        source.serving = lambda _index: True
         assert (await source.render()).count(b'synapse_router_process_up{process="3"} 0.0') == 1
     finally:
         await source.close()

@@ -3,7 +3,8 @@
 With `metrics.listen` on port P, process i (1-based) serves its own metrics on P + i and the
 parent serves P: every process's exposition (asked on the process's private channel,
 channels.py) with each sample labelled `process="i"`, plus `synapse_router_process_up{process}`
-(0 for a process not running or that did not answer within SCRAPE_TIMEOUT) and
+(0 for a process not serving, i.e. starting or dead, which is not asked, or that did not
+answer within SCRAPE_TIMEOUT) and
 `synapse_router_process_restarts_total{process}` (how often the parent restarted that process
 after it died). Counters are not summed here: `sum without (process) (...)` does that in
 PromQL, and a process that exits takes its series with it instead of making a summed counter go
@@ -80,11 +81,13 @@ class ProcessMetrics:
         self,
         addresses: Sequence[str],
         restarts: Callable[[], Mapping[int, int]] | None = None,
-        running: Callable[[int], bool] = lambda _index: True,
+        serving: Callable[[int], bool] = lambda _index: True,
     ) -> None:
         self.addresses = list(addresses)
         self.restarts = restarts  # slot index (0-based) -> restarts
-        self.running = running  # slot index (0-based) -> whether a process runs in it
+        # slot index (0-based) -> whether its process serves: one starting (restarted after it
+        # died) would hold a scrape or `/ready` until it serves or SCRAPE_TIMEOUT passes
+        self.serving = serving
         self._clients: list[httpx.AsyncClient] | None = None
 
     def _each(self) -> list[httpx.AsyncClient]:
@@ -105,12 +108,12 @@ class ProcessMetrics:
 
     async def not_ready(self) -> str | None:
         """Why the processes should get no new traffic: the first one that is not ready (or
-        not running, or not answering), or None when every one is."""
+        not serving, or not answering), or None when every one is."""
 
         async def ask(index: int, client: httpx.AsyncClient) -> str | None:
             name = f"process {index + 1}"
-            if not self.running(index):
-                return f"{name} is not running"
+            if not self.serving(index):
+                return f"{name} is not serving (starting, or exited)"
             try:
                 response = await client.get(f"http://{_HOST}{READY_PATH}")
             except httpx.HTTPError:
@@ -128,7 +131,7 @@ class ProcessMetrics:
             await client.aclose()
 
     async def _scrape(self, index: int, client: httpx.AsyncClient) -> str | None:
-        if not self.running(index):
+        if not self.serving(index):
             return None
         try:
             response = await client.get(f"http://{_HOST}{METRICS_PATH}")
@@ -181,11 +184,11 @@ class MergedMetricsServer:
         restarts: Callable[[], Mapping[int, int]] | None = None,
         stopping: Callable[[], bool] = lambda: False,
         info: Callable[[str], None] = lambda _message: None,
-        running: Callable[[int], bool] = lambda _index: True,
+        serving: Callable[[int], bool] = lambda _index: True,
     ) -> None:
         self.warn = warn
         self.loop = asyncio.new_event_loop()
-        self.source = ProcessMetrics(addresses, restarts, running)
+        self.source = ProcessMetrics(addresses, restarts, serving)
         self.listener = SwitchedListener(
             lambda listen: _MergedServer(listen, self.source, stopping),
             warn,

@@ -91,6 +91,9 @@ class Supervisor:
         self.quiet = quiet
         self.replace = replace
         self.children: dict[int, Child] = {}  # pid -> child, while running
+        # slot indexes whose process said it serves and has not exited (read by the metrics
+        # thread: a slot whose process is starting or dead is reported at once, not asked)
+        self.serving: set[int] = set()
         self.stopping = False
         self.status = 0
         self.metrics: MergedMetricsServer | None = None
@@ -182,11 +185,9 @@ class Supervisor:
         self.children[proc.pid] = child
         return child
 
-    def _running(self, index: int) -> bool:
-        """Whether a process runs in slot `index` (asked from the metrics thread)."""
-        return any(
-            child.slot.index == index and child.proc.returncode is None for child in list(self.children.values())
-        )
+    def _serving(self, index: int) -> bool:
+        """Whether the process of slot `index` serves (asked from the metrics thread)."""
+        return index in self.serving
 
     def _until_ready(self, children: Sequence[Child]) -> bool:
         """True once every one of `children` serves; False if one exited first (its write end
@@ -196,11 +197,14 @@ class Supervisor:
         while waiting:
             self._act_on_signals()
             for fd in self._wait(list(waiting), None):
-                del waiting[fd]
+                child = waiting.pop(fd)
                 try:
-                    ready = os.read(fd, 1) == b"1" and ready
+                    serves = os.read(fd, 1) == b"1"
                 finally:
                     os.close(fd)
+                if serves and child.proc.returncode is None:
+                    self.serving.add(child.slot.index)
+                ready = serves and ready
         return ready
 
     def _reap(self) -> None:
@@ -210,6 +214,7 @@ class Supervisor:
             if code is None:
                 continue
             del self.children[pid]
+            self.serving.discard(child.slot.index)
             if self.stopping:
                 status = 128 - code if code < 0 else code
                 if status and not self.status:
@@ -262,7 +267,7 @@ class Supervisor:
                 lambda: dict(self.restarts),
                 stopping=lambda: self.stopping,
                 info=self.say,
-                running=self._running,
+                serving=self._serving,
             )
             self.metrics.serve(self.applied.config.metrics_listen if self.applied and self.applied.config else None)
             with contextlib.suppress(TimeoutError):  # not bound within 10 s: it says why, later
