@@ -598,6 +598,28 @@ async def test_calls_cut_because_the_event_loop_was_late_never_switch_whoami_off
     assert (await resolve(resolver, "t9")).source is Source.WHOAMI and fake.calls == calls + 1
 
 
+async def test_a_loop_late_turn_after_turn_is_not_mains_failure_either() -> None:
+    # Issue 20 (mitmdump under a paced flood): no single turn was late by half the timeout,
+    # but turn after turn was, and the call, which main answered in time, was cut: "2.00 s left
+    # at start, loop late by 0.47 s" counted against main and paused whoami. What the loop
+    # took from the call is its lateness in all, not its worst.
+    fake = FakeWhoami({f"t{i}": f"@u{i}:x" for i in range(10)}, delay=0.8)
+    resolver = IdentityResolver(WhoamiConfig(timeout=1.0), fake, time.monotonic)  # type: ignore[arg-type]
+
+    async def busy_loop() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+            time.sleep(0.25)  # noqa: ASYNC251 - the loop late by 0.25 s, again and again
+
+    for i in range(UNAVAILABLE_AFTER * 2):
+        result, _ = await asyncio.gather(resolve(resolver, f"t{i}"), busy_loop())
+        assert result.source is Source.UNRESOLVED  # cut at its deadline all the same
+        assert resolver.lag.worst_since(0.0) < 0.5  # no turn late by half the timeout
+    calls = fake.calls
+    fake.delay = 0.0
+    assert (await resolve(resolver, "t9")).source is Source.WHOAMI and fake.calls == calls + 1
+
+
 async def test_calls_cut_on_time_by_a_hung_main_still_switch_whoami_off() -> None:
     # The other side of the test above: a loop on time and a main that does not answer.
     fake = FakeWhoami({f"t{i}": f"@u{i}:x" for i in range(10)}, delay=30)
@@ -645,8 +667,9 @@ def test_loop_lag_keeps_the_worst_lateness_of_a_window() -> None:
     for at, late in ((1.0, 0.5), (2.0, 0.1), (3.0, 0.2)):
         lag.note(at, late)
     assert lag.worst_since(0.0) == 0.5 and lag.worst_since(1.5) == 0.2 and lag.worst_since(9.0) == 0.0
+    assert lag.late_since(0.0) == pytest.approx(0.8) and lag.late_since(1.5) == pytest.approx(0.3)
     lag.note(4.0, -0.01)  # early: counted as on time; the oldest tick is dropped (keep=3)
-    assert lag.worst_since(0.0) == 0.2
+    assert lag.worst_since(0.0) == 0.2 and lag.late_since(0.0) == pytest.approx(0.3)
 
 
 async def test_loop_lag_ticks_only_while_watched() -> None:

@@ -8,7 +8,7 @@ Keys are SHA-256 digests of the token (plus an appservice's `user_id`), never to
   seconds, so a hung main process does not cost every new token `timeout` (meanwhile requests
   are routed by token hash). Only main's failures count: never a wait in the router's own
   queue, nor anything the client sent, nor the event loop's own lateness: a timeout counts only
-  if the call had at least half the timeout beyond the worst lateness of the loop's timers
+  if the call had at least half the timeout beyond the total lateness of the loop's timers
   while it ran (looplag.py; a flood that saturates the loop delays the read of whoami's answer
   and the deadline's timer alike, which says nothing about main), and, when whoami asks main,
   only while main also fails its health checks.
@@ -285,9 +285,10 @@ class IdentityResolver:
         return Resolution(user, Source.WHOAMI), (user, self.config.cache_ttl)
 
     def _lateness(self, started: float, late: float) -> float:
-        """The event loop's worst lateness since the call started (`late`: a lateness seen
-        by the caller itself, e.g. the deadline's timer)."""
-        return max(late, self.lag.worst_since(started)) if started else late
+        """How much of the call's time the event loop took: its total lateness since the call
+        started, or `late` (a lateness seen by the caller itself, e.g. the deadline's timer's)
+        if more."""
+        return max(late, self.lag.late_since(started)) if started else late
 
     def _call_failed(self, error: Exception, budget: float, lateness: float = 0.0) -> None:
         if self._main_failed(error, budget, lateness):
@@ -299,7 +300,7 @@ class IdentityResolver:
                     log.warning(
                         f"synapse-router: whoami paused for {UNAVAILABLE_BACKOFF:g} s: {self._transport_failures} "
                         f"calls to main failed in a row (last: {type(error).__name__} with {budget:.2f} s of the "
-                        f"timeout left at its start, the event loop late by {lateness:.2f} s)"
+                        f"timeout left at its start, the event loop late by {lateness:.2f} s in all)"
                     )
 
     def _main_failed(self, error: Exception, budget: float, lateness: float = 0.0) -> bool:
