@@ -6,6 +6,7 @@
         [--processes N]   # the lean launcher with `--processes N` (mitmdump runs one process)
         [--per-address N] # limits.max_connections_per_address: N (default: the router's default)
         [--pacing R,...]  # this checkout once per limits.request_rate_per_address R (0: off)
+        [--burst B]       # limits.request_burst_per_address: B (default: the router's default)
 
 Upstreams (tests/standin.py, real processes on loopback): main, whose whoami answers every
 request after `--whoami-delay` seconds (401 M_UNKNOWN_TOKEN for made-up tokens, the user for
@@ -172,6 +173,8 @@ def measure(
     name = launcher + (f" x{processes}" if processes > 1 else "") + (" (before)" if before else "")
     name += f" pacing {pacing:g}" if pacing is not None else ""
     limits: dict[str, float] = {"max_connections_per_address": args.per_address} if args.per_address else {}
+    if args.burst:
+        limits["request_burst_per_address"] = args.burst
     if pacing is not None:
         limits["request_rate_per_address"] = pacing
     tokens = {f"legit_{i}_{secrets.token_hex(4)}": f"@legit{i}:example.org" for i in range(args.runs)}
@@ -267,6 +270,7 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=1, help="the lean launcher's --processes")
     parser.add_argument("--per-address", type=int, default=0, help="limits.max_connections_per_address")
     parser.add_argument("--pacing", default="", help="comma-separated limits.request_rate_per_address values")
+    parser.add_argument("--burst", type=int, default=0, help="limits.request_burst_per_address")
     args = parser.parse_args()
     print("$ " + shlex.join([Path(sys.executable).name, *sys.argv]))
     print(
@@ -274,6 +278,7 @@ def main() -> int:
         f"whoami.timeout {args.timeout} s, {args.clients} flooding clients from {args.sources} addresses"
         + (f", synapse-router --processes {args.processes}" if args.processes > 1 else "")
         + (f", limits.max_connections_per_address {args.per_address}" if args.per_address else "")
+        + (f", limits.request_burst_per_address {args.burst}" if args.burst else "")
     )
     with tempfile.TemporaryDirectory(prefix="bench-whoami-flood-") as tmp:
         before = Path(tmp) / "before" if args.before else None
