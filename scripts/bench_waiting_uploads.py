@@ -8,12 +8,15 @@ address (burst 1, no refusal), one request to spend the burst, then `--uploads` 
 bytes from the same address, each on its own connection, each sending as much of its body as
 the kernel takes without blocking. Every one of them waits for its turn, which is minutes
 away. The router's RSS is read from /proc before, with the uploads waiting (2 s after the last
-is sent), and 3 s after their clients closed; the figure is the growth per waiting upload.
+is sent), and 3 s after their clients closed; the figure is the growth per upload still
+waiting (an upload whose turn is beyond `request_delay_max`, the 361st on, is answered 429 at
+once and its connection closed: those are counted and left out).
 """
 
 from __future__ import annotations
 
 import argparse
+import select
 import socket
 import sys
 import tempfile
@@ -55,7 +58,18 @@ def upload(port: int, index: int, size: int) -> socket.socket:
     return sock
 
 
-def run(launcher: str, uploads: int, size: int) -> tuple[float, float, float]:
+def answered(sock: socket.socket) -> bool:
+    """Whether the router answered (a 429: the upload's turn was beyond request_delay_max)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(16).startswith(b"HTTP/1.1 429")
+    except OSError:
+        return False
+
+
+def run(launcher: str, uploads: int, size: int) -> tuple[float, float, float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         fleet = Fleet(work)
@@ -73,10 +87,11 @@ def run(launcher: str, uploads: int, size: int) -> tuple[float, float, float]:
             socks = [upload(router.port, i, size) for i in range(uploads)]
             time.sleep(2)
             waiting = rss_mib(router.proc.pid)
+            refused = sum(answered(sock) for sock in socks)
             for sock in socks:
                 sock.close()
             time.sleep(3)
-            return before, waiting, rss_mib(router.proc.pid)
+            return before, waiting, rss_mib(router.proc.pid), uploads - refused
         finally:
             starter.stop_all()
             fleet.stop()
@@ -92,9 +107,11 @@ def main() -> None:
     print("| launcher | RSS before | with them waiting | per waiting upload | 3 s after they left |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for launcher in args.launchers.split(","):
-        before, waiting, after = run(launcher, args.uploads, args.size)
-        per = (waiting - before) * 1024 / args.uploads
-        print(f"| {launcher} | {before:.0f} MiB | {waiting:.0f} MiB | {per:.0f} KiB | {after:.0f} MiB |")
+        before, waiting, after, held = run(launcher, args.uploads, args.size)
+        per = (waiting - before) * 1024 / max(1, held)
+        print(
+            f"| {launcher} ({held} waiting) | {before:.0f} MiB | {waiting:.0f} MiB | {per:.0f} KiB | {after:.0f} MiB |"
+        )
 
 
 if __name__ == "__main__":

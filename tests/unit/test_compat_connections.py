@@ -133,25 +133,30 @@ class Holding:
 
 
 @pytest.mark.parametrize("pause", [True, False])
-async def test_a_held_connection_takes_in_at_most_one_read_when_paused(pause: bool) -> None:
-    """Held with `pause`, the transport stops reading: of a 1 MB body sent at once, at most one
-    read (64 KiB) waits in the router, the rest in the kernel. Held without, asyncio's own flow
-    control lets the reader fill past twice its 64 KiB limit (what a waiting upload cost, about
-    490 KB, before); reading resumes after the hold either way."""
+async def test_a_held_connection_takes_in_little_and_reads_on_after(pause: bool) -> None:
+    """Held with `pause` (a request with a body), the transport stops reading: of a 1 MB body
+    sent with its head, at most one read (64 KiB) waits in the router, the rest in the kernel.
+    Held without (a request without one: its client's close is seen at once), the socket is
+    read, but the reader's flow control pauses it past twice HOLD_LIMIT, not twice 64 KiB: of a
+    request pipelined behind the held one, at most one read waits in the router too. Before, a waiting upload cost
+    about 490 KB. After the hold, the body is read whole (the upstream, which refuses, then
+    fails the request: a 502; the GET's 502 closes its connection before the pipelined request
+    is read)."""
     holding = Holding(pause)
-    async with serving(Guarding(65536), holding) as (proxyserver, _, port):
+    async with serving(Guarding(65536), holding) as (_, _, port):
         reader, writer = await connect(port)
         body = b"x" * 1_000_000
-        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        await wait_until(lambda: holding.seen, "the hold over")
-        ((buffered, reading),) = holding.seen
         if pause:
-            assert buffered <= connections.READ_SIZE and not reading
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         else:
-            assert buffered > 2 * 65536  # asyncio pauses the transport only past twice its limit
-        # Resumed: the whole body is read, then the upstream (which refuses) fails: a 502.
-        status_line = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
-        assert status_line.startswith(b"HTTP/1.1 502 "), status_line
+            pipelined = b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + pipelined)
+        await wait_until(lambda: holding.seen, "the hold over")
+        buffered, reading = holding.seen[0]
+        assert buffered <= connections.READ_SIZE and not reading
+        if pause:  # read on: the whole body, then the refusing upstream's 502
+            status_line = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
+            assert status_line.startswith(b"HTTP/1.1 502 "), status_line
         writer.close()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.test import taddons
 from synapse_router.addon import METADATA_KEY, SynapseRouter
 from synapse_router.addons import flowdata
@@ -203,20 +204,23 @@ async def test_a_client_that_left_while_waiting_is_not_routed(paced) -> None:
 
 async def test_a_stop_answers_the_waiting_requests_429_at_once_and_paces_none_after_it(paced) -> None:
     """A graceful stop ends every wait (the router that takes over starts the address afresh):
-    each waiting request gets the 429 with the rest of its wait, not routed; a request beyond
-    the burst during the stop gets it too instead of waiting."""
+    each waiting request gets the 429 with the rest of its wait, not routed, unless its client
+    has left; a request beyond the burst during the stop gets it too instead of waiting."""
     addon = paced
     for _ in range(2):
         hook(addon, "requestheaders", _from("10.1.0.4"))
-    waiting = _from("10.1.0.4")
-    wait = asyncio.ensure_future(hook(addon, "requestheaders", waiting))  # type: ignore[arg-type]
+    waiting, left = _from("10.1.0.4"), _from("10.1.0.4")
+    left.client_conn.state = ConnectionState.CAN_WRITE  # its client has stopped sending (left)
+    waits = [asyncio.ensure_future(hook(addon, "requestheaders", flow)) for flow in (waiting, left)]  # type: ignore[arg-type]
     await asyncio.sleep(0.01)
-    assert len(addon.state.turns) == 1
+    assert len(addon.state.turns) == 2
     addon.state.stopping = True
-    assert addon.state.turns.end_all() == 1
-    await asyncio.wait_for(wait, 0.04)  # its turn was 0.05 s away: ended before it
+    assert addon.state.turns.end_all() == 2
+    await asyncio.wait_for(asyncio.gather(*waits), 0.04)  # their turns were 0.05 s and more away
     assert waiting.metadata[METADATA_KEY].refused == "M_LIMIT_EXCEEDED" and waiting.error is not None
     assert 0.0 < flowdata.paced(waiting) < 0.05
+    # The one whose client left goes its way as at its turn (mitmproxy then ends it, client_gone).
+    assert not left.metadata[METADATA_KEY].refused and left.error is None
     during = _from("10.1.0.4")
     assert hook(addon, "requestheaders", during) is None  # not a wait: answered at once
     assert during.metadata[METADATA_KEY].refused == "M_LIMIT_EXCEEDED"

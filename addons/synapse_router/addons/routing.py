@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from mitmproxy import command, exceptions, http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 
 from ..compat.connections import hold_reading
@@ -136,9 +137,11 @@ class Routing:
             self.state.metrics.observe_paced_wait(waited)
         if flow.response is not None or flow.error is not None or not flow.live:
             return
-        if not came:
+        if not came and flow.client_conn.state & ConnectionState.CAN_READ:
             self._refuse_paced(flow, match, client_ip, delay - waited)
             return
+        # Its turn, or the stop's while its client has stopped sending (left: it ends as at its
+        # turn, `client_gone`, never sent on; half-closed: served here).
         routing = self._check_and_route(flow, match, client_ip)
         if routing is not None:
             await routing

@@ -10,8 +10,8 @@ relies on (tests/unit/test_compat_connections.py runs each against a real Proxys
    head in `buf` while its `state` is `read_headers`; HttpLayer maps the client to it in
    `connections`, and the layer stack is `handler.layer.context.layers`;
  - asyncio's StreamReader keeps what its transport read and nobody has read from it yet in
-   `_buffer`, its end in `_eof`, waits for either with `_wait_for_data`, and keeps in
-   `_paused` whether its own flow control paused the transport; the selector
+   `_buffer`, its end in `_eof`, waits for either with `_wait_for_data`, keeps in `_paused`
+   whether its own flow control paused the transport (past twice `_limit`); the selector
    transport reads up to its `max_size` bytes at a time (CPython 3.12; uvloop's has none).
 """
 
@@ -30,6 +30,7 @@ from ..edge.limits import CORS_HEADERS, too_large_body
 
 READ_SIZE = 65535  # bytes: what mitmproxy reads from a client at a time (ConnectionHandler.handle_connection)
 HEAD_READ = 4096  # bytes: what it is given at a time while it reads a request head
+HOLD_LIMIT = 4096  # bytes: the StreamReader's limit while a hold leaves the socket read
 
 
 def connection_handler(client_id: str) -> Any:
@@ -138,11 +139,21 @@ class HeadGuard:
         elif paused:
             assert transport is not None
             transport.pause_reading()
+        reader = self._reader
+        # Not paused, the socket is still read (its close is seen at once), but the reader's own
+        # flow control pauses it past twice HOLD_LIMIT, not twice 64 KiB (a request pipelined
+        # behind the held one would fill it).
+        limit = reader._limit  # type: ignore[attr-defined]
+        lowered = transport is None and limit > HOLD_LIMIT
+        if lowered:
+            reader._limit = HOLD_LIMIT  # type: ignore[attr-defined]
 
         def release() -> None:
             if self._held is held:
                 self._held = None
             held.set()
+            if lowered:
+                reader._limit = limit  # type: ignore[attr-defined]
             # Resumed unless the StreamReader paused it first (past twice its limit): the
             # reader resumes it once drained, and resumed now it would never pause again.
             if paused and transport is not None and not transport.is_closing() and not self._reader._paused:  # type: ignore[attr-defined]
@@ -196,7 +207,13 @@ class HeadGuard:
         finally:
             pausing, self._pausing = self._pausing, None
             if pausing is not None and not pausing.is_closing():  # no hold took the pause over
-                pausing.resume_reading()
+                reader = self._reader
+                if len(reader._buffer) > 2 * reader._limit:  # type: ignore[attr-defined]
+                    # Left paused as the reader's own flow control would (a hold may have
+                    # lowered its limit): it resumes the transport once read down.
+                    reader._paused = True  # type: ignore[attr-defined]
+                else:
+                    pausing.resume_reading()
 
     def buffered(self) -> int:
         """Bytes the transport has read that mitmproxy has not read yet."""

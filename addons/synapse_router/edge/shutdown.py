@@ -54,7 +54,7 @@ def parse_shutdown(raw: object) -> ShutdownConfig:
 
 
 def stopping_line(grace: float, idle: int, requests: int, connections: int, paced: int = 0) -> str:
-    told = f", {paced} paced request(s) told to retry (429)" if paced else ""
+    told = f", {paced} paced request(s) ended (told to retry, or gone)" if paced else ""
     return (
         f"synapse-router: stopping: no new connections, {idle} idle connection(s) closed{told}; waiting up to "
         f"{grace:g}s for {requests} request(s) in flight on {connections} connection(s)"
